@@ -1,0 +1,37 @@
+"""Feast batch sources: the parquet tables the offline stages write into a run directory.
+
+Paths are relative to the run directory (the offline store's ``data_dir``, by default the Feast
+``repo_path``), so one set of definitions serves every run, test and deployment; the stage that
+writes each table is named in its description.
+"""
+
+from feast import FileSource
+
+TIMESTAMP_FIELD = "event_timestamp"
+
+item_content_source = FileSource(
+    name="item_content_source",
+    path="features/item_content.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description="Per-item content statistics from the catalog (`gpl features build`).",
+)
+
+item_popularity_source = FileSource(
+    name="item_popularity_source",
+    path="features/item_popularity.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description=(
+        "Daily point-in-time snapshots of item funnel statistics, each computed from request-log "
+        "events strictly before its timestamp (`gpl features build`)."
+    ),
+)
+
+user_activity_source = FileSource(
+    name="user_activity_source",
+    path="features/user_activity.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description=(
+        "Daily point-in-time snapshots of user activity and profile statistics, each computed "
+        "from request-log events strictly before its timestamp (`gpl features build`)."
+    ),
+)

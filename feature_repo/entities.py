@@ -1,0 +1,17 @@
+"""Feast entities: the two keys every feature hangs off."""
+
+from feast import Entity, ValueType
+
+user = Entity(
+    name="user",
+    join_keys=["user_id"],
+    value_type=ValueType.STRING,
+    description="A person receiving recommendations; `user_id` as in the request log.",
+)
+
+item = Entity(
+    name="item",
+    join_keys=["item_id"],
+    value_type=ValueType.STRING,
+    description="A catalog item that can be recalled, pre-ranked and exposed; `item_id` as in the catalog.",
+)

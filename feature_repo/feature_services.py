@@ -1,0 +1,19 @@
+"""Feast feature services: the one contract between training and serving.
+
+The pre-ranker is trained from ``get_historical_features(features=preranker)`` and served from
+``get_online_features(features=preranker)``; neither side lists feature names by hand, so they
+cannot drift apart.
+"""
+
+from feast import FeatureService
+
+from feature_repo.feature_views import item_content, item_popularity, user_activity
+
+preranker = FeatureService(
+    name="preranker",
+    features=[user_activity, item_content, item_popularity],
+    description="Every feature the pre-ranker reads, for training (offline) and serving (online).",
+    tags={"version": "1"},
+)
+
+FEATURE_SERVICES = [preranker]

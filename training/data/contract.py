@@ -1,0 +1,335 @@
+"""The input data contract: pyarrow schemas for every table a user brings, and one validator.
+
+Tables (all timestamps are timezone-aware UTC):
+
+* ``items``: the catalog. ``item_id``, ``text``, ``event_timestamp``; optional
+  ``content_embedding`` (list<float32>), e.g. an image vector to fuse with the text vector, and
+  ``category`` (string, the item's main category, used by diversity metrics).
+* ``interactions``: a plain engagement log (what public datasets provide). ``user_id``,
+  ``item_id``, ``event_timestamp``; the funnel simulator turns it into ``requests`` + ``truth``.
+* ``requests``: one row per candidate that entered the funnel for a request.
+* ``truth``: evaluation only, never read by training: the true outcome of candidates.
+
+The validator reports *every* violation at once (not just the first) so a user fixes a bad file
+in one round trip; :class:`ContractError` carries the list and the CLI prints one line each.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Final
+
+import pyarrow as pa
+import pyarrow.compute as pc
+
+TIMESTAMP: Final = pa.timestamp("us", tz="UTC")
+
+STAGES: Final[tuple[str, ...]] = ("retrieved", "preranked", "ranked", "exposed")
+"""Deepest funnel stage a candidate reached, shallowest first."""
+
+GROUPS: Final[tuple[str, ...]] = (
+    "global_negative",
+    "prerank_negative",
+    "rank_negative",
+    "exposed_negative",
+    "exposed_positive",
+)
+"""HAP candidate groups, easiest negatives first."""
+
+UNEXPOSED_GROUPS: Final[tuple[str, ...]] = ("global_negative", "prerank_negative", "rank_negative")
+
+ITEMS_SCHEMA: Final = pa.schema(
+    [
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("text", pa.string(), nullable=False),
+        pa.field("event_timestamp", TIMESTAMP, nullable=False),
+    ]
+)
+ITEMS_OPTIONAL: Final = {"content_embedding": pa.list_(pa.float32()), "category": pa.string()}
+
+INTERACTIONS_SCHEMA: Final = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_timestamp", TIMESTAMP, nullable=False),
+    ]
+)
+INTERACTIONS_OPTIONAL: Final = {"weight": pa.float32()}
+
+REQUESTS_SCHEMA: Final = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_timestamp", TIMESTAMP, nullable=False),
+        pa.field("stage", pa.string(), nullable=False),
+        pa.field("prerank_position", pa.int32(), nullable=True),
+        pa.field("rank_position", pa.int32(), nullable=True),
+        pa.field("label", pa.int8(), nullable=True),
+        pa.field("group", pa.string(), nullable=False),
+    ]
+)
+
+TRUTH_SCHEMA: Final = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("label", pa.int8(), nullable=False),
+    ]
+)
+TRUTH_OPTIONAL: Final = {"request_id": pa.string()}
+
+TABLES: Final = {
+    "items": (ITEMS_SCHEMA, ITEMS_OPTIONAL, ("item_id",)),
+    "interactions": (INTERACTIONS_SCHEMA, INTERACTIONS_OPTIONAL, ("user_id", "item_id")),
+    "requests": (REQUESTS_SCHEMA, {}, ("request_id", "user_id", "item_id")),
+    "truth": (TRUTH_SCHEMA, TRUTH_OPTIONAL, ("user_id", "item_id")),
+}
+"""table name -> (required schema, optional columns, id columns that must be non-empty)."""
+
+MAX_REPORTED: Final = 20
+
+
+@dataclass
+class ContractError(Exception):
+    """A table broke the data contract. ``problems`` holds one human-readable line each."""
+
+    table: str
+    problems: list[str] = field(default_factory=list)
+
+    def __str__(self) -> str:
+        return "\n".join(self.report_lines())
+
+    def report_lines(self, limit: int = MAX_REPORTED) -> list[str]:
+        """Lines for a terminal: the first ``limit`` problems, then how many more there are."""
+        lines = [f"{self.table}: {p}" for p in self.problems[:limit]]
+        if len(self.problems) > limit:
+            lines.append(f"{self.table}: ... and {len(self.problems) - limit} more problems")
+        return lines
+
+
+def _type_matches(actual: pa.DataType, expected: pa.DataType) -> bool:
+    if expected == TIMESTAMP:
+        return pa.types.is_timestamp(actual)
+    if pa.types.is_string(expected):
+        return pa.types.is_string(actual) or pa.types.is_large_string(actual)
+    if pa.types.is_integer(expected):
+        return pa.types.is_integer(actual)
+    if pa.types.is_floating(expected):
+        return pa.types.is_floating(actual)
+    if pa.types.is_list(expected):
+        return (pa.types.is_list(actual) or pa.types.is_large_list(actual)) and (
+            pa.types.is_floating(actual.value_type)
+        )
+    return bool(actual.equals(expected))
+
+
+def _examples(values: Iterable[object], n: int = 3) -> str:
+    shown = [repr(v) for _, v in zip(range(n), values, strict=False)]
+    return ", ".join(shown)
+
+
+def validate(table: pa.Table, name: str) -> list[str]:
+    """Check ``table`` against the contract for ``name`` and return every problem found.
+
+    Args:
+        table: The table to check.
+        name: One of ``items``, ``interactions``, ``requests``, ``truth``.
+
+    Returns:
+        A list of problems, one line each; empty when the table is valid.
+    """
+    if name not in TABLES:
+        raise KeyError(f"unknown contract table {name!r}; expected one of {sorted(TABLES)}")
+    schema, optional, id_columns = TABLES[name]
+    problems: list[str] = []
+    present = set(table.column_names)
+    usable: set[str] = set()
+    for fld in schema:
+        if fld.name not in present:
+            problems.append(f"missing column {fld.name!r} (expected {fld.type})")
+            continue
+        actual = table.schema.field(fld.name).type
+        if not _type_matches(actual, fld.type):
+            problems.append(f"column {fld.name!r} has type {actual}, expected {fld.type}")
+            continue
+        usable.add(fld.name)
+        nulls = table.column(fld.name).null_count
+        if not fld.nullable and nulls:
+            problems.append(f"column {fld.name!r} has {nulls} null values")
+    for col, typ in optional.items():
+        if col in present and not _type_matches(table.schema.field(col).type, typ):
+            problems.append(
+                f"optional column {col!r} has type {table.schema.field(col).type}, expected {typ}"
+            )
+
+    if "event_timestamp" in present and "event_timestamp" not in usable:
+        ts_col = table.column("event_timestamp")
+        if pa.types.is_string(ts_col.type) or pa.types.is_large_string(ts_col.type):
+            # A type problem was reported above; say precisely which strings are the trouble.
+            problems.pop()
+            _, ts_problems = parse_timestamps(ts_col)
+            problems += ts_problems or []
+            if not ts_problems:
+                usable.add("event_timestamp")
+    if "event_timestamp" in usable and pa.types.is_timestamp(table.schema.field("event_timestamp").type):
+        ts_type = table.schema.field("event_timestamp").type
+        if ts_type.tz is None:
+            problems.append(
+                "column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware"
+            )
+        elif ts_type.tz not in ("UTC", "+00:00", "Etc/UTC"):
+            problems.append(f"column 'event_timestamp' has time zone {ts_type.tz!r}, expected UTC")
+
+    for col in id_columns:
+        if col in usable:
+            empty = pc.sum(pc.equal(pc.utf8_trim_whitespace(table.column(col)), "")).as_py() or 0
+            if empty:
+                problems.append(f"column {col!r} has {empty} empty ids")
+
+    if name == "items" and "item_id" in usable:
+        problems += _duplicates(table, ["item_id"])
+    if name == "items" and "text" in usable:
+        empty = pc.sum(pc.equal(pc.utf8_trim_whitespace(table.column("text")), "")).as_py() or 0
+        if empty:
+            problems.append(f"column 'text' has {empty} empty texts")
+    if name == "requests":
+        problems += _check_requests(table, usable)
+    if name in ("truth",) and "label" in usable:
+        problems += _check_binary(table, "label")
+    return problems
+
+
+def parse_timestamps(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray | None, list[str]]:
+    """Parse ISO-8601 strings into UTC timestamps, reporting unparseable and naive values.
+
+    Returns:
+        The parsed column (None when any value failed) and the problems found.
+    """
+    import pandas as pd
+
+    values = column.to_pandas()
+    present = values.notna()
+    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    bad = values[present & parsed.isna()]
+    problems = []
+    if len(bad):
+        problems.append(
+            f"column 'event_timestamp' has {len(bad)} unparseable timestamps, e.g. "
+            f"{_examples(bad.tolist())}"
+        )
+    # A string without an offset would be silently read as UTC: refuse it instead.
+    has_offset = values[present].astype(str).str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
+    naive = values[present][~has_offset]
+    if len(naive):
+        problems.append(
+            f"column 'event_timestamp' has {len(naive)} naive timestamps without a UTC offset, "
+            f"e.g. {_examples(naive.tolist())}"
+        )
+    if problems:
+        return None, problems
+    return pa.chunked_array([pa.array(parsed, type=TIMESTAMP)]), []
+
+
+def _duplicates(table: pa.Table, keys: list[str]) -> list[str]:
+    counts = table.select(keys).group_by(keys).aggregate([([], "count_all")])
+    dup = counts.filter(pc.greater(counts.column("count_all"), 1))
+    if dup.num_rows == 0:
+        return []
+    sample = _examples(tuple(r[k] for k in keys) for r in dup.slice(0, 3).to_pylist())
+    return [f"{dup.num_rows} duplicate ({', '.join(keys)}) keys, e.g. {sample}"]
+
+
+def _check_binary(table: pa.Table, col: str) -> list[str]:
+    values = table.column(col).drop_null()
+    bad = pc.sum(pc.invert(pc.is_in(values, pa.array([0, 1], values.type)))).as_py() or 0
+    return [f"column {col!r} has {bad} values outside {{0, 1}}"] if bad else []
+
+
+def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
+    problems: list[str] = []
+    if {"request_id", "item_id"} <= usable:
+        problems += _duplicates(table, ["request_id", "item_id"])
+    for col, allowed in (("stage", STAGES), ("group", GROUPS)):
+        if col in usable:
+            values = table.column(col).drop_null()
+            unknown = pc.unique(values.filter(pc.invert(pc.is_in(values, pa.array(allowed)))))
+            if len(unknown):
+                problems.append(
+                    f"column {col!r} has unknown values {_examples(unknown.to_pylist())}; "
+                    f"allowed: {', '.join(allowed)}"
+                )
+    if "label" in usable:
+        problems += _check_binary(table, "label")
+    if {"label", "stage"} <= usable:
+        exposed = pc.equal(table.column("stage"), "exposed")
+        has_label = pc.is_valid(table.column("label"))
+        unexposed_labelled = pc.sum(pc.and_(pc.invert(exposed), has_label)).as_py() or 0
+        if unexposed_labelled:
+            problems.append(
+                f"{unexposed_labelled} unexposed rows carry a label (labels exist only for "
+                "exposed rows; leave them null)"
+            )
+        exposed_unlabelled = pc.sum(pc.and_(exposed, pc.invert(has_label))).as_py() or 0
+        if exposed_unlabelled:
+            problems.append(f"{exposed_unlabelled} exposed rows have no label")
+    if {"group", "stage", "label"} <= usable:
+        expected_stage = {
+            "exposed_positive": "exposed",
+            "exposed_negative": "exposed",
+            "rank_negative": None,
+            "prerank_negative": "retrieved",
+            "global_negative": "retrieved",
+        }
+        for group, stage in expected_stage.items():
+            in_group = pc.equal(table.column("group"), group)
+            if stage is None:
+                bad_mask = pc.and_(
+                    in_group, pc.invert(pc.is_in(table.column("stage"), pa.array(["preranked", "ranked"])))
+                )
+                want = "'preranked' or 'ranked'"
+            else:
+                bad_mask = pc.and_(in_group, pc.not_equal(table.column("stage"), stage))
+                want = repr(stage)
+            bad = pc.sum(bad_mask).as_py() or 0
+            if bad:
+                problems.append(f"{bad} rows in group {group!r} have a stage other than {want}")
+        pos = pc.and_(pc.equal(table.column("group"), "exposed_positive"), pc.not_equal(table.column("label"), 1))
+        neg = pc.and_(pc.equal(table.column("group"), "exposed_negative"), pc.not_equal(table.column("label"), 0))
+        for mask, what in ((pos, "exposed_positive rows without label 1"), (neg, "exposed_negative rows without label 0")):
+            bad = pc.sum(mask).as_py() or 0
+            if bad:
+                problems.append(f"{bad} {what}")
+    return problems
+
+
+def conform(table: pa.Table, name: str) -> pa.Table:
+    """Validate ``table`` and cast it to the canonical contract schema (column order, types).
+
+    Optional columns that are present are kept, cast to their canonical type; unknown extra
+    columns are kept as they are, after the contract columns.
+
+    Raises:
+        ContractError: with every problem found, when the table breaks the contract.
+    """
+    problems = validate(table, name)
+    if problems:
+        raise ContractError(name, problems)
+    schema, optional, _ = TABLES[name]
+    columns: dict[str, pa.ChunkedArray] = {}
+    for fld in schema:
+        col = table.column(fld.name)
+        if fld.type == TIMESTAMP and not pa.types.is_timestamp(col.type):
+            parsed, _ = parse_timestamps(col)
+            assert parsed is not None  # validate() accepted it
+            col = parsed
+        columns[fld.name] = col.cast(fld.type)
+    for col, typ in optional.items():
+        if col in table.column_names:
+            columns[col] = table.column(col).cast(typ)
+    for col in table.column_names:
+        if col not in columns:
+            columns[col] = table.column(col)
+    fields = [schema.field(c) if c in schema.names else pa.field(c, columns[c].type) for c in columns]
+    return pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))
