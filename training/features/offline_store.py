@@ -199,7 +199,7 @@ def match_rows(
         if ttl is not None and ttl > timedelta(0):
             micros = int(ttl / timedelta(microseconds=1))
             ttl_clause = f"AND e.__ts - f.__fts <= INTERVAL {micros} MICROSECOND"
-        result = con.execute(
+        result = con.sql(
             f"""
             SELECT e.{_ROW}, CASE WHEN f.{_FROW} IS NOT NULL {ttl_clause}
                                   THEN f.{_FROW} END AS {_FROW}
@@ -358,7 +358,7 @@ def _latest_per_key(
         )
         con.register("t", light)
         partition = ", ".join(f'"{k}"' for k in keys) if keys else "1"
-        idx = con.execute(
+        idx = con.sql(
             f"""
             SELECT {_FROW} FROM t
             QUALIFY row_number() OVER (

@@ -127,7 +127,7 @@ def compute_feature_tables(
             requests.select(["request_id", "user_id", "item_id", "event_timestamp", "stage", "label"]),
         )
         con.execute("SET TimeZone = 'UTC'")
-        item_popularity = con.execute(
+        item_popularity = con.sql(
             f"""
             WITH daily AS (
                 SELECT item_id, date_trunc('day', event_timestamp) AS day,
@@ -152,7 +152,7 @@ def compute_feature_tables(
             """
         ).to_arrow_table()
         con.register("ipop", item_popularity)
-        user_activity = con.execute(
+        user_activity = con.sql(
             f"""
             WITH clicks AS (
                 -- Popularity of each clicked item as known before the click (as-of join on the

@@ -1,0 +1,345 @@
+"""The ``gpl`` command line. Its verbs follow the pipeline, left to right.
+
+    gpl data synth | data import movielens|amazon | data validate   (contract tables)
+    gpl data simulate                                               (funnel -> requests, truth)
+    gpl features build | apply | materialize | training-set         (Feast)
+    gpl demo                                                        (all of the above)
+
+Every command works on a *run directory* (``--run-dir``, or ``GPL_RUN_DIR``; default
+``runs/demo``) holding each stage's parquet outputs and manifest, so any stage can be re-run
+alone. Bad input exits with code 2 and one line per problem.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Annotated, Any, TypeVar
+
+import typer
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from training.data.contract import ContractError
+
+app = typer.Typer(
+    help=__doc__,
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+data_app = typer.Typer(help="Bring data into the contract: import, synthesize, validate, simulate.", no_args_is_help=True)
+features_app = typer.Typer(help="Feast: build feature tables, apply definitions, materialize, join.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+app.add_typer(features_app, name="features")
+
+RunDir = Annotated[
+    Path,
+    typer.Option(
+        "--run-dir",
+        envvar="GPL_RUN_DIR",
+        help="Run directory holding every stage's outputs (env GPL_RUN_DIR).",
+    ),
+]
+DEFAULT_RUN_DIR = Path("runs/demo")
+ConfigFile = Annotated[
+    Path | None,
+    typer.Option("--config", help="YAML file with settings for this stage; see --help of the stage."),
+]
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class UsageProblem(Exception):
+    """Bad input from the user: printed as one line per problem, exit code 2."""
+
+    def __init__(self, *problems: str) -> None:
+        super().__init__("\n".join(problems))
+        self.problems = list(problems)
+
+
+@contextmanager
+def _user_errors() -> Iterator[None]:
+    """Turn expected input errors into clear messages and exit code 2 (never a traceback)."""
+    try:
+        yield
+    except ContractError as exc:
+        for line in exc.report_lines():
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from exc
+    except ValidationError as exc:
+        for err in exc.errors():
+            loc = ".".join(str(p) for p in err["loc"]) or "config"
+            typer.echo(f"error: {loc}: {err['msg']}", err=True)
+        raise typer.Exit(2) from exc
+    except (UsageProblem, FileNotFoundError, NotADirectoryError) as exc:
+        for line in str(exc).splitlines():
+            typer.echo(f"error: {line}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _load_config(model: type[M], path: Path | None, **overrides: Any) -> M:
+    raw: dict[str, Any] = {}
+    if path is not None:
+        if not path.exists():
+            raise FileNotFoundError(f"config file {path} does not exist")
+        loaded = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(loaded, dict):
+            raise UsageProblem(f"config file {path} must hold a mapping of settings")
+        raw.update(loaded)
+    raw.update({k: v for k, v in overrides.items() if v is not None})
+    return model.model_validate(raw)
+
+
+def _say(message: str) -> None:
+    typer.echo(message)
+
+
+@contextmanager
+def _timed(label: str, timings: dict[str, float] | None = None) -> Iterator[None]:
+    began = time.perf_counter()
+    _say(f"[{label}] ...")
+    yield
+    seconds = time.perf_counter() - began
+    if timings is not None:
+        timings[label] = seconds
+    _say(f"[{label}] done in {seconds:.2f}s")
+
+
+# ---------------------------------------------------------------------------------------- data
+
+
+@data_app.command("synth")
+def data_synth(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    n_items: Annotated[int | None, typer.Option(help="Catalog size.")] = None,
+    n_users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
+) -> None:
+    """Generate a synthetic catalog and interaction log (topics, Zipf popularity, drifting interests).
+
+    Writes RUN_DIR/data/{items,interactions}.parquet and a manifest.
+    """
+    from training.data.synthetic import SynthConfig, generate_synthetic
+
+    with _user_errors():
+        cfg = _load_config(SynthConfig, config, seed=seed, n_items=n_items, n_users=n_users)
+        dataset = generate_synthetic(cfg)
+        dataset.write(run_dir / "data", cfg.model_dump(mode="json"))
+        _say(
+            f"synthetic: {dataset.items.num_rows} items, {dataset.interactions.num_rows} "
+            f"interactions -> {run_dir / 'data'}"
+        )
+
+
+import_app = typer.Typer(help="Import a public dataset into the data contract.", no_args_is_help=True)
+data_app.add_typer(import_app, name="import")
+
+
+@import_app.command("movielens")
+def import_movielens(
+    path: Annotated[Path, typer.Argument(help="MovieLens-100k directory (u.data, u.item, u.genre).")],
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    min_rating: Annotated[float | None, typer.Option(help="Keep only ratings >= this.")] = None,
+) -> None:
+    """Import MovieLens-100k: every rating is an engagement; text = title, year and genres."""
+    from training.data.movielens import load_movielens_100k
+
+    with _user_errors():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a directory")
+        dataset = load_movielens_100k(path, min_rating=min_rating)
+        dataset.write(run_dir / "data", {"source": str(path), "min_rating": min_rating})
+        _say(
+            f"ml-100k: {dataset.items.num_rows} items, {dataset.interactions.num_rows} "
+            f"interactions -> {run_dir / 'data'}"
+        )
+
+
+@import_app.command("amazon")
+def import_amazon(
+    path: Annotated[Path, typer.Argument(help="Directory with <Name>.text and <Name>.{train,valid,test}.inter.")],
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    name: Annotated[str | None, typer.Option(help="Dataset prefix, e.g. Scientific; detected when omitted.")] = None,
+) -> None:
+    """Import an Amazon reviews dataset in the UniSRec format (timestamps are synthesized)."""
+    from training.data.amazon import load_unisrec
+
+    with _user_errors():
+        if not path.is_dir():
+            raise NotADirectoryError(f"{path} is not a directory")
+        dataset = load_unisrec(path, name=name)
+        dataset.write(run_dir / "data", {"source": str(path), "name": name})
+        _say(
+            f"{dataset.name}: {dataset.items.num_rows} items, {dataset.interactions.num_rows} "
+            f"interactions -> {run_dir / 'data'}"
+        )
+
+
+@data_app.command("validate")
+def data_validate(
+    table: Annotated[str, typer.Argument(help="Contract table: items, interactions, requests or truth.")],
+    path: Annotated[Path, typer.Argument(help="Parquet file to check.")],
+) -> None:
+    """Check a parquet file against the data contract; report every problem (exit 2 if any)."""
+    from training.data.contract import TABLES
+    from training.io import read_table
+
+    with _user_errors():
+        if table not in TABLES:
+            raise UsageProblem(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
+        result = read_table(path, table)
+        _say(f"{path}: valid {table} table, {result.num_rows} rows")
+
+
+@data_app.command("simulate")
+def data_simulate(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    requests_per_user: Annotated[int | None, typer.Option(help="Requests simulated per user.")] = None,
+) -> None:
+    """Run the funnel simulator on RUN_DIR/data: writes RUN_DIR/funnel/{requests,truth}.parquet.
+
+    Retrieval (popular + co-occurrence + random) -> popularity-biased pre-rank -> rank -> exposure,
+    clicks from the users' real next engagements. See docs/simulator.md.
+    """
+    from training.data.simulator import SimulatorConfig, simulate_funnel
+    from training.io import read_table
+
+    with _user_errors():
+        cfg = _load_config(SimulatorConfig, config, seed=seed, requests_per_user=requests_per_user)
+        items = read_table(run_dir / "data" / "items.parquet", "items")
+        interactions = read_table(run_dir / "data" / "interactions.parquet", "interactions")
+        result = simulate_funnel(items, interactions, cfg)
+        result.write(run_dir / "funnel", cfg.model_dump(mode="json"))
+        _say(
+            f"funnel: {result.requests.num_rows} request rows, {result.truth.num_rows} truth rows "
+            f"-> {run_dir / 'funnel'}"
+        )
+        for key, value in result.stats.items():
+            if isinstance(value, int | float | str):
+                _say(f"  {key}: {value}")
+
+
+# ------------------------------------------------------------------------------------ features
+
+
+@features_app.command("build")
+def features_build(run_dir: RunDir = DEFAULT_RUN_DIR, config: ConfigFile = None) -> None:
+    """Compute point-in-time item and user statistics from RUN_DIR's catalog and request log."""
+    from training.features.stats import StatsConfig, compute_feature_tables
+    from training.io import read_table
+
+    with _user_errors():
+        cfg = _load_config(StatsConfig, config)
+        items = read_table(run_dir / "data" / "items.parquet", "items")
+        requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
+        tables = compute_feature_tables(items, requests, cfg)
+        tables.write(run_dir, cfg)
+        _say(
+            f"features: item_content {tables.item_content.num_rows} rows, item_popularity "
+            f"{tables.item_popularity.num_rows} rows, user_activity {tables.user_activity.num_rows} rows"
+        )
+
+
+@features_app.command("apply")
+def features_apply(run_dir: RunDir = DEFAULT_RUN_DIR) -> None:
+    """Register the feature repo (entities, sources, views, services) in RUN_DIR's registry.
+
+    Writes RUN_DIR/feature_store.yaml: SQLite online store by default, Redis when GPL_REDIS_URL is
+    set. Browse the result with `feast -c RUN_DIR ui`.
+    """
+    from training.features.store import apply_definitions, open_store
+
+    with _user_errors():
+        store = open_store(run_dir)
+        names = apply_definitions(store)
+        _say(f"applied {len(names)} objects to project {store.project!r}: {', '.join(names)}")
+
+
+@features_app.command("materialize")
+def features_materialize(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    end: Annotated[
+        datetime | None, typer.Option(help="Latest feature timestamp to load (UTC); default: now.")
+    ] = None,
+    full: Annotated[bool, typer.Option(help="Reload everything instead of incrementally.")] = False,
+) -> None:
+    """Load the latest feature values into the online store (SQLite, or Redis by GPL_REDIS_URL)."""
+    from training.features.store import materialize, open_store
+
+    with _user_errors():
+        store = open_store(run_dir)
+        end_utc = (end.replace(tzinfo=UTC) if end and end.tzinfo is None else end) or datetime.now(UTC)
+        start = datetime(1970, 1, 1, tzinfo=UTC) if full else None
+        report = materialize(store, end=end_utc, start=start)
+        _say(f"materialized {', '.join(report.views)} up to {report.end:%Y-%m-%d %H:%M} in {report.seconds:.2f}s")
+
+
+@features_app.command("training-set")
+def features_training_set(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    service: Annotated[str, typer.Option(help="FeatureService to join.")] = "preranker",
+) -> None:
+    """Point-in-time join the request log with the FeatureService: RUN_DIR/training_set/."""
+    from training.features.store import open_store
+    from training.features.training_set import build_training_set
+    from training.io import read_table
+
+    with _user_errors():
+        store = open_store(run_dir)
+        requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
+        ts = build_training_set(store, requests, service)
+        path = ts.write(run_dir)
+        _say(
+            f"training set: {requests.num_rows} rows in, {ts.table.num_rows} rows out, "
+            f"{len(ts.feature_columns)} features, coverage {ts.coverage} -> {path} ({ts.seconds:.2f}s)"
+        )
+
+
+# ---------------------------------------------------------------------------------------- demo
+
+
+@app.command("demo")
+def demo(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    n_items: Annotated[int, typer.Option(help="Synthetic catalog size.")] = 2000,
+    n_users: Annotated[int, typer.Option(help="Synthetic users.")] = 500,
+) -> None:
+    """Run the whole pipeline on a synthetic catalog: synth -> simulate -> features -> join.
+
+    Prints row counts and timings of every stage.
+    """
+    timings: dict[str, float] = {}
+    steps: list[tuple[str, Callable[[], None]]] = [
+        ("data synth", lambda: data_synth(run_dir=run_dir, n_items=n_items, n_users=n_users, config=None, seed=None)),
+        ("data simulate", lambda: data_simulate(run_dir=run_dir, config=None, seed=None, requests_per_user=None)),
+        ("features build", lambda: features_build(run_dir=run_dir, config=None)),
+        ("features apply", lambda: features_apply(run_dir=run_dir)),
+        ("features materialize", lambda: features_materialize(run_dir=run_dir, end=None, full=True)),
+        ("features training-set", lambda: features_training_set(run_dir=run_dir, service="preranker")),
+    ]
+    for label, step in steps:
+        with _timed(label, timings):
+            step()
+    _say("\nstage                      seconds")
+    for label, seconds in timings.items():
+        _say(f"{label:<26} {seconds:7.2f}")
+    _say(f"{'total':<26} {sum(timings.values()):7.2f}")
+    _say(f"outputs in {run_dir}; browse the feature registry with: feast -c {run_dir} ui")
+
+
+def main() -> None:
+    """Entry point for ``python -m gpl_service.cli``."""
+    app(prog_name="gpl")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

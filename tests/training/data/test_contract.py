@@ -1,0 +1,78 @@
+"""The data contract validator: every problem reported at once, clearly."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pyarrow as pa
+import pytest
+
+from tests.factories import make_items, make_requests
+from training.data.contract import REQUESTS_SCHEMA, ContractError, conform, validate
+
+
+def test_valid_tables_pass() -> None:
+    assert validate(make_items(5), "items") == []
+    assert validate(make_requests(n_requests=4, n_users=2, n_items=20), "requests") == []
+
+
+def test_every_requests_problem_is_reported_at_once() -> None:
+    good = make_requests(n_requests=3, n_users=2, n_items=20).to_pylist()
+    bad = [dict(r) for r in good]
+    bad[0]["request_id"] = ""  # empty id
+    bad[1]["item_id"] = bad[2]["item_id"]  # duplicate (request_id, item_id)
+    bad[1]["request_id"] = bad[2]["request_id"]
+    bad[3]["stage"] = "clicked"  # unknown stage
+    bad[4]["group"] = "hard_negative"  # unknown group
+    bad[5]["label"] = 1  # label on an unexposed row (rank_negative)
+    table = pa.Table.from_pylist(bad, schema=REQUESTS_SCHEMA)
+    problems = validate(table, "requests")
+    text = "\n".join(problems)
+    assert "empty ids" in text
+    assert "duplicate (request_id, item_id)" in text
+    assert "unknown values 'clicked'" in text
+    assert "unknown values 'hard_negative'" in text
+    assert "unexposed rows carry a label" in text
+    assert len(problems) >= 5
+
+
+def test_missing_and_mistyped_columns() -> None:
+    table = pa.table({"item_id": [1, 2], "event_timestamp": ["x", "y"]})
+    problems = validate(table, "items")
+    assert "column 'item_id' has type int64, expected string" in problems
+    assert any("missing column 'text'" in p for p in problems)
+    assert any("unparseable timestamps" in p for p in problems)
+
+
+def test_naive_and_string_timestamps() -> None:
+    naive = pa.table(
+        {"item_id": ["a"], "text": ["t"], "event_timestamp": pa.array([datetime(2024, 1, 1)], pa.timestamp("us"))}
+    )
+    assert any("timezone-naive" in p for p in validate(naive, "items"))
+    strings = pa.table({"item_id": ["a", "b"], "text": ["t", "u"], "event_timestamp": ["2024-01-01T00:00:00Z", "2024-01-02 10:00"]})
+    problems = validate(strings, "items")
+    assert any("naive timestamps without a UTC offset" in p and "2024-01-02 10:00" in p for p in problems)
+    ok = pa.table({"item_id": ["a"], "text": ["t"], "event_timestamp": ["2024-01-01T05:00:00+02:00"]})
+    table = conform(ok, "items")
+    assert table.column("event_timestamp")[0].as_py() == datetime(2024, 1, 1, 3, tzinfo=UTC)
+
+
+def test_contract_error_report_is_capped() -> None:
+    err = ContractError("requests", [f"problem {i}" for i in range(25)])
+    lines = err.report_lines()
+    assert len(lines) == 21
+    assert lines[-1] == "requests: ... and 5 more problems"
+
+
+def test_conform_raises_with_all_problems() -> None:
+    with pytest.raises(ContractError) as info:
+        conform(pa.table({"x": [1]}), "truth")
+    assert len(info.value.problems) == 3  # user_id, item_id, label missing
+
+
+def test_group_stage_consistency() -> None:
+    rows = make_requests(n_requests=1, n_users=1, n_items=20).to_pylist()
+    rows[0]["stage"] = "ranked"  # an exposed_positive/negative row must be 'exposed'
+    rows[0]["label"] = None
+    problems = validate(pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA), "requests")
+    assert any("have a stage other than 'exposed'" in p for p in problems)
