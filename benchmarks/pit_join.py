@@ -31,7 +31,9 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 DAYS = 60
 
 
-def make_data(root: Path, rows: int, n_items: int, n_users: int, dim: int, seed: int) -> pd.DataFrame:
+def make_data(
+    root: Path, rows: int, n_items: int, n_users: int, dim: int, seed: int
+) -> pd.DataFrame:
     rng = np.random.default_rng(seed)
     # Items: two content versions each (initial, then a re-embedding mid-period).
     item_ids = np.array([f"i{i}" for i in range(n_items)])
@@ -43,7 +45,9 @@ def make_data(root: Path, rows: int, n_items: int, n_users: int, dim: int, seed:
             "event_timestamp": pa.array(
                 [T0 + timedelta(days=int(d)) for d in ts_items], pa.timestamp("us", tz="UTC")
             ),
-            "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), dim).cast(pa.list_(pa.float32())),
+            "embedding": pa.FixedSizeListArray.from_arrays(emb.ravel(), dim).cast(
+                pa.list_(pa.float32())
+            ),
             "popularity": rng.integers(0, 1000, 2 * n_items),
         }
     )
@@ -52,7 +56,15 @@ def make_data(root: Path, rows: int, n_items: int, n_users: int, dim: int, seed:
     u_rows = []
     for u in range(n_users):
         days = np.sort(rng.choice(DAYS, DAYS // 3, replace=False))
-        u_rows.append(pd.DataFrame({"user_id": f"u{u}", "day": days, "clicks": np.cumsum(rng.integers(0, 5, len(days)))}))
+        u_rows.append(
+            pd.DataFrame(
+                {
+                    "user_id": f"u{u}",
+                    "day": days,
+                    "clicks": np.cumsum(rng.integers(0, 5, len(days))),
+                }
+            )
+        )
     users = pd.concat(u_rows)
     users["event_timestamp"] = pd.Timestamp(T0) + pd.to_timedelta(users.pop("day") + 1, unit="D")
     pq.write_table(pa.Table.from_pandas(users, preserve_index=False), root / "users.parquet")
@@ -85,15 +97,28 @@ def make_store(root: Path, offline_type: str, dim: int) -> FeatureStore:
     store = FeatureStore(repo_path=str(root))
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
     user = Entity(name="user", join_keys=["user_id"], value_type=ValueType.STRING)
-    item_src = FileSource(name="items", path=str(root / "items.parquet"), timestamp_field="event_timestamp")
-    user_src = FileSource(name="users", path=str(root / "users.parquet"), timestamp_field="event_timestamp")
+    item_src = FileSource(
+        name="items", path=str(root / "items.parquet"), timestamp_field="event_timestamp"
+    )
+    user_src = FileSource(
+        name="users", path=str(root / "users.parquet"), timestamp_field="event_timestamp"
+    )
     item_view = FeatureView(
-        name="item_semantics", entities=[item], ttl=timedelta(0), source=item_src,
-        schema=[Field(name="item_id", dtype=String), Field(name="embedding", dtype=Array(Float32)),
-                Field(name="popularity", dtype=Int64)],
+        name="item_semantics",
+        entities=[item],
+        ttl=timedelta(0),
+        source=item_src,
+        schema=[
+            Field(name="item_id", dtype=String),
+            Field(name="embedding", dtype=Array(Float32)),
+            Field(name="popularity", dtype=Int64),
+        ],
     )
     user_view = FeatureView(
-        name="user_activity", entities=[user], ttl=timedelta(days=30), source=user_src,
+        name="user_activity",
+        entities=[user],
+        ttl=timedelta(days=30),
+        source=user_src,
         schema=[Field(name="user_id", dtype=String), Field(name="clicks", dtype=Int64)],
     )
     service = FeatureService(name="bench", features=[item_view, user_view])
@@ -101,24 +126,32 @@ def make_store(root: Path, offline_type: str, dim: int) -> FeatureStore:
     return store
 
 
-def run_one(root: Path, offline_type: str, entity: pd.DataFrame, dim: int) -> dict[str, float | int]:
+def run_one(
+    root: Path, offline_type: str, entity: pd.DataFrame, dim: int
+) -> dict[str, float | int]:
     store = make_store(root, offline_type, dim)
     began = time.perf_counter()
     out = store.get_historical_features(
-        entity_df=entity.copy(), features=store.get_feature_service("bench"), full_feature_names=True
+        entity_df=entity.copy(),
+        features=store.get_feature_service("bench"),
+        full_feature_names=True,
     ).to_df()
     seconds = time.perf_counter() - began
     return {"seconds": seconds, "rows_in": len(entity), "rows_out": len(out)}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--rows", type=int, default=200_000)
     parser.add_argument("--items", type=int, default=20_000)
     parser.add_argument("--users", type=int, default=10_000)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pit_join.json")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).parent / "results" / "pit_join.json"
+    )
     args = parser.parse_args()
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -128,16 +161,28 @@ def main() -> None:
         theirs = run_one(root, "file", entity, args.dim)
 
     ratio = ours["seconds"] / theirs["seconds"]
-    print(f"\nPoint-in-time join: {args.rows:,} rows, item view with a {args.dim}-d embedding + user view")
+    print(
+        f"\nPoint-in-time join: {args.rows:,} rows, "
+        f"item view with a {args.dim}-d embedding + user view"
+    )
     print(f"{'path':<34}{'seconds':>10}{'rows in':>10}{'rows out':>10}")
-    print(f"{'gpl offline store (this project)':<34}{ours['seconds']:>10.2f}{ours['rows_in']:>10,}{ours['rows_out']:>10,}")
-    print(f"{'feast file offline store (dask)':<34}{theirs['seconds']:>10.2f}{theirs['rows_in']:>10,}{theirs['rows_out']:>10,}")
+    for label, res in (
+        ("gpl offline store (this project)", ours),
+        ("feast file offline store", theirs),
+    ):
+        print(f"{label:<34}{res['seconds']:>10.2f}{res['rows_in']:>10,}{res['rows_out']:>10,}")
     print(f"time ratio ours/file = {ratio:.3f} (target <= 0.100); speed-up {1 / ratio:.1f}x")
-    print(f"rows lost: ours {ours['rows_in'] - ours['rows_out']}, file store {theirs['rows_in'] - theirs['rows_out']}")
+    lost_ours = ours["rows_in"] - ours["rows_out"]
+    lost_theirs = theirs["rows_in"] - theirs["rows_out"]
+    print(f"rows lost: ours {lost_ours}, file store {lost_theirs}")
     result = {
         "benchmark": "pit_join",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": __import__("os").cpu_count(), "platform": platform.platform(), "python": platform.python_version()},
+        "machine": {
+            "cpus": __import__("os").cpu_count(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+        },
         "params": vars(args) | {"out": str(args.out)},
         "gpl": ours,
         "feast_file": theirs,

@@ -1,0 +1,1 @@
+"""ONNX export of the pre-rankers (not built yet)."""

@@ -13,5 +13,5 @@ item = Entity(
     name="item",
     join_keys=["item_id"],
     value_type=ValueType.STRING,
-    description="A catalog item that can be recalled, pre-ranked and exposed; `item_id` as in the catalog.",
+    description="A catalog item that can be recalled, pre-ranked and exposed; `item_id`.",
 )

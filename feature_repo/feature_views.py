@@ -72,7 +72,7 @@ item_popularity = FeatureView(
         Field(
             name="ctr_smoothed",
             dtype=Float32,
-            description="Click-through rate with a Beta prior (clicks + a) / (impressions + a + b).",
+            description="CTR with a Beta prior: (clicks + a) / (impressions + a + b).",
             tags={"default": "0.0"},
         ),
         Field(

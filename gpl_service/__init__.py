@@ -1,0 +1,1 @@
+"""The pre-ranking service and the `gpl` command line."""

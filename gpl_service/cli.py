@@ -12,7 +12,6 @@ alone. Bad input exits with code 2 and one line per problem.
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -33,8 +32,13 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-data_app = typer.Typer(help="Bring data into the contract: import, synthesize, validate, simulate.", no_args_is_help=True)
-features_app = typer.Typer(help="Feast: build feature tables, apply definitions, materialize, join.", no_args_is_help=True)
+data_app = typer.Typer(
+    help="Bring data into the contract: import, synthesize, validate, simulate.",
+    no_args_is_help=True,
+)
+features_app = typer.Typer(
+    help="Feast: build feature tables, apply definitions, materialize, join.", no_args_is_help=True
+)
 app.add_typer(data_app, name="data")
 app.add_typer(features_app, name="features")
 
@@ -49,13 +53,15 @@ RunDir = Annotated[
 DEFAULT_RUN_DIR = Path("runs/demo")
 ConfigFile = Annotated[
     Path | None,
-    typer.Option("--config", help="YAML file with settings for this stage; see --help of the stage."),
+    typer.Option(
+        "--config", help="YAML file with settings for this stage; see --help of the stage."
+    ),
 ]
 
 M = TypeVar("M", bound=BaseModel)
 
 
-class UsageProblem(Exception):
+class UsageError(Exception):
     """Bad input from the user: printed as one line per problem, exit code 2."""
 
     def __init__(self, *problems: str) -> None:
@@ -77,7 +83,7 @@ def _user_errors() -> Iterator[None]:
             loc = ".".join(str(p) for p in err["loc"]) or "config"
             typer.echo(f"error: {loc}: {err['msg']}", err=True)
         raise typer.Exit(2) from exc
-    except (UsageProblem, FileNotFoundError, NotADirectoryError) as exc:
+    except (UsageError, FileNotFoundError, NotADirectoryError) as exc:
         for line in str(exc).splitlines():
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from exc
@@ -90,7 +96,7 @@ def _load_config(model: type[M], path: Path | None, **overrides: Any) -> M:
             raise FileNotFoundError(f"config file {path} does not exist")
         loaded = yaml.safe_load(path.read_text()) or {}
         if not isinstance(loaded, dict):
-            raise UsageProblem(f"config file {path} must hold a mapping of settings")
+            raise UsageError(f"config file {path} must hold a mapping of settings")
         raw.update(loaded)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return model.model_validate(raw)
@@ -122,7 +128,9 @@ def data_synth(
     n_items: Annotated[int | None, typer.Option(help="Catalog size.")] = None,
     n_users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
 ) -> None:
-    """Generate a synthetic catalog and interaction log (topics, Zipf popularity, drifting interests).
+    """Generate a synthetic catalog and interaction log.
+
+    Topic vocabularies, Zipf popularity, users with several drifting interests.
 
     Writes RUN_DIR/data/{items,interactions}.parquet and a manifest.
     """
@@ -138,13 +146,17 @@ def data_synth(
         )
 
 
-import_app = typer.Typer(help="Import a public dataset into the data contract.", no_args_is_help=True)
+import_app = typer.Typer(
+    help="Import a public dataset into the data contract.", no_args_is_help=True
+)
 data_app.add_typer(import_app, name="import")
 
 
 @import_app.command("movielens")
 def import_movielens(
-    path: Annotated[Path, typer.Argument(help="MovieLens-100k directory (u.data, u.item, u.genre).")],
+    path: Annotated[
+        Path, typer.Argument(help="MovieLens-100k directory (u.data, u.item, u.genre).")
+    ],
     run_dir: RunDir = DEFAULT_RUN_DIR,
     min_rating: Annotated[float | None, typer.Option(help="Keep only ratings >= this.")] = None,
 ) -> None:
@@ -164,9 +176,13 @@ def import_movielens(
 
 @import_app.command("amazon")
 def import_amazon(
-    path: Annotated[Path, typer.Argument(help="Directory with <Name>.text and <Name>.{train,valid,test}.inter.")],
+    path: Annotated[
+        Path, typer.Argument(help="Directory with <Name>.text and <Name>.{train,valid,test}.inter.")
+    ],
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    name: Annotated[str | None, typer.Option(help="Dataset prefix, e.g. Scientific; detected when omitted.")] = None,
+    name: Annotated[
+        str | None, typer.Option(help="Dataset prefix, e.g. Scientific; detected when omitted.")
+    ] = None,
 ) -> None:
     """Import an Amazon reviews dataset in the UniSRec format (timestamps are synthesized)."""
     from training.data.amazon import load_unisrec
@@ -184,7 +200,9 @@ def import_amazon(
 
 @data_app.command("validate")
 def data_validate(
-    table: Annotated[str, typer.Argument(help="Contract table: items, interactions, requests or truth.")],
+    table: Annotated[
+        str, typer.Argument(help="Contract table: items, interactions, requests or truth.")
+    ],
     path: Annotated[Path, typer.Argument(help="Parquet file to check.")],
 ) -> None:
     """Check a parquet file against the data contract; report every problem (exit 2 if any)."""
@@ -193,7 +211,7 @@ def data_validate(
 
     with _user_errors():
         if table not in TABLES:
-            raise UsageProblem(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
+            raise UsageError(f"unknown table {table!r}; choose one of {', '.join(TABLES)}")
         result = read_table(path, table)
         _say(f"{path}: valid {table} table, {result.num_rows} rows")
 
@@ -203,7 +221,9 @@ def data_simulate(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: ConfigFile = None,
     seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    requests_per_user: Annotated[int | None, typer.Option(help="Requests simulated per user.")] = None,
+    requests_per_user: Annotated[
+        int | None, typer.Option(help="Requests simulated per user.")
+    ] = None,
 ) -> None:
     """Run the funnel simulator on RUN_DIR/data: writes RUN_DIR/funnel/{requests,truth}.parquet.
 
@@ -245,7 +265,8 @@ def features_build(run_dir: RunDir = DEFAULT_RUN_DIR, config: ConfigFile = None)
         tables.write(run_dir, cfg)
         _say(
             f"features: item_content {tables.item_content.num_rows} rows, item_popularity "
-            f"{tables.item_popularity.num_rows} rows, user_activity {tables.user_activity.num_rows} rows"
+            f"{tables.item_popularity.num_rows} rows, "
+            f"user_activity {tables.user_activity.num_rows} rows"
         )
 
 
@@ -277,10 +298,15 @@ def features_materialize(
 
     with _user_errors():
         store = open_store(run_dir)
-        end_utc = (end.replace(tzinfo=UTC) if end and end.tzinfo is None else end) or datetime.now(UTC)
+        end_utc = (end.replace(tzinfo=UTC) if end and end.tzinfo is None else end) or datetime.now(
+            UTC
+        )
         start = datetime(1970, 1, 1, tzinfo=UTC) if full else None
         report = materialize(store, end=end_utc, start=start)
-        _say(f"materialized {', '.join(report.views)} up to {report.end:%Y-%m-%d %H:%M} in {report.seconds:.2f}s")
+        _say(
+            f"materialized {', '.join(report.views)} up to {report.end:%Y-%m-%d %H:%M} "
+            f"in {report.seconds:.2f}s"
+        )
 
 
 @features_app.command("training-set")
@@ -300,7 +326,8 @@ def features_training_set(
         path = ts.write(run_dir)
         _say(
             f"training set: {requests.num_rows} rows in, {ts.table.num_rows} rows out, "
-            f"{len(ts.feature_columns)} features, coverage {ts.coverage} -> {path} ({ts.seconds:.2f}s)"
+            f"{len(ts.feature_columns)} features, coverage {ts.coverage} "
+            f"-> {path} ({ts.seconds:.2f}s)"
         )
 
 
@@ -319,12 +346,26 @@ def demo(
     """
     timings: dict[str, float] = {}
     steps: list[tuple[str, Callable[[], None]]] = [
-        ("data synth", lambda: data_synth(run_dir=run_dir, n_items=n_items, n_users=n_users, config=None, seed=None)),
-        ("data simulate", lambda: data_simulate(run_dir=run_dir, config=None, seed=None, requests_per_user=None)),
+        (
+            "data synth",
+            lambda: data_synth(
+                run_dir=run_dir, n_items=n_items, n_users=n_users, config=None, seed=None
+            ),
+        ),
+        (
+            "data simulate",
+            lambda: data_simulate(run_dir=run_dir, config=None, seed=None, requests_per_user=None),
+        ),
         ("features build", lambda: features_build(run_dir=run_dir, config=None)),
         ("features apply", lambda: features_apply(run_dir=run_dir)),
-        ("features materialize", lambda: features_materialize(run_dir=run_dir, end=None, full=True)),
-        ("features training-set", lambda: features_training_set(run_dir=run_dir, service="preranker")),
+        (
+            "features materialize",
+            lambda: features_materialize(run_dir=run_dir, end=None, full=True),
+        ),
+        (
+            "features training-set",
+            lambda: features_training_set(run_dir=run_dir, service="preranker"),
+        ),
     ]
     for label, step in steps:
         with _timed(label, timings):
@@ -342,4 +383,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

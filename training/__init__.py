@@ -1,0 +1,1 @@
+"""Offline pipeline stages, one subpackage each: data, features, sids, anchors, pseudo-labels."""

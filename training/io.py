@@ -64,7 +64,9 @@ def read_table(path: Path, contract: str | None = None) -> pa.Table:
     try:
         table = pq.read_table(path)
     except pa.ArrowInvalid as exc:
-        raise ContractError(contract or path.name, [f"{path} is not a readable parquet file: {exc}"]) from exc
+        raise ContractError(
+            contract or path.name, [f"{path} is not a readable parquet file: {exc}"]
+        ) from exc
     return conform(table, contract) if contract else table
 
 
@@ -129,7 +131,9 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     """Read a stage manifest written by :func:`write_manifest`."""
     path = directory / MANIFEST_NAME
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no manifest; run the stage that writes {directory.name} first")
+        raise FileNotFoundError(
+            f"{path}: no manifest; run the stage that writes {directory.name} first"
+        )
     result: dict[str, Any] = json.loads(path.read_text())
     return result
 

@@ -1,0 +1,1 @@
+"""Data contract, dataset loaders, synthetic generator and funnel simulator."""

@@ -173,7 +173,9 @@ def validate(table: pa.Table, name: str) -> list[str]:
             problems += ts_problems or []
             if not ts_problems:
                 usable.add("event_timestamp")
-    if "event_timestamp" in usable and pa.types.is_timestamp(table.schema.field("event_timestamp").type):
+    if "event_timestamp" in usable and pa.types.is_timestamp(
+        table.schema.field("event_timestamp").type
+    ):
         ts_type = table.schema.field("event_timestamp").type
         if ts_type.tz is None:
             problems.append(
@@ -286,7 +288,8 @@ def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
             in_group = pc.equal(table.column("group"), group)
             if stage is None:
                 bad_mask = pc.and_(
-                    in_group, pc.invert(pc.is_in(table.column("stage"), pa.array(["preranked", "ranked"])))
+                    in_group,
+                    pc.invert(pc.is_in(table.column("stage"), pa.array(["preranked", "ranked"]))),
                 )
                 want = "'preranked' or 'ranked'"
             else:
@@ -295,9 +298,18 @@ def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
             bad = pc.sum(bad_mask).as_py() or 0
             if bad:
                 problems.append(f"{bad} rows in group {group!r} have a stage other than {want}")
-        pos = pc.and_(pc.equal(table.column("group"), "exposed_positive"), pc.not_equal(table.column("label"), 1))
-        neg = pc.and_(pc.equal(table.column("group"), "exposed_negative"), pc.not_equal(table.column("label"), 0))
-        for mask, what in ((pos, "exposed_positive rows without label 1"), (neg, "exposed_negative rows without label 0")):
+        pos = pc.and_(
+            pc.equal(table.column("group"), "exposed_positive"),
+            pc.not_equal(table.column("label"), 1),
+        )
+        neg = pc.and_(
+            pc.equal(table.column("group"), "exposed_negative"),
+            pc.not_equal(table.column("label"), 0),
+        )
+        for mask, what in (
+            (pos, "exposed_positive rows without label 1"),
+            (neg, "exposed_negative rows without label 0"),
+        ):
             bad = pc.sum(mask).as_py() or 0
             if bad:
                 problems.append(f"{bad} {what}")
@@ -331,5 +343,7 @@ def conform(table: pa.Table, name: str) -> pa.Table:
     for col in table.column_names:
         if col not in columns:
             columns[col] = table.column(col)
-    fields = [schema.field(c) if c in schema.names else pa.field(c, columns[c].type) for c in columns]
+    fields = [
+        schema.field(c) if c in schema.names else pa.field(c, columns[c].type) for c in columns
+    ]
     return pa.Table.from_arrays(list(columns.values()), schema=pa.schema(fields))

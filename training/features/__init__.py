@@ -1,0 +1,1 @@
+"""Feast integration: the offline store plugin, statistics features, training sets."""

@@ -43,11 +43,11 @@ _ROW = "__gpl_row"
 _FROW = "__gpl_feature_row"
 
 
-class GplOfflineStoreConfig(DaskOfflineStoreConfig):  # type: ignore[misc]
+class GplOfflineStoreConfig(DaskOfflineStoreConfig):
     """Offline store settings (``offline_store:`` in ``feature_store.yaml``)."""
 
-    type: Literal["training.features.offline_store.GplOfflineStore"] = (  # type: ignore[assignment]
-        "training.features.offline_store.GplOfflineStore"
+    type: Literal["training.features.offline_store.GplOfflineStore"] = (
+        "training.features.offline_store.GplOfflineStore"  # type: ignore[assignment]
     )
     """Selects this store."""
 
@@ -55,7 +55,7 @@ class GplOfflineStoreConfig(DaskOfflineStoreConfig):  # type: ignore[misc]
     """Directory that relative source paths resolve against; default: the Feast repo path."""
 
 
-class GplRetrievalJob(RetrievalJob):  # type: ignore[misc]
+class GplRetrievalJob(RetrievalJob):
     """A lazy retrieval: the join runs when the result is first asked for, then is cached."""
 
     def __init__(
@@ -109,9 +109,7 @@ def source_path(config: RepoConfig, source: FileSource) -> Path:
     return Path(data_dir or ".") / path
 
 
-def _read_source(
-    config: RepoConfig, source: FileSource, columns: list[str]
-) -> pa.Table:
+def _read_source(config: RepoConfig, source: FileSource, columns: list[str]) -> pa.Table:
     path = source_path(config, source)
     if not path.exists():
         raise FileNotFoundError(
@@ -135,7 +133,9 @@ def _as_utc_arrow(entity_df: pd.DataFrame) -> pa.Table:
     table = pa.Table.from_pandas(entity_df, preserve_index=False)
     ts_type = table.schema.field(ENTITY_TIMESTAMP).type
     if not pa.types.is_timestamp(ts_type):
-        raise ValueError(f"entity_df column {ENTITY_TIMESTAMP!r} must be a timestamp, got {ts_type}")
+        raise ValueError(
+            f"entity_df column {ENTITY_TIMESTAMP!r} must be a timestamp, got {ts_type}"
+        )
     if ts_type.tz is None:
         raise ValueError(
             f"entity_df column {ENTITY_TIMESTAMP!r} is timezone-naive; pass UTC-aware timestamps"
@@ -270,7 +270,7 @@ def _views_to_features(
     return result
 
 
-class GplOfflineStore(DaskOfflineStore):  # type: ignore[misc]
+class GplOfflineStore(DaskOfflineStore):
     """Feast offline store: Dask's file store with a fast, row-preserving point-in-time join."""
 
     supports_filter_by_created_timestamp = False
@@ -280,10 +280,11 @@ class GplOfflineStore(DaskOfflineStore):  # type: ignore[misc]
         config: RepoConfig,
         feature_views: list[FeatureView],
         feature_refs: list[str],
-        entity_df: pd.DataFrame | str | None,
+        entity_df: Any,
         registry: BaseRegistry,
         project: str,
         full_feature_names: bool = False,
+        filter_by_created_timestamp: bool = False,
         **kwargs: Any,
     ) -> RetrievalJob:
         """Point-in-time join of ``feature_refs`` onto every row of ``entity_df``."""
@@ -338,21 +339,23 @@ class GplOfflineStore(DaskOfflineStore):  # type: ignore[misc]
                 mask = upper if mask is None else pc.and_(mask, upper)
             if mask is not None:
                 table = table.filter(mask)
-            return _latest_per_key(table, join_key_columns, timestamp_field, created_timestamp_column)
+            return _latest_per_key(
+                table, join_key_columns, timestamp_field, created_timestamp_column
+            )
 
         return GplRetrievalJob(compute, full_feature_names=False)
 
 
-def _latest_per_key(
-    table: pa.Table, keys: list[str], ts: str, created: str | None
-) -> pa.Table:
+def _latest_per_key(table: pa.Table, keys: list[str], ts: str, created: str | None) -> pa.Table:
     con = duckdb.connect()
     try:
         light = pa.table(
             {
                 **{k: table.column(k) for k in keys},
                 "__ts": table.column(ts),
-                "__created": table.column(created) if created else pa.nulls(table.num_rows, pa.int8()),
+                "__created": table.column(created)
+                if created
+                else pa.nulls(table.num_rows, pa.int8()),
                 _FROW: pa.array(np.arange(table.num_rows, dtype=np.int64)),
             }
         )

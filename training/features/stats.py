@@ -44,7 +44,7 @@ class StatsConfig(BaseModel):
     ctr_prior_impressions: float = Field(
         default=20.0,
         gt=0,
-        description="Beta prior 'a + b' of smoothed CTRs (pseudo-impressions); a/(a+b) is the prior CTR.",
+        description="Beta prior 'a + b' of smoothed CTRs (pseudo-impressions); a/(a+b): prior CTR.",
     )
 
 
@@ -124,7 +124,9 @@ def compute_feature_tables(
     try:
         con.register(
             "req",
-            requests.select(["request_id", "user_id", "item_id", "event_timestamp", "stage", "label"]),
+            requests.select(
+                ["request_id", "user_id", "item_id", "event_timestamp", "stage", "label"]
+            ),
         )
         con.execute("SET TimeZone = 'UTC'")
         item_popularity = con.sql(

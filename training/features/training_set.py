@@ -68,13 +68,15 @@ def arrow_type(view: FeatureView, name: str) -> pa.DataType:
     """Arrow type of feature ``name`` of ``view``."""
     for fld in view.features:
         if fld.name == name:
-            return _ARROW_TYPES.get(fld.dtype, None) or pa.from_numpy_dtype(
+            return _ARROW_TYPES.get(fld.dtype) or pa.from_numpy_dtype(
                 fld.dtype.to_value_type().name.lower()
             )
     raise KeyError(f"feature view {view.name!r} has no feature {name!r}")
 
 
-def service_views(store: FeatureStore, service: FeatureService) -> list[tuple[FeatureView, list[str]]]:
+def service_views(
+    store: FeatureStore, service: FeatureService
+) -> list[tuple[FeatureView, list[str]]]:
     """The feature views of ``service`` with the feature names it selects from each."""
     result = []
     for projection in service.feature_view_projections:
@@ -103,8 +105,15 @@ class TrainingSet:
             "training_set",
             inputs={"requests": "funnel/requests.parquet", "feature_service": self.service},
             outputs={"training_set": path.name},
-            config={"feature_columns": self.feature_columns, "missing_indicators": self.missing_indicators},
-            metrics={"rows": self.table.num_rows, "seconds": round(self.seconds, 3), "coverage": self.coverage},
+            config={
+                "feature_columns": self.feature_columns,
+                "missing_indicators": self.missing_indicators,
+            },
+            metrics={
+                "rows": self.table.num_rows,
+                "seconds": round(self.seconds, 3),
+                "coverage": self.coverage,
+            },
         )
         return path
 
@@ -130,7 +139,9 @@ def build_training_set(
     began = time.perf_counter()
     service = store.get_feature_service(service_name)
     entity_df = requests.to_pandas()
-    job = store.get_historical_features(entity_df=entity_df, features=service, full_feature_names=True)
+    job = store.get_historical_features(
+        entity_df=entity_df, features=service, full_feature_names=True
+    )
     joined = job.to_arrow()
     if joined.num_rows != requests.num_rows:
         raise RowsLostError(

@@ -46,13 +46,27 @@ def test_missing_and_mistyped_columns() -> None:
 
 def test_naive_and_string_timestamps() -> None:
     naive = pa.table(
-        {"item_id": ["a"], "text": ["t"], "event_timestamp": pa.array([datetime(2024, 1, 1)], pa.timestamp("us"))}
+        {
+            "item_id": ["a"],
+            "text": ["t"],
+            "event_timestamp": pa.array([datetime(2024, 1, 1)], pa.timestamp("us")),
+        }
     )
     assert any("timezone-naive" in p for p in validate(naive, "items"))
-    strings = pa.table({"item_id": ["a", "b"], "text": ["t", "u"], "event_timestamp": ["2024-01-01T00:00:00Z", "2024-01-02 10:00"]})
+    strings = pa.table(
+        {
+            "item_id": ["a", "b"],
+            "text": ["t", "u"],
+            "event_timestamp": ["2024-01-01T00:00:00Z", "2024-01-02 10:00"],
+        }
+    )
     problems = validate(strings, "items")
-    assert any("naive timestamps without a UTC offset" in p and "2024-01-02 10:00" in p for p in problems)
-    ok = pa.table({"item_id": ["a"], "text": ["t"], "event_timestamp": ["2024-01-01T05:00:00+02:00"]})
+    assert any(
+        "naive timestamps without a UTC offset" in p and "2024-01-02 10:00" in p for p in problems
+    )
+    ok = pa.table(
+        {"item_id": ["a"], "text": ["t"], "event_timestamp": ["2024-01-01T05:00:00+02:00"]}
+    )
     table = conform(ok, "items")
     assert table.column("event_timestamp")[0].as_py() == datetime(2024, 1, 1, 3, tzinfo=UTC)
 

@@ -20,8 +20,10 @@ T0 = datetime(2024, 1, 1, tzinfo=UTC)
 DIM = 8
 
 
-def _store(root: Path, offline_type: str, ttl: timedelta = timedelta(0)) -> tuple[FeatureStore, list]:
-    """A store over one item view with an embedding and a counter; ``offline_type`` selects the store."""
+def _store(
+    root: Path, offline_type: str, ttl: timedelta = timedelta(0)
+) -> tuple[FeatureStore, list]:
+    """A store over one item view with an embedding and a counter, on ``offline_type``."""
     root.mkdir(parents=True, exist_ok=True)
     offline: dict = {"type": offline_type}
     (root / "feature_store.yaml").write_text(
@@ -37,8 +39,12 @@ def _store(root: Path, offline_type: str, ttl: timedelta = timedelta(0)) -> tupl
         )
     )
     item = Entity(name="item", join_keys=["item_id"], value_type=ValueType.STRING)
-    source = FileSource(name="emb", path=str(root / "emb.parquet"), timestamp_field="event_timestamp",
-                        created_timestamp_column="created")
+    source = FileSource(
+        name="emb",
+        path=str(root / "emb.parquet"),
+        timestamp_field="event_timestamp",
+        created_timestamp_column="created",
+    )
     view = FeatureView(
         name="emb",
         entities=[item],
@@ -73,7 +79,9 @@ def _write_features(path: Path) -> None:
             "item_id": [r[0] for r in rows],
             "event_timestamp": pa.array([r[1] for r in rows], pa.timestamp("us", tz="UTC")),
             "created": pa.array([r[2] for r in rows], pa.timestamp("us", tz="UTC")),
-            "embedding": pa.array([np.full(DIM, r[3], np.float32) for r in rows], pa.list_(pa.float32())),
+            "embedding": pa.array(
+                [np.full(DIM, r[3], np.float32) for r in rows], pa.list_(pa.float32())
+            ),
             "version": pa.array([r[3] for r in rows], pa.int64()),
         }
     )
@@ -149,7 +157,9 @@ def test_ttl_expires_old_rows(tmp_path: Path) -> None:
     assert versions == [None, 1, 3, None, 5, None, None, 4]
 
 
-def test_feast_file_store_drops_rows_that_ours_keeps(tmp_path: Path, gpl_store: FeatureStore) -> None:
+def test_feast_file_store_drops_rows_that_ours_keeps(
+    tmp_path: Path, gpl_store: FeatureStore
+) -> None:
     """The pitfall this store exists for: Feast's file store loses unmatched entity rows."""
     store, objects = _store(tmp_path / "file", "file")
     _write_features(tmp_path / "file" / "emb.parquet")
@@ -168,7 +178,8 @@ def test_feast_file_store_drops_rows_that_ours_keeps(tmp_path: Path, gpl_store: 
 def test_materialize_loads_latest_row_per_key(gpl_store: FeatureStore) -> None:
     gpl_store.materialize(start_date=T0 - timedelta(days=1), end_date=T0 + timedelta(days=7))
     got = gpl_store.get_online_features(
-        features=["emb:version", "emb:embedding"], entity_rows=[{"item_id": "i0"}, {"item_id": "i1"}]
+        features=["emb:version", "emb:embedding"],
+        entity_rows=[{"item_id": "i0"}, {"item_id": "i1"}],
     ).to_dict()
     # Within the window i0's latest is the day-5 row created last (version 3); day 10 is outside.
     assert got["version"] == [3, 5]

@@ -65,7 +65,9 @@ def test_missing_rows_get_declared_defaults(built) -> None:  # type: ignore[no-u
     extra["user_id"] = "never-seen"
     extra["item_id"] = "not-in-catalog"
     extra["event_timestamp"] = pd.Timestamp(T0)
-    table = pa.concat_tables([requests, pa.Table.from_pandas(extra, schema=requests.schema, preserve_index=False)])
+    table = pa.concat_tables(
+        [requests, pa.Table.from_pandas(extra, schema=requests.schema, preserve_index=False)]
+    )
     out = build_training_set(store, table).table.to_pandas().iloc[-1]
     assert out["user_activity__missing"] == 1
     assert out["item_popularity__missing"] == 1
@@ -82,7 +84,11 @@ def test_written_with_manifest(built, tmp_path: Path) -> None:  # type: ignore[n
     assert pq.read_table(path).num_rows == requests.num_rows
     manifest = read_manifest(path.parent)
     assert manifest["metrics"]["rows"] == requests.num_rows
-    assert set(manifest["metrics"]["coverage"]) == {"user_activity", "item_content", "item_popularity"}
+    assert set(manifest["metrics"]["coverage"]) == {
+        "user_activity",
+        "item_content",
+        "item_popularity",
+    }
 
 
 def test_lost_rows_are_detected(built, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -34,7 +34,11 @@ def test_apply_join_materialize_online(settings: StoreSettings, tmp_path: Path) 
     assert config["online_store"]["type"] == ("redis" if settings.redis_url else "sqlite")
     names = apply_definitions(store)
     assert {"user_activity", "item_popularity", "item_content", "preranker"} <= set(names)
-    assert {fv.name for fv in store.list_feature_views()} == {"user_activity", "item_popularity", "item_content"}
+    assert {fv.name for fv in store.list_feature_views()} == {
+        "user_activity",
+        "item_popularity",
+        "item_content",
+    }
 
     training = build_training_set(store, requests)
     assert training.table.num_rows == requests.num_rows
