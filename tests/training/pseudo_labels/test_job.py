@@ -1,0 +1,219 @@
+"""The pseudo-label job: artifact contract, no row lost or double-labelled, honest statuses."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+
+from tests.factories import T0, make_requests
+from training.io import read_manifest, write_table
+from training.pseudo_labels.calibration import CalibrationError, fit_platt
+from training.pseudo_labels.confidence import combine, dispersion_factor, lm_factor
+from training.pseudo_labels.job import (
+    OUTPUT_SCHEMA,
+    PseudoLabelConfig,
+    generate_pseudo_labels,
+)
+
+N_ITEMS = 40
+DIM = 16
+N_ANCHORS = 5
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def make_item_semantics(n_items: int = N_ITEMS, drop: tuple[str, ...] = ()) -> pa.Table:
+    rng = np.random.default_rng(1)
+    centers = _unit(rng.standard_normal((4, DIM)))
+    emb = _unit(centers[np.arange(n_items) % 4] + 0.3 * rng.standard_normal((n_items, DIM)))
+    ids = [f"i{i}" for i in range(n_items)]
+    keep = [k for k, i in enumerate(ids) if i not in drop]
+    return pa.table(
+        {
+            "item_id": [ids[k] for k in keep],
+            "content_embedding": pa.array([emb[k] for k in keep], pa.list_(pa.float32())),
+        }
+    )
+
+
+def make_anchors(users: list[str], cutoff_days: list[int], items: pa.Table) -> pa.Table:
+    """One anchor set per (user, cutoff day): N anchors drawn from the catalog."""
+    rng = np.random.default_rng(2)
+    emb = np.stack(items.column("content_embedding").to_numpy(zero_copy_only=False))
+    ids = items.column("item_id").to_pylist()
+    rows = []
+    for u in users:
+        for d in cutoff_days:
+            pick = rng.choice(len(ids), N_ANCHORS, replace=False)
+            logp = np.sort(rng.uniform(-8, -1, N_ANCHORS))[::-1].astype(np.float32)
+            rows.append(
+                {
+                    "user_id": u,
+                    "event_timestamp": T0 + timedelta(days=d),
+                    "anchor_sids": [f"<a_{k}>" for k in pick],
+                    "anchor_item_ids": [ids[k] for k in pick],
+                    "anchor_embeddings": emb[pick].ravel().tolist(),
+                    "anchor_log_probs": logp.tolist(),
+                    "num_anchors": N_ANCHORS,
+                    "history_length": 5,
+                }
+            )
+    schema = pa.schema(
+        [
+            ("user_id", pa.string()),
+            ("event_timestamp", pa.timestamp("us", tz="UTC")),
+            ("anchor_sids", pa.list_(pa.string())),
+            ("anchor_item_ids", pa.list_(pa.string())),
+            ("anchor_embeddings", pa.list_(pa.float32())),
+            ("anchor_log_probs", pa.list_(pa.float32())),
+            ("num_anchors", pa.int32()),
+            ("history_length", pa.int32()),
+        ]
+    )
+    return pa.Table.from_pylist(rows, schema=schema)
+
+
+def make_positives(users: list[str]) -> pa.Table:
+    rng = np.random.default_rng(3)
+    rows = [
+        {"user_id": u, "item_id": f"i{rng.integers(N_ITEMS)}", "event_timestamp": T0 + timedelta(hours=int(h))}
+        for u in users
+        for h in rng.integers(0, 24 * 30, 8)
+    ]
+    return pa.Table.from_pylist(
+        rows,
+        schema=pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC"))]),
+    )
+
+
+@pytest.fixture
+def inputs():  # type: ignore[no-untyped-def]
+    requests = make_requests(n_requests=200, n_users=10, n_items=N_ITEMS, seed=7, exposed=4)
+    users = [f"u{k}" for k in range(9)]  # u9 never gets anchors
+    items = make_item_semantics(drop=("i39",))  # i39 has no embedding
+    anchors = make_anchors(users, [0, 10, 20], items)
+    return requests, items, anchors, make_positives(users)
+
+
+def _unexposed(requests: pa.Table, groups: tuple[str, ...]) -> pa.Table:
+    return requests.filter(pc.is_in(requests.column("group"), pa.array(list(groups))))
+
+
+def test_artifact_contract_and_no_row_lost_or_doubled(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    result = generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path)
+    out = pq.read_table(result.path)
+    assert out.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+    unexposed = _unexposed(requests, ("prerank_negative", "rank_negative"))
+    assert out.num_rows == unexposed.num_rows
+    keys_out = set(zip(out.column("request_id").to_pylist(), out.column("item_id").to_pylist(), strict=True))
+    keys_in = set(zip(unexposed.column("request_id").to_pylist(), unexposed.column("item_id").to_pylist(), strict=True))
+    assert keys_out == keys_in and len(keys_out) == out.num_rows
+    manifest = read_manifest(tmp_path)
+    m = manifest["metrics"]
+    assert m["ok_rows"] + m["no_anchors_rows"] + m["no_item_embedding_rows"] == out.num_rows
+    assert m["no_anchors_rows"] > 0 and m["no_item_embedding_rows"] > 0
+    assert "distributions" in m and "confidence" in m["distributions"]
+
+
+def test_statuses_are_explicit_never_a_silent_zero(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    out = pq.read_table(
+        generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path).path
+    ).to_pandas()
+    no_anchor = out[out["status"] == "no_anchors"]
+    # Anchor sets start at T0, so only the user who never got one lacks anchors.
+    assert set(no_anchor["user_id"]) == {"u9"}
+    assert (out.loc[out["user_id"] == "u9", "status"] == "no_anchors").all()
+    assert (out.loc[(out["item_id"] == "i39") & (out["user_id"] != "u9"), "status"] == "no_item_embedding").all()
+    bad = out[out["status"] != "ok"]
+    assert bad["pseudo_label"].isna().all() and bad["confidence"].isna().all()
+    good = out[out["status"] == "ok"]
+    assert good["pseudo_label"].notna().all()
+    assert good["pseudo_label"].between(0, 1).all()
+    for col in ("dispersion", "history_consistency", "lm_confidence", "confidence"):
+        assert good[col].between(0, 1).all(), col
+
+
+def test_relevance_is_max_cosine_to_the_point_in_time_anchor_set(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    out = pq.read_table(
+        generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path).path
+    ).to_pandas()
+    emb = dict(zip(items.column("item_id").to_pylist(), items.column("content_embedding").to_pylist(), strict=True))
+    anc = anchors.to_pandas()
+    for _, row in out[out["status"] == "ok"].sample(60, random_state=0).iterrows():
+        sets = anc[(anc["user_id"] == row["user_id"]) & (anc["event_timestamp"] <= row["event_timestamp"])]
+        latest = sets.sort_values("event_timestamp").iloc[-1]
+        assert row["anchor_cutoff"] == latest["event_timestamp"]
+        a = np.asarray(latest["anchor_embeddings"], np.float32).reshape(N_ANCHORS, DIM)
+        expected = float((_unit(a) @ np.asarray(emb[row["item_id"]], np.float32)).max())
+        assert row["relevance"] == pytest.approx(expected, abs=1e-5)
+
+
+def test_streaming_from_parquet_in_small_batches_matches(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    whole = generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a")
+    path = write_table(requests, tmp_path / "requests.parquet")
+    streamed = generate_pseudo_labels(
+        path, items, anchors, positives, PseudoLabelConfig(progress=False, batch_rows=1024), tmp_path / "b"
+    )
+    assert pq.read_table(whole.path).equals(pq.read_table(streamed.path))
+
+
+def test_global_negatives_are_optional(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    rows = requests.slice(0, 1).to_pylist()[0]
+    extra = dict(rows, item_id="i5", group="global_negative", stage="retrieved", label=None,
+                 prerank_position=None, rank_position=None, request_id="rg")
+    requests = pa.concat_tables([requests, pa.Table.from_pylist([extra], schema=requests.schema)])
+    without = pq.read_table(generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a").path)
+    with_g = pq.read_table(
+        generate_pseudo_labels(
+            requests, items, anchors, positives, PseudoLabelConfig(progress=False, include_global_negatives=True), tmp_path / "b"
+        ).path
+    )
+    assert "global_negative" not in without.column("group").to_pylist()
+    assert with_g.num_rows == without.num_rows + 1
+
+
+def test_hard_labels(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False, hard_threshold=0.2)
+    out = pq.read_table(generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path).path)
+    labels = set(pc.drop_null(out.column("pseudo_label")).to_pylist())
+    assert labels <= {0.0, 1.0}
+
+
+def test_platt_scaling_is_monotone_and_fails_loudly() -> None:
+    rng = np.random.default_rng(0)
+    rel = rng.uniform(-1, 1, 2000).astype(np.float32)
+    labels = (rng.random(2000) < 1 / (1 + np.exp(-(4 * rel - 1)))).astype(np.int8)
+    scaler = fit_platt(rel, labels)
+    assert scaler.a == pytest.approx(4, abs=0.7) and scaler.b == pytest.approx(-1, abs=0.3)
+    with pytest.raises(CalibrationError, match="clicked"):
+        fit_platt(rel[:50], np.zeros(50, np.int8))
+
+
+def test_confidence_factors() -> None:
+    rng = np.random.default_rng(0)
+    base = _unit(rng.standard_normal(DIM))
+    focused = _unit(base + 0.05 * rng.standard_normal((N_ANCHORS, DIM)))
+    scattered = _unit(rng.standard_normal((N_ANCHORS, DIM)))
+    mask = np.ones((2, N_ANCHORS), bool)
+    logp = np.zeros((2, N_ANCHORS), np.float32)
+    disp = dispersion_factor(np.stack([focused, scattered]), mask, logp)
+    assert disp[0] > 0.9 > disp[1]
+    lm = lm_factor(np.array([[-1.0, -1.0 - np.log(10), -5.0]], np.float32), np.ones((1, 3), bool))
+    np.testing.assert_allclose(lm[0, :2], [1.0, 0.1], rtol=1e-5)
+    geo = combine([np.array([1.0]), np.array([0.25])], [1, 1])
+    assert geo[0] == pytest.approx(0.5)
+    assert combine([np.array([1.0]), np.array([0.0])], [1, 1])[0] < 1e-2

@@ -1,0 +1,1 @@
+"""GPL pseudo-labels for unexposed candidates: relevance to interest anchors x confidence."""

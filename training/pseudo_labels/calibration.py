@@ -1,0 +1,65 @@
+"""Platt scaling: relevance -> click probability, fitted on exposed rows where clicks are known.
+
+Pseudo-labels must live on the same scale as real labels, or the fused loss would weigh them
+arbitrarily. A one-feature logistic regression ``P(click | r) = sigmoid(a r + b)`` fitted on the
+exposed rows (whose relevance is computed exactly like the unexposed rows') gives that scale.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import numpy.typing as npt
+
+
+class CalibrationError(ValueError):
+    """Calibration cannot be fitted on the data given."""
+
+
+@dataclass(frozen=True)
+class PlattScaler:
+    """``P(click | r) = sigmoid(a * r + b)``."""
+
+    a: float
+    b: float
+
+    def __call__(self, relevance: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+        """Calibrated click probability of each relevance value."""
+        z = self.a * relevance.astype(np.float64) + self.b
+        return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
+
+
+def fit_platt(
+    relevance: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int8],
+    *,
+    l2: float = 1e-3,
+    min_per_class: int = 5,
+    iterations: int = 50,
+) -> PlattScaler:
+    """Fit Platt scaling by Newton's method (tiny L2 penalty keeps separable data finite).
+
+    Raises:
+        CalibrationError: when fewer than ``min_per_class`` positives or negatives are given.
+    """
+    y = labels.astype(np.float64)
+    positives = int(y.sum())
+    negatives = len(y) - positives
+    if positives < min_per_class or negatives < min_per_class:
+        raise CalibrationError(
+            f"Platt scaling needs at least {min_per_class} clicked and {min_per_class} unclicked "
+            f"exposed rows with anchors; got {positives} and {negatives}. Use calibration='none'."
+        )
+    x = np.stack([relevance.astype(np.float64), np.ones(len(y))], axis=1)
+    # Start from the base rate so the first Newton step is well conditioned.
+    w = np.array([0.0, np.log(positives / negatives)])
+    for _ in range(iterations):
+        p = 1.0 / (1.0 + np.exp(-(x @ w)))
+        grad = x.T @ (p - y) + l2 * w
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        step = np.linalg.solve(hess, grad)
+        w -= step
+        if np.abs(step).max() < 1e-8:
+            break
+    return PlattScaler(a=float(w[0]), b=float(w[1]))

@@ -1,0 +1,87 @@
+"""How much an anchor set deserves trust: three factors in [0, 1] and their combination.
+
+The formulas are documented in ``docs/pseudo_labels.md``:
+
+* *semantic dispersion*: the mean resultant length ``|| mean_k a_k ||`` of the (unit) anchor
+  embeddings, weighted by the anchors' beam probabilities. 1 when every anchor points the same
+  way (a focused, consistent interest), near 0 when they scatter over unrelated content.
+* *historical consistency*: for each anchor, ``max(0, max_h cos(a_k, h))`` over the user's
+  positive items before the cutoff: an anchor that resembles something the user really engaged
+  with is more credible than one that lands far from the whole history.
+* *LM-intrinsic confidence*: the matched anchor's sequence probability normalized within the
+  user's beam, ``p_k / max_j p_j`` with ``p = softmax(log_probs)``: the best beam gets 1, one the
+  model found ten times less likely gets 0.1.
+
+Combination (default): a weighted geometric mean ``exp(sum w_i log f_i / sum w_i)``; any factor
+near 0 vetoes trust, which an arithmetic mean would not do.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import numpy as np
+import numpy.typing as npt
+
+FLOOR = 1e-6
+"""Factors are floored here before the geometric mean so that log(0) cannot occur."""
+
+
+def dispersion_factor(
+    anchors: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.bool_],
+    log_probs: npt.NDArray[np.float32],
+) -> npt.NDArray[np.float32]:
+    """Probability-weighted mean resultant length of each anchor set: ``(S, N, D) -> (S,)``."""
+    weights = beam_probabilities(log_probs, mask)
+    resultant = np.einsum("sn,snd->sd", weights, anchors)
+    return np.clip(np.linalg.norm(resultant, axis=1), 0.0, 1.0).astype(np.float32)
+
+
+def beam_probabilities(
+    log_probs: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float32]:
+    """Softmax of each set's sequence log-probabilities over its real anchors: ``(S, N)``."""
+    masked = np.where(mask, log_probs, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    expd = np.where(mask, np.exp(masked - top), 0.0)
+    total = expd.sum(axis=1, keepdims=True)
+    return (expd / np.maximum(total, 1e-30)).astype(np.float32)
+
+
+def lm_factor(
+    log_probs: npt.NDArray[np.float32], mask: npt.NDArray[np.bool_]
+) -> npt.NDArray[np.float32]:
+    """Per-anchor ``p_k / max_j p_j`` within the set: ``(S, N)``, 0 for padded slots."""
+    masked = np.where(mask, log_probs, -np.inf)
+    top = masked.max(axis=1, keepdims=True)
+    top = np.where(np.isfinite(top), top, 0.0)
+    return np.where(mask, np.exp(masked - top), 0.0).astype(np.float32)
+
+
+def history_factor(
+    anchors: npt.NDArray[np.float32], history: npt.NDArray[np.float32]
+) -> npt.NDArray[np.float32]:
+    """Per-anchor ``max(0, max_h cos(a_k, h))`` for one set: ``(N, D), (H, D) -> (N,)``."""
+    if len(history) == 0:
+        return np.zeros(len(anchors), np.float32)
+    return np.clip((anchors @ history.T).max(axis=1), 0.0, 1.0).astype(np.float32)
+
+
+def combine(
+    factors: list[npt.NDArray[np.float32]],
+    weights: list[float],
+    method: Literal["geometric", "arithmetic"] = "geometric",
+) -> npt.NDArray[np.float32]:
+    """Combine factors in [0, 1] into one confidence in [0, 1]."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("confidence weights must sum to a positive number")
+    if method == "geometric":
+        logs = sum(
+            w * np.log(np.clip(f, FLOOR, 1.0)) for f, w in zip(factors, weights, strict=True)
+        )
+        return np.exp(np.asarray(logs) / total).astype(np.float32)
+    mixed = sum(w * np.clip(f, 0.0, 1.0) for f, w in zip(factors, weights, strict=True))
+    return (np.asarray(mixed) / total).astype(np.float32)

@@ -1,0 +1,545 @@
+"""The pseudo-label job: unexposed candidates x interest anchors -> confidence-weighted labels.
+
+For each unexposed candidate (groups ``prerank_negative`` and ``rank_negative``, optionally
+``global_negative``) the user's anchor set valid at the request time (the latest one whose cutoff
+is ``<=`` the request time) gives:
+
+* ``relevance`` = max over anchors of cos(candidate content embedding, anchor embedding);
+* three confidence factors and their combination (see :mod:`training.pseudo_labels.confidence`);
+* ``pseudo_label`` = relevance mapped to the click scale by Platt scaling fitted on exposed rows.
+
+The requests are streamed in batches, so memory is bounded by the batch size, the catalog's
+embeddings and the anchor sets, not by the number of requests. Every unexposed input row appears
+exactly once in the output; a row whose item has no embedding or whose user has no anchor set yet
+keeps a null ``pseudo_label`` and says why in ``status`` (never a silent zero).
+
+Output ``RUN_DIR/pseudo_labels/pseudo_labels.parquet``:
+
+=====================  ======================  ==================================================
+column                 type                    meaning
+=====================  ======================  ==================================================
+request_id             string                  request
+user_id                string                  user
+item_id                string                  unexposed candidate
+event_timestamp        timestamp[us, UTC]      the request's time (Feast joins on it)
+group                  string                  HAP group of the candidate
+anchor_cutoff          timestamp[us, UTC]      cutoff of the anchor set used (null: none)
+relevance              float32                 max cosine to the anchors
+dispersion             float32                 semantic-dispersion factor of the anchor set
+history_consistency    float32                 historical-consistency factor of the matched anchor
+lm_confidence          float32                 LM-intrinsic factor of the matched anchor
+confidence             float32                 combined confidence in [0, 1]
+pseudo_label           float32                 calibrated click probability (or hard 0/1)
+status                 string                  ``ok``, ``no_anchors`` or ``no_item_embedding``
+=====================  ======================  ==================================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from training.data.contract import TIMESTAMP
+from training.features.offline_store import match_rows
+from training.io import atomic_path, write_manifest
+from training.pseudo_labels.calibration import PlattScaler, fit_platt
+from training.pseudo_labels.confidence import (
+    combine,
+    dispersion_factor,
+    history_factor,
+    lm_factor,
+)
+from training.pseudo_labels.relevance import l2_normalize, max_cosine
+
+PSEUDO_LABELS_DIR = "pseudo_labels"
+OUTPUT_NAME = "pseudo_labels.parquet"
+
+OUTPUT_SCHEMA = pa.schema(
+    [
+        pa.field("request_id", pa.string(), nullable=False),
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("item_id", pa.string(), nullable=False),
+        pa.field("event_timestamp", TIMESTAMP, nullable=False),
+        pa.field("group", pa.string(), nullable=False),
+        pa.field("anchor_cutoff", TIMESTAMP),
+        pa.field("relevance", pa.float32()),
+        pa.field("dispersion", pa.float32()),
+        pa.field("history_consistency", pa.float32()),
+        pa.field("lm_confidence", pa.float32()),
+        pa.field("confidence", pa.float32()),
+        pa.field("pseudo_label", pa.float32()),
+        pa.field("status", pa.string(), nullable=False),
+    ]
+)
+_FLOAT_OUTPUTS = (
+    "relevance",
+    "dispersion",
+    "history_consistency",
+    "lm_confidence",
+    "confidence",
+    "pseudo_label",
+)
+_STATUS_VALUES = pa.array(["ok", "no_anchors", "no_item_embedding"])
+_REQUEST_COLUMNS = [
+    "request_id",
+    "user_id",
+    "item_id",
+    "event_timestamp",
+    "stage",
+    "label",
+    "group",
+]
+
+
+class ConfidenceWeights(BaseModel):
+    """Weights of the three confidence factors in their combination (reported in the manifest)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    dispersion: float = Field(default=1.0, ge=0, description="Weight of semantic dispersion.")
+    history: float = Field(default=1.0, ge=0, description="Weight of historical consistency.")
+    lm: float = Field(default=1.0, ge=0, description="Weight of LM-intrinsic confidence.")
+
+
+class PseudoLabelConfig(BaseModel):
+    """Settings of the pseudo-label job."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    include_global_negatives: bool = Field(
+        default=False,
+        description="Also pseudo-label global random negatives (never in the funnel).",
+    )
+    weights: ConfidenceWeights = Field(default_factory=ConfidenceWeights)
+    combination: Literal["geometric", "arithmetic"] = Field(
+        default="geometric", description="How the three factors combine into one confidence."
+    )
+    calibration: Literal["platt", "none"] = Field(
+        default="platt",
+        description="'platt': relevance -> click probability fitted on exposed rows; "
+        "'none': pseudo_label = relevance clipped to [0, 1].",
+    )
+    hard_threshold: float | None = Field(
+        default=None,
+        ge=0,
+        le=1,
+        description="When set, pseudo_label = 1 if the calibrated value >= this, else 0.",
+    )
+    history_items: int = Field(
+        default=50,
+        ge=1,
+        description="Most recent positives per user used for historical consistency.",
+    )
+    batch_rows: int = Field(
+        default=262_144, ge=1024, description="Request rows per streamed batch (bounds memory)."
+    )
+    progress: bool = Field(default=True, description="Show a progress bar.")
+
+
+class PseudoLabelInputError(ValueError):
+    """The inputs cannot produce pseudo-labels (listed problems)."""
+
+
+@dataclass
+class AnchorBank:
+    """Every anchor set, loaded once: embeddings, masks and per-anchor confidence factors."""
+
+    keys: pa.Table
+    """user_id and event_timestamp (cutoff) of each set, for the point-in-time lookup."""
+    anchors: npt.NDArray[np.float32]
+    mask: npt.NDArray[np.bool_]
+    dispersion: npt.NDArray[np.float32]
+    history: npt.NDArray[np.float32]
+    lm: npt.NDArray[np.float32]
+
+    @property
+    def num_sets(self) -> int:
+        """Number of anchor sets (user x cutoff)."""
+        return int(self.anchors.shape[0])
+
+
+@dataclass
+class ItemIndex:
+    """Normalized content embeddings of the catalog and the id -> row mapping."""
+
+    item_ids: pa.Array
+    embeddings: npt.NDArray[np.float32]
+
+    @classmethod
+    def from_item_semantics(cls, table: pa.Table) -> ItemIndex:
+        """Build from an ``item_semantics`` table (item_id, content_embedding)."""
+        for col in ("item_id", "content_embedding"):
+            if col not in table.column_names:
+                raise PseudoLabelInputError(f"item_semantics lacks column {col!r}")
+        emb = table.column("content_embedding").combine_chunks()
+        lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
+        if len(lengths) != 1:
+            raise PseudoLabelInputError(f"item_semantics embeddings have mixed lengths {lengths}")
+        dim = int(lengths[0])
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        return cls(
+            item_ids=table.column("item_id").combine_chunks(),
+            embeddings=l2_normalize(flat.reshape(-1, dim)),
+        )
+
+    def lookup(self, item_ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
+        """Row of each id in the embedding matrix, -1 when unknown."""
+        idx = pc.index_in(item_ids, value_set=self.item_ids)
+        return np.asarray(pc.fill_null(idx, -1).to_numpy(zero_copy_only=False), np.int64)
+
+
+def load_anchor_bank(
+    anchors: pa.Table, items: ItemIndex, positives: pa.Table, history_items: int
+) -> AnchorBank:
+    """Load every anchor set once and precompute its confidence factors.
+
+    Args:
+        anchors: ``user_interest_anchors`` table (user_id, event_timestamp, anchor_embeddings
+            flattened N*D, anchor_log_probs, num_anchors).
+        items: The catalog's embeddings (for the users' history positives).
+        positives: The users' positive interactions (user_id, item_id, event_timestamp).
+        history_items: How many of the latest positives before a cutoff to compare against.
+    """
+    needed = ["user_id", "event_timestamp", "anchor_embeddings", "anchor_log_probs", "num_anchors"]
+    missing = [c for c in needed if c not in anchors.column_names]
+    if missing:
+        raise PseudoLabelInputError(f"user_interest_anchors lacks columns {missing}")
+    dim = items.embeddings.shape[1]
+    counts = anchors.column("num_anchors").to_numpy().astype(np.int64)
+    n_max = int(counts.max()) if len(counts) else 0
+    flat = (
+        anchors.column("anchor_embeddings")
+        .combine_chunks()
+        .flatten()
+        .to_numpy(zero_copy_only=False)
+    )
+    if flat.size != counts.sum() * dim:
+        raise PseudoLabelInputError(
+            f"anchor_embeddings hold {flat.size} values, expected num_anchors x {dim} (the item "
+            "embedding size); were the anchors built from another item_semantics?"
+        )
+    num_sets = anchors.num_rows
+    emb = np.zeros((num_sets, n_max, dim), np.float32)
+    mask = np.zeros((num_sets, n_max), bool)
+    logp = np.full((num_sets, n_max), -np.inf, np.float32)
+    lp_flat = (
+        anchors.column("anchor_log_probs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
+    )
+    offsets = np.concatenate([[0], np.cumsum(counts)])
+    for s in range(num_sets):
+        n = counts[s]
+        emb[s, :n] = flat[offsets[s] * dim : offsets[s + 1] * dim].reshape(n, dim)
+        mask[s, :n] = True
+        logp[s, :n] = lp_flat[offsets[s] : offsets[s + 1]]
+    emb = l2_normalize(emb)
+
+    # Historical consistency needs each set's history: the user's positives before the cutoff.
+    pos = positives.select(["user_id", "item_id", "event_timestamp"]).sort_by(
+        [("user_id", "ascending"), ("event_timestamp", "ascending")]
+    )
+    pos_users = pos.column("user_id").to_numpy(zero_copy_only=False)
+    pos_ts = pos.column("event_timestamp").cast(pa.int64()).to_numpy()
+    pos_items = items.lookup(pos.column("item_id"))
+    user_start: dict[str, int] = {}
+    user_end: dict[str, int] = {}
+    if len(pos_users):
+        change = np.flatnonzero(pos_users[1:] != pos_users[:-1]) + 1
+        starts = np.concatenate([[0], change])
+        ends = np.concatenate([change, [len(pos_users)]])
+        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
+            user_start[pos_users[a]] = a
+            user_end[pos_users[a]] = b
+    set_users = anchors.column("user_id").to_pylist()
+    set_cutoffs = anchors.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy()
+    hist = np.zeros((num_sets, n_max), np.float32)
+    for s in range(num_sets):
+        user = set_users[s]
+        if user not in user_start:
+            continue
+        a, b = user_start[user], user_end[user]
+        cut = a + int(np.searchsorted(pos_ts[a:b], set_cutoffs[s], side="left"))
+        idx = pos_items[max(a, cut - history_items) : cut]
+        idx = idx[idx >= 0]
+        hist[s, : counts[s]] = history_factor(emb[s, : counts[s]], items.embeddings[idx])
+    keys = pa.table(
+        {
+            "user_id": anchors.column("user_id"),
+            "event_timestamp": anchors.column("event_timestamp").cast(TIMESTAMP),
+        }
+    )
+    return AnchorBank(
+        keys=keys,
+        anchors=emb,
+        mask=mask,
+        dispersion=dispersion_factor(emb, mask, logp),
+        history=hist,
+        lm=lm_factor(logp, mask),
+    )
+
+
+@dataclass
+class PseudoLabelResult:
+    """Where the labels were written and what the job measured."""
+
+    path: Path
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _batches(requests: pa.Table | Path, batch_rows: int) -> Iterator[pa.Table]:
+    if isinstance(requests, Path):
+        reader = pq.ParquetFile(requests)
+        for batch in reader.iter_batches(batch_size=batch_rows, columns=_REQUEST_COLUMNS):
+            yield pa.Table.from_batches([batch])
+    else:
+        for batch in requests.select(_REQUEST_COLUMNS).to_batches(max_chunksize=batch_rows):
+            yield pa.Table.from_batches([batch])
+
+
+def _num_rows(requests: pa.Table | Path) -> int:
+    if isinstance(requests, Path):
+        return int(pq.ParquetFile(requests).metadata.num_rows)
+    return int(requests.num_rows)
+
+
+def _score(
+    batch: pa.Table, items: ItemIndex, bank: AnchorBank, cfg: PseudoLabelConfig
+) -> dict[str, Any]:
+    """Relevance and confidence of every row of ``batch`` (status tells which rows are usable)."""
+    set_idx_arr = match_rows(batch, bank.keys, ["user_id"], "event_timestamp", None, None)
+    set_idx = np.asarray(pc.fill_null(set_idx_arr, -1).to_numpy(zero_copy_only=False), np.int64)
+    item_idx = items.lookup(batch.column("item_id"))
+    ok = (set_idx >= 0) & (item_idx >= 0)
+    n = batch.num_rows
+    relevance = np.full(n, np.nan, np.float32)
+    matched = np.zeros(n, np.int64)
+    rel_ok, matched_ok = max_cosine(
+        items.embeddings, item_idx[ok], bank.anchors, bank.mask, set_idx[ok]
+    )
+    relevance[ok] = rel_ok
+    matched[ok] = matched_ok
+    safe_sets = np.where(ok, set_idx, 0)
+    dispersion = bank.dispersion[safe_sets]
+    history = bank.history[safe_sets, matched]
+    lm = bank.lm[safe_sets, matched]
+    w = cfg.weights
+    confidence = combine(
+        [dispersion, history, lm], [w.dispersion, w.history, w.lm], cfg.combination
+    )
+    codes = np.where(set_idx < 0, 1, np.where(item_idx < 0, 2, 0))
+    status = _STATUS_VALUES.take(pa.array(codes))
+    cutoff_idx = pa.array(np.where(set_idx >= 0, set_idx, 0))
+    cutoffs = pc.if_else(
+        pa.array(set_idx >= 0),
+        bank.keys.column("event_timestamp").take(cutoff_idx),
+        pa.scalar(None, TIMESTAMP),
+    )
+    return {
+        "ok": ok,
+        "relevance": relevance,
+        "dispersion": np.where(ok, dispersion, np.nan).astype(np.float32),
+        "history_consistency": np.where(ok, history, np.nan).astype(np.float32),
+        "lm_confidence": np.where(ok, lm, np.nan).astype(np.float32),
+        "confidence": np.where(ok, confidence, np.nan).astype(np.float32),
+        "status": status,
+        "anchor_cutoff": cutoffs,
+    }
+
+
+def _nullable(values: npt.NDArray[np.float32]) -> pa.Array:
+    return pa.array(values, pa.float32(), mask=np.isnan(values))
+
+
+def generate_pseudo_labels(
+    requests: pa.Table | Path,
+    item_semantics: pa.Table,
+    anchors: pa.Table,
+    positives: pa.Table,
+    cfg: PseudoLabelConfig,
+    out_dir: Path,
+) -> PseudoLabelResult:
+    """Pseudo-label every unexposed candidate; write parquet + manifest into ``out_dir``.
+
+    Args:
+        requests: The request log (contract ``requests``), as a table or a parquet path (streamed).
+        item_semantics: item_id + content_embedding of the catalog.
+        anchors: ``user_interest_anchors`` (one row per user and cutoff).
+        positives: Positive interactions, for the historical-consistency factor.
+        cfg: Job settings.
+        out_dir: Output directory (``RUN_DIR/pseudo_labels``).
+
+    Returns:
+        The output path and the metrics written to the manifest.
+    """
+    began = time.perf_counter()
+    items = ItemIndex.from_item_semantics(item_semantics)
+    bank = load_anchor_bank(anchors, items, positives, cfg.history_items)
+    targets = ["prerank_negative", "rank_negative"] + (
+        ["global_negative"] if cfg.include_global_negatives else []
+    )
+    target_set = pa.array(targets)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    total = _num_rows(requests)
+
+    # Pass 1, exposed rows only (a few percent of the log): fit the relevance -> click mapping
+    # first, so that pass 2 writes final labels in one go instead of rewriting its output.
+    exposed_rel: list[npt.NDArray[np.float32]] = []
+    exposed_lab: list[npt.NDArray[np.int8]] = []
+    for batch in _batches(requests, cfg.batch_rows):
+        exposed = batch.filter(pc.equal(batch.column("stage"), "exposed"))
+        if exposed.num_rows:
+            scored = _score(exposed, items, bank, cfg)
+            exposed_rel.append(scored["relevance"][scored["ok"]])
+            labels = exposed.column("label").to_numpy(zero_copy_only=False)
+            exposed_lab.append(labels[scored["ok"]].astype(np.int8))
+    rel = np.concatenate(exposed_rel) if exposed_rel else np.zeros(0, np.float32)
+    lab = np.concatenate(exposed_lab) if exposed_lab else np.zeros(0, np.int8)
+    scaler: PlattScaler | None = fit_platt(rel, lab) if cfg.calibration == "platt" else None
+
+    # Pass 2: every unexposed target row, streamed, written once.
+    rows_in = 0
+    target_rows = 0
+    scoring_seconds = 0.0
+    stats = _Stats()
+    path = out_dir / OUTPUT_NAME
+    with (
+        atomic_path(path) as tmp,
+        pq.ParquetWriter(tmp, OUTPUT_SCHEMA, compression="zstd") as writer,
+        tqdm(total=total, unit="rows", desc="pseudo-labels", disable=not cfg.progress) as bar,
+    ):
+        for batch in _batches(requests, cfg.batch_rows):
+            rows_in += batch.num_rows
+            t = batch.filter(pc.is_in(batch.column("group"), value_set=target_set))
+            target_rows += t.num_rows
+            t0 = time.perf_counter()
+            scored = _score(t, items, bank, cfg)
+            scoring_seconds += time.perf_counter() - t0
+            relevance = scored["relevance"]
+            if scaler is not None:
+                label = scaler(np.nan_to_num(relevance))
+            else:
+                label = np.clip(np.nan_to_num(relevance), 0.0, 1.0).astype(np.float32)
+            if cfg.hard_threshold is not None:
+                label = (label >= cfg.hard_threshold).astype(np.float32)
+            scored["pseudo_label"] = np.where(np.isnan(relevance), np.nan, label).astype(np.float32)
+            table = pa.table(
+                {
+                    "request_id": t.column("request_id"),
+                    "user_id": t.column("user_id"),
+                    "item_id": t.column("item_id"),
+                    "event_timestamp": t.column("event_timestamp").cast(TIMESTAMP),
+                    "group": t.column("group"),
+                    "anchor_cutoff": scored["anchor_cutoff"],
+                    **{name: _nullable(scored[name]) for name in _FLOAT_OUTPUTS},
+                    "status": scored["status"],
+                },
+                schema=OUTPUT_SCHEMA,
+            )
+            stats.add(table)
+            writer.write_table(table)
+            bar.update(batch.num_rows)
+
+    seconds = time.perf_counter() - began
+    metrics: dict[str, Any] = {
+        "request_rows": rows_in,
+        "unexposed_rows": target_rows,
+        "target_groups": targets,
+        "anchor_sets": bank.num_sets,
+        "calibration": (
+            {
+                "method": "platt",
+                "a": scaler.a,
+                "b": scaler.b,
+                "exposed_rows": len(rel),
+                "clicks": int(lab.sum()),
+            }
+            if scaler
+            else {"method": "none"}
+        ),
+        "confidence_weights": cfg.weights.model_dump(),
+        "combination": cfg.combination,
+        "seconds": round(seconds, 3),
+        "scoring_seconds": round(scoring_seconds, 3),
+        **stats.summary(),
+    }
+    if (
+        metrics["ok_rows"] + metrics["no_anchors_rows"] + metrics["no_item_embedding_rows"]
+        != target_rows
+    ):
+        raise RuntimeError("pseudo-label row accounting does not add up; this is a bug")
+    write_manifest(
+        out_dir,
+        "pseudo_labels",
+        inputs={
+            "requests": str(requests) if isinstance(requests, Path) else "table",
+            "item_semantics": "sids/item_semantics.parquet",
+            "anchors": "anchors/user_interest_anchors.parquet",
+        },
+        outputs={"pseudo_labels": OUTPUT_NAME},
+        config=cfg.model_dump(),
+        metrics=metrics,
+    )
+    return PseudoLabelResult(path=path, metrics=metrics)
+
+
+class _Stats:
+    """Streaming counts and distributions for the manifest."""
+
+    QUANTILES = (0.01, 0.1, 0.25, 0.5, 0.75, 0.9, 0.99)
+
+    def __init__(self) -> None:
+        self.status: dict[str, int] = {}
+        self.samples: dict[str, list[npt.NDArray[np.float32]]] = {
+            "relevance": [],
+            "dispersion": [],
+            "history_consistency": [],
+            "lm_confidence": [],
+            "confidence": [],
+            "pseudo_label": [],
+        }
+        self.users_without_anchors: set[str] = set()
+        self.rng = np.random.default_rng(0)
+
+    def add(self, table: pa.Table) -> None:
+        status = table.column("status").to_numpy(zero_copy_only=False)
+        for value, count in zip(*np.unique(status, return_counts=True), strict=True):
+            self.status[str(value)] = self.status.get(str(value), 0) + int(count)
+        no_anchor = table.filter(pc.equal(table.column("status"), "no_anchors"))
+        self.users_without_anchors.update(pc.unique(no_anchor.column("user_id")).to_pylist())
+        ok = table.filter(pc.equal(table.column("status"), "ok"))
+        # A bounded random sample per batch keeps the quantiles' memory constant.
+        take = min(ok.num_rows, 50_000)
+        if take:
+            idx = self.rng.choice(ok.num_rows, take, replace=False)
+            for name in self.samples:
+                self.samples[name].append(ok.column(name).to_numpy(zero_copy_only=False)[idx])
+
+    def summary(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "ok_rows": self.status.get("ok", 0),
+            "no_anchors_rows": self.status.get("no_anchors", 0),
+            "no_item_embedding_rows": self.status.get("no_item_embedding", 0),
+            "users_without_anchors": len(self.users_without_anchors),
+            "distributions": {},
+        }
+        for name, parts in self.samples.items():
+            if parts:
+                values = np.concatenate(parts)
+                out["distributions"][name] = {
+                    "mean": round(float(values.mean()), 6),
+                    **{
+                        f"q{int(q * 100):02d}": round(float(np.quantile(values, q)), 6)
+                        for q in self.QUANTILES
+                    },
+                }
+        return out
