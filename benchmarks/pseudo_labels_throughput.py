@@ -55,9 +55,15 @@ def build(args: argparse.Namespace) -> tuple[pa.Table, pa.Table, pa.Table, pa.Ta
         {
             "user_id": users,
             "event_timestamp": pa.array([T0] * args.users, pa.timestamp("us", tz="UTC")),
-            "anchor_embeddings": pa.array(list(emb[picks].reshape(args.users, -1)), pa.list_(pa.float32())),
+            "anchor_embeddings": pa.array(
+                list(emb[picks].reshape(args.users, -1)), pa.list_(pa.float32())
+            ),
             "anchor_log_probs": pa.array(
-                list(np.sort(rng.uniform(-9, -1, (args.users, args.anchors)), axis=1)[:, ::-1].astype(np.float32)),
+                list(
+                    np.sort(rng.uniform(-9, -1, (args.users, args.anchors)), axis=1)[
+                        :, ::-1
+                    ].astype(np.float32)
+                ),
                 pa.list_(pa.float32()),
             ),
             "num_anchors": pa.array(np.full(args.users, args.anchors, np.int32)),
@@ -67,7 +73,9 @@ def build(args: argparse.Namespace) -> tuple[pa.Table, pa.Table, pa.Table, pa.Ta
         {
             "user_id": np.repeat(users, 20),
             "item_id": item_ids[rng.integers(0, args.items, args.users * 20)],
-            "event_timestamp": pa.array([T0 - timedelta(days=1)] * (args.users * 20), pa.timestamp("us", tz="UTC")),
+            "event_timestamp": pa.array(
+                [T0 - timedelta(days=1)] * (args.users * 20), pa.timestamp("us", tz="UTC")
+            ),
         }
     )
     n = args.requests * args.candidates
@@ -96,7 +104,9 @@ def build(args: argparse.Namespace) -> tuple[pa.Table, pa.Table, pa.Table, pa.Ta
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--items", type=int, default=50_000)
     parser.add_argument("--users", type=int, default=4_000)
     parser.add_argument("--requests", type=int, default=4_000)
@@ -104,7 +114,11 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=10)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "pseudo_labels_throughput.json")
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=Path(__file__).parent / "results" / "pseudo_labels_throughput.json",
+    )
     args = parser.parse_args()
 
     items, anchors, positives, requests = build(args)
@@ -123,12 +137,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         path = write_table(requests, Path(tmp) / "requests.parquet")
         began = time.perf_counter()
-        result = generate_pseudo_labels(path, items, anchors, positives, PseudoLabelConfig(progress=False), Path(tmp) / "out")
+        result = generate_pseudo_labels(
+            path, items, anchors, positives, PseudoLabelConfig(progress=False), Path(tmp) / "out"
+        )
         job_s = time.perf_counter() - began
     scored = result.metrics["unexposed_rows"] + result.metrics["calibration"]["exposed_rows"]
 
     rows = requests.num_rows
-    print(f"\nPseudo-label throughput: {rows:,} candidates, {args.dim}-d, {args.anchors} anchors, {os.cpu_count()} cores")
+    print(
+        f"\nPseudo-label throughput: {rows:,} candidates, {args.dim}-d, "
+        f"{args.anchors} anchors, {os.cpu_count()} cores"
+    )
     print(f"{'path':<44}{'seconds':>9}{'scorings/s':>14}")
     print(f"{'kernel (max_cosine, all rows)':<44}{kernel_s:>9.2f}{rows / kernel_s:>14,.0f}")
     print(f"{'job (stream parquet -> labels parquet)':<44}{job_s:>9.2f}{scored / job_s:>14,.0f}")

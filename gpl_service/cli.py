@@ -331,6 +331,68 @@ def features_training_set(
         )
 
 
+# ------------------------------------------------------------------------------- pseudo-labels
+
+
+@app.command("pseudo-labels")
+def pseudo_labels(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    include_global_negatives: Annotated[
+        bool | None,
+        typer.Option(
+            "--include-global-negatives/--no-global-negatives",
+            help="Also label global random negatives.",
+        ),
+    ] = None,
+) -> None:
+    """Pseudo-label unexposed candidates from the users' interest anchors.
+
+    Reads RUN_DIR/funnel/requests.parquet (streamed), RUN_DIR/sids/item_semantics.parquet,
+    RUN_DIR/anchors/user_interest_anchors.parquet and RUN_DIR/data/interactions.parquet; writes
+    RUN_DIR/pseudo_labels/. relevance = max cosine to the anchors; confidence = weighted
+    geometric mean of dispersion, history consistency and LM confidence; pseudo_label =
+    Platt-calibrated relevance. See docs/pseudo_labels.md.
+    """
+    from training.io import read_table
+    from training.pseudo_labels.calibration import CalibrationError
+    from training.pseudo_labels.job import (
+        PSEUDO_LABELS_DIR,
+        PseudoLabelConfig,
+        PseudoLabelInputError,
+        generate_pseudo_labels,
+    )
+
+    with _user_errors():
+        cfg = _load_config(
+            PseudoLabelConfig, config, include_global_negatives=include_global_negatives
+        )
+        requests_path = run_dir / "funnel" / "requests.parquet"
+        if not requests_path.exists():
+            raise FileNotFoundError(f"{requests_path}: run `gpl data simulate` first")
+        item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
+        anchors = read_table(run_dir / "anchors" / "user_interest_anchors.parquet")
+        positives = read_table(run_dir / "data" / "interactions.parquet", "interactions")
+        try:
+            result = generate_pseudo_labels(
+                requests_path,
+                item_semantics,
+                anchors,
+                positives,
+                cfg,
+                run_dir / PSEUDO_LABELS_DIR,
+            )
+        except (CalibrationError, PseudoLabelInputError) as exc:
+            raise UsageError(str(exc)) from exc
+        m = result.metrics
+        _say(
+            f"pseudo-labels: {m['unexposed_rows']} unexposed rows, {m['ok_rows']} labelled, "
+            f"{m['no_anchors_rows']} without anchors ({m['users_without_anchors']} users), "
+            f"{m['no_item_embedding_rows']} without item embedding -> {result.path} "
+            f"({m['seconds']:.2f}s)"
+        )
+
+
 # ---------------------------------------------------------------------------------------- demo
 
 

@@ -84,13 +84,23 @@ def make_anchors(users: list[str], cutoff_days: list[int], items: pa.Table) -> p
 def make_positives(users: list[str]) -> pa.Table:
     rng = np.random.default_rng(3)
     rows = [
-        {"user_id": u, "item_id": f"i{rng.integers(N_ITEMS)}", "event_timestamp": T0 + timedelta(hours=int(h))}
+        {
+            "user_id": u,
+            "item_id": f"i{rng.integers(N_ITEMS)}",
+            "event_timestamp": T0 + timedelta(hours=int(h)),
+        }
         for u in users
         for h in rng.integers(0, 24 * 30, 8)
     ]
     return pa.Table.from_pylist(
         rows,
-        schema=pa.schema([("user_id", pa.string()), ("item_id", pa.string()), ("event_timestamp", pa.timestamp("us", tz="UTC"))]),
+        schema=pa.schema(
+            [
+                ("user_id", pa.string()),
+                ("item_id", pa.string()),
+                ("event_timestamp", pa.timestamp("us", tz="UTC")),
+            ]
+        ),
     )
 
 
@@ -109,13 +119,23 @@ def _unexposed(requests: pa.Table, groups: tuple[str, ...]) -> pa.Table:
 
 def test_artifact_contract_and_no_row_lost_or_doubled(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
-    result = generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path)
+    result = generate_pseudo_labels(
+        requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path
+    )
     out = pq.read_table(result.path)
     assert out.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
     unexposed = _unexposed(requests, ("prerank_negative", "rank_negative"))
     assert out.num_rows == unexposed.num_rows
-    keys_out = set(zip(out.column("request_id").to_pylist(), out.column("item_id").to_pylist(), strict=True))
-    keys_in = set(zip(unexposed.column("request_id").to_pylist(), unexposed.column("item_id").to_pylist(), strict=True))
+    keys_out = set(
+        zip(out.column("request_id").to_pylist(), out.column("item_id").to_pylist(), strict=True)
+    )
+    keys_in = set(
+        zip(
+            unexposed.column("request_id").to_pylist(),
+            unexposed.column("item_id").to_pylist(),
+            strict=True,
+        )
+    )
     assert keys_out == keys_in and len(keys_out) == out.num_rows
     manifest = read_manifest(tmp_path)
     m = manifest["metrics"]
@@ -127,13 +147,18 @@ def test_artifact_contract_and_no_row_lost_or_doubled(inputs, tmp_path: Path) ->
 def test_statuses_are_explicit_never_a_silent_zero(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
     out = pq.read_table(
-        generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path).path
+        generate_pseudo_labels(
+            requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path
+        ).path
     ).to_pandas()
     no_anchor = out[out["status"] == "no_anchors"]
     # Anchor sets start at T0, so only the user who never got one lacks anchors.
     assert set(no_anchor["user_id"]) == {"u9"}
     assert (out.loc[out["user_id"] == "u9", "status"] == "no_anchors").all()
-    assert (out.loc[(out["item_id"] == "i39") & (out["user_id"] != "u9"), "status"] == "no_item_embedding").all()
+    assert (
+        out.loc[(out["item_id"] == "i39") & (out["user_id"] != "u9"), "status"]
+        == "no_item_embedding"
+    ).all()
     bad = out[out["status"] != "ok"]
     assert bad["pseudo_label"].isna().all() and bad["confidence"].isna().all()
     good = out[out["status"] == "ok"]
@@ -146,12 +171,22 @@ def test_statuses_are_explicit_never_a_silent_zero(inputs, tmp_path: Path) -> No
 def test_relevance_is_max_cosine_to_the_point_in_time_anchor_set(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
     out = pq.read_table(
-        generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path).path
+        generate_pseudo_labels(
+            requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path
+        ).path
     ).to_pandas()
-    emb = dict(zip(items.column("item_id").to_pylist(), items.column("content_embedding").to_pylist(), strict=True))
+    emb = dict(
+        zip(
+            items.column("item_id").to_pylist(),
+            items.column("content_embedding").to_pylist(),
+            strict=True,
+        )
+    )
     anc = anchors.to_pandas()
     for _, row in out[out["status"] == "ok"].sample(60, random_state=0).iterrows():
-        sets = anc[(anc["user_id"] == row["user_id"]) & (anc["event_timestamp"] <= row["event_timestamp"])]
+        sets = anc[
+            (anc["user_id"] == row["user_id"]) & (anc["event_timestamp"] <= row["event_timestamp"])
+        ]
         latest = sets.sort_values("event_timestamp").iloc[-1]
         assert row["anchor_cutoff"] == latest["event_timestamp"]
         a = np.asarray(latest["anchor_embeddings"], np.float32).reshape(N_ANCHORS, DIM)
@@ -161,10 +196,17 @@ def test_relevance_is_max_cosine_to_the_point_in_time_anchor_set(inputs, tmp_pat
 
 def test_streaming_from_parquet_in_small_batches_matches(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
-    whole = generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a")
+    whole = generate_pseudo_labels(
+        requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a"
+    )
     path = write_table(requests, tmp_path / "requests.parquet")
     streamed = generate_pseudo_labels(
-        path, items, anchors, positives, PseudoLabelConfig(progress=False, batch_rows=1024), tmp_path / "b"
+        path,
+        items,
+        anchors,
+        positives,
+        PseudoLabelConfig(progress=False, batch_rows=1024),
+        tmp_path / "b",
     )
     assert pq.read_table(whole.path).equals(pq.read_table(streamed.path))
 
@@ -172,13 +214,30 @@ def test_streaming_from_parquet_in_small_batches_matches(inputs, tmp_path: Path)
 def test_global_negatives_are_optional(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
     rows = requests.slice(0, 1).to_pylist()[0]
-    extra = dict(rows, item_id="i5", group="global_negative", stage="retrieved", label=None,
-                 prerank_position=None, rank_position=None, request_id="rg")
+    extra = dict(
+        rows,
+        item_id="i5",
+        group="global_negative",
+        stage="retrieved",
+        label=None,
+        prerank_position=None,
+        rank_position=None,
+        request_id="rg",
+    )
     requests = pa.concat_tables([requests, pa.Table.from_pylist([extra], schema=requests.schema)])
-    without = pq.read_table(generate_pseudo_labels(requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a").path)
+    without = pq.read_table(
+        generate_pseudo_labels(
+            requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a"
+        ).path
+    )
     with_g = pq.read_table(
         generate_pseudo_labels(
-            requests, items, anchors, positives, PseudoLabelConfig(progress=False, include_global_negatives=True), tmp_path / "b"
+            requests,
+            items,
+            anchors,
+            positives,
+            PseudoLabelConfig(progress=False, include_global_negatives=True),
+            tmp_path / "b",
         ).path
     )
     assert "global_negative" not in without.column("group").to_pylist()
@@ -188,7 +247,9 @@ def test_global_negatives_are_optional(inputs, tmp_path: Path) -> None:  # type:
 def test_hard_labels(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
     cfg = PseudoLabelConfig(progress=False, hard_threshold=0.2)
-    out = pq.read_table(generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path).path)
+    out = pq.read_table(
+        generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path).path
+    )
     labels = set(pc.drop_null(out.column("pseudo_label")).to_pylist())
     assert labels <= {0.0, 1.0}
 

@@ -1,0 +1,117 @@
+"""The `gpl` command line: the pipeline verbs, clear errors and exit code 2 on bad input."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+from typer.testing import CliRunner
+
+from gpl_service.cli import app
+from tests.factories import make_requests
+
+runner = CliRunner()
+
+SMALL_FUNNEL = """\
+seed: 1
+requests_per_user: 2
+retrieval_size: 60
+prerank_size: 30
+rank_size: 15
+exposed_size: 5
+progress: false
+"""
+
+
+def gpl(*args: str) -> tuple[int, str]:
+    result = runner.invoke(app, list(args))
+    return result.exit_code, result.output
+
+
+def test_help_teaches_the_pipeline() -> None:
+    code, out = gpl("--help")
+    assert code == 0
+    for verb in ("data", "features", "pseudo-labels", "demo"):
+        assert verb in out
+    code, out = gpl("features", "apply", "--help")
+    assert code == 0 and "GPL_REDIS_URL" in out
+
+
+def test_validate_reports_every_problem_capped_at_20(tmp_path: Path) -> None:
+    rows = make_requests(n_requests=3, n_users=2, n_items=40).to_pylist()
+    for k, row in enumerate(rows):
+        row["stage"] = f"bogus{k % 2}"  # the group/stage cross-check fails on every row too
+        row["label"] = 1
+        row["request_id"] = "" if k < 25 else row["request_id"]
+    path = tmp_path / "bad.parquet"
+    pq.write_table(pa.Table.from_pylist(rows), path)
+    code, out = gpl("data", "validate", "requests", str(path))
+    assert code == 2
+    lines = [line for line in out.splitlines() if line.startswith("error:")]
+    assert 2 <= len(lines) <= 21
+    assert any("empty ids" in line for line in lines)
+    assert any("unknown values" in line for line in lines)
+
+
+def test_validate_accepts_a_good_file(tmp_path: Path) -> None:
+    path = tmp_path / "good.parquet"
+    pq.write_table(make_requests(n_requests=3, n_users=2, n_items=40), path)
+    code, out = gpl("data", "validate", "requests", str(path))
+    assert code == 0 and "valid requests table" in out
+
+
+def test_missing_input_is_a_clear_error(tmp_path: Path) -> None:
+    code, out = gpl("features", "build", "--run-dir", str(tmp_path))
+    assert code == 2
+    assert "no such file" in out
+
+
+def test_bad_config_is_refused_before_any_work(tmp_path: Path) -> None:
+    cfg = tmp_path / "synth.yaml"
+    cfg.write_text("n_items: -5\nunknown_field: 1\n")
+    code, out = gpl("data", "synth", "--run-dir", str(tmp_path / "run"), "--config", str(cfg))
+    assert code == 2
+    assert "n_items" in out and "unknown_field" in out
+    assert not (tmp_path / "run" / "data").exists()
+
+
+def test_bad_input_leaves_no_partial_output(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    assert (
+        gpl("data", "synth", "--run-dir", str(run), "--n-items", "120", "--n-users", "40")[0] == 0
+    )
+    # Corrupt the catalog: the simulator must refuse it and write nothing.
+    items = pq.read_table(run / "data" / "items.parquet").to_pylist()
+    items[0]["text"] = ""
+    items[1]["item_id"] = items[2]["item_id"]
+    pq.write_table(pa.Table.from_pylist(items), run / "data" / "items.parquet")
+    code, out = gpl("data", "simulate", "--run-dir", str(run))
+    assert code == 2
+    assert "empty texts" in out and "duplicate (item_id)" in out
+    assert not (run / "funnel").exists() or not any((run / "funnel").iterdir())
+
+
+@pytest.mark.slow
+def test_pipeline_verbs_end_to_end(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    cfg = tmp_path / "funnel.yaml"
+    cfg.write_text(SMALL_FUNNEL)
+    steps = [
+        ("data", "synth", "--run-dir", str(run), "--n-items", "150", "--n-users", "40"),
+        ("data", "simulate", "--run-dir", str(run), "--config", str(cfg)),
+        ("features", "build", "--run-dir", str(run)),
+        ("features", "apply", "--run-dir", str(run)),
+        ("features", "materialize", "--run-dir", str(run), "--full"),
+        ("features", "training-set", "--run-dir", str(run)),
+    ]
+    for step in steps:
+        code, out = gpl(*step)
+        assert code == 0, (step, out)
+    requests = pq.read_table(run / "funnel" / "requests.parquet")
+    training = pq.read_table(run / "training_set" / "training_set.parquet")
+    assert training.num_rows == requests.num_rows
+    for manifest in ("data", "funnel", "features", "training_set"):
+        assert (run / manifest / "manifest.json").exists(), manifest
+    assert (run / "feature_store.yaml").exists()
