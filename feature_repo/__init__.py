@@ -14,9 +14,12 @@ def definitions() -> list[Any]:
     return [
         entities.user,
         entities.item,
+        entities.request,
         data_sources.item_content_source,
         data_sources.item_popularity_source,
         data_sources.user_activity_source,
+        data_sources.user_interest_anchors_source,
+        data_sources.pseudo_labels_source,
         *feature_views.FEATURE_VIEWS,
         *feature_services.FEATURE_SERVICES,
     ]

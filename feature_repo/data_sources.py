@@ -35,3 +35,23 @@ user_activity_source = FileSource(
         "from request-log events strictly before its timestamp (`gpl features build`)."
     ),
 )
+
+user_interest_anchors_source = FileSource(
+    name="user_interest_anchors_source",
+    path="anchors/user_interest_anchors.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description=(
+        "Interest anchors per user, one row per anchor-set cutoff: generated offline by the "
+        "anchor LM from history strictly before the cutoff (`gpl anchors generate`)."
+    ),
+)
+
+pseudo_labels_source = FileSource(
+    name="pseudo_labels_source",
+    path="pseudo_labels/pseudo_labels.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description=(
+        "Pseudo-labels of unexposed candidates, stamped with their request's time "
+        "(`gpl pseudo-labels`)."
+    ),
+)

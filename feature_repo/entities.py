@@ -9,6 +9,13 @@ user = Entity(
     description="A person receiving recommendations; `user_id` as in the request log.",
 )
 
+request = Entity(
+    name="request",
+    join_keys=["request_id"],
+    value_type=ValueType.STRING,
+    description="One pre-ranking request (a user at a time with its candidates); `request_id`.",
+)
+
 item = Entity(
     name="item",
     join_keys=["item_id"],

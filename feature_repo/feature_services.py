@@ -7,7 +7,12 @@ cannot drift apart.
 
 from feast import FeatureService
 
-from feature_repo.feature_views import item_content, item_popularity, user_activity
+from feature_repo.feature_views import (
+    item_content,
+    item_popularity,
+    pseudo_labels,
+    user_activity,
+)
 
 preranker = FeatureService(
     name="preranker",
@@ -16,4 +21,11 @@ preranker = FeatureService(
     tags={"version": "1"},
 )
 
-FEATURE_SERVICES = [preranker]
+training_labels = FeatureService(
+    name="training_labels",
+    features=[pseudo_labels],
+    description="Labels beyond the request log that training joins point-in-time; never served.",
+    tags={"version": "1"},
+)
+
+FEATURE_SERVICES = [preranker, training_labels]

@@ -8,14 +8,16 @@ and the online service substitute when the view has no row for an entity at a gi
 from datetime import timedelta
 
 from feast import FeatureView, Field
-from feast.types import Float32, Int64, String
+from feast.types import Array, Float32, Int32, Int64, String
 
 from feature_repo.data_sources import (
     item_content_source,
     item_popularity_source,
+    pseudo_labels_source,
     user_activity_source,
+    user_interest_anchors_source,
 )
-from feature_repo.entities import item, user
+from feature_repo.entities import item, request, user
 
 item_content = FeatureView(
     name="item_content",
@@ -147,4 +149,96 @@ user_activity = FeatureView(
     tags={"stage": "features", "owner": "gpl"},
 )
 
-FEATURE_VIEWS = [item_content, item_popularity, user_activity]
+user_interest_anchors = FeatureView(
+    name="user_interest_anchors",
+    entities=[user],
+    # Anchors describe interests as of their cutoff; interests drift, and a set older than 30
+    # days should fall back to "no anchors" (missing indicator) rather than steer scoring.
+    ttl=timedelta(days=30),
+    schema=[
+        Field(name="user_id", dtype=String, description="User key."),
+        Field(
+            name="anchor_sids",
+            dtype=Array(String),
+            description="Generated Semantic IDs, best first.",
+            tags={"default": "[]"},
+        ),
+        Field(
+            name="anchor_item_ids",
+            dtype=Array(String),
+            description="The item each anchor SID denotes.",
+            tags={"default": "[]"},
+        ),
+        Field(
+            name="anchor_embeddings",
+            dtype=Array(Float32),
+            description="Anchors' content embeddings, flattened row-major (num_anchors x dim).",
+            tags={"default": "[]"},
+        ),
+        Field(
+            name="anchor_log_probs",
+            dtype=Array(Float32),
+            description="Sequence log-probability of each anchor under the anchor LM.",
+            tags={"default": "[]"},
+        ),
+        Field(
+            name="num_anchors",
+            dtype=Int32,
+            description="Number of anchors in the set.",
+            tags={"default": "0"},
+        ),
+        Field(
+            name="history_length",
+            dtype=Int32,
+            description="Positives in the history the anchors were generated from.",
+            tags={"default": "0"},
+        ),
+    ],
+    source=user_interest_anchors_source,
+    online=True,
+    description="GPL interest anchors of each user, versioned by history cutoff.",
+    tags={"stage": "anchors", "owner": "gpl"},
+)
+
+pseudo_labels = FeatureView(
+    name="pseudo_labels",
+    entities=[request, item],
+    # Keyed by request: a row can only ever join its own request, so it needs no expiry.
+    ttl=timedelta(0),
+    schema=[
+        Field(name="request_id", dtype=String, description="Request key."),
+        Field(name="item_id", dtype=String, description="Item key."),
+        Field(
+            name="pseudo_label",
+            dtype=Float32,
+            description="Calibrated click probability of the unexposed candidate.",
+            # NaN, not 0: a candidate without a pseudo-label must never look like a negative.
+            tags={"default": "nan"},
+        ),
+        Field(
+            name="confidence",
+            dtype=Float32,
+            description="Confidence weight in [0, 1] (dispersion x history x LM).",
+            tags={"default": "nan"},
+        ),
+        Field(
+            name="relevance",
+            dtype=Float32,
+            description="Max cosine of the candidate to the user's anchors.",
+            tags={"default": "nan"},
+        ),
+        Field(
+            name="status",
+            dtype=String,
+            description="ok, no_anchors or no_item_embedding.",
+            tags={"default": "absent"},
+        ),
+    ],
+    source=pseudo_labels_source,
+    # Labels are for training only; serving never reads them.
+    online=False,
+    description="GPL pseudo-labels of unexposed candidates (training only).",
+    tags={"stage": "pseudo_labels", "owner": "gpl"},
+)
+
+FEATURE_VIEWS = [item_content, item_popularity, user_activity, user_interest_anchors, pseudo_labels]

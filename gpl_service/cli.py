@@ -304,9 +304,11 @@ def features_materialize(
         start = datetime(1970, 1, 1, tzinfo=UTC) if full else None
         report = materialize(store, end=end_utc, start=start)
         _say(
-            f"materialized {', '.join(report.views)} up to {report.end:%Y-%m-%d %H:%M} "
-            f"in {report.seconds:.2f}s"
+            f"materialized {', '.join(report.views) or 'nothing'} up to "
+            f"{report.end:%Y-%m-%d %H:%M} in {report.seconds:.2f}s"
         )
+        if report.skipped:
+            _say(f"skipped (their stage has not run yet): {', '.join(report.skipped)}")
 
 
 @features_app.command("training-set")

@@ -9,14 +9,14 @@ open exactly the same store.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 import yaml
-from feast import FeatureStore
+from feast import FeatureStore, FileSource
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -122,6 +122,8 @@ class MaterializeReport:
     end: datetime
     views: list[str]
     seconds: float
+    skipped: list[str] = field(default_factory=list)
+    """Online views left out because their stage has not written its table yet."""
 
 
 def apply_definitions(store: FeatureStore, objects: list[Any] | None = None) -> list[str]:
@@ -146,15 +148,30 @@ def materialize(
         store: The feature store.
         end: Upper bound of feature timestamps (default: now).
         start: Lower bound; default: incremental from the last materialization.
-        views: Feature view names; default: every online view.
+        views: Feature view names; default: every online view whose source table exists (a
+            stage that has not run yet is reported in ``skipped``, not an error).
     """
     end = end or datetime.now(UTC)
     began = time.perf_counter()
+    skipped: list[str] = []
+    if views is None:
+        from training.features.offline_store import source_path
+
+        views = []
+        for fv in store.list_feature_views():
+            if not fv.online:
+                continue
+            source = fv.batch_source
+            if isinstance(source, FileSource) and source_path(store.config, source).exists():
+                views.append(fv.name)
+            else:
+                skipped.append(fv.name)
+    if not views:
+        return MaterializeReport(end, end, [], 0.0, skipped)
     if start is None:
         store.materialize_incremental(end_date=end, feature_views=views)
         start_used = datetime.fromtimestamp(0, UTC)
     else:
         store.materialize(start_date=start, end_date=end, feature_views=views)
         start_used = start
-    names = views or [fv.name for fv in store.list_feature_views() if fv.online]
-    return MaterializeReport(start_used, end, names, time.perf_counter() - began)
+    return MaterializeReport(start_used, end, views, time.perf_counter() - began, skipped)

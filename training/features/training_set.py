@@ -13,6 +13,7 @@ build rather than assumed:
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.compute as pc
 from feast import FeatureService, FeatureStore, FeatureView
-from feast.types import Bool, Float32, Float64, Int32, Int64, String
+from feast.types import Array, Bool, Float32, Float64, Int32, Int64, String
 
 from training.io import write_manifest, write_table
 
@@ -54,6 +55,13 @@ def field_default(view: FeatureView, name: str) -> Any:
             if "default" not in fld.tags:
                 raise KeyError(f"feature {view.name}:{name} declares no 'default' tag")
             raw = fld.tags["default"]
+            if isinstance(fld.dtype, Array):
+                value = json.loads(raw)
+                if not isinstance(value, list):
+                    raise ValueError(
+                        f"feature {view.name}:{name}: list default must be a JSON list"
+                    )
+                return value
             if fld.dtype in (Int64, Int32):
                 return int(raw)
             if fld.dtype in (Float32, Float64):
@@ -68,9 +76,9 @@ def arrow_type(view: FeatureView, name: str) -> pa.DataType:
     """Arrow type of feature ``name`` of ``view``."""
     for fld in view.features:
         if fld.name == name:
-            return _ARROW_TYPES.get(fld.dtype) or pa.from_numpy_dtype(
-                fld.dtype.to_value_type().name.lower()
-            )
+            if isinstance(fld.dtype, Array):
+                return pa.list_(_ARROW_TYPES[fld.dtype.base_type])
+            return _ARROW_TYPES[fld.dtype]
     raise KeyError(f"feature view {view.name!r} has no feature {name!r}")
 
 
