@@ -55,3 +55,13 @@ pseudo_labels_source = FileSource(
         "(`gpl pseudo-labels`)."
     ),
 )
+
+item_semantics_source = FileSource(
+    name="item_semantics_source",
+    path="sids/item_semantics.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description=(
+        "Per-item Semantic IDs and frozen content-encoder vectors, one row per item stamped with "
+        "the item's own timestamp (`train_sids` / `assign_sids`, training/sids)."
+    ),
+)

@@ -13,6 +13,7 @@ from feast.types import Array, Float32, Int32, Int64, String
 from feature_repo.data_sources import (
     item_content_source,
     item_popularity_source,
+    item_semantics_source,
     pseudo_labels_source,
     user_activity_source,
     user_interest_anchors_source,
@@ -241,4 +242,46 @@ pseudo_labels = FeatureView(
     tags={"stage": "pseudo_labels", "owner": "gpl"},
 )
 
-FEATURE_VIEWS = [item_content, item_popularity, user_activity, user_interest_anchors, pseudo_labels]
+item_semantics = FeatureView(
+    name="item_semantics",
+    entities=[item],
+    # A SID identifies the item's content and stays valid until the item is re-tokenized (a new
+    # row); like the catalog content, it does not go stale with time.
+    ttl=timedelta(0),
+    schema=[
+        Field(name="item_id", dtype=String, description="Item key."),
+        Field(
+            name="sid",
+            dtype=String,
+            description="Semantic ID as tokens, e.g. <a_12><b_7><c_201><d_0>: residual codes, "
+            "then the index that makes it unique. Empty when the item has none.",
+            tags={"default": ""},
+        ),
+        Field(
+            name="sid_codes",
+            dtype=Array(Int32),
+            description="The Semantic ID's codes, one per level, the disambiguation index last.",
+            tags={"default": "[]"},
+        ),
+        Field(
+            name="content_embedding",
+            dtype=Array(Float32),
+            description="L2-normalized vector of the frozen content encoder (the text, fused with "
+            "the catalog's content_embedding when given) that the SID quantizes.",
+            tags={"default": "[]"},
+        ),
+    ],
+    source=item_semantics_source,
+    online=True,
+    description="Item Semantic IDs and content vectors from the SID stage.",
+    tags={"stage": "sids", "owner": "gpl"},
+)
+
+FEATURE_VIEWS = [
+    item_content,
+    item_popularity,
+    user_activity,
+    user_interest_anchors,
+    pseudo_labels,
+    item_semantics,
+]

@@ -1,0 +1,232 @@
+"""RQ-VAE (Zeghidour et al., 2021; as used for Semantic IDs by TIGER, Rajput et al., 2023).
+
+An MLP encoder maps a content vector to a ``code_dim`` latent; ``L`` residual codebooks of ``K``
+codes quantize it (level ``l`` quantizes what levels ``< l`` left over); a mirrored MLP decoder
+reconstructs the content vector from the sum of the chosen codewords. Training details:
+
+* Codebooks start from (balanced) k-means on the encoder outputs of a sample of items (level by
+  level on the residuals), so no code starts far from the data.
+* Items are assigned to codes under an equal-size constraint while training (Sinkhorn-Knopp,
+  as in LC-Rec's uniform semantic mapping), so no code absorbs a crowd; the frozen tokenizer maps
+  to the nearest code.
+* Gradients pass the non-differentiable nearest-code choice by the straight-through estimator.
+* Loss: squared reconstruction error + per level ``|sg(r) - e|^2 + beta |r - sg(e)|^2``
+  (codebook and commitment terms, VQ-VAE).
+* Codes unused during an epoch are re-seeded onto residuals of randomly drawn items (dead-code
+  re-seeding), which keeps utilization high and collisions low.
+
+Training runs on the CPU in float32 under its own RNG state: the model is small (4,385 items x
+20 epochs take seconds), and a fixed device makes the SIDs bit-for-bit reproducible from the seed.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from tqdm.auto import tqdm
+
+from training.sids.config import SidConfig
+from training.sids.kmeans import Balance, balanced_labels, kmeans, nearest
+from training.sids.tokenizer import QuantizerSpec, SemanticIdTokenizer, build_mlp
+
+
+class RqVae(torch.nn.Module):
+    """Encoder MLP -> residual codebooks -> decoder MLP."""
+
+    def __init__(self, spec: QuantizerSpec) -> None:
+        super().__init__()
+        self.spec = spec
+        self.encoder = build_mlp(spec.encoder_dims())
+        self.decoder = build_mlp(spec.encoder_dims()[::-1])
+        self.codebooks = torch.nn.Parameter(
+            torch.randn(spec.levels, spec.codebook_size, spec.code_dim) / spec.code_dim**0.5
+        )
+
+    def quantize(
+        self, z: torch.Tensor, beta: float, balance: Balance | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Residual quantization with the straight-through estimator.
+
+        Args:
+            z: Encoder outputs.
+            beta: Commitment loss weight.
+            balance: Balanced (Sinkhorn) instead of nearest-code assignment, for training.
+
+        Returns:
+            The straight-through quantized latent, ``(n, L)`` codes and the summed codebook +
+            commitment loss.
+        """
+        residual = z
+        quantized = torch.zeros_like(z)
+        codes = []
+        latent_loss = z.new_zeros(())
+        for level in range(self.spec.levels):
+            book = self.codebooks[level]
+            if balance is not None:
+                idx = balanced_labels(
+                    residual.detach(),
+                    book.detach(),
+                    iters=balance.iters,
+                    temperature=balance.temperature,
+                )
+            else:
+                idx, _ = nearest(residual.detach(), book.detach())
+            word = book[idx]
+            latent_loss = latent_loss + (
+                (residual.detach() - word).pow(2).sum(-1).mean()
+                + beta * (residual - word.detach()).pow(2).sum(-1).mean()
+            )
+            codes.append(idx)
+            quantized = quantized + word
+            residual = residual - word.detach()
+        # Straight-through: forward uses the codewords, backward treats quantization as identity.
+        z_q = z + (quantized - z).detach()
+        return z_q, torch.stack(codes, 1), latent_loss
+
+    def forward(
+        self, x: torch.Tensor, beta: float, balance: Balance | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Reconstruction, codes and latent loss of a batch."""
+        z_q, codes, latent_loss = self.quantize(self.encoder(x), beta, balance)
+        return self.decoder(z_q), codes, latent_loss
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """Decoder output from the hard codewords (no straight-through), for evaluation."""
+        z_q, _, _ = self.quantize(self.encoder(x), beta=0.0)
+        return self.decoder(z_q)
+
+    def tokenizer(self) -> SemanticIdTokenizer:
+        """The frozen encoder + codebooks."""
+        return SemanticIdTokenizer(
+            self.spec, self.codebooks.detach().clone(), self.encoder.state_dict()
+        )
+
+
+@dataclass
+class RqVaeFit:
+    """A trained RQ-VAE and what training did.
+
+    Attributes:
+        tokenizer: The frozen quantizer.
+        reconstruction: ``(N, D)`` decoder outputs for the training vectors.
+        train_seconds: Wall time of initialization + training.
+        losses: Mean loss per epoch.
+        reseeded: Per level, how many dead codes were re-seeded over the whole training.
+    """
+
+    tokenizer: SemanticIdTokenizer
+    reconstruction: npt.NDArray[np.float32]
+    train_seconds: float
+    losses: list[float] = field(default_factory=list)
+    reseeded: list[int] = field(default_factory=list)
+
+
+def _init_codebooks(model: RqVae, x: torch.Tensor, cfg: SidConfig, gen: torch.Generator) -> None:
+    """k-means on the encoder outputs of a sample, level by level on the residuals."""
+    balance = Balance.from_config(cfg)
+    n = x.shape[0]
+    sample = x[torch.randperm(n, generator=gen)[: cfg.kmeans_samples]]
+    with torch.no_grad():
+        residual = model.encoder(sample)
+        for level in range(cfg.levels):
+            fit = kmeans(
+                residual,
+                cfg.codebook_size,
+                iters=cfg.kmeans_iters,
+                seed=cfg.seed + level,
+                balance=balance,
+            )
+            model.codebooks.data[level] = fit.centroids
+            labels, _ = nearest(residual, fit.centroids)
+            residual = residual - fit.centroids[labels]
+
+
+def _reseed_dead(
+    model: RqVae, x: torch.Tensor, usage: torch.Tensor, gen: torch.Generator
+) -> list[int]:
+    """Move codes unused in the last epoch onto current residuals of random items."""
+    counts = []
+    with torch.no_grad():
+        residual = model.encoder(x)
+        for level in range(model.spec.levels):
+            book = model.codebooks.data[level]
+            dead = torch.nonzero(usage[level] == 0).flatten()
+            if len(dead):
+                picks = torch.randperm(x.shape[0], generator=gen)[: len(dead)]
+                book[dead[: len(picks)]] = residual[picks]
+            counts.append(len(dead))
+            idx, _ = nearest(residual, book)
+            residual = residual - book[idx]
+    return counts
+
+
+def train_rqvae(x_np: npt.NDArray[np.float32], cfg: SidConfig) -> RqVaeFit:
+    """Train an RQ-VAE on content vectors.
+
+    Args:
+        x_np: ``(N, D)`` float32 content vectors (L2-normalized), ``N >= codebook_size``.
+        cfg: Stage settings (``method`` is not looked at).
+
+    Returns:
+        The frozen tokenizer, the reconstructions and the training record.
+    """
+    began = time.perf_counter()
+    x = torch.as_tensor(np.ascontiguousarray(x_np, dtype=np.float32))
+    n = x.shape[0]
+    spec = QuantizerSpec(
+        method="rqvae",
+        input_dim=int(x.shape[1]),
+        levels=cfg.levels,
+        codebook_size=cfg.codebook_size,
+        code_dim=cfg.code_dim,
+        hidden_dims=cfg.hidden_dims,
+    )
+    # A private RNG state: the result depends on the seed only, and callers' RNGs are untouched.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(cfg.seed)
+        gen = torch.Generator().manual_seed(cfg.seed)
+        model = RqVae(spec)
+        _init_codebooks(model, x, cfg, gen)
+        optimizer = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+        balance = Balance.from_config(cfg)
+        losses: list[float] = []
+        reseeded = [0] * cfg.levels
+        bar = tqdm(
+            range(cfg.epochs), desc="training RQ-VAE", unit="epoch", disable=not cfg.show_progress
+        )
+        for epoch in bar:
+            model.train()
+            usage = torch.zeros(cfg.levels, cfg.codebook_size, dtype=torch.long)
+            total, steps = 0.0, 0
+            for batch in torch.randperm(n, generator=gen).split(cfg.batch_size):
+                xb = x[batch]
+                x_hat, codes, latent_loss = model(xb, cfg.beta, balance)
+                loss = (x_hat - xb).pow(2).sum(-1).mean() + latent_loss
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                for level in range(cfg.levels):
+                    usage[level] += torch.bincount(codes[:, level], minlength=cfg.codebook_size)
+                total += loss.detach().item()
+                steps += 1
+            losses.append(total / max(steps, 1))
+            bar.set_postfix(loss=f"{losses[-1]:.4f}")
+            if cfg.reseed_dead_codes and epoch < cfg.epochs - 1:
+                model.eval()
+                for level, count in enumerate(_reseed_dead(model, x, usage, gen)):
+                    reseeded[level] += count
+        model.eval()
+        reconstruction = model.reconstruct(x).numpy()
+        tokenizer = model.tokenizer()
+    return RqVaeFit(
+        tokenizer=tokenizer,
+        reconstruction=reconstruction.astype(np.float32),
+        train_seconds=time.perf_counter() - began,
+        losses=losses,
+        reseeded=reseeded,
+    )
