@@ -1,0 +1,118 @@
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from tests.training.anchors.conftest import TINY
+from training.anchors.generate import (
+    BeamOutput,
+    beam_search_fast,
+    beam_search_reference,
+    search_in_batches,
+)
+from training.anchors.model import CompactSettings, ModelConfig, build_model, causal_lm
+from training.anchors.trie import SidTrie
+
+
+@pytest.fixture(scope="module")
+def toy():
+    rng = np.random.default_rng(0)
+    sizes = [4, 5, 6, 3]
+    codes: set[tuple[int, ...]] = set()
+    while len(codes) < 60:
+        codes.add(tuple(int(rng.integers(s)) for s in sizes))
+    code_arr = np.array(sorted(codes))
+    lm, vocab = build_model(
+        ModelConfig(compact=CompactSettings.model_validate(TINY)), sizes, seed=1
+    )
+    model = causal_lm(lm).eval()
+    trie = SidTrie(code_arr, sizes)
+    tokens = vocab.item_tokens(code_arr)
+    # Histories of different lengths: exercises left padding.
+    prompts = [vocab.encode(tokens[rng.integers(60, size=rng.integers(1, 9))]) for _ in range(7)]
+    return model, vocab, trie, prompts
+
+
+@pytest.mark.parametrize(("beams", "anchors"), [(20, 10), (5, 3), (1, 1)])
+def test_fast_path_equals_generate_reference(toy, beams: int, anchors: int) -> None:
+    model, vocab, trie, prompts = toy
+    fast = beam_search_fast(model, prompts, trie, vocab, beams, anchors)
+    ref = beam_search_reference(model, prompts, trie, vocab, beams, anchors)
+    assert (fast.items == ref.items).all()
+    np.testing.assert_allclose(fast.log_probs, ref.log_probs, atol=1e-4)
+    # Every anchor is a real item's full SID, scores descend.
+    assert (fast.items >= 0).all() and (fast.items < trie.n_items).all()
+    assert (np.diff(fast.log_probs, axis=1) <= 0).all()
+    for row in fast.items:
+        assert len(set(row.tolist())) == anchors
+
+
+def test_scores_are_a_distribution_over_real_items(toy) -> None:
+    model, vocab, trie, prompts = toy
+    # With beams >= items, the search is exhaustive: probabilities over the catalog sum to 1.
+    out = beam_search_fast(
+        model, prompts[:2], trie, vocab, beam_width=trie.n_items, num_anchors=trie.n_items
+    )
+    np.testing.assert_allclose(np.exp(out.log_probs).sum(axis=1), 1.0, atol=1e-4)
+
+
+def test_fewer_items_than_anchors() -> None:
+    sizes = [3, 2, 2]
+    codes = np.array([[0, 0, 0], [0, 1, 0], [2, 1, 0], [2, 1, 1], [1, 0, 1]])
+    lm, vocab = build_model(ModelConfig(compact=CompactSettings.model_validate(TINY)), sizes)
+    model = causal_lm(lm).eval()
+    trie = SidTrie(codes, sizes)
+    prompts = [vocab.encode(vocab.item_tokens(codes[[0, 1]]))]
+    fast = beam_search_fast(model, prompts, trie, vocab, 20, 10)
+    ref = beam_search_reference(model, prompts, trie, vocab, 20, 10)
+    assert sorted(fast.items[0, :5].tolist()) == [0, 1, 2, 3, 4]
+    assert (fast.items[0, 5:] == -1).all() and np.isneginf(fast.log_probs[0, 5:]).all()
+    assert (fast.items == ref.items).all()
+    np.testing.assert_allclose(fast.log_probs[0, :5], ref.log_probs[0, :5], atol=1e-4)
+
+
+def test_batched_equals_one_by_one(toy) -> None:
+    model, vocab, trie, prompts = toy
+    batched = search_in_batches(lambda p: beam_search_fast(model, p, trie, vocab, 8, 4), prompts, 3)
+    for i, prompt in enumerate(prompts):
+        alone = beam_search_fast(model, [prompt], trie, vocab, 8, 4)
+        assert (alone.items[0] == batched.items[i]).all()
+        np.testing.assert_allclose(alone.log_probs[0], batched.log_probs[i], atol=1e-5)
+
+
+def test_out_of_memory_splits_the_batch_and_retries(toy, caplog) -> None:
+    model, vocab, trie, prompts = toy
+    seen: list[int] = []
+
+    def limited(batch, error=torch.OutOfMemoryError):
+        seen.append(len(batch))
+        if len(batch) > 2:
+            raise error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return beam_search_fast(model, batch, trie, vocab, 8, 4)
+
+    expected = search_in_batches(
+        lambda p: beam_search_fast(model, p, trie, vocab, 8, 4), prompts, 64
+    )
+    with caplog.at_level(logging.WARNING, logger="training.anchors.generate"):
+        got = search_in_batches(limited, prompts, 7)
+    assert seen[:3] == [7, 4, 2]  # 7 fails, its half (4) fails, then batches of 2
+    assert max(seen) == 7 and all(s <= 2 for s in seen[2:])
+    assert "splitting in half" in caplog.text
+    assert (got.items == expected.items).all()
+    np.testing.assert_allclose(got.log_probs, expected.log_probs, atol=1e-5)
+    # A RuntimeError that says "out of memory" is treated the same way.
+    seen.clear()
+    got = search_in_batches(lambda b: limited(b, RuntimeError), prompts, 4)
+    assert (got.items == expected.items).all()
+    # Other errors, and an OOM on a single prompt, propagate.
+    with pytest.raises(ValueError):
+        search_in_batches(lambda b: (_ for _ in ()).throw(ValueError("bad")), prompts, 4)
+
+    def always_oom(batch) -> BeamOutput:
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    with pytest.raises(torch.OutOfMemoryError):
+        search_in_batches(always_oom, prompts, 4)

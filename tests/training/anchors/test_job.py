@@ -1,0 +1,163 @@
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from tests.training.anchors.conftest import T0, tiny_config
+from training.anchors.catalog import derive_codebook_sizes, read_codebook_sizes
+from training.anchors.job import ANCHORS_FILE, ANCHORS_SCHEMA, generate_anchors
+from training.anchors.sequences import day_cutoffs
+
+
+def expected_sets(positives: pa.Table, cutoffs, users=None):
+    """Brute force: (user, cutoff) pairs whose history before the cutoff is non-empty, changed."""
+    rows = positives.to_pylist()
+    out = []
+    for user in sorted({r["user_id"] for r in rows} | set(users or [])):
+        if users is not None and user not in users:
+            continue
+        prev = None
+        for cut in cutoffs:
+            hist = sorted(
+                (r["event_timestamp"], r["item_id"])
+                for r in rows
+                if r["user_id"] == user and r["event_timestamp"] < cut
+            )
+            if hist and hist != prev:
+                out.append((user, cut, len(hist)))
+            prev = hist
+    return out
+
+
+def test_artifact_contract(tmp_path, toy_data, trained_compact) -> None:
+    semantics, positives, _ = toy_data
+    cfg = tiny_config()
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    assert len(cutoffs) >= 3
+    users = ["u0", "u1", "u2", "u3", "nobody"]
+    result = generate_anchors(
+        semantics, positives, cutoffs, trained_compact.model_dir, cfg, tmp_path, users=users
+    )
+    table = pq.read_table(tmp_path / ANCHORS_FILE)
+    assert table.schema.equals(ANCHORS_SCHEMA)
+    assert table.column_names == [
+        "user_id",
+        "event_timestamp",
+        "anchor_sids",
+        "anchor_item_ids",
+        "anchor_embeddings",
+        "anchor_log_probs",
+        "num_anchors",
+        "history_length",
+    ]
+    # One row per (user, cutoff) whose history changed, none lost, none extra.
+    expected = expected_sets(positives, cutoffs, users)
+    got = [(r["user_id"], r["event_timestamp"], r["history_length"]) for r in table.to_pylist()]
+    max_history = cfg.sequences.max_history
+    assert sorted((u, c) for u, c, _ in got) == sorted((u, c) for u, c, _ in expected)
+    assert len({(u, c) for u, c, _ in got}) == table.num_rows
+    assert sorted(got) == sorted((u, c, min(n, max_history)) for u, c, n in expected)
+
+    sid_of = dict(
+        zip(
+            semantics.column("item_id").to_pylist(),
+            semantics.column("sid").to_pylist(),
+            strict=True,
+        )
+    )
+    emb_of = dict(
+        zip(
+            semantics.column("item_id").to_pylist(),
+            semantics.column("content_embedding").to_pylist(),
+            strict=True,
+        )
+    )
+    dim = len(next(iter(emb_of.values())))
+    for row in table.to_pylist():
+        n = row["num_anchors"]
+        assert (
+            n
+            == cfg.generation.num_anchors
+            == len(row["anchor_sids"])
+            == len(row["anchor_item_ids"])
+        )
+        assert len(row["anchor_log_probs"]) == n and len(row["anchor_embeddings"]) == n * dim
+        assert [sid_of[i] for i in row["anchor_item_ids"]] == row["anchor_sids"]
+        assert len(set(row["anchor_item_ids"])) == n
+        np.testing.assert_allclose(
+            row["anchor_embeddings"],
+            np.concatenate([emb_of[i] for i in row["anchor_item_ids"]]),
+            rtol=1e-6,
+        )
+        lp = np.array(row["anchor_log_probs"])
+        assert (np.diff(lp) <= 0).all() and (lp < 0).all()
+
+    manifest = json.loads((tmp_path / "manifest.json").read_text())
+    m = manifest["metrics"]
+    assert manifest["stage"] == "anchors" and manifest["config"]["generation"]["beam_width"] == 8
+    assert m["anchor_sets"] == table.num_rows and m["users"] == len({u for u, _, _ in expected})
+    # u* users start at the first cutoff's day with history? those without it and "nobody" count.
+    first = cutoffs[0]
+    empty_first = [
+        u
+        for u in users
+        if not any(
+            r["user_id"] == u and r["event_timestamp"] < first for r in positives.to_pylist()
+        )
+    ]
+    assert m["skipped_empty_history"] == len(empty_first) >= 1
+    assert m["eval_hr@10"] == trained_compact.metrics["eval_hr@10"]
+    assert m["users_per_second"] > 0 and result.metrics == m
+
+
+def test_reference_implementation_gives_the_same_table(tmp_path, toy_data, trained_compact) -> None:
+    semantics, positives, _ = toy_data
+    cutoffs = [T0 + timedelta(days=2)]
+    fast = generate_anchors(
+        semantics, positives, cutoffs, trained_compact.model_dir, tiny_config(), tmp_path / "f"
+    )
+    cfg = tiny_config()
+    cfg.generation.implementation = "reference"
+    ref = generate_anchors(
+        semantics, positives, cutoffs, trained_compact.model_dir, cfg, tmp_path / "r"
+    )
+    assert fast.table.num_rows == ref.table.num_rows > 0
+    assert (
+        fast.table.column("anchor_item_ids").to_pylist()
+        == ref.table.column("anchor_item_ids").to_pylist()
+    )
+    for a, b in zip(
+        fast.table.column("anchor_log_probs").to_pylist(),
+        ref.table.column("anchor_log_probs").to_pylist(),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_no_positives_before_any_cutoff(tmp_path, toy_data, trained_compact) -> None:
+    semantics, positives, _ = toy_data
+    result = generate_anchors(
+        semantics, positives, [T0], trained_compact.model_dir, tiny_config(), tmp_path
+    )
+    assert result.table.num_rows == 0 and result.table.schema.equals(ANCHORS_SCHEMA)
+    assert result.metrics["skipped_empty_history"] == 30
+
+
+def test_codebook_sizes_from_manifest_or_table(tmp_path, toy_data) -> None:
+    semantics, _, sizes = toy_data
+    assert derive_codebook_sizes(semantics) == sizes
+    sids = tmp_path / "sids"
+    sids.mkdir()
+    pq.write_table(semantics, sids / "item_semantics.parquet")
+    assert read_codebook_sizes(sids) == sizes
+    (sids / "manifest.json").write_text(
+        json.dumps({"config": {}, "metrics": {"codebook_sizes": [4, 8, 16]}})
+    )
+    assert read_codebook_sizes(sids) == [4, 8, 16]
+    manifest = {"outputs": {"codebook_sizes": [4, 8, 5]}, "metrics": {}}
+    (sids / "manifest.json").write_text(json.dumps(manifest))
+    assert read_codebook_sizes(sids) == [4, 8, 5]

@@ -1,0 +1,153 @@
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pytest
+
+from tests.training.anchors.conftest import T0, TS
+from training.anchors.sequences import (
+    ExampleSet,
+    anchor_requests,
+    day_cutoffs,
+    downsample,
+    frequency_summary,
+    holdout_split,
+    keep_probabilities,
+    user_sequences,
+)
+from training.data.contract import ContractError
+
+CATALOG = np.array([f"i{i}" for i in range(10)])
+
+
+def positives(rows: list[tuple[str, str, int]]) -> pa.Table:
+    """rows of (user, item, hours after T0)."""
+    return pa.table(
+        {
+            "user_id": [r[0] for r in rows],
+            "item_id": [r[1] for r in rows],
+            "event_timestamp": pa.array([T0 + timedelta(hours=r[2]) for r in rows], TS),
+        }
+    )
+
+
+def test_user_sequences_are_chronological_and_drop_unknown_items() -> None:
+    table = positives(
+        [("u1", "i3", 5), ("u0", "i1", 2), ("u1", "i2", 1), ("u0", "zz", 3), ("u0", "i0", 1)]
+    )
+    seqs = user_sequences(table, CATALOG)
+    assert seqs.user_ids.tolist() == ["u0", "u1"]
+    assert [s.tolist() for s in seqs.sequences()] == [[0, 1], [2, 3]]
+    assert seqs.dropped_unknown_items == 1
+
+
+def test_user_sequences_validate_the_contract() -> None:
+    bad = pa.table(
+        {"user_id": ["u"], "item_id": ["i0"], "event_timestamp": pa.array([1], pa.int64())}
+    )
+    with pytest.raises(ContractError):
+        user_sequences(bad, CATALOG)
+
+
+def test_cutoffs_never_use_history_at_or_after_the_cutoff() -> None:
+    rng = np.random.default_rng(1)
+    rows = [
+        (f"u{rng.integers(8)}", f"i{rng.integers(10)}", int(rng.integers(0, 24 * 6)))
+        for _ in range(300)
+    ]
+    # Positives exactly at a cutoff instant must not be used by that cutoff.
+    rows += [("u0", "i9", 48), ("u1", "i8", 72)]
+    table = positives(rows)
+    seqs = user_sequences(table, CATALOG)
+    cutoffs = [T0 + timedelta(days=d) for d in (1, 2, 3, 4, 5)]
+    req = anchor_requests(seqs, cutoffs, max_history=1000)
+    users = table.column("user_id").to_pylist()
+    items = [int(i[1:]) for i in table.column("item_id").to_pylist()]
+    hours = [r[2] for r in rows]
+    for user, cut, hist in zip(req.user_ids, req.cutoffs, req.histories, strict=True):
+        cut_h = (cut - int(T0.timestamp() * 1e6)) / 3.6e9
+        expected = sorted(
+            (h, i) for u, i, h in zip(users, items, hours, strict=True) if u == user and h < cut_h
+        )
+        assert sorted(hist.tolist()) == sorted(i for _, i in expected)
+        assert all(h < cut_h for h, _ in expected)
+
+
+def test_one_anchor_set_per_changed_history_and_empty_users_counted() -> None:
+    table = positives(
+        [
+            ("a", "i1", 1),  # day 0
+            ("a", "i2", 30),  # day 1
+            ("b", "i3", 50),  # day 2: empty at the first cutoff
+            ("c", "i4", 24 * 9),  # after every cutoff
+        ]
+    )
+    seqs = user_sequences(table, CATALOG)
+    cutoffs = [T0 + timedelta(days=d) for d in (1, 2, 3, 4)]
+    req = anchor_requests(seqs, cutoffs, max_history=10, users=["a", "b", "c", "ghost"])
+    got = [
+        (u, int((c - int(T0.timestamp() * 1e6)) // 86_400_000_000), h.tolist())
+        for u, c, h in zip(req.user_ids, req.cutoffs, req.histories, strict=True)
+    ]
+    # a: changes at day 1 (i1) and day 2 (i2); b: at day 3; nothing at day 4 (unchanged).
+    assert got == [("a", 1, [1]), ("a", 2, [1, 2]), ("b", 3, [3])]
+    # b and c are empty at the first cutoff, ghost has no positive at all.
+    assert req.skipped_empty_history == 3
+
+
+def test_histories_are_truncated_to_the_most_recent_items() -> None:
+    table = positives([("a", f"i{i}", i) for i in range(8)])
+    req = anchor_requests(user_sequences(table, CATALOG), [T0 + timedelta(days=1)], max_history=3)
+    assert [h.tolist() for h in req.histories] == [[5, 6, 7]]
+
+
+def test_day_cutoffs_are_distinct_utc_midnights() -> None:
+    ts = pa.array([T0 + timedelta(hours=h) for h in (1, 5, 30, 49, 50)], TS)
+    assert day_cutoffs(ts) == [T0, T0 + timedelta(days=1), T0 + timedelta(days=2)]
+
+
+def test_downsampling_formula() -> None:
+    counts = np.array([1000, 100, 10, 1, 0])
+    total = counts.sum()
+    prob = keep_probabilities(counts, threshold=0.01, alpha=0.5)
+    expected = np.minimum(1.0, (0.01 / (counts[:4] / total)) ** 0.5)
+    np.testing.assert_allclose(prob[:4], expected)
+    assert prob[4] == 1.0
+    assert prob[0] == pytest.approx((0.01 * total / 1000) ** 0.5)
+    assert prob[3] == 1.0  # rare items are always kept
+
+
+def test_downsampling_keeps_the_expected_share_and_is_seeded() -> None:
+    rng = np.random.default_rng(0)
+    seqs = [rng.choice(10, size=50, p=[0.5] + [0.5 / 9] * 9) for _ in range(200)]
+    a = downsample(seqs, 10, threshold=0.05, alpha=0.5, seed=3)
+    b = downsample(seqs, 10, threshold=0.05, alpha=0.5, seed=3)
+    assert all((x == y).all() for x, y in zip(a, b, strict=True))
+    flat_before = np.concatenate(seqs)
+    flat_after = np.concatenate(a)
+    share0 = (flat_before == 0).mean()
+    kept0 = (flat_after == 0).sum() / (flat_before == 0).sum()
+    assert kept0 == pytest.approx((0.05 / share0) ** 0.5, abs=0.03)
+    assert (
+        frequency_summary(a, 10)["max_item_share"] < frequency_summary(seqs, 10)["max_item_share"]
+    )
+
+
+def test_holdout_and_examples() -> None:
+    table = positives([("a", f"i{i}", i) for i in range(5)] + [("b", "i9", 1)])
+    seqs = user_sequences(table, CATALOG)
+    train, ev = holdout_split(seqs, eval_users=5, max_history=2, seed=0)
+    assert [s.tolist() for s in train] == [[0, 1, 2, 3], [9]]  # b has one positive: not held out
+    assert [h.tolist() for h in ev.histories] == [[2, 3]] and ev.targets.tolist() == [4]
+    ex = ExampleSet.build(train, max_history=2, loss_on="target")
+    spans = [
+        (ex.items[s:e].tolist(), ex.items[ls:e].tolist())
+        for s, e, ls in zip(ex.start, ex.end, ex.loss_start, strict=True)
+    ]
+    assert spans == [([0, 1], [1]), ([0, 1, 2], [2]), ([1, 2, 3], [3])]
+    ex_all = ExampleSet.build(train, max_history=2, loss_on="all")
+    spans = [ex_all.items[s:e].tolist() for s, e in zip(ex_all.start, ex_all.end, strict=True)]
+    assert spans == [[1, 2, 3], [0], [9]]
+    assert (ex_all.loss_start == ex_all.start).all()

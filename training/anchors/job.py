@@ -1,0 +1,369 @@
+"""The anchor stage's jobs: train the anchor LM, then generate every user's interest anchors.
+
+``train_anchor_model`` reads the SID stage's ``item_semantics`` and the users' positives and
+writes a self-contained model directory (see :mod:`training.anchors.model`) with a manifest.
+``generate_anchors`` decodes, for every (user, cutoff) whose history changed, the top-N items by
+trie-constrained beam search, and writes ``RUN_DIR/anchors/user_interest_anchors.parquet``:
+
+=================  =============================  =============================================
+column             type                           meaning
+=================  =============================  =============================================
+user_id            string                         the user
+event_timestamp    timestamp[us, UTC]             the cutoff: history is strictly before it
+anchor_sids        list<string> (N)               the anchors' SIDs, best first
+anchor_item_ids    list<string> (N)               the item each SID denotes
+anchor_embeddings  list<float32> (N * D)          the anchors' content embeddings, row-major
+                                                  (flat: Feast has no nested arrays)
+anchor_log_probs   list<float32> (N)              log P(item | history), descending
+num_anchors        int32                          N (less only when the catalog is smaller)
+history_length     int32                          history items fed to the model (<= max)
+=================  =============================  =============================================
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from functools import partial
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field
+from tqdm import tqdm
+
+from training.anchors.catalog import SidCatalog
+from training.anchors.generate import (
+    BeamOutput,
+    GenerateConfig,
+    beam_search_fast,
+    beam_search_reference,
+    resolve_device,
+    resolve_dtype,
+    search_in_batches,
+)
+from training.anchors.model import (
+    ModelConfig,
+    build_model,
+    check_trained_sids,
+    load_anchor_model,
+    save_anchor_model,
+    save_checkpoint,
+    write_trained_sids,
+)
+from training.anchors.sequences import (
+    AnchorRequests,
+    ExampleSet,
+    SequenceConfig,
+    anchor_requests,
+    downsample,
+    frequency_summary,
+    holdout_split,
+    user_sequences,
+)
+from training.anchors.train import TrainConfig, TrainHistory, train_loop
+from training.anchors.trie import SidTrie
+from training.anchors.vocab import SidVocab, SidVocabularyError
+from training.data.contract import TIMESTAMP
+from training.io import write_manifest, write_table
+
+ANCHORS_DIR: Final = "anchors"
+ANCHORS_FILE: Final = "user_interest_anchors.parquet"
+
+ANCHORS_SCHEMA: Final = pa.schema(
+    [
+        pa.field("user_id", pa.string(), nullable=False),
+        pa.field("event_timestamp", TIMESTAMP, nullable=False),
+        pa.field("anchor_sids", pa.list_(pa.string()), nullable=False),
+        pa.field("anchor_item_ids", pa.list_(pa.string()), nullable=False),
+        pa.field("anchor_embeddings", pa.list_(pa.float32()), nullable=False),
+        pa.field("anchor_log_probs", pa.list_(pa.float32()), nullable=False),
+        pa.field("num_anchors", pa.int32(), nullable=False),
+        pa.field("history_length", pa.int32(), nullable=False),
+    ]
+)
+
+
+class AnchorConfig(BaseModel):
+    """Every setting of the anchor stage (sequences, model, training, generation)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    sequences: SequenceConfig = Field(
+        default_factory=SequenceConfig,
+        description="History length, popular-item downsampling of training sequences, seed.",
+    )
+    model: ModelConfig = Field(
+        default_factory=ModelConfig,
+        description="Compact Qwen2 shape, or a local checkpoint with LoRA settings.",
+    )
+    training: TrainConfig = Field(
+        default_factory=TrainConfig,
+        description="Optimizer, loss, evaluation and early-stopping settings.",
+    )
+    generation: GenerateConfig = Field(
+        default_factory=GenerateConfig,
+        description="Beam width (20), anchors per user (10), batch size, device, implementation.",
+    )
+
+
+@dataclass
+class TrainResult:
+    """Outcome of :func:`train_anchor_model`."""
+
+    model_dir: Path
+    history: TrainHistory
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AnchorResult:
+    """Outcome of :func:`generate_anchors`."""
+
+    path: Path
+    table: pa.Table
+    metrics: dict[str, Any] = field(default_factory=dict)
+
+
+def _check_codebook(catalog: SidCatalog, codebook_sizes: Sequence[int]) -> None:
+    if len(codebook_sizes) != catalog.n_levels:
+        raise SidVocabularyError(
+            f"codebook_sizes has {len(codebook_sizes)} levels but the SIDs have {catalog.n_levels}"
+        )
+
+
+def _max_positions(vocab: SidVocab, max_history: int) -> int:
+    """Longest sequence the model sees: prefix, <bos>, history and the target item."""
+    return vocab.items_offset + (max_history + 1) * vocab.n_levels
+
+
+def train_anchor_model(
+    item_semantics: pa.Table,
+    positives: pa.Table,
+    codebook_sizes: Sequence[int],
+    cfg: AnchorConfig,
+    out_dir: Path,
+) -> TrainResult:
+    """Train the anchor LM on users' positive SID sequences and save it to ``out_dir``.
+
+    Args:
+        item_semantics: The SID stage's table (``item_id``, ``event_timestamp``, ``sid_codes``,
+            ``sid``, ``content_embedding``).
+        positives: ``user_id``, ``item_id``, ``event_timestamp`` of positive interactions.
+        codebook_sizes: Codes per SID level (e.g. from
+            :func:`training.anchors.catalog.read_codebook_sizes`).
+        cfg: Stage configuration.
+        out_dir: Model directory to write (e.g. ``RUN_DIR/anchors/model``).
+
+    Raises:
+        SidVocabularyError: when the SIDs do not fit ``codebook_sizes`` or a checkpoint's
+            tokenizer holds another codebook.
+    """
+    t0 = time.perf_counter()
+    catalog = SidCatalog.from_table(item_semantics)
+    _check_codebook(catalog, codebook_sizes)
+    model, vocab = build_model(cfg.model, codebook_sizes, seed=cfg.training.seed)
+    vocab.check_codes(catalog.codes)
+    longest = _max_positions(vocab, cfg.sequences.max_history)
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"sequences of up to {longest} tokens exceed the model's max_position_embeddings "
+            f"{limit}: lower sequences.max_history or raise compact.max_position_embeddings"
+        )
+    trie = SidTrie(catalog.codes, codebook_sizes)
+    seqs = user_sequences(positives, catalog.item_ids)
+    sc = cfg.sequences
+    train_seqs, eval_set = holdout_split(seqs, cfg.training.eval_users, sc.max_history, sc.seed)
+    freq_before = frequency_summary(train_seqs, catalog.n_items)
+    if sc.downsample_threshold is not None:
+        train_seqs = downsample(
+            train_seqs, catalog.n_items, sc.downsample_threshold, sc.downsample_alpha, sc.seed
+        )
+    freq_after = frequency_summary(train_seqs, catalog.n_items)
+    examples = ExampleSet.build(train_seqs, sc.max_history, cfg.training.loss_on)
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    history = train_loop(
+        model,
+        vocab,
+        trie,
+        catalog.codes,
+        examples,
+        eval_set,
+        cfg.training,
+        on_best=lambda m, _metrics: save_checkpoint(m, vocab, out_dir),
+    )
+    best = history.best
+    metrics: dict[str, Any] = {
+        "users": seqs.n_users,
+        "items": catalog.n_items,
+        "positives": len(seqs.items),
+        "positives_dropped_unknown_items": seqs.dropped_unknown_items,
+        "train_examples": len(examples),
+        "eval_users": len(eval_set.targets),
+        "epochs_run": len(history.epochs),
+        "best_epoch": history.best_epoch,
+        "stopped_early": history.stopped_early,
+        "train_loss": round(best.train_loss, 5),
+        "eval_loss": None if best.eval_loss is None else round(best.eval_loss, 5),
+        "eval_hr@10": best.hr_at_10,
+        "eval_ndcg@10": best.ndcg_at_10,
+        "item_frequency_before_downsampling": freq_before,
+        "item_frequency_after_downsampling": freq_after,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+    }
+    info = {
+        "base_model_path": cfg.model.base_model_path,
+        "max_history": sc.max_history,
+        "metrics": {
+            k: metrics[k] for k in ("eval_hr@10", "eval_ndcg@10", "eval_loss", "best_epoch")
+        },
+        "history": history.as_dict(),
+    }
+    save_anchor_model(model, vocab, out_dir, info)
+    write_trained_sids(out_dir, catalog.item_ids.tolist(), catalog.sids.tolist())
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    write_manifest(
+        out_dir,
+        "anchors-train",
+        inputs={"item_semantics": "sids/item_semantics.parquet", "positives": "positives"},
+        outputs={"model": "model/", "info": "anchor_model.json"},
+        config=cfg.model_dump(mode="json"),
+        metrics=metrics,
+    )
+    return TrainResult(model_dir=out_dir, history=history, metrics=metrics)
+
+
+def anchors_table(catalog: SidCatalog, requests: AnchorRequests, beams: BeamOutput) -> pa.Table:
+    """The ``user_interest_anchors`` table from decoded beams (one row per request)."""
+    valid = beams.items >= 0
+    counts = valid.sum(axis=1).astype(np.int32)
+    flat = beams.items[valid]  # row-major: each row's valid anchors, best first
+    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    dim = catalog.embeddings.shape[1]
+    emb = catalog.embeddings[flat].reshape(-1)
+    arrays = [
+        pa.array(requests.user_ids, pa.string()),
+        pa.array(requests.cutoffs, pa.int64()).cast(TIMESTAMP),
+        pa.ListArray.from_arrays(offsets, pa.array(catalog.sids[flat], pa.string())),
+        pa.ListArray.from_arrays(offsets, pa.array(catalog.item_ids[flat], pa.string())),
+        pa.ListArray.from_arrays(
+            pa.array((np.concatenate([[0], np.cumsum(counts)]) * dim).astype(np.int32)),
+            pa.array(emb, pa.float32()),
+        ),
+        pa.ListArray.from_arrays(offsets, pa.array(beams.log_probs[valid], pa.float32())),
+        pa.array(counts, pa.int32()),
+        pa.array([len(h) for h in requests.histories], pa.int32()),
+    ]
+    return pa.Table.from_arrays(arrays, schema=ANCHORS_SCHEMA)
+
+
+def generate_anchors(
+    item_semantics: pa.Table,
+    positives: pa.Table,
+    cutoffs: Sequence[datetime],
+    model_dir: Path,
+    cfg: AnchorConfig,
+    out_dir: Path,
+    *,
+    users: Sequence[str] | None = None,
+) -> AnchorResult:
+    """Decode each (user, cutoff)'s interest anchors and write ``out_dir/user_interest_anchors``.
+
+    Args:
+        item_semantics: The SID stage's table (the catalog anchors are drawn from).
+        positives: ``user_id``, ``item_id``, ``event_timestamp`` of positive interactions.
+        cutoffs: Anchor set versions, e.g. :func:`training.anchors.sequences.day_cutoffs` of the
+            request log; each set uses positives strictly before its cutoff.
+        model_dir: A directory written by :func:`train_anchor_model`.
+        cfg: Stage configuration (``sequences.max_history`` and ``generation`` are used).
+        out_dir: Output folder, ``RUN_DIR/anchors``.
+        users: Only these users (those with no positive before the first cutoff are counted as
+            skipped); all users with positives when None.
+
+    Raises:
+        SidVocabularyError: when the SIDs use codes the model's tokenizer does not know, have
+            another number of levels, or were re-trained since the model was trained.
+    """
+    t0 = time.perf_counter()
+    gc = cfg.generation
+    catalog = SidCatalog.from_table(item_semantics)
+    device = resolve_device(gc.device)
+    dtype = resolve_dtype(gc.dtype, device)
+    loaded = load_anchor_model(model_dir, device=device, dtype=dtype)
+    vocab = loaded.vocab
+    vocab.check_codes(catalog.codes)
+    check_trained_sids(model_dir, catalog.item_ids.tolist(), catalog.sids.tolist())
+    longest = vocab.items_offset + cfg.sequences.max_history * vocab.n_levels + vocab.n_levels
+    limit = getattr(loaded.model.config, "max_position_embeddings", None)
+    if isinstance(limit, int) and longest > limit:
+        raise ValueError(
+            f"histories of {cfg.sequences.max_history} items need {longest} positions; the model "
+            f"has {limit}: lower sequences.max_history"
+        )
+    trie = SidTrie(catalog.codes, vocab.codebook_sizes)
+    seqs = user_sequences(positives, catalog.item_ids)
+    requests = anchor_requests(seqs, cutoffs, cfg.sequences.max_history, users)
+    item_tokens = vocab.item_tokens(catalog.codes)
+    prompts = [vocab.encode(item_tokens[h]) for h in requests.histories]
+    impl = beam_search_fast if gc.implementation == "fast" else beam_search_reference
+    search = partial(
+        impl,
+        loaded.model,
+        trie=trie,
+        vocab=vocab,
+        beam_width=gc.beam_width,
+        num_anchors=gc.num_anchors,
+    )
+    t_gen = time.perf_counter()
+    with tqdm(
+        total=len(prompts), desc="anchors", unit="user", disable=not cfg.training.progress
+    ) as bar:
+        if prompts:
+            beams = search_in_batches(search, prompts, gc.batch_size, progress=bar.update)
+        else:
+            beams = BeamOutput(
+                np.zeros((0, gc.num_anchors), np.int64), np.zeros((0, gc.num_anchors), np.float32)
+            )
+    gen_seconds = time.perf_counter() - t_gen
+    table = anchors_table(catalog, requests, beams)
+    path = write_table(table, out_dir / ANCHORS_FILE)
+    n_sets = table.num_rows
+    metrics: dict[str, Any] = {
+        "users": len(set(requests.user_ids)),
+        "anchor_sets": n_sets,
+        "cutoffs": len({int(c) for c in requests.cutoffs}),
+        "skipped_empty_history": requests.skipped_empty_history,
+        "positives_dropped_unknown_items": seqs.dropped_unknown_items,
+        "sets_with_fewer_anchors": int(
+            (table.column("num_anchors").to_numpy() < gc.num_anchors).sum()
+        ),
+        "mean_history_length": round(float(np.mean([len(h) for h in requests.histories])), 3)
+        if n_sets
+        else 0.0,
+        "generation_seconds": round(gen_seconds, 3),
+        "users_per_second": round(n_sets / gen_seconds, 2) if gen_seconds > 0 else None,
+        "device": str(device),
+        "dtype": str(dtype).removeprefix("torch."),
+        "implementation": gc.implementation,
+        "eval_hr@10": loaded.info.get("metrics", {}).get("eval_hr@10"),
+    }
+    metrics["seconds"] = round(time.perf_counter() - t0, 3)
+    write_manifest(
+        out_dir,
+        "anchors",
+        inputs={
+            "item_semantics": "sids/item_semantics.parquet",
+            "positives": "positives",
+            "model_dir": str(model_dir),
+        },
+        outputs={"user_interest_anchors": ANCHORS_FILE},
+        config=cfg.model_dump(mode="json"),
+        metrics=metrics,
+    )
+    return AnchorResult(path=path, table=table, metrics=metrics)

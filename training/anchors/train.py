@@ -1,0 +1,401 @@
+"""Next-item training of the anchor model with teacher forcing, evaluation and early stopping.
+
+Loss. The model reads ``[prefix] <bos> item_1 ... item_n`` and is scored on the SID tokens of the
+target item (``loss_on="target"``) or of every item (``loss_on="all"``). Each scored token's
+logits are restricted to its level's SID tokens before the softmax (a ``size_l``-way
+classification per token): the only thing the model is ever asked at such a position is which
+code of that level comes next, and decoding normalizes over (a subset of) the same tokens. The
+trie itself is *not* applied in training, so the model is not taught that codes missing from
+today's catalog are impossible (tomorrow's items may use them).
+
+Loop. AdamW (weight decay on matrices only), linear warm-up then linear decay, gradient-norm
+clipping, bf16 autocast on CUDA, length-bucketed shuffled batches, a tqdm bar per epoch. After each
+epoch: the held-out next item of the evaluation users is scored (mean NLL) and decoded with the
+fast constrained beam search (HR@10, NDCG@10). The best epoch (HR@10, ties broken by lower loss;
+or the loss alone) is kept in memory, reported through a callback (the job saves a checkpoint),
+restored at the end; training stops after ``patience`` epochs without improvement.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+from tqdm import tqdm
+
+from training.anchors.generate import beam_search_fast, resolve_device, search_in_batches
+from training.anchors.model import causal_lm
+from training.anchors.sequences import EvalSet, ExampleSet, LossOn
+from training.anchors.trie import SidTrie
+from training.anchors.vocab import SidVocab
+
+logger = logging.getLogger(__name__)
+
+IntArray = npt.NDArray[np.int64]
+EVAL_K = 10
+"""Cut-off of the per-epoch HR/NDCG (the stage's headline ``eval_hr@10``)."""
+
+
+class TrainConfig(BaseModel):
+    """Optimization settings of the anchor model."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    epochs: int = Field(
+        default=20, ge=1, description="Most epochs (early stopping may end sooner)."
+    )
+    batch_size: int = Field(default=64, ge=1, description="Examples per optimizer step.")
+    learning_rate: float = Field(
+        default=2e-3,
+        gt=0,
+        description="Peak AdamW learning rate (compact model; ~2e-4 suits LoRA on a checkpoint).",
+    )
+    weight_decay: float = Field(
+        default=0.05, ge=0, description="AdamW weight decay (matrices only, not norms/biases)."
+    )
+    warmup_ratio: float = Field(
+        default=0.05, ge=0, lt=1, description="Share of all steps spent warming the LR up linearly."
+    )
+    grad_clip: float = Field(default=1.0, gt=0, description="Max global gradient norm.")
+    loss_on: LossOn = Field(
+        default="target",
+        description="'target': loss on the target item's SID tokens; 'all': on every item.",
+    )
+    eval_users: int = Field(
+        default=2000,
+        ge=0,
+        description="Users whose last positive is held out for per-epoch evaluation (0: none, "
+        "then no early stopping and the last epoch is kept).",
+    )
+    eval_beam_width: int = Field(default=20, ge=EVAL_K, description="Beam width of the evaluation.")
+    eval_batch_size: int = Field(default=128, ge=1, description="Users per evaluation batch.")
+    early_stopping_metric: Literal["hr@10", "loss"] = Field(
+        default="hr@10",
+        description="'hr@10' (ties broken by lower held-out loss) or 'loss' (held-out NLL).",
+    )
+    patience: int = Field(
+        default=3, ge=1, description="Epochs without improvement before training stops."
+    )
+    seed: int = Field(default=0, ge=0, description="Seed of initialization and batch order.")
+    device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
+    bf16: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU).")
+    progress: bool = Field(default=True, description="Show a tqdm progress bar per epoch.")
+
+
+@dataclass
+class Batch:
+    """Padded token ids and the positions whose next token is scored.
+
+    Attributes:
+        input_ids: ``[b, T]`` right-padded token ids.
+        attention_mask: ``[b, T]``.
+        pred_rows: Flat ``b * T`` indices of the positions that predict a scored token.
+        levels: SID level of each scored token.
+        codes: Code (class) of each scored token.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    pred_rows: torch.Tensor
+    levels: torch.Tensor
+    codes: torch.Tensor
+
+    def to(self, device: torch.device) -> Batch:
+        """This batch on ``device``."""
+        return Batch(*(getattr(self, f.name).to(device, non_blocking=True) for f in fields(self)))
+
+
+def collate(
+    examples: ExampleSet,
+    rows: IntArray,
+    item_tokens: IntArray,
+    item_codes: IntArray,
+    vocab: SidVocab,
+) -> Batch:
+    """Tokenize examples ``rows`` of ``examples`` into a right-padded :class:`Batch`."""
+    n_levels = item_tokens.shape[1]
+    offset = vocab.items_offset
+    seqs: list[list[int]] = []
+    pred: list[IntArray] = []
+    levels: list[IntArray] = []
+    codes: list[IntArray] = []
+    for r in rows:
+        start, end, loss_start = examples.start[r], examples.end[r], examples.loss_start[r]
+        items = examples.items[start:end]
+        seqs.append(vocab.encode(item_tokens[items]))
+        first = offset + int(loss_start - start) * n_levels  # first scored token position
+        n_scored = int(end - loss_start) * n_levels
+        pred.append(np.arange(first - 1, first - 1 + n_scored))
+        levels.append(np.tile(np.arange(n_levels), int(end - loss_start)))
+        codes.append(item_codes[examples.items[loss_start:end]].reshape(-1))
+    width = max(len(s) for s in seqs)
+    ids = np.full((len(seqs), width), vocab.pad_id, dtype=np.int64)
+    mask = np.zeros((len(seqs), width), dtype=np.int64)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = s
+        mask[i, : len(s)] = 1
+    flat = np.concatenate([p + i * width for i, p in enumerate(pred)])
+    return Batch(
+        input_ids=torch.from_numpy(ids),
+        attention_mask=torch.from_numpy(mask),
+        pred_rows=torch.from_numpy(flat),
+        levels=torch.from_numpy(np.concatenate(levels)),
+        codes=torch.from_numpy(np.concatenate(codes)),
+    )
+
+
+def sid_loss(
+    model: nn.Module, batch: Batch, level_ids: list[torch.Tensor]
+) -> tuple[torch.Tensor, int]:
+    """Summed level-restricted cross-entropy of the scored tokens, and how many there are."""
+    lm = causal_lm(model)
+    hidden = lm.get_decoder()(
+        input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
+    ).last_hidden_state
+    picked = hidden.reshape(-1, hidden.shape[-1])[batch.pred_rows]
+    head = lm.get_output_embeddings()
+    assert head is not None
+    # The head module itself (not its weight): a peft wrapper adds the trained SID rows.
+    logits = head(picked)
+    total = logits.new_zeros((), dtype=torch.float32)
+    for level, ids in enumerate(level_ids):
+        sel = batch.levels == level
+        if sel.any():
+            level_logits = logits[sel][:, ids].float()
+            total = total + nn.functional.cross_entropy(
+                level_logits, batch.codes[sel], reduction="sum"
+            )
+    return total, int(batch.codes.numel())
+
+
+def _batches(lengths: IntArray, batch_size: int, rng: np.random.Generator) -> list[IntArray]:
+    """Shuffled batches of examples of similar length (less padding, still random)."""
+    perm = rng.permutation(len(lengths))
+    group = batch_size * 50
+    out: list[IntArray] = []
+    for g in range(0, len(perm), group):
+        chunk = perm[g : g + group]
+        chunk = chunk[np.argsort(lengths[chunk], kind="stable")]
+        out += [chunk[i : i + batch_size] for i in range(0, len(chunk), batch_size)]
+    order = rng.permutation(len(out))
+    return [out[i] for i in order]
+
+
+@dataclass
+class EpochMetrics:
+    """One epoch's numbers."""
+
+    epoch: int
+    train_loss: float
+    eval_loss: float | None
+    hr_at_10: float | None
+    ndcg_at_10: float | None
+    learning_rate: float
+    seconds: float
+
+
+@dataclass
+class TrainHistory:
+    """What training did: per-epoch metrics and the epoch that was kept."""
+
+    epochs: list[EpochMetrics] = field(default_factory=list)
+    best_epoch: int = 0
+    stopped_early: bool = False
+
+    @property
+    def best(self) -> EpochMetrics:
+        """Metrics of the kept epoch."""
+        return self.epochs[self.best_epoch - 1]
+
+    def as_dict(self) -> dict[str, Any]:
+        """JSON-ready form."""
+        return {
+            "best_epoch": self.best_epoch,
+            "stopped_early": self.stopped_early,
+            "epochs": [asdict(e) for e in self.epochs],
+        }
+
+
+def _autocast(device: torch.device, enabled: bool) -> torch.autocast:
+    return torch.autocast(
+        device_type=device.type, dtype=torch.bfloat16, enabled=enabled and device.type == "cuda"
+    )
+
+
+@torch.no_grad()
+def evaluate(
+    model: nn.Module,
+    vocab: SidVocab,
+    trie: SidTrie,
+    item_tokens: IntArray,
+    item_codes: IntArray,
+    eval_set: EvalSet,
+    cfg: TrainConfig,
+    device: torch.device,
+) -> tuple[float, float, float]:
+    """Held-out next items: mean NLL (nats per item), HR@10 and NDCG@10 of constrained search."""
+    model.eval()
+    lm = causal_lm(model)
+    level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
+    seqs = [np.append(h, t) for h, t in zip(eval_set.histories, eval_set.targets, strict=True)]
+    lengths = np.array([len(s) for s in seqs], dtype=np.int64)
+    ends = np.cumsum(lengths)
+    examples = ExampleSet(
+        items=np.concatenate(seqs), start=ends - lengths, end=ends, loss_start=ends - 1
+    )
+    nll = 0.0
+    with _autocast(device, cfg.bf16):
+        for s in range(0, len(examples), cfg.eval_batch_size):
+            rows = np.arange(s, min(s + cfg.eval_batch_size, len(examples)))
+            batch = collate(examples, rows, item_tokens, item_codes, vocab).to(device)
+            loss, _ = sid_loss(model, batch, level_ids)
+            nll += float(loss)
+        prompts = [vocab.encode(item_tokens[h]) for h in eval_set.histories]
+        out = search_in_batches(
+            lambda p: beam_search_fast(lm, p, trie, vocab, cfg.eval_beam_width, EVAL_K),
+            prompts,
+            cfg.eval_batch_size,
+        )
+    hit = out.items == eval_set.targets[:, None]
+    rank = np.argmax(hit, axis=1)
+    found = hit.any(axis=1)
+    hr = float(found.mean())
+    ndcg = float(np.where(found, 1.0 / np.log2(rank + 2), 0.0).mean())
+    return nll / len(seqs), hr, ndcg
+
+
+def train_loop(
+    model: nn.Module,
+    vocab: SidVocab,
+    trie: SidTrie,
+    item_codes: IntArray,
+    train: ExampleSet,
+    eval_set: EvalSet | None,
+    cfg: TrainConfig,
+    on_best: Callable[[nn.Module, EpochMetrics], None] | None = None,
+) -> TrainHistory:
+    """Train ``model`` in place on ``train``; keep (restore) the best epoch.
+
+    Args:
+        model: Compact model or peft wrapper; its trainable parameters are optimized.
+        vocab: SID vocabulary of the model.
+        trie: Valid SIDs (evaluation decoding).
+        item_codes: SID codes of the catalog items, ``[n_items, n_levels]``.
+        train: Training examples.
+        eval_set: Held-out next items, or None (no evaluation, no early stopping).
+        cfg: Optimization settings.
+        on_best: Called after each epoch that improves on the best so far (e.g. to save it).
+    """
+    if len(train) == 0:
+        raise ValueError("no training examples: users need at least 2 positives")
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    model.to(device)
+    item_tokens = vocab.item_tokens(item_codes)
+    level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for _, p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
+        {"params": [p for _, p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW(groups, lr=cfg.learning_rate, betas=(0.9, 0.98))
+    steps_per_epoch = math.ceil(len(train) / cfg.batch_size)
+    total_steps = steps_per_epoch * cfg.epochs
+    warmup = max(1, int(cfg.warmup_ratio * total_steps))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
+
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    lengths = (train.end - train.start).astype(np.int64)
+    history = TrainHistory()
+    best_key: tuple[float, float] | None = None
+    best_state: dict[str, torch.Tensor] | None = None
+    stale = 0
+    use_eval = eval_set is not None and len(eval_set.targets) > 0
+    for epoch in range(1, cfg.epochs + 1):
+        t0 = time.perf_counter()
+        model.train()
+        loss_sum, token_count = 0.0, 0
+        bar = tqdm(
+            _batches(lengths, cfg.batch_size, rng),
+            desc=f"anchors epoch {epoch}/{cfg.epochs}",
+            unit="batch",
+            disable=not cfg.progress,
+            leave=False,
+        )
+        for rows in bar:
+            batch = collate(train, rows, item_tokens, item_codes, vocab).to(device)
+            with _autocast(device, cfg.bf16):
+                loss, n = sid_loss(model, batch, level_ids)
+            optimizer.zero_grad(set_to_none=True)
+            (loss / n).backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            loss_sum += float(loss.detach())
+            token_count += n
+            bar.set_postfix(loss=f"{loss_sum / token_count:.3f}")
+        metrics = EpochMetrics(
+            epoch=epoch,
+            train_loss=loss_sum / max(token_count, 1),
+            eval_loss=None,
+            hr_at_10=None,
+            ndcg_at_10=None,
+            learning_rate=float(scheduler.get_last_lr()[0]),
+            seconds=0.0,
+        )
+        if use_eval:
+            assert eval_set is not None
+            nll, hr, ndcg = evaluate(
+                model, vocab, trie, item_tokens, item_codes, eval_set, cfg, device
+            )
+            metrics.eval_loss, metrics.hr_at_10, metrics.ndcg_at_10 = nll, hr, ndcg
+        metrics.seconds = time.perf_counter() - t0
+        history.epochs.append(metrics)
+        logger.info(
+            "epoch %d: train loss %.4f, eval loss %s, HR@10 %s, NDCG@10 %s, %.1fs",
+            epoch,
+            metrics.train_loss,
+            "-" if metrics.eval_loss is None else f"{metrics.eval_loss:.4f}",
+            "-" if metrics.hr_at_10 is None else f"{metrics.hr_at_10:.4f}",
+            "-" if metrics.ndcg_at_10 is None else f"{metrics.ndcg_at_10:.4f}",
+            metrics.seconds,
+        )
+        key = _score(metrics, cfg) if use_eval else (float(epoch), 0.0)
+        if best_key is None or key > best_key:
+            best_key, stale, history.best_epoch = key, 0, epoch
+            best_state = {n: p.detach().to("cpu", copy=True) for n, p in params}
+            if on_best is not None:
+                on_best(model, metrics)
+        else:
+            stale += 1
+            if stale >= cfg.patience:
+                history.stopped_early = True
+                break
+    if best_state is not None:
+        with torch.no_grad():
+            for name, p in params:
+                p.copy_(best_state[name].to(p.device))
+    model.eval()
+    return history
+
+
+def _score(m: EpochMetrics, cfg: TrainConfig) -> tuple[float, float]:
+    """Bigger is better: (HR@10, -loss) or (-loss, 0)."""
+    loss = m.eval_loss if m.eval_loss is not None else math.inf
+    if cfg.early_stopping_metric == "hr@10":
+        return (m.hr_at_10 or 0.0, -loss)
+    return (-loss, 0.0)
