@@ -2,6 +2,9 @@
 
     gpl data synth | data import movielens|amazon | data validate   (contract tables)
     gpl data simulate                                               (funnel -> requests, truth)
+    gpl sids train | sids assign                                    (Semantic IDs)
+    gpl anchors train | anchors generate                            (interest anchors, LM)
+    gpl pseudo-labels                                               (unexposed candidates)
     gpl features build | apply | materialize | training-set         (Feast)
     gpl demo                                                        (all of the above)
 
@@ -17,7 +20,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, Any, Final, TypeVar
 
 import typer
 import yaml
@@ -39,7 +42,17 @@ data_app = typer.Typer(
 features_app = typer.Typer(
     help="Feast: build feature tables, apply definitions, materialize, join.", no_args_is_help=True
 )
+sids_app = typer.Typer(
+    help="Semantic IDs: frozen content encoder + RQ-VAE (or residual k-means).",
+    no_args_is_help=True,
+)
+anchors_app = typer.Typer(
+    help="Interest anchors: a causal LM over SID sequences, trie-constrained beam search.",
+    no_args_is_help=True,
+)
 app.add_typer(data_app, name="data")
+app.add_typer(sids_app, name="sids")
+app.add_typer(anchors_app, name="anchors")
 app.add_typer(features_app, name="features")
 
 RunDir = Annotated[
@@ -333,6 +346,168 @@ def features_training_set(
         )
 
 
+# ---------------------------------------------------------------------------------------- sids
+
+
+def _print_metrics(prefix: str, metrics: dict[str, Any], keys: list[str]) -> None:
+    for key in keys:
+        if key in metrics:
+            _say(f"  {prefix}{key}: {metrics[key]}")
+
+
+@sids_app.command("train")
+def sids_train(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    method: Annotated[
+        str | None, typer.Option(help="rqvae (trained quantizer) or rkmeans (no training).")
+    ] = None,
+    encoder: Annotated[
+        str | None,
+        typer.Option(help="Local encoder directory; default: bundled all-MiniLM-L6-v2."),
+    ] = None,
+) -> None:
+    """Encode RUN_DIR's catalog and fit the quantizer: every item gets a unique SID.
+
+    Writes RUN_DIR/sids/{item_semantics.parquet, codebooks.safetensors, manifest.json}; the
+    embedding cache makes a re-run encode only new or changed texts. See docs/semantic_ids.md.
+    """
+    from training.io import read_table
+    from training.sids.config import SidConfig
+    from training.sids.job import SidInputError, train_sids
+
+    with _user_errors():
+        overrides: dict[str, Any] = {"method": method}
+        if encoder is not None:
+            overrides["encoder"] = {"model_path": encoder}
+        cfg = _load_config(SidConfig, config, **overrides)
+        items = read_table(run_dir / "data" / "items.parquet", "items")
+        try:
+            result = train_sids(items, cfg, run_dir / "sids")
+        except SidInputError as exc:
+            raise UsageError(*exc.problems) from exc
+        _say(f"sids: {result.table.num_rows} items, codebook sizes {result.codebook_sizes}")
+        _print_metrics("", result.metrics, ["collision_rate", "utilization", "seconds"])
+
+
+@sids_app.command("assign")
+def sids_assign(run_dir: RunDir = DEFAULT_RUN_DIR) -> None:
+    """Give SIDs to new catalog items with the frozen codebooks; existing items keep theirs."""
+    from training.io import read_table
+    from training.sids.job import SidInputError, assign_sids
+
+    with _user_errors():
+        items = read_table(run_dir / "data" / "items.parquet", "items")
+        try:
+            result = assign_sids(items, run_dir / "sids")
+        except SidInputError as exc:
+            raise UsageError(*exc.problems) from exc
+        _say(f"sids: {result.table.num_rows} items now, codebook sizes {result.codebook_sizes}")
+        _print_metrics("", result.metrics, ["new_items", "changed_text", "seconds"])
+
+
+# ------------------------------------------------------------------------------------- anchors
+
+
+def _positives(run_dir: Path, until: datetime | None) -> Any:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    from training.io import read_table
+
+    table = read_table(run_dir / "data" / "interactions.parquet", "interactions")
+    if until is not None:
+        bound = pa.scalar(until if until.tzinfo else until.replace(tzinfo=UTC))
+        table = table.filter(pc.less(table.column("event_timestamp"), bound))
+    return table
+
+
+@anchors_app.command("train")
+def anchors_train(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Local checkpoint (e.g. Qwen2.5-0.5B) to tune with LoRA; default: compact model."
+        ),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(
+            help="Train only on positives before this time (UTC). Set it to the start of any "
+            "period you will evaluate on, or the model will have seen that period's future."
+        ),
+    ] = None,
+    epochs: Annotated[int | None, typer.Option(help="Most training epochs.")] = None,
+) -> None:
+    """Train the anchor LM on users' positive SID sequences: RUN_DIR/anchors/model/."""
+    from training.anchors.catalog import read_codebook_sizes
+    from training.anchors.job import AnchorConfig, train_anchor_model
+    from training.io import read_table
+
+    with _user_errors():
+        raw: dict[str, Any] = {}
+        if config is not None:
+            raw = _load_config(AnchorConfig, config).model_dump()
+        if base_model is not None:
+            raw.setdefault("model", {})["base_model_path"] = base_model
+        if epochs is not None:
+            raw.setdefault("training", {})["epochs"] = epochs
+        cfg = AnchorConfig.model_validate(raw)
+        item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
+        sizes = read_codebook_sizes(run_dir / "sids", item_semantics)
+        result = train_anchor_model(
+            item_semantics, _positives(run_dir, until), sizes, cfg, run_dir / "anchors" / "model"
+        )
+        _say(f"anchor model -> {result.model_dir}")
+        _print_metrics("", result.metrics, ["eval_hr@10", "eval_ndcg@10", "best_epoch", "seconds"])
+
+
+@anchors_app.command("generate")
+def anchors_generate(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    implementation: Annotated[
+        str | None, typer.Option(help="fast (batched, KV-cache reuse) or reference (HF generate).")
+    ] = None,
+) -> None:
+    """Generate interest anchors for every user and request day of RUN_DIR's request log.
+
+    One anchor set per (user, day with requests) whose history changed, from positives strictly
+    before that day: RUN_DIR/anchors/user_interest_anchors.parquet.
+    """
+    from training.anchors.job import AnchorConfig, generate_anchors
+    from training.anchors.sequences import day_cutoffs
+    from training.io import read_table
+
+    with _user_errors():
+        raw: dict[str, Any] = {}
+        if config is not None:
+            raw = _load_config(AnchorConfig, config).model_dump()
+        if implementation is not None:
+            raw.setdefault("generation", {})["implementation"] = implementation
+        cfg = AnchorConfig.model_validate(raw)
+        item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
+        requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
+        model_dir = run_dir / "anchors" / "model"
+        if not model_dir.exists():
+            raise FileNotFoundError(f"{model_dir}: run `gpl anchors train` first")
+        result = generate_anchors(
+            item_semantics,
+            _positives(run_dir, None),
+            day_cutoffs(requests.column("event_timestamp")),
+            model_dir,
+            cfg,
+            run_dir / "anchors",
+            users=sorted(set(requests.column("user_id").to_pylist())),
+        )
+        _say(f"anchors: {result.table.num_rows} anchor sets -> {result.path}")
+        _print_metrics(
+            "", result.metrics, ["users", "skipped_empty_history", "users_per_s", "seconds"]
+        )
+
+
 # ------------------------------------------------------------------------------- pseudo-labels
 
 
@@ -398,17 +573,35 @@ def pseudo_labels(
 # ---------------------------------------------------------------------------------------- demo
 
 
+DEMO_ANCHORS_CONFIG: Final[dict[str, Any]] = {
+    "model": {
+        "compact": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384}
+    },
+    "sequences": {"max_history": 20},
+    "training": {"loss_on": "all", "eval_users": 100, "patience": 2},
+    "generation": {"beam_width": 10},
+}
+
+
 @app.command("demo")
 def demo(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     n_items: Annotated[int, typer.Option(help="Synthetic catalog size.")] = 2000,
     n_users: Annotated[int, typer.Option(help="Synthetic users.")] = 500,
+    lm_epochs: Annotated[int, typer.Option(help="Anchor LM training epochs.")] = 4,
 ) -> None:
-    """Run the whole pipeline on a synthetic catalog: synth -> simulate -> features -> join.
+    """Run the whole pipeline on a synthetic catalog, printing row counts and timings.
 
-    Prints row counts and timings of every stage.
+    synth -> simulate -> sids -> anchors (train, generate) -> pseudo-labels -> Feast features
+    (build, apply, materialize) -> point-in-time training set.
     """
     timings: dict[str, float] = {}
+    # The demo's anchor LM is a small one (2 layers, 128 wide, 20-item histories, beam 10) trained
+    # on whole windows, so the stage takes about a minute on two CPU cores; the file doubles as a
+    # config example.
+    anchors_config = run_dir / "configs" / "anchors.yaml"
+    anchors_config.parent.mkdir(parents=True, exist_ok=True)
+    anchors_config.write_text(yaml.safe_dump(DEMO_ANCHORS_CONFIG, sort_keys=False))
     steps: list[tuple[str, Callable[[], None]]] = [
         (
             "data synth",
@@ -419,6 +612,25 @@ def demo(
         (
             "data simulate",
             lambda: data_simulate(run_dir=run_dir, config=None, seed=None, requests_per_user=None),
+        ),
+        ("sids train", lambda: sids_train(run_dir=run_dir, config=None, method=None, encoder=None)),
+        (
+            "anchors train",
+            lambda: anchors_train(
+                run_dir=run_dir,
+                config=anchors_config,
+                base_model=None,
+                until=None,
+                epochs=lm_epochs,
+            ),
+        ),
+        (
+            "anchors generate",
+            lambda: anchors_generate(run_dir=run_dir, config=anchors_config, implementation=None),
+        ),
+        (
+            "pseudo-labels",
+            lambda: pseudo_labels(run_dir=run_dir, config=None, include_global_negatives=None),
         ),
         ("features build", lambda: features_build(run_dir=run_dir, config=None)),
         ("features apply", lambda: features_apply(run_dir=run_dir)),
