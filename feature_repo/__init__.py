@@ -18,6 +18,7 @@ def definitions() -> list[Any]:
         data_sources.item_content_source,
         data_sources.item_popularity_source,
         data_sources.user_activity_source,
+        data_sources.user_history_source,
         data_sources.item_semantics_source,
         data_sources.user_interest_anchors_source,
         data_sources.pseudo_labels_source,

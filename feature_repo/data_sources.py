@@ -65,3 +65,12 @@ item_semantics_source = FileSource(
         "the item's own timestamp (`train_sids` / `assign_sids`, training/sids)."
     ),
 )
+
+user_history_source = FileSource(
+    name="user_history_source",
+    path="features/user_history.parquet",
+    timestamp_field=TIMESTAMP_FIELD,
+    description=(
+        "Daily snapshots of each user's latest positives, oldest first (`gpl features build`)."
+    ),
+)

@@ -12,13 +12,23 @@ from feature_repo.feature_views import (
     item_popularity,
     pseudo_labels,
     user_activity,
+    user_history,
+    user_interest_anchors,
 )
 
 preranker = FeatureService(
     name="preranker",
-    features=[user_activity, item_content, item_popularity],
+    features=[
+        user_activity,
+        user_history,
+        # Only the anchors' item ids: their embeddings come from the item_semantics table that
+        # training and the service both hold in memory, so no row carries 10 x 384 floats.
+        user_interest_anchors[["anchor_item_ids"]],
+        item_content,
+        item_popularity,
+    ],
     description="Every feature the pre-ranker reads, for training (offline) and serving (online).",
-    tags={"version": "1"},
+    tags={"version": "2"},
 )
 
 training_labels = FeatureService(

@@ -16,6 +16,7 @@ from feature_repo.data_sources import (
     item_semantics_source,
     pseudo_labels_source,
     user_activity_source,
+    user_history_source,
     user_interest_anchors_source,
 )
 from feature_repo.entities import item, request, user
@@ -277,10 +278,34 @@ item_semantics = FeatureView(
     tags={"stage": "sids", "owner": "gpl"},
 )
 
+user_history = FeatureView(
+    name="user_history",
+    entities=[user],
+    # A history older than 90 days says little about today's interests; past it the model sees
+    # the empty default and the missing indicator.
+    ttl=timedelta(days=90),
+    schema=[
+        Field(name="user_id", dtype=String, description="User key."),
+        Field(
+            name="recent_item_ids",
+            dtype=Array(String),
+            description="The user's latest positives before the snapshot, oldest first (at most "
+            "StatsConfig.history_length); the expressive pre-ranker attends over their content "
+            "embeddings.",
+            tags={"default": "[]"},
+        ),
+    ],
+    source=user_history_source,
+    online=True,
+    description="Recent positive items of each user, daily point-in-time snapshots.",
+    tags={"stage": "features", "owner": "gpl"},
+)
+
 FEATURE_VIEWS = [
     item_content,
     item_popularity,
     user_activity,
+    user_history,
     user_interest_anchors,
     pseudo_labels,
     item_semantics,

@@ -266,7 +266,11 @@ def data_simulate(
 
 @features_app.command("build")
 def features_build(run_dir: RunDir = DEFAULT_RUN_DIR, config: ConfigFile = None) -> None:
-    """Compute point-in-time item and user statistics from RUN_DIR's catalog and request log."""
+    """Compute point-in-time item and user statistics from RUN_DIR's catalog and request log.
+
+    user_history (each user's latest positives) comes from RUN_DIR/data/interactions.parquet
+    when it exists, else from the request log's clicks.
+    """
     from training.features.stats import StatsConfig, compute_feature_tables
     from training.io import read_table
 
@@ -274,12 +278,16 @@ def features_build(run_dir: RunDir = DEFAULT_RUN_DIR, config: ConfigFile = None)
         cfg = _load_config(StatsConfig, config)
         items = read_table(run_dir / "data" / "items.parquet", "items")
         requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
-        tables = compute_feature_tables(items, requests, cfg)
+        log = run_dir / "data" / "interactions.parquet"
+        interactions = read_table(log, "interactions") if log.exists() else None
+        tables = compute_feature_tables(items, requests, cfg, interactions)
         tables.write(run_dir, cfg)
         _say(
             f"features: item_content {tables.item_content.num_rows} rows, item_popularity "
             f"{tables.item_popularity.num_rows} rows, "
-            f"user_activity {tables.user_activity.num_rows} rows"
+            f"user_activity {tables.user_activity.num_rows} rows, "
+            f"user_history {tables.user_history.num_rows} rows "
+            f"(from {tables.info['user_history_source']})"
         )
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -64,3 +65,14 @@ def make_requests(
                 }
             )
     return conform(pa.Table.from_pylist(rows), "requests")
+
+
+def write_empty_anchors(run_dir: Path) -> Path:
+    """Write a ``user_interest_anchors`` table with no rows: the anchor stage ran, found nothing.
+
+    The ``preranker`` FeatureService reads it; every row then gets the declared defaults.
+    """
+    from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
+    from training.io import write_table
+
+    return write_table(ANCHORS_SCHEMA.empty_table(), run_dir / ANCHORS_DIR / ANCHORS_FILE)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpl_service.cli import app
-from tests.factories import make_requests
+from tests.factories import make_requests, write_empty_anchors
 
 runner = CliRunner()
 
@@ -104,11 +104,16 @@ def test_pipeline_verbs_end_to_end(tmp_path: Path) -> None:
         ("features", "build", "--run-dir", str(run)),
         ("features", "apply", "--run-dir", str(run)),
         ("features", "materialize", "--run-dir", str(run), "--full"),
-        ("features", "training-set", "--run-dir", str(run)),
     ]
     for step in steps:
         code, out = gpl(*step)
         assert code == 0, (step, out)
+    # The preranker service reads the anchor stage's output: without it, one clear line.
+    code, out = gpl("features", "training-set", "--run-dir", str(run))
+    assert code == 2 and "user_interest_anchors.parquet" in out and "run the stage" in out
+    write_empty_anchors(run)
+    code, out = gpl("features", "training-set", "--run-dir", str(run))
+    assert code == 0, out
     requests = pq.read_table(run / "funnel" / "requests.parquet")
     training = pq.read_table(run / "training_set" / "training_set.parquet")
     assert training.num_rows == requests.num_rows

@@ -14,6 +14,9 @@ Output tables (parquet, one row per entity and active day):
   ctr_smoothed, exposure_rate, log_candidate_count (float32).
 * ``user_activity``: user_id, event_timestamp, requests, impressions, clicks, active_days
   (int64), ctr_smoothed, clicked_popularity_mean (float32).
+* ``user_history``: user_id, event_timestamp, recent_item_ids (list<string>, oldest first, at
+  most ``history_length``): the user's latest positives before the snapshot, from the
+  engagement log (``interactions``) when there is one, else the clicks of the request log.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
@@ -31,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from training.io import write_manifest, write_table
 
 FEATURES_DIR = "features"
+TABLES = ("item_content", "item_popularity", "user_activity", "user_history")
 
 
 class StatsConfig(BaseModel):
@@ -46,6 +51,13 @@ class StatsConfig(BaseModel):
         gt=0,
         description="Beta prior 'a + b' of smoothed CTRs (pseudo-impressions); a/(a+b): prior CTR.",
     )
+    history_length: int = Field(
+        default=20,
+        ge=1,
+        le=200,
+        description="Most recent positives kept per user_history snapshot (the expressive "
+        "pre-ranker attends over them).",
+    )
 
 
 @dataclass
@@ -55,16 +67,14 @@ class FeatureTables:
     item_content: pa.Table
     item_popularity: pa.Table
     user_activity: pa.Table
+    user_history: pa.Table
     seconds: float = 0.0
     info: dict[str, Any] = field(default_factory=dict)
 
     def write(self, run_dir: Path, config: StatsConfig) -> dict[str, Path]:
         """Write each table to ``run_dir/features/<name>.parquet`` plus a manifest."""
         out = run_dir / FEATURES_DIR
-        paths = {
-            name: write_table(getattr(self, name), out / f"{name}.parquet")
-            for name in ("item_content", "item_popularity", "user_activity")
-        }
+        paths = {name: write_table(getattr(self, name), out / f"{name}.parquet") for name in TABLES}
         write_manifest(
             out,
             "features",
@@ -88,17 +98,22 @@ def _float32(table: pa.Table, columns: list[str]) -> pa.Table:
 
 
 def compute_feature_tables(
-    items: pa.Table, requests: pa.Table, config: StatsConfig | None = None
+    items: pa.Table,
+    requests: pa.Table,
+    config: StatsConfig | None = None,
+    interactions: pa.Table | None = None,
 ) -> FeatureTables:
-    """Compute item content, item popularity and user activity snapshots.
+    """Compute item content, item popularity, user activity and user history snapshots.
 
     Args:
         items: Catalog conforming to the ``items`` contract.
         requests: Request log conforming to the ``requests`` contract.
-        config: Smoothing priors.
+        config: Smoothing priors and history length.
+        interactions: Optional engagement log (``interactions`` contract), the source of
+            ``user_history``; without it the request log's clicks are used.
 
     Returns:
-        The three tables, each sorted by entity then time.
+        The four tables, each sorted by entity then time.
     """
     config = config or StatsConfig()
     began = time.perf_counter()
@@ -198,12 +213,82 @@ def compute_feature_tables(
         _utc(item_popularity), ["ctr_smoothed", "exposure_rate", "log_candidate_count"]
     )
     user_activity = _float32(_utc(user_activity), ["ctr_smoothed", "clicked_popularity_mean"])
+    if interactions is not None:
+        positives = interactions.select(["user_id", "item_id", "event_timestamp"])
+        history_source = "interactions"
+    else:
+        clicked = requests.filter(pc.equal(requests.column("label"), 1))
+        positives = clicked.select(["user_id", "item_id", "event_timestamp"])
+        history_source = "request clicks"
+    user_history = user_history_snapshots(positives, config.history_length)
     return FeatureTables(
         item_content=item_content,
         item_popularity=item_popularity,
         user_activity=user_activity,
+        user_history=user_history,
         seconds=time.perf_counter() - began,
-        info={"items": items.num_rows, "request_rows": requests.num_rows},
+        info={
+            "items": items.num_rows,
+            "request_rows": requests.num_rows,
+            "user_history_source": history_source,
+        },
+    )
+
+
+_DAY_US = 86_400_000_000
+
+
+def user_history_snapshots(positives: pa.Table, history_length: int) -> pa.Table:
+    """Daily snapshots of each user's latest positives.
+
+    The row stamped ``D + 1 day 00:00 UTC`` lists the user's last ``history_length`` positives
+    up to the end of day ``D`` (oldest first), so a request joined point-in-time sees only
+    earlier days, like the other statistics.
+
+    Args:
+        positives: ``user_id``, ``item_id``, ``event_timestamp`` of positive events.
+        history_length: Most items per snapshot.
+
+    Returns:
+        ``user_id``, ``event_timestamp``, ``recent_item_ids`` sorted by user then time.
+    """
+    ts = positives.column("event_timestamp").cast(pa.timestamp("us", tz="UTC"))
+    micros = pc.cast(ts, pa.int64()).to_numpy(zero_copy_only=False)
+    users = positives.column("user_id").to_numpy(zero_copy_only=False).astype(str)
+    items = positives.column("item_id").to_numpy(zero_copy_only=False).astype(str)
+    order = np.lexsort((micros, users))
+    users, items, days = users[order], items[order], micros[order] // _DAY_US
+    n = len(order)
+    if n == 0:
+        empty = pa.array([], pa.timestamp("us", tz="UTC"))
+        return pa.table(
+            {
+                "user_id": pa.array([], pa.string()),
+                "event_timestamp": empty,
+                "recent_item_ids": pa.array([], pa.list_(pa.string())),
+            }
+        )
+    new_user = np.ones(n, dtype=bool)
+    new_user[1:] = users[1:] != users[:-1]
+    user_start = np.maximum.accumulate(np.where(new_user, np.arange(n), 0))
+    # The last event of each (user, day) closes that day's snapshot.
+    last = np.ones(n, dtype=bool)
+    last[:-1] = (users[1:] != users[:-1]) | (days[1:] != days[:-1])
+    ends = np.flatnonzero(last) + 1
+    starts = np.maximum(user_start[ends - 1], ends - history_length)
+    lengths = ends - starts
+    offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
+    # Window j covers starts[j] .. ends[j]-1: one gather builds every list at once.
+    take = np.repeat(starts - offsets[:-1], lengths) + np.arange(offsets[-1])
+    values = pa.array(items[take], pa.string())
+    return pa.table(
+        {
+            "user_id": pa.array(users[ends - 1], pa.string()),
+            "event_timestamp": pa.array((days[ends - 1] + 1) * _DAY_US, pa.int64()).cast(
+                pa.timestamp("us", tz="UTC")
+            ),
+            "recent_item_ids": pa.ListArray.from_arrays(pa.array(offsets), values),
+        }
     )
 
 

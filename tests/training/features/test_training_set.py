@@ -10,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tests.factories import T0, make_items, make_requests
+from tests.factories import T0, make_items, make_requests, write_empty_anchors
 from training.features.stats import StatsConfig, compute_feature_tables
 from training.features.store import StoreSettings, apply_definitions, open_store
 from training.features.training_set import RowsLostError, build_training_set
@@ -22,6 +22,7 @@ def built(tmp_path: Path):  # type: ignore[no-untyped-def]
     items = make_items(40)
     requests = make_requests(n_requests=150, n_users=12, n_items=40, seed=5)
     compute_feature_tables(items, requests).write(tmp_path, StatsConfig())
+    write_empty_anchors(tmp_path)
     store = open_store(tmp_path, StoreSettings(project="ts"))
     apply_definitions(store)
     return store, items, requests
@@ -55,6 +56,9 @@ def test_features_count_only_events_from_earlier_days(built) -> None:  # type: i
         assert row["user_activity__clicks"] == (user_rows["label"] == 1).sum()
         assert row["user_activity__requests"] == user_rows["request_id"].nunique()
         assert row["user_activity__missing"] == int(len(user_rows) == 0)
+        clicks = user_rows[user_rows["label"] == 1].sort_values("event_timestamp", kind="stable")
+        assert list(row["user_history__recent_item_ids"]) == list(clicks["item_id"][-20:])
+        assert len(row["user_interest_anchors__anchor_item_ids"]) == 0
 
 
 def test_missing_rows_get_declared_defaults(built) -> None:  # type: ignore[no-untyped-def]
@@ -86,9 +90,12 @@ def test_written_with_manifest(built, tmp_path: Path) -> None:  # type: ignore[n
     assert manifest["metrics"]["rows"] == requests.num_rows
     assert set(manifest["metrics"]["coverage"]) == {
         "user_activity",
+        "user_history",
+        "user_interest_anchors",
         "item_content",
         "item_popularity",
     }
+    assert manifest["metrics"]["coverage"]["user_interest_anchors"] == 0.0
 
 
 def test_lost_rows_are_detected(built, monkeypatch) -> None:  # type: ignore[no-untyped-def]

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.factories import T0, make_items, make_requests
+from tests.factories import T0, make_items, make_requests, write_empty_anchors
 from training.features.stats import StatsConfig, compute_feature_tables
 from training.features.store import StoreSettings, apply_definitions, materialize, open_store
 from training.features.training_set import build_training_set
@@ -28,6 +28,7 @@ def test_apply_join_materialize_online(settings: StoreSettings, tmp_path: Path) 
     requests = make_requests(n_requests=80, n_users=8, n_items=30, seed=11)
     tables = compute_feature_tables(items, requests)
     tables.write(tmp_path, StatsConfig())
+    write_empty_anchors(tmp_path)
 
     store = open_store(tmp_path, settings)
     config = yaml.safe_load((tmp_path / "feature_store.yaml").read_text())
@@ -36,6 +37,7 @@ def test_apply_join_materialize_online(settings: StoreSettings, tmp_path: Path) 
     assert {"user_activity", "item_popularity", "item_content", "preranker"} <= set(names)
     assert {fv.name for fv in store.list_feature_views()} == {
         "user_activity",
+        "user_history",
         "item_popularity",
         "item_content",
         "user_interest_anchors",
@@ -48,9 +50,15 @@ def test_apply_join_materialize_online(settings: StoreSettings, tmp_path: Path) 
 
     end = T0 + timedelta(days=40)
     report = materialize(store, end=end, start=T0 - timedelta(days=1))
-    assert set(report.views) == {"user_activity", "item_popularity", "item_content"}
+    assert set(report.views) == {
+        "user_activity",
+        "user_history",
+        "item_popularity",
+        "item_content",
+        "user_interest_anchors",
+    }
     # Stages that have not run are skipped, not failed; offline-only views are never loaded.
-    assert sorted(report.skipped) == ["item_semantics", "user_interest_anchors"]
+    assert sorted(report.skipped) == ["item_semantics"]
 
     # Online values are the latest snapshot of each entity.
     users = sorted(set(requests.column("user_id").to_pylist()))
