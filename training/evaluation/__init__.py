@@ -1,1 +1,9 @@
-"""Evaluation metrics shared by benchmarks and the evaluation report."""
+"""Offline evaluation of pre-rankers: metrics, ranking evaluation against truth, and reports.
+
+* :mod:`training.evaluation.metrics`: AUC (weighted, ties), GAUC, reliability curve.
+* :mod:`training.evaluation.ranking`: :func:`~training.evaluation.ranking.evaluate_scores` joins
+  scored candidates to a truth table and computes AUC, GAUC, HR/Recall/NDCG@K over all and over
+  unexposed candidates, intra-list distance, category coverage and long-tail recall.
+* :mod:`training.evaluation.report`: :func:`~training.evaluation.report.write_report` writes the
+  markdown + HTML + JSON report (mean ± std over seeds) with matplotlib plots.
+"""
