@@ -1,0 +1,82 @@
+"""`gpl train` never reads the truth table; `gpl evaluate` writes the report against it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import yaml
+
+from tests.gpl_service.test_cli import gpl
+from tests.training.preranker.conftest import Run
+from training.io import write_table
+
+
+@pytest.fixture
+def run_dir(run: Run, tmp_path: Path) -> Path:
+    root = tmp_path / "run"
+    shutil.copytree(run.root, root)
+    write_table(run.requests, root / "funnel" / "requests.parquet")
+    write_table(run.semantics, root / "sids" / "item_semantics.parquet")
+    write_table(run.items, root / "data" / "items.parquet")
+    (root / "preranker.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "model": {"light_hidden": 16, "expressive_hidden": 32, "tower_dim": 8},
+                "training": {"epochs": 1, "batch_requests": 16, "progress": False},
+            }
+        )
+    )
+    code, out = gpl("features", "apply", "--run-dir", str(root))
+    assert code == 0, out
+    return root
+
+
+def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
+    assert not (run_dir / "funnel" / "truth.parquet").exists()
+    cfg = str(run_dir / "preranker.yaml")
+    code, out = gpl("train", "--run-dir", str(run_dir), "--config", cfg, "--objective", "gpl_hap")
+    assert code == 0, out
+    manifest = json.loads((run_dir / "preranker" / "manifest.json").read_text())
+    assert manifest["config"]["objective"] == "gpl_hap"
+    assert manifest["metrics"]["pseudo_labelled_rows"] > 0
+    for name in ("light.safetensors", "expressive.safetensors", "preprocessing.json"):
+        assert (run_dir / "preranker" / name).exists()
+
+    code, out = gpl("evaluate", "--run-dir", str(run_dir), "--config", cfg, "--seeds", "1")
+    assert code == 2 and "truth.parquet" in out
+
+    rng = np.random.default_rng(0)
+    truth = pa.table(
+        {
+            "request_id": run.requests.column("request_id"),
+            "user_id": run.requests.column("user_id"),
+            "item_id": run.requests.column("item_id"),
+            "label": pa.array((rng.random(run.requests.num_rows) < 0.2).astype(np.int8)),
+        }
+    )
+    write_table(truth, run_dir / "funnel" / "truth.parquet")
+    code, out = gpl(
+        "evaluate",
+        "--run-dir",
+        str(run_dir),
+        "--config",
+        cfg,
+        "--seeds",
+        "2",
+        "--objectives",
+        "exposed,gpl_hap",
+    )
+    assert code == 0, out
+    report = (run_dir / "evaluation" / "report.md").read_text()
+    for method in ("exposed", "gpl_hap", "gpl_hap expressive-all", "gpl_hap routing@0.2"):
+        assert f"| {method} |" in report or method in report, method
+    assert "±" in report
+    assert (run_dir / "evaluation" / "report.html").exists()
+
+    code, out = gpl("evaluate", "--run-dir", str(run_dir), "--objectives", "exposed,nope")
+    assert code == 2 and "unknown objectives" in out

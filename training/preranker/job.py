@@ -1,0 +1,395 @@
+"""The pre-ranker stage: join, fit, save, load, score and evaluate against a truth table.
+
+``gpl train`` fits the configured objective on requests before a cutoff and writes
+``RUN_DIR/preranker/``: ``light.safetensors``, ``expressive.safetensors``,
+``preprocessing.json`` (fitted on training rows only), ``config.json`` and a manifest.
+``gpl evaluate`` trains every objective (the baselines and GPL/HAP) on the same training
+requests for several seeds, scores the requests from the cutoff on, and writes a report
+(``RUN_DIR/evaluation/``) against the truth table. Truth is read only by evaluation.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+import torch
+from feast import FeatureStore
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from training.evaluation.ranking import ItemInfo, evaluate_scores
+from training.evaluation.report import ReportPaths, write_report
+from training.features.training_set import build_training_set
+from training.io import atomic_path, write_manifest
+from training.preranker.config import OBJECTIVES, PrerankerConfig
+from training.preranker.data import (
+    ItemTable,
+    Preprocessing,
+    PrerankData,
+    PrerankerDataError,
+    check_trainable,
+    encode,
+    split_by_time,
+)
+from training.preranker.models import build_model, flops_per_candidate
+from training.preranker.routing import cascade_scores, routed_mask, routing_flops
+from training.preranker.train import TrainedModel, score, train_model
+
+PRERANKER_DIR: Final = "preranker"
+EVALUATION_DIR: Final = "evaluation"
+FEATURE_SERVICE: Final = "preranker"
+LABEL_SERVICE: Final = "training_labels"
+PSEUDO_OBJECTIVES: Final = ("gpl", "gpl_hap")
+ROUTING_FRACTIONS: Final = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+
+
+def entity_sides() -> dict[str, str]:
+    """Feature view name -> "user" or "item": which tower reads its numeric features."""
+    from feature_repo.feature_views import FEATURE_VIEWS
+
+    sides: dict[str, str] = {}
+    for view in FEATURE_VIEWS:
+        names = set(view.entities)
+        if "request" in names:
+            continue  # labels, not features
+        if "user" in names:
+            sides[view.name] = "user"
+        elif "item" in names:
+            sides[view.name] = "item"
+    return sides
+
+
+def join_features(store: FeatureStore, requests: pa.Table) -> pa.Table:
+    """Point-in-time join of the request log with the pre-ranker's FeatureServices.
+
+    ``preranker`` (features) and ``training_labels`` (pseudo-labels); one output row per
+    request row, in order.
+    """
+    joined = build_training_set(store, requests, FEATURE_SERVICE).table
+    labels = build_training_set(
+        store, requests.select(["request_id", "item_id", "event_timestamp"]), LABEL_SERVICE
+    ).table
+    for name in labels.column_names:
+        if name.startswith("pseudo_labels__"):
+            joined = joined.append_column(name, labels.column(name))
+    return joined
+
+
+def split_at(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, pa.Table]:
+    """Rows strictly before ``cutoff`` and the rest."""
+    ts = requests.column("event_timestamp")
+    bound = pa.scalar(cutoff, ts.type)
+    return (
+        requests.filter(pc.less(ts, bound)),
+        requests.filter(pc.greater_equal(ts, bound)),
+    )
+
+
+def time_quantile(requests: pa.Table, q: float) -> Any:
+    """The ``q`` quantile of request timestamps, as a datetime."""
+    micros = pc.cast(requests.column("event_timestamp"), pa.int64()).to_numpy()
+    value = int(np.quantile(micros, q))
+    return pa.scalar(value, pa.int64()).cast(requests.schema.field("event_timestamp").type).as_py()
+
+
+@dataclass
+class Prepared:
+    """Encoded training and evaluation data sharing one preprocessing."""
+
+    prep: Preprocessing
+    items: ItemTable
+    train: PrerankData
+    valid: PrerankData
+    embeddings: torch.Tensor
+
+
+def prepare(train_table: pa.Table, semantics: pa.Table, cfg: PrerankerConfig) -> Prepared:
+    """Fit preprocessing on training rows and encode them (time-based validation split)."""
+    items = ItemTable.from_semantics(semantics)
+    prep = Preprocessing.fit(
+        train_table, entity_sides(), cfg.model.category_vocab, cfg.model.history_length, items.dim
+    )
+    data = encode(
+        train_table,
+        items,
+        prep,
+        need_pseudo="pseudo_labels__pseudo_label" in train_table.column_names,
+    )
+    check_trainable(data)
+    train, valid = split_by_time(data, cfg.training.validation_fraction)
+    return Prepared(prep, items, train, valid, torch.from_numpy(items.embeddings))
+
+
+@dataclass
+class FittedPreranker:
+    """A light and an expressive model trained with one objective."""
+
+    objective: str
+    light: TrainedModel
+    expressive: TrainedModel
+    teacher: TrainedModel | None = None
+    flops: dict[str, dict[str, float]] = field(default_factory=dict)
+
+
+def fit(prepared: Prepared, cfg: PrerankerConfig, objective: str | None = None) -> FittedPreranker:
+    """Train both models with ``objective`` (default: the config's)."""
+    objective = objective or cfg.loss.objective
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; one of {', '.join(OBJECTIVES)}")
+    if objective in PSEUDO_OBJECTIVES and not np.isfinite(prepared.train.pseudo).any():
+        raise PrerankerDataError(
+            f"objective {objective!r} needs pseudo-labels, but no training row has one: run "
+            "`gpl pseudo-labels` and join the training_labels FeatureService"
+        )
+    p, emb = prepared, prepared.embeddings
+    teacher_probs = None
+    teacher = None
+    if objective == "distill":
+        teacher = train_model("expressive", "exposed", p.train, p.valid, emb, cfg)
+        teacher_probs = (
+            _sigmoid(score(teacher.model, p.train, emb)),
+            _sigmoid(score(teacher.model, p.valid, emb)),
+        )
+    light = train_model("light", objective, p.train, p.valid, emb, cfg, None, teacher_probs)
+    expressive = train_model(
+        "expressive",
+        objective,
+        p.train,
+        p.valid,
+        emb,
+        cfg,
+        list(cfg.expressive_groups),
+        teacher_probs,
+    )
+    h, a = p.prep.history_length, p.prep.num_anchors
+    flops = {
+        "light": flops_per_candidate(light.model, p.items.dim, h, a),  # type: ignore[arg-type]
+        "expressive": flops_per_candidate(expressive.model, p.items.dim, h, a),  # type: ignore[arg-type]
+    }
+    return FittedPreranker(objective, light, expressive, teacher, flops)
+
+
+def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
+    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
+
+
+def save_preranker(
+    fitted: FittedPreranker,
+    prepared: Prepared,
+    cfg: PrerankerConfig,
+    out_dir: Path,
+    inputs: dict[str, Any],
+) -> Path:
+    """Write both models, the preprocessing, the config and a manifest."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name, trained in (("light", fitted.light), ("expressive", fitted.expressive)):
+        with atomic_path(out_dir / f"{name}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in trained.model.state_dict().items()}, str(tmp))
+    with atomic_path(out_dir / "preprocessing.json") as tmp:
+        tmp.write_text(prepared.prep.model_dump_json(indent=2))
+    with atomic_path(out_dir / "config.json") as tmp:
+        tmp.write_text(json.dumps({"objective": fitted.objective, **cfg.model_dump()}, indent=2))
+    write_manifest(
+        out_dir,
+        PRERANKER_DIR,
+        inputs=inputs,
+        outputs={
+            "light": "light.safetensors",
+            "expressive": "expressive.safetensors",
+            "preprocessing": "preprocessing.json",
+            "config": "config.json",
+        },
+        config={"objective": fitted.objective, **cfg.model_dump()},
+        metrics=training_metrics(fitted, prepared),
+    )
+    return out_dir
+
+
+def training_metrics(fitted: FittedPreranker, prepared: Prepared) -> dict[str, Any]:
+    """What the manifest records about training."""
+    return {
+        "train_requests": prepared.train.n_requests,
+        "train_rows": prepared.train.n_rows,
+        "valid_requests": prepared.valid.n_requests,
+        "pseudo_labelled_rows": int(np.isfinite(prepared.train.pseudo).sum()),
+        **{
+            f"{m.kind}_{k}": v
+            for m in (fitted.light, fitted.expressive)
+            for k, v in (
+                ("epochs", m.epochs),
+                ("best_epoch", m.best_epoch),
+                ("seconds", round(m.seconds, 2)),
+                ("samples_per_second", round(m.samples_per_second)),
+                ("hap_weights", m.hap_weights),
+            )
+        },
+        "flops": fitted.flops,
+    }
+
+
+@dataclass
+class LoadedPreranker:
+    """Models and preprocessing read back from a ``preranker`` directory."""
+
+    objective: str
+    config: PrerankerConfig
+    prep: Preprocessing
+    light: torch.nn.Module
+    expressive: torch.nn.Module
+
+
+def load_preranker(model_dir: Path) -> LoadedPreranker:
+    """Read a directory written by :func:`save_preranker`."""
+    if not (model_dir / "preprocessing.json").exists():
+        raise FileNotFoundError(f"{model_dir}: no trained pre-ranker here; run `gpl train` first")
+    raw = json.loads((model_dir / "config.json").read_text())
+    objective = raw.pop("objective")
+    cfg = PrerankerConfig.model_validate(raw)
+    prep = Preprocessing.model_validate_json((model_dir / "preprocessing.json").read_text())
+    models = {}
+    for kind in ("light", "expressive"):
+        model = build_model(
+            kind, len(prep.user_numeric), len(prep.item_numeric), prep.embedding_dim, cfg.model
+        )
+        model.load_state_dict(load_file(str(model_dir / f"{kind}.safetensors")))
+        model.eval()
+        models[kind] = model
+    return LoadedPreranker(objective, cfg, prep, models["light"], models["expressive"])
+
+
+def scored_table(data: PrerankData, scores: npt.NDArray[np.float32]) -> pa.Table:
+    """The evaluation's ``scored`` table for one dataset and one score per row."""
+    return pa.table(
+        {
+            "request_id": data.request_ids[data.row_request],
+            "user_id": data.user_ids[data.row_request],
+            "item_id": data.item_ids,
+            "stage": data.stage,
+            "score": scores.astype(np.float64),
+        }
+    )
+
+
+def item_info(semantics: pa.Table, items: pa.Table, train_requests: pa.Table) -> ItemInfo:
+    """Side information for diversity and long-tail metrics; popularity from training only."""
+    table = ItemTable.from_semantics(semantics)
+    ids = table.item_ids
+    cats = np.full(len(ids), "", dtype=object)
+    if "category" in items.column_names:
+        lookup = dict(
+            zip(
+                items.column("item_id").to_pylist(),
+                items.column("category").to_pylist(),
+                strict=True,
+            )
+        )
+        cats = np.array([lookup.get(i) or "" for i in ids], dtype=object)
+    counts = pc.value_counts(train_requests.column("item_id")).to_pylist()
+    pop_map = {c["values"]: c["counts"] for c in counts}
+    popularity = np.array([pop_map.get(i, 0) for i in ids], dtype=np.float64)
+    return ItemInfo(
+        item_ids=ids.astype(object),
+        embeddings=table.embeddings[1:],
+        categories=cats,
+        popularity=popularity,
+    )
+
+
+@dataclass
+class SuiteResult:
+    """Per-method, per-seed metrics, routing curves and the written report."""
+
+    results: dict[str, list[dict[str, float]]]
+    routing: list[dict[str, float]]
+    report: ReportPaths
+    info: dict[str, Any]
+
+
+def evaluate_suite(
+    train_table: pa.Table,
+    eval_table: pa.Table,
+    truth: pa.Table,
+    semantics: pa.Table,
+    items: pa.Table,
+    cfg: PrerankerConfig,
+    out_dir: Path,
+    objectives: list[str] | None = None,
+    seeds: int = 3,
+    title: str = "Pre-ranker evaluation",
+) -> SuiteResult:
+    """Train every objective for ``seeds`` seeds and evaluate light, expressive and cascade.
+
+    Methods in the report: ``<objective>`` (the light model, which scores every candidate
+    online), ``<objective>+routing`` (light on all, expressive on the top ``hard_fraction``)
+    for GPL + HAP, and the expressive model on all candidates for GPL + HAP.
+    """
+    began = time.perf_counter()
+    objectives = objectives or list(OBJECTIVES)
+    base = prepare(train_table, semantics, cfg)
+    eval_data = encode(eval_table, base.items, base.prep, need_pseudo=False)
+    info_items = item_info(semantics, items, train_table)
+    results: dict[str, list[dict[str, float]]] = {}
+    routing: list[dict[str, float]] = []
+    runs = [(o, s) for s in range(seeds) for o in objectives]
+    for objective, seed in tqdm(runs, desc="objectives x seeds", disable=not cfg.training.progress):
+        run_cfg = cfg.model_copy(
+            update={"training": cfg.training.model_copy(update={"seed": cfg.training.seed + seed})}
+        )
+        fitted = fit(base, run_cfg, objective)
+        light = score(fitted.light.model, eval_data, base.embeddings)
+        metrics = evaluate_scores(scored_table(eval_data, light), truth, info_items)
+        metrics["train_samples_per_second"] = fitted.light.samples_per_second
+        results.setdefault(objective, []).append(metrics)
+        if objective == objectives[-1]:
+            expressive = score(fitted.expressive.model, eval_data, base.embeddings)
+            results.setdefault(f"{objective} expressive-all", []).append(
+                evaluate_scores(scored_table(eval_data, expressive), truth, info_items)
+            )
+            for fraction in ROUTING_FRACTIONS:
+                routed = routed_mask(light, eval_data.offsets, fraction)
+                cascaded = cascade_scores(light, expressive, routed)
+                m = evaluate_scores(scored_table(eval_data, cascaded), truth, info_items)
+                fl = routing_flops(
+                    int(routed.sum()),
+                    eval_data.n_rows,
+                    eval_data.n_requests,
+                    fitted.flops["light"],
+                    fitted.flops["expressive"],
+                )
+                routing.append(
+                    {"seed": seed, "fraction": fraction, "flops_share": fl["share"], **m}
+                )
+                if math.isclose(fraction, cfg.routing.hard_fraction):
+                    results.setdefault(f"{objective} routing@{fraction:g}", []).append(m)
+    curves = _routing_curves(routing)
+    notes = [
+        f"Training requests: {base.train.n_requests + base.valid.n_requests} "
+        f"({base.train.n_rows + base.valid.n_rows} rows); evaluation requests: "
+        f"{eval_data.n_requests} ({eval_data.n_rows} rows); {seeds} seed(s).",
+        "Methods are the light model unless marked: 'expressive-all' scores every candidate "
+        "with the expressive model, 'routing@M' re-scores the top M share by light score.",
+        "unexposed_* metrics rank only the candidates that were not exposed.",
+    ]
+    report = write_report(results, out_dir, title, notes=notes, curves=curves)
+    info = {"seconds": round(time.perf_counter() - began, 1)}
+    return SuiteResult(results, routing, report, info)
+
+
+def _routing_curves(routing: list[dict[str, float]]) -> dict[str, list[tuple[float, float]]]:
+    by_fraction: dict[float, list[tuple[float, float]]] = {}
+    for r in routing:
+        by_fraction.setdefault(r["fraction"], []).append((r["flops_share"], r["ndcg@50"]))
+    points = [
+        (float(np.mean([p[0] for p in v])), float(np.mean([p[1] for p in v])))
+        for _, v in sorted(by_fraction.items())
+    ]
+    return {"light + expressive on top M": points} if points else {}
