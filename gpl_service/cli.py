@@ -6,6 +6,8 @@
     gpl anchors train | anchors generate                            (interest anchors, LM)
     gpl pseudo-labels                                               (unexposed candidates)
     gpl features build | apply | materialize | training-set         (Feast)
+    gpl train                                                       (light + expressive models)
+    gpl evaluate                                                    (baselines vs GPL/HAP report)
     gpl demo                                                        (all of the above)
 
 Every command works on a *run directory* (``--run-dir``, or ``GPL_RUN_DIR``; default
@@ -100,6 +102,33 @@ def _user_errors() -> Iterator[None]:
         for line in str(exc).splitlines():
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from exc
+    except Exception as exc:
+        if not isinstance(exc, _stage_errors()):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _stage_errors() -> tuple[type[BaseException], ...]:
+    """Errors the stages raise on bad input or resources: one line, exit code 2."""
+    import torch
+
+    from training.anchors.vocab import SidVocabularyError
+    from training.evaluation.ranking import EvaluationError
+    from training.features.training_set import RowsLostError
+    from training.preranker.data import PrerankerDataError
+    from training.pseudo_labels.job import PseudoLabelInputError
+    from training.sids.job import SidInputError
+
+    return (
+        SidInputError,
+        SidVocabularyError,
+        PseudoLabelInputError,
+        PrerankerDataError,
+        EvaluationError,
+        RowsLostError,
+        torch.OutOfMemoryError,
+    )
 
 
 def _load_config(model: type[M], path: Path | None, **overrides: Any) -> M:
@@ -512,7 +541,7 @@ def anchors_generate(
         )
         _say(f"anchors: {result.table.num_rows} anchor sets -> {result.path}")
         _print_metrics(
-            "", result.metrics, ["users", "skipped_empty_history", "users_per_s", "seconds"]
+            "", result.metrics, ["users", "skipped_empty_history", "users_per_second", "seconds"]
         )
 
 
@@ -581,6 +610,165 @@ def pseudo_labels(
 # ---------------------------------------------------------------------------------------- demo
 
 
+# ------------------------------------------------------------------------------- pre-ranker
+
+SplitQuantile = Annotated[
+    float,
+    typer.Option(
+        min=0.05,
+        max=0.95,
+        help="Without --until/--since: the cutoff is this quantile of request times.",
+    ),
+]
+
+
+def _train_eval_split(run_dir: Path, cutoff: datetime | None, quantile: float) -> Any:
+    from training.io import read_table
+    from training.preranker.job import split_at, time_quantile
+
+    requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
+    if cutoff is None:
+        cutoff = time_quantile(requests, quantile)
+    elif cutoff.tzinfo is None:
+        cutoff = cutoff.replace(tzinfo=UTC)
+    train, rest = split_at(requests, cutoff)
+    if train.num_rows == 0:
+        raise UsageError(f"no request before {cutoff}: choose a later cutoff")
+    return cutoff, train, rest
+
+
+@app.command("train")
+def train(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(
+            help="exposed | unexposed_negative | distill | gpl | hap | gpl_hap (default)."
+        ),
+    ] = None,
+    until: Annotated[
+        datetime | None,
+        typer.Option(help="Train on requests before this time (UTC); evaluate from it on."),
+    ] = None,
+    split_quantile: SplitQuantile = 0.8,
+) -> None:
+    """Train the light and expressive pre-rankers: RUN_DIR/preranker/.
+
+    The request log before the cutoff is the entity dataframe of a point-in-time join through
+    the `preranker` (features) and `training_labels` (pseudo-labels) FeatureServices; the truth
+    table is never read.
+    """
+    from training.features.store import open_store
+    from training.io import read_table
+    from training.preranker.config import PrerankerConfig
+    from training.preranker.job import PRERANKER_DIR, fit, join_features, prepare, save_preranker
+
+    with _user_errors():
+        cfg = _load_config(PrerankerConfig, config)
+        if objective is not None:
+            cfg = cfg.model_copy(
+                update={
+                    "loss": cfg.loss.model_validate(
+                        {**cfg.loss.model_dump(), "objective": objective}
+                    )
+                }
+            )
+        cutoff, requests, _ = _train_eval_split(run_dir, until, split_quantile)
+        store = open_store(run_dir)
+        joined = join_features(store, requests)
+        semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
+        prepared = prepare(joined, semantics, cfg)
+        fitted = fit(prepared, cfg)
+        out = save_preranker(
+            fitted,
+            prepared,
+            cfg,
+            run_dir / PRERANKER_DIR,
+            inputs={"requests_before": str(cutoff), "rows": requests.num_rows},
+        )
+        _say(f"pre-ranker ({fitted.objective}) trained on requests before {cutoff} -> {out}")
+        for m in (fitted.light, fitted.expressive):
+            _say(
+                f"  {m.kind}: best epoch {m.best_epoch}/{len(m.epochs)}, "
+                f"{m.samples_per_second:,.0f} samples/s, {m.seconds:.1f}s"
+            )
+
+
+@app.command("evaluate")
+def evaluate(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    config: ConfigFile = None,
+    truth: Annotated[
+        Path | None,
+        typer.Option(help="Truth table (contract `truth`); default RUN_DIR/funnel/truth.parquet."),
+    ] = None,
+    since: Annotated[
+        datetime | None,
+        typer.Option(help="Evaluate requests from this time (UTC); train on those before it."),
+    ] = None,
+    split_quantile: SplitQuantile = 0.8,
+    seeds: Annotated[int, typer.Option(min=1, help="Seeds per objective (mean +- std).")] = 3,
+    objectives: Annotated[
+        str | None,
+        typer.Option(help="Comma-separated objectives (default: every baseline and GPL/HAP)."),
+    ] = None,
+) -> None:
+    """Train every objective on the earlier requests and evaluate on the later ones.
+
+    Writes RUN_DIR/evaluation/report.md, report.html (plots embedded), report.json: AUC, GAUC,
+    HR/Recall/NDCG@K over all and over unexposed candidates, diversity, long-tail recall, and
+    the routing curve (quality vs FLOPs as the expressive model's share M grows).
+    """
+    from training.features.store import open_store
+    from training.io import read_table
+    from training.preranker.config import OBJECTIVES, PrerankerConfig
+    from training.preranker.job import EVALUATION_DIR, evaluate_suite, join_features
+
+    with _user_errors():
+        cfg = _load_config(PrerankerConfig, config)
+        chosen: list[str] = (
+            [o.strip() for o in objectives.split(",")] if objectives else list(OBJECTIVES)
+        )
+        unknown = [o for o in chosen if o not in OBJECTIVES]
+        if unknown:
+            raise UsageError(f"unknown objectives {unknown}; choose from {', '.join(OBJECTIVES)}")
+        truth_path = truth or run_dir / "funnel" / "truth.parquet"
+        truth_table = read_table(truth_path, "truth")
+        cutoff, train_requests, eval_requests = _train_eval_split(run_dir, since, split_quantile)
+        if eval_requests.num_rows == 0:
+            raise UsageError(f"no request at or after {cutoff}: choose an earlier cutoff")
+        store = open_store(run_dir)
+        result = evaluate_suite(
+            join_features(store, train_requests),
+            join_features(store, eval_requests),
+            truth_table,
+            read_table(run_dir / "sids" / "item_semantics.parquet"),
+            read_table(run_dir / "data" / "items.parquet", "items"),
+            cfg,
+            run_dir / EVALUATION_DIR,
+            objectives=chosen,
+            seeds=seeds,
+            title=f"Pre-ranker evaluation ({run_dir.name}, cutoff {cutoff:%Y-%m-%d %H:%M})",
+        )
+        _say(f"report -> {result.report.markdown} and {result.report.html}")
+        keys = ["auc", "unexposed_recall@50", "longtail_recall@50", "ndcg@50"]
+        _say(f"{'method':<32}" + "".join(f"{k:>22}" for k in keys))
+        for method, runs in result.results.items():
+            cells = []
+            for k in keys:
+                values = [r[k] for r in runs if k in r]
+                mean = sum(values) / len(values) if values else float("nan")
+                cells.append(f"{mean:>22.4f}")
+            _say(f"{method:<32}" + "".join(cells))
+
+
+DEMO_FUNNEL_CONFIG: Final[dict[str, Any]] = {
+    "retrieval_size": 150,
+    "prerank_size": 60,
+    "rank_size": 20,
+}
+DEMO_PRERANKER_CONFIG: Final[dict[str, Any]] = {"training": {"epochs": 3}}
 DEMO_ANCHORS_CONFIG: Final[dict[str, Any]] = {
     "model": {
         "compact": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384}
@@ -601,15 +789,23 @@ def demo(
     """Run the whole pipeline on a synthetic catalog, printing row counts and timings.
 
     synth -> simulate -> sids -> anchors (train, generate) -> pseudo-labels -> Feast features
-    (build, apply, materialize) -> point-in-time training set.
+    (build, apply, materialize) -> point-in-time training set -> pre-ranker train -> evaluation
+    report (one seed; `gpl evaluate` defaults to three).
     """
     timings: dict[str, float] = {}
     # The demo's anchor LM is a small one (2 layers, 128 wide, 20-item histories, beam 10) trained
     # on whole windows, so the stage takes about a minute on two CPU cores; the file doubles as a
     # config example.
-    anchors_config = run_dir / "configs" / "anchors.yaml"
-    anchors_config.parent.mkdir(parents=True, exist_ok=True)
+    configs = run_dir / "configs"
+    configs.mkdir(parents=True, exist_ok=True)
+    anchors_config = configs / "anchors.yaml"
     anchors_config.write_text(yaml.safe_dump(DEMO_ANCHORS_CONFIG, sort_keys=False))
+    # A narrower funnel (150 retrieved, 60 pre-ranked, 20 ranked, 10 exposed per request) and a
+    # short pre-ranker schedule keep the demo's training and evaluation to a few minutes.
+    funnel_config = configs / "funnel.yaml"
+    funnel_config.write_text(yaml.safe_dump(DEMO_FUNNEL_CONFIG, sort_keys=False))
+    preranker_config = configs / "preranker.yaml"
+    preranker_config.write_text(yaml.safe_dump(DEMO_PRERANKER_CONFIG, sort_keys=False))
     steps: list[tuple[str, Callable[[], None]]] = [
         (
             "data synth",
@@ -619,7 +815,9 @@ def demo(
         ),
         (
             "data simulate",
-            lambda: data_simulate(run_dir=run_dir, config=None, seed=None, requests_per_user=None),
+            lambda: data_simulate(
+                run_dir=run_dir, config=funnel_config, seed=None, requests_per_user=None
+            ),
         ),
         ("sids train", lambda: sids_train(run_dir=run_dir, config=None, method=None, encoder=None)),
         (
@@ -649,6 +847,28 @@ def demo(
         (
             "features training-set",
             lambda: features_training_set(run_dir=run_dir, service="preranker"),
+        ),
+        (
+            "train",
+            lambda: train(
+                run_dir=run_dir,
+                config=preranker_config,
+                objective=None,
+                until=None,
+                split_quantile=0.8,
+            ),
+        ),
+        (
+            "evaluate",
+            lambda: evaluate(
+                run_dir=run_dir,
+                config=preranker_config,
+                truth=None,
+                since=None,
+                split_quantile=0.8,
+                seeds=1,
+                objectives="exposed,unexposed_negative,gpl,hap,gpl_hap",
+            ),
         ),
     ]
     for label, step in steps:
