@@ -118,10 +118,14 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
     from training.features.training_set import RowsLostError
     from training.preranker.data import PrerankerDataError
     from training.pseudo_labels.job import PseudoLabelInputError
+    from training.sids.encoder import EncoderError
     from training.sids.job import SidInputError
+    from training.sids.tokenizer import CodebookFormatError
 
     return (
         SidInputError,
+        EncoderError,
+        CodebookFormatError,
         SidVocabularyError,
         PseudoLabelInputError,
         PrerankerDataError,

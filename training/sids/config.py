@@ -66,6 +66,13 @@ class SidConfig(BaseModel):
         description="Entropy of the balanced assignment relative to the mean squared distance "
         "(smaller: harder and more exactly balanced, slower to converge).",
     )
+    unique_last_level: bool = Field(
+        default=True,
+        description="Give items that share their first levels - 1 codes distinct last-level "
+        "codes (least-total-distance matching of the group onto the free codes), so "
+        "near-duplicate items differ at the last level instead of only in the disambiguation "
+        "code. Ignored when levels is 1.",
+    )
     reseed_dead_codes: bool = Field(
         default=True,
         description="After each RQ-VAE epoch but the last, move codes no item used during the "

@@ -1,10 +1,19 @@
 """Semantic IDs as codes and tokens: collision metrics, disambiguation and the token string.
 
-A quantizer maps an item to ``L`` codes (its *prefix*). Items with near-identical content can get
-the same prefix; like TIGER (Rajput et al., 2023) and GRID, an extra last level makes every SID
-unique: its code is the item's index among the items sharing the prefix, ordered by ``item_id``
-(Unicode code point order) so the result does not depend on row order. Tokens are written
-``<a_12><b_7><c_201><d_0>``: one letter per level, ``a`` first.
+A quantizer maps an item to ``L`` codes (its *prefix*). Items with near-identical content get the
+same nearest codes (product variants such as "50 ml" and "250 ml" beakers sit at cosine 0.99), so
+collisions are resolved in two steps:
+
+1. :func:`unique_last_level`: items that share their first ``L - 1`` codes are matched to
+   distinct last-level codes by least total squared distance (as LC-Rec's uniform semantic
+   mapping does for the last level), so near-duplicates differ at level ``L``;
+2. :func:`disambiguate`: like TIGER (Rajput et al., 2023) and GRID, an extra last level makes
+   every SID unique whatever is left: its code is the item's index among the items sharing the
+   prefix, ordered by ``item_id`` (Unicode code point order) so the result does not depend on row
+   order. After step 1 it is non-zero only when a prefix group has more items than there are
+   last-level codes (or, for new items, free ones).
+
+Tokens are written ``<a_12><b_7><c_201><d_0>``: one letter per level, ``a`` first.
 """
 
 from __future__ import annotations
@@ -15,6 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import numpy as np
 import numpy.typing as npt
+from scipy.optimize import linear_sum_assignment
 
 LEVEL_LETTERS = string.ascii_lowercase
 """Level ``l`` of a SID is written with letter ``LEVEL_LETTERS[l]``."""
@@ -72,6 +82,98 @@ def collision_rate(prefix_codes: npt.NDArray[np.integer]) -> float:
         return 0.0
     unique = np.unique(prefix_codes, axis=0).shape[0]
     return 1.0 - unique / len(prefix_codes)
+
+
+def shared_prefix_rate(prefix_codes: npt.NDArray[np.integer]) -> float:
+    """Share of items whose prefix is also the prefix of at least one other item.
+
+    Stricter than :func:`collision_rate`: a group of ``m > 1`` items sharing a prefix adds ``m``.
+    """
+    if len(prefix_codes) == 0:
+        return 0.0
+    _, inverse, counts = np.unique(prefix_codes, axis=0, return_inverse=True, return_counts=True)
+    return float(np.mean(counts[inverse.ravel()] > 1))
+
+
+def taken_last_codes(sid_codes: npt.NDArray[np.integer]) -> dict[tuple[int, ...], set[int]]:
+    """The last-level codes in use per group of SIDs sharing their first ``L - 1`` codes.
+
+    Computed from the full SIDs ``(N, L + 1)`` already assigned: the codes
+    :func:`unique_last_level` must not give to new items.
+    """
+    taken: dict[tuple[int, ...], set[int]] = {}
+    for row in sid_codes.tolist():
+        taken.setdefault(tuple(row[:-2]), set()).add(row[-2])
+    return taken
+
+
+def unique_last_level(
+    codes: npt.NDArray[np.integer],
+    last_residual: npt.NDArray[np.floating],
+    last_codebook: npt.NDArray[np.floating],
+    item_ids: Sequence[str],
+    taken: Mapping[tuple[int, ...], set[int]] | None = None,
+) -> npt.NDArray[np.int32]:
+    """Give items that share their first ``L - 1`` codes distinct last-level codes.
+
+    Within every group of items sharing the first ``L - 1`` codes where two items have the same
+    nearest last-level code (or an item's nearest code is in ``taken``), the group's items are
+    matched one-to-one to the group's free last-level codes by least total squared distance
+    between each item's last-level residual and the codewords (Hungarian algorithm). Groups
+    without a conflict keep their nearest codes, which are then already the optimal matching.
+    Members are ordered by ``item_id``, so the result does not depend on row order. Items left
+    over when a group has more items than free codes keep their nearest code (the
+    disambiguation level then separates them).
+
+    Args:
+        codes: ``(N, L)`` nearest codes, ``L >= 2``.
+        last_residual: ``(N, d)`` what the first ``L - 1`` levels left of each item's latent.
+        last_codebook: ``(K, d)`` the last level's codewords.
+        item_ids: The ``N`` item ids, unique.
+        taken: For groups that already hold SIDs (new-item assignment), the last-level codes in
+            use (:func:`taken_last_codes`).
+
+    Returns:
+        ``(N, L)`` int32 codes: the first ``L - 1`` unchanged, the last unique within each group
+        wherever the free codes suffice.
+    """
+    n, levels = codes.shape
+    if levels < 2:
+        raise ValueError("unique_last_level needs at least two levels")
+    if len(item_ids) != n or last_residual.shape[0] != n:
+        raise ValueError(
+            f"{n} code rows, {len(item_ids)} item ids, {last_residual.shape[0]} residuals"
+        )
+    result = np.asarray(codes, dtype=np.int32).copy()
+    if n == 0:
+        return result
+    taken = taken or {}
+    k = last_codebook.shape[0]
+    book = np.asarray(last_codebook, dtype=np.float64)
+    book_sq = (book**2).sum(1)
+    _, id_rank = np.unique(np.asarray(item_ids, dtype=object).astype(str), return_inverse=True)
+    _, full_inv, full_counts = np.unique(result, axis=0, return_inverse=True, return_counts=True)
+    conflict = full_counts[full_inv.ravel()] > 1
+    if taken:
+        conflict |= np.array(
+            [row[-1] in taken.get(tuple(row[:-1]), ()) for row in result.tolist()], dtype=bool
+        )
+    if not conflict.any():
+        return result
+    _, group = np.unique(result[:, :-1], axis=0, return_inverse=True)
+    group = group.ravel()
+    for g in np.unique(group[conflict]):
+        members = np.flatnonzero(group == g)
+        members = members[np.argsort(id_rank[members], kind="stable")]
+        used = taken.get(tuple(int(c) for c in result[members[0], :-1]), set())
+        free = np.array([c for c in range(k) if c not in used], dtype=np.int64)
+        if free.size == 0:
+            continue
+        r = np.asarray(last_residual[members], dtype=np.float64)
+        cost = (r**2).sum(1, keepdims=True) - 2.0 * r @ book[free].T + book_sq[free]
+        rows, cols = linear_sum_assignment(cost)
+        result[members[rows], -1] = free[cols]
+    return result
 
 
 def disambiguate(

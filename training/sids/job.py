@@ -48,6 +48,9 @@ from training.sids.ids import (
     disambiguate,
     format_sids,
     next_free_indices,
+    shared_prefix_rate,
+    taken_last_codes,
+    unique_last_level,
 )
 from training.sids.rkmeans import fit_rkmeans
 from training.sids.rqvae import train_rqvae
@@ -238,7 +241,8 @@ def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
         quantizer_metrics = {"inertia": [round(v, 6) for v in rk.inertia]}
 
     ids = items.column("item_id").to_pylist()
-    prefix = tokenizer.codes(x)
+    nearest, last_residual = tokenizer.codes_and_last_residual(x)
+    prefix = _last_level(nearest, last_residual, tokenizer, ids, cfg)
     index = disambiguate(prefix, ids)
     sid_codes = np.column_stack([prefix, index]).astype(np.int32)
     table = _semantics_table(items, sid_codes, x)
@@ -257,6 +261,10 @@ def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
         "recon_mse": round(mse, 8),
         "recon_cosine": round(cosine, 6),
         "collision_rate": round(collision_rate(prefix), 6),
+        "collision_rate_nearest": round(collision_rate(nearest), 6),
+        "shared_prefix_rate": round(shared_prefix_rate(prefix), 6),
+        "shared_prefix_rate_nearest": round(shared_prefix_rate(nearest), 6),
+        "last_level_reassigned": int((prefix[:, -1] != nearest[:, -1]).sum()),
         "max_disambiguation_index": int(index.max()),
         **quantizer_metrics,
     }
@@ -281,10 +289,12 @@ def assign_sids(items: pa.Table, out_dir: Path) -> SidResult:
     """Give SIDs to the items of ``items`` that have none yet, with the frozen codebooks.
 
     New items are encoded with the encoder and fusion the codebooks were trained with,
-    quantized, and disambiguated against the SIDs already taken (within a prefix group, new items
-    take the next free indices in ``item_id`` order). Items that already have a SID keep their row
-    exactly, also when their text changed (counted as ``changed_text`` in the metrics: retrain to
-    re-tokenize). Items of the existing table missing from ``items`` are kept too.
+    quantized, and disambiguated against the SIDs already taken: with ``unique_last_level``, new
+    items sharing their first ``levels - 1`` codes with each other or with existing items are
+    matched to the group's last-level codes not yet in use; what still collides takes the group's
+    next free disambiguation indices in ``item_id`` order. Items that already have a SID keep their
+    row exactly, also when their text changed (counted as ``changed_text`` in the metrics: retrain
+    to re-tokenize). Items of the existing table missing from ``items`` are kept too.
 
     Args:
         items: Contract ``items`` table: new items, or the whole current catalog.
@@ -340,8 +350,10 @@ def assign_sids(items: pa.Table, out_dir: Path) -> SidResult:
             embedding_dim=embedding_dim,
             show_progress=cfg.show_progress,
         )
-        prefix = tokenizer.codes(encoded.vectors)
         ids = new_items.column("item_id").to_pylist()
+        nearest, last_residual = tokenizer.codes_and_last_residual(encoded.vectors)
+        taken = taken_last_codes(existing_codes) if existing_codes.size else None
+        prefix = _last_level(nearest, last_residual, tokenizer, ids, cfg, taken)
         index = disambiguate(prefix, ids, next_free_indices(existing_codes))
         sid_codes = np.column_stack([prefix, index]).astype(np.int32)
         table = pa.concat_tables(
@@ -355,6 +367,7 @@ def assign_sids(items: pa.Table, out_dir: Path) -> SidResult:
             {
                 **_encoding_metrics(encoded),
                 "new_items_sharing_a_prefix": int((index > 0).sum()),
+                "last_level_reassigned": int((prefix[:, -1] != nearest[:, -1]).sum()),
                 "collision_rate_all_items": round(collision_rate(all_codes), 6),
                 "max_disambiguation_index": int(index.max()),
             }
@@ -382,6 +395,21 @@ def assign_sids(items: pa.Table, out_dir: Path) -> SidResult:
 def read_codebook_sizes(out_dir: Path) -> list[int]:
     """The vocabulary size of every SID level of a stage folder, disambiguation level last."""
     return [int(n) for n in read_manifest(out_dir)["outputs"]["codebook_sizes"]]
+
+
+def _last_level(
+    nearest: npt.NDArray[np.int32],
+    last_residual: npt.NDArray[np.float32],
+    tokenizer: SemanticIdTokenizer,
+    item_ids: list[str],
+    cfg: SidConfig,
+    taken: dict[tuple[int, ...], set[int]] | None = None,
+) -> npt.NDArray[np.int32]:
+    """The SID prefix codes: nearest codes, last level made unique per group when configured."""
+    if not cfg.unique_last_level or cfg.levels < 2:
+        return nearest
+    book = tokenizer.codebooks[-1].numpy()
+    return unique_last_level(nearest, last_residual, book, item_ids, taken)
 
 
 def _semantics_table(

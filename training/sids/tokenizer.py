@@ -133,6 +133,23 @@ class SemanticIdTokenizer:
         codes, _ = residual_codes(self.latent(vectors), self.codebooks)
         return codes.numpy().astype(np.int32)
 
+    @torch.inference_mode()
+    def codes_and_last_residual(
+        self, vectors: npt.NDArray[np.float32] | torch.Tensor
+    ) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+        """Nearest codes plus what the first ``levels - 1`` levels left of each latent.
+
+        Returns:
+            ``(n, levels)`` int32 codes (those of :meth:`codes`) and ``(n, code_dim)`` float32
+            residuals entering the last level, for :func:`training.sids.ids.unique_last_level`.
+        """
+        latent = self.latent(vectors)
+        codes, words = residual_codes(latent, self.codebooks)
+        residual = latent
+        for level in range(self.spec.levels - 1):
+            residual = residual - words[:, level]
+        return codes.numpy().astype(np.int32), residual.numpy().astype(np.float32)
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """Everything saved to ``codebooks.safetensors``, by name."""
         out = {"codebooks": self.codebooks.contiguous()}

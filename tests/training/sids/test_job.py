@@ -75,6 +75,10 @@ def test_artifact_contract(catalog: pa.Table, trained: tuple[Path, SidResult]) -
         "recon_mse",
         "recon_cosine",
         "collision_rate",
+        "collision_rate_nearest",
+        "shared_prefix_rate",
+        "shared_prefix_rate_nearest",
+        "last_level_reassigned",
         "max_disambiguation_index",
         "train_seconds",
         "encode_items_per_second",
@@ -97,6 +101,31 @@ def test_same_seed_same_sids(
     ).read_bytes()
     other = train_sids(catalog, tiny_config(tiny_bert, seed=7), tmp_path / "other")
     assert not other.table.column("sid").equals(result.table.column("sid"))
+
+
+@pytest.mark.parametrize("unique_last_level", [True, False])
+def test_duplicates_split_at_the_last_level_or_by_disambiguation(
+    catalog: pa.Table, tiny_bert: Path, tmp_path: Path, unique_last_level: bool
+) -> None:
+    # Copies of 20 items under new ids: same text, same content vector, same nearest codes.
+    copies = catalog.slice(0, 20)
+    ids = [f"dup{k:02d}" for k in range(20)]
+    copies = copies.set_column(0, "item_id", pa.array(ids, pa.string())).cast(catalog.schema)
+    cfg = tiny_config(tiny_bert, method="rkmeans", unique_last_level=unique_last_level)
+    result = train_sids(pa.concat_tables([catalog, copies]), cfg, tmp_path)
+    codes = np.array(result.table.column("sid_codes").to_pylist())
+    m = result.metrics
+    assert len(set(result.table.column("sid").to_pylist())) == N_ITEMS + 20
+    assert m["shared_prefix_rate_nearest"] >= 40 / (N_ITEMS + 20)
+    if unique_last_level:
+        # Each copy differs from its original in the last content code, not by a counter.
+        assert m["shared_prefix_rate"] == 0.0 and m["max_disambiguation_index"] == 0
+        assert m["last_level_reassigned"] >= 20
+        assert result.codebook_sizes[-1] == 1
+    else:
+        assert m["shared_prefix_rate"] == m["shared_prefix_rate_nearest"]
+        assert m["last_level_reassigned"] == 0
+        assert int((codes[:, -1] > 0).sum()) >= 20
 
 
 def test_rkmeans_method_and_cached_rerun(

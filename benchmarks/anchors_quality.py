@@ -1,0 +1,326 @@
+"""Interest-anchor quality on Amazon Scientific: next-item HR/NDCG@5/10 against two baselines.
+
+Protocol (leave-one-out, the UniSRec split of the dataset, read directly from its files):
+
+* items: ``Scientific.text`` (ASIN, text) with ``Scientific.item2index`` for the index used by the
+  ``.inter`` files; SIDs from ``training.sids.job.train_sids`` (MiniLM text vectors, RQ-VAE or
+  residual k-means, settings below).
+* positives: each user's ``Scientific.test.inter`` history (training items + the validation
+  item), timestamped in order. The anchor model holds out the last positive (the validation item)
+  of ``--eval-users`` users for early stopping; the test target is never seen.
+* test: anchors generated for every user from that history (cutoff after it); a hit is the user's
+  real next item (``test.inter`` target) among the top K anchors. No filtering of consumed items
+  for any method (0.6% of test targets are in the history).
+* baselines, on the same users and training data: most-popular, and item-to-item co-occurrence
+  (directed, within a window of the sequence, recency-weighted over the user's last items; its
+  window and decay are tuned on the validation targets, then refit on the full histories).
+
+Prints a table and writes ``benchmarks/results/anchors_quality.json``.
+
+    .venv/bin/python benchmarks/anchors_quality.py [--epochs 30] [--max-users 8442] ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import platform
+import time
+from collections import Counter
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import scipy.sparse as sp
+import torch
+
+from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
+
+DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "amazon-scientific"
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+TS = pa.timestamp("us", tz="UTC")
+KS = (5, 10)
+
+
+def read_inter(path: Path) -> list[tuple[str, list[int], int]]:
+    rows = []
+    with path.open() as f:
+        next(f)
+        for line in f:
+            user, hist, target = line.rstrip("\n").split("\t")
+            rows.append((user, [int(x) for x in hist.split()], int(target)))
+    return rows
+
+
+def load(root: Path, max_users: int | None, seed: int) -> dict[str, Any]:
+    index = {}
+    with (root / "Scientific.item2index").open() as f:
+        for line in f:
+            asin, idx = line.rstrip("\n").split("\t")
+            index[int(idx)] = asin
+    texts = {}
+    with (root / "Scientific.text").open() as f:
+        next(f)
+        for line in f:
+            asin, text = line.rstrip("\n").split("\t", 1)
+            texts[asin] = text.strip() or asin
+    test = read_inter(root / "Scientific.test.inter")
+    if max_users is not None and max_users < len(test):
+        pick = np.sort(np.random.default_rng(seed).permutation(len(test))[:max_users])
+        test = [test[i] for i in pick]
+    asins = [index[i] for i in sorted(index)]
+    items = pa.table(
+        {
+            "item_id": asins,
+            "text": [texts.get(a, a) for a in asins],
+            "event_timestamp": pa.array([T0] * len(asins), TS),
+        }
+    )
+    return {"index": index, "items": items, "test": test}
+
+
+def positives_table(test: list[tuple[str, list[int], int]], index: dict[int, str]) -> pa.Table:
+    users, items, stamps = [], [], []
+    for user, hist, _ in test:
+        for k, item in enumerate(hist):
+            users.append(f"u{user}")
+            items.append(index[item])
+            stamps.append(T0 + timedelta(minutes=k))
+    return pa.table({"user_id": users, "item_id": items, "event_timestamp": pa.array(stamps, TS)})
+
+
+def metrics(recs: list[list[int]], targets: list[int]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for k in KS:
+        hits, gains = 0, 0.0
+        for rec, target in zip(recs, targets, strict=True):
+            top = rec[:k]
+            if target in top:
+                hits += 1
+                gains += 1.0 / np.log2(top.index(target) + 2)
+        out[f"hr@{k}"] = round(hits / len(targets), 5)
+        out[f"ndcg@{k}"] = round(gains / len(targets), 5)
+    return out
+
+
+def popular(histories: list[list[int]], k: int) -> list[int]:
+    return [i for i, _ in Counter(i for h in histories for i in h).most_common(k)]
+
+
+def cooc_matrix(histories: list[list[int]], n_items: int, window: int) -> sp.csr_matrix:
+    rows, cols, vals = [], [], []
+    for h in histories:
+        for a in range(len(h)):
+            for d in range(1, window + 1):
+                if a + d < len(h):
+                    rows.append(h[a])
+                    cols.append(h[a + d])
+                    vals.append(1.0 / d)
+    return sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
+
+
+def cooc_recs(
+    histories: list[list[int]], matrix: sp.csr_matrix, decay: float, k: int, fill: list[int]
+) -> list[list[int]]:
+    recs = []
+    for h in histories:
+        recent = h[::-1][:20]
+        weights = np.array([decay**j for j in range(len(recent))])
+        scores = np.asarray(matrix[recent].T @ weights).ravel()
+        top = np.argsort(-scores, kind="stable")[:k]
+        rec = [int(i) for i in top if scores[i] > 0]
+        rec += [i for i in fill if i not in rec][: k - len(rec)]
+        recs.append(rec)
+    return recs
+
+
+def cooc_baseline(test: list[tuple[str, list[int], int]], n_items: int, k: int) -> dict[str, Any]:
+    # Tune on validation: the history without its last item predicts that item.
+    val_hist = [h[:-1] for _, h, _ in test if len(h) >= 2]
+    val_target = [h[-1] for _, h, _ in test if len(h) >= 2]
+    best: tuple[float, int, float] | None = None
+    for window in (1, 2, 3, 5):
+        matrix = cooc_matrix(val_hist, n_items, window)
+        fill = popular(val_hist, k)
+        for decay in (0.3, 0.6, 1.0):
+            score = metrics(cooc_recs(val_hist, matrix, decay, k, fill), val_target)["ndcg@10"]
+            if best is None or score > best[0]:
+                best = (score, window, decay)
+    assert best is not None
+    _, window, decay = best
+    histories = [h for _, h, _ in test]
+    matrix = cooc_matrix(histories, n_items, window)
+    recs = cooc_recs(histories, matrix, decay, k, popular(histories, k))
+    return {
+        "window": window,
+        "decay": decay,
+        "validation_ndcg@10": best[0],
+        **metrics(recs, [t for _, _, t in test]),
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--data", type=Path, default=DATA)
+    p.add_argument("--work-dir", type=Path, default=Path("runs/bench_anchors"))
+    p.add_argument("--max-users", type=int, default=None, help="subsample users (quick runs)")
+    p.add_argument("--sid-method", choices=["rqvae", "rkmeans"], default="rqvae")
+    p.add_argument("--sid-levels", type=int, default=3)
+    p.add_argument("--codebook-size", type=int, default=64)
+    p.add_argument("--hidden", type=int, default=128)
+    p.add_argument("--layers", type=int, default=2)
+    p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--weight-decay", type=float, default=0.05)
+    p.add_argument("--attention-dropout", type=float, default=0.1)
+    p.add_argument("--loss-on", choices=["target", "all"], default="all")
+    p.add_argument("--downsample", type=float, default=None, help="threshold t (default: off)")
+    p.add_argument("--eval-users", type=int, default=2000)
+    p.add_argument("--patience", type=int, default=4)
+    p.add_argument("--beam-width", type=int, default=20)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=Path("benchmarks/results/anchors_quality.json"))
+    args = p.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+
+    t_start = time.perf_counter()
+    data = load(args.data, args.max_users, args.seed)
+    test, index = data["test"], data["index"]
+    n_items = len(index)
+    targets = [t for _, _, t in test]
+    histories = [h for _, h, _ in test]
+
+    from training.sids.config import SidConfig
+    from training.sids.job import train_sids
+
+    sid_cfg = SidConfig(
+        method=args.sid_method,
+        levels=args.sid_levels,
+        codebook_size=args.codebook_size,
+        seed=args.seed,
+        show_progress=False,
+    )
+    t0 = time.perf_counter()
+    sids = train_sids(data["items"], sid_cfg, args.work_dir / "sids")
+    sid_seconds = time.perf_counter() - t0
+    semantics = sids.table
+    print(
+        f"SIDs: {sids.codebook_sizes} in {sid_seconds:.1f}s, collision rate "
+        f"{sids.metrics.get('collision_rate')}"
+    )
+
+    positives = positives_table(test, index)
+    cfg = AnchorConfig.model_validate(
+        {
+            "sequences": {
+                "max_history": 50,
+                "downsample_threshold": args.downsample,
+                "seed": args.seed,
+            },
+            "model": {
+                "compact": {
+                    "hidden_size": args.hidden,
+                    "num_layers": args.layers,
+                    "num_heads": args.heads,
+                    "num_kv_heads": args.heads,
+                    "intermediate_size": 3 * args.hidden,
+                    "attention_dropout": args.attention_dropout,
+                }
+            },
+            "training": {
+                "epochs": args.epochs,
+                "batch_size": args.batch_size,
+                "learning_rate": args.lr,
+                "weight_decay": args.weight_decay,
+                "loss_on": args.loss_on,
+                "eval_users": args.eval_users,
+                "patience": args.patience,
+                "seed": args.seed,
+                "device": args.device,
+                "progress": False,
+            },
+            "generation": {
+                "beam_width": args.beam_width,
+                "num_anchors": 10,
+                "batch_size": 64,
+                "device": args.device,
+            },
+        }
+    )
+    t0 = time.perf_counter()
+    trained = train_anchor_model(
+        semantics, positives, sids.codebook_sizes, cfg, args.work_dir / "model"
+    )
+    train_seconds = time.perf_counter() - t0
+    cutoff = T0 + timedelta(days=365)
+    gen = generate_anchors(
+        semantics, positives, [cutoff], args.work_dir / "model", cfg, args.work_dir / "anchors"
+    )
+    rows = {r["user_id"]: r["anchor_item_ids"] for r in gen.table.to_pylist()}
+    asin_index = {a: i for i, a in index.items()}
+    model_recs = [[asin_index[a] for a in rows.get(f"u{u}", [])] for u, _, _ in test]
+
+    pop = popular(histories, 10)
+    results: dict[str, Any] = {
+        "most_popular": metrics([pop] * len(test), targets),
+        "cooccurrence": cooc_baseline(test, n_items, 10),
+        "anchors": {
+            **metrics(model_recs, targets),
+            "eval_hr@10_validation": trained.metrics["eval_hr@10"],
+            "best_epoch": trained.metrics["best_epoch"],
+            "epochs_run": trained.metrics["epochs_run"],
+            "train_seconds": round(train_seconds, 1),
+            "generation_users_per_second": gen.metrics["users_per_second"],
+            "parameters": trained.metrics["parameters"],
+        },
+    }
+    freq = {
+        "training_sequences": trained.metrics["item_frequency_before_downsampling"],
+        "after_downsampling": trained.metrics["item_frequency_after_downsampling"],
+        "downsample_threshold": args.downsample,
+    }
+    report = {
+        "benchmark": "anchors_quality",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {
+            "cpus": torch.get_num_threads(),
+            "platform": platform.platform(),
+            "python": platform.python_version(),
+            "device": str(args.device),
+        },
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "data": {"users": len(test), "items": n_items, "positives": positives.num_rows},
+        "sids": {
+            "method": args.sid_method,
+            "codebook_sizes": sids.codebook_sizes,
+            "collision_rate": sids.metrics.get("collision_rate"),
+            "seconds": round(sid_seconds, 1),
+        },
+        "item_frequency": freq,
+        "training_history": trained.history.as_dict()["epochs"],
+        "results": results,
+        "seconds": round(time.perf_counter() - t_start, 1),
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+
+    print(f"\nAmazon Scientific, {len(test)} users, {n_items} items, next-item (test split)")
+    print(f"{'method':<16}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
+    for name, r in results.items():
+        print(
+            f"{name:<16}{r['hr@5']:>9.4f}{r['ndcg@5']:>9.4f}{r['hr@10']:>9.4f}{r['ndcg@10']:>9.4f}"
+        )
+    print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
