@@ -772,7 +772,7 @@ DEMO_FUNNEL_CONFIG: Final[dict[str, Any]] = {
     "prerank_size": 60,
     "rank_size": 20,
 }
-DEMO_PRERANKER_CONFIG: Final[dict[str, Any]] = {"training": {"epochs": 3}}
+DEMO_PRERANKER_CONFIG: Final[dict[str, Any]] = {"training": {"epochs": 6}}
 DEMO_ANCHORS_CONFIG: Final[dict[str, Any]] = {
     "model": {
         "compact": {"hidden_size": 128, "num_layers": 2, "num_heads": 4, "intermediate_size": 384}
@@ -871,7 +871,7 @@ def demo(
                 since=None,
                 split_quantile=0.8,
                 seeds=1,
-                objectives="exposed,unexposed_negative,gpl,hap,gpl_hap",
+                objectives="exposed,gpl,hap,gpl_hap",
             ),
         ),
     ]

@@ -78,7 +78,11 @@ class TrainSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     epochs: int = Field(default=8, ge=1, description="Most epochs (early stopping may end sooner).")
-    batch_requests: int = Field(default=32, ge=1, description="Requests per optimizer step.")
+    batch_requests: int = Field(
+        default=8,
+        ge=1,
+        description="Requests per optimizer step (small batches: more steps; measured better).",
+    )
     learning_rate: float = Field(default=2e-3, gt=0, description="Adam learning rate.")
     weight_decay: float = Field(default=1e-5, ge=0, description="AdamW weight decay.")
     validation_fraction: float = Field(

@@ -19,8 +19,9 @@ cross              (N, 4)      max cosine to the anchors, has anchors, max cosin
 
 The *light* model is a two-tower model: the user tower runs once per request, the item tower
 once per candidate, and a tiny head scores their element-wise product together with the
-candidate's max cosine to the user's anchors. The *expressive* model has wider towers, target
-attention of the candidate over the user's history and a deeper MLP on the concatenation.
+candidate's max cosine to the user's anchors and to the user's history. The *expressive*
+model has wider towers, target attention of the candidate over the user's history and a deeper
+MLP on the concatenation.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ class LightModel(nn.Module):
         self.item_tower = _mlp(
             [n_item + cfg.category_dim + dim, cfg.light_hidden, cfg.tower_dim], cfg.dropout
         )
-        self.head = _mlp([cfg.tower_dim + 2, 16, 1], 0.0)
+        self.head = _mlp([cfg.tower_dim + 4, 16, 1], 0.0)
 
     def forward(
         self,
@@ -94,7 +95,7 @@ class LightModel(nn.Module):
             )
         )
         item = self.item_tower(torch.cat([item_numeric, self.category(category), item_emb], 1))
-        x = torch.cat([user[row_request] * item, cross[:, :2]], 1)
+        x = torch.cat([user[row_request] * item, cross], 1)
         return self.head(x).squeeze(1)
 
 
