@@ -8,6 +8,7 @@
     gpl features build | apply | materialize | training-set         (Feast)
     gpl train                                                       (light + expressive models)
     gpl evaluate                                                    (baselines vs GPL/HAP report)
+    gpl export                                                      (ONNX bundle, parity-checked)
     gpl demo                                                        (all of the above)
 
 Every command works on a *run directory* (``--run-dir``, or ``GPL_RUN_DIR``; default
@@ -17,6 +18,7 @@ alone. Bad input exits with code 2 and one line per problem.
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -113,6 +115,8 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
     """Errors the stages raise on bad input or resources: one line, exit code 2."""
     import torch
 
+    from export.bundle import BundleError, ExportError
+    from export.parity import ExportParityError
     from training.anchors.vocab import SidVocabularyError
     from training.evaluation.ranking import EvaluationError
     from training.features.training_set import RowsLostError
@@ -124,6 +128,9 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
 
     return (
         SidInputError,
+        ExportError,
+        ExportParityError,
+        BundleError,
         EncoderError,
         CodebookFormatError,
         SidVocabularyError,
@@ -767,6 +774,32 @@ def evaluate(
             _say(f"{method:<32}" + "".join(cells))
 
 
+@app.command("export")
+def export(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Bundle directory (default RUN_DIR/bundle); replaced atomically."),
+    ] = None,
+) -> None:
+    """Export the trained pre-rankers to an ONNX bundle: RUN_DIR/bundle/.
+
+    Light and expressive models with their preprocessing inside the graph, a parity check
+    against torch on random and real rows (max abs difference <= 1e-5, else nothing is
+    written), a manifest (FeatureService and version, feature order, preprocessing, training
+    metrics, data cutoff, code version) and sha256 checksums. See docs/export.md.
+    """
+    from export.bundle import export_bundle
+
+    with _user_errors():
+        target = out or run_dir / "bundle"
+        result = export_bundle(run_dir / "preranker", target, run_dir=run_dir)
+        parity = result.manifest.get("parity", {})
+        _say(f"bundle -> {result.path} ({result.seconds:.1f}s)")
+        if parity:
+            _say(f"  parity: {json.dumps(parity)[:300]}")
+
+
 DEMO_FUNNEL_CONFIG: Final[dict[str, Any]] = {
     "retrieval_size": 150,
     "prerank_size": 60,
@@ -874,6 +907,7 @@ def demo(
                 objectives="exposed,gpl,hap,gpl_hap",
             ),
         ),
+        ("export", lambda: export(run_dir=run_dir, out=None)),
     ]
     for label, step in steps:
         with _timed(label, timings):

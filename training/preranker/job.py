@@ -260,7 +260,13 @@ def load_preranker(model_dir: Path) -> LoadedPreranker:
         model = build_model(
             kind, len(prep.user_numeric), len(prep.item_numeric), prep.embedding_dim, cfg.model
         )
-        model.load_state_dict(load_file(str(model_dir / f"{kind}.safetensors")))
+        try:
+            model.load_state_dict(load_file(str(model_dir / f"{kind}.safetensors")))
+        except RuntimeError as exc:
+            raise PrerankerDataError(
+                f"{model_dir / f'{kind}.safetensors'} does not fit this code's {kind} model "
+                f"(trained by another version?); re-run `gpl train`: {str(exc).splitlines()[-1]}"
+            ) from exc
         model.eval()
         models[kind] = model
     return LoadedPreranker(objective, cfg, prep, models["light"], models["expressive"])
