@@ -1,0 +1,344 @@
+"""Pseudo-label quality against the funnel simulator's truth on unexposed candidates.
+
+For each dataset (MovieLens-100k from ``../shared/datasets`` and the synthetic catalog), one run:
+
+1. simulate the funnel (requests + truth); split time at the ``--train-fraction`` quantile of
+   request times: the anchor LM and the distillation teacher learn only from before the split,
+   and every figure is measured on the unexposed candidates of requests after it;
+2. SIDs (MiniLM + RQ-VAE), the anchor LM (compact Qwen2) trained on positives before the split,
+   anchors generated for every request day after it, then the pseudo-label job;
+3. baselines on the same rows: "unexposed = negative" (a constant 0), the distillation teacher (a
+   model trained on exposed rows only, with the Feast statistics features plus the candidate's
+   content similarity to the user's history, scoring the unexposed rows), and raw popularity;
+4. AUCs against the truth, confidence-weighted AUC, AUC within the top- and bottom-confidence
+   halves, calibration error, and a reliability diagram (PNG).
+
+    .venv/bin/python benchmarks/pseudo_labels.py [--datasets ml-100k synthetic] [--quick]
+
+Writes ``benchmarks/results/pseudo_labels.json`` and ``benchmarks/results/pseudo_labels_*.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import torch
+
+from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
+from training.anchors.sequences import day_cutoffs
+from training.data.dataset import LoadedDataset
+from training.data.movielens import load_movielens_100k
+from training.data.simulator import SimulatorConfig, simulate_funnel
+from training.data.synthetic import SynthConfig, generate_synthetic
+from training.evaluation.metrics import auc, reliability_curve
+from training.features.stats import StatsConfig, compute_feature_tables
+from training.features.store import StoreSettings, apply_definitions, open_store
+from training.features.training_set import build_training_set
+from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
+from training.sids.config import SidConfig
+from training.sids.job import read_codebook_sizes, train_sids
+
+RESULTS = Path(__file__).parent / "results"
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
+
+
+def _history_similarity(
+    rows: pd.DataFrame, interactions: pd.DataFrame, emb: dict[str, np.ndarray], history: int
+) -> np.ndarray:
+    """cos(candidate, mean of the user's last ``history`` positives before the request)."""
+    inter = interactions.sort_values(["user_id", "event_timestamp"])
+    by_user = {u: g for u, g in inter.groupby("user_id", sort=False)}
+    out = np.zeros(len(rows), np.float32)
+    dim = len(next(iter(emb.values())))
+    for (user, ts), idx in rows.groupby(["user_id", "event_timestamp"], sort=False).indices.items():
+        g = by_user.get(user)
+        profile = np.zeros(dim, np.float32)
+        if g is not None:
+            before = g[g["event_timestamp"] < ts]["item_id"].tail(history)
+            vecs = [emb[i] for i in before if i in emb]
+            if vecs:
+                profile = np.mean(vecs, axis=0)
+                profile /= max(float(np.linalg.norm(profile)), 1e-12)
+        cand = np.stack([emb.get(i, np.zeros(dim, np.float32)) for i in rows["item_id"].iloc[idx]])
+        out[idx] = cand @ profile
+    return out
+
+
+def _teacher_scores(
+    train: pd.DataFrame, score: pd.DataFrame, features: list[str], seed: int
+) -> np.ndarray:
+    """An MLP ranker trained on exposed rows (label = click); its scores on ``score``."""
+    torch.manual_seed(seed)
+    x_train = train[features].to_numpy(np.float32)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    xt = torch.from_numpy((x_train - mean) / std)
+    yt = torch.from_numpy(train["label"].to_numpy(np.float32))
+    model = torch.nn.Sequential(
+        torch.nn.Linear(len(features), 64), torch.nn.ReLU(), torch.nn.Linear(64, 1)
+    )
+    opt = torch.optim.Adam(model.parameters(), lr=3e-3, weight_decay=1e-4)
+    for _ in range(30):
+        perm = torch.randperm(len(xt))
+        for start in range(0, len(xt), 1024):
+            b = perm[start : start + 1024]
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(
+                model(xt[b]).squeeze(1), yt[b]
+            )
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    with torch.no_grad():
+        xs = torch.from_numpy((score[features].to_numpy(np.float32) - mean) / std)
+        return torch.sigmoid(model(xs).squeeze(1)).numpy()
+
+
+def run_dataset(
+    name: str, data: LoadedDataset, work: Path, args: argparse.Namespace
+) -> dict[str, Any]:
+    timings: dict[str, float] = {}
+
+    def tick(label: str, began: float) -> None:
+        timings[label] = round(time.perf_counter() - began, 2)
+        print(f"  [{name}] {label}: {timings[label]:.1f}s", flush=True)
+
+    t = time.perf_counter()
+    sim_cfg = SimulatorConfig(
+        seed=args.seed, progress=False, requests_per_user=args.requests_per_user
+    )
+    funnel = simulate_funnel(data.items, data.interactions, sim_cfg)
+    requests, truth = funnel.requests, funnel.truth
+    tick("simulate", t)
+
+    ts = requests.column("event_timestamp")
+    split = pc.quantile(ts.cast(pa.int64()), q=args.train_fraction).to_pylist()[0]
+    split_ts = pa.scalar(int(split), pa.int64()).cast(ts.type)
+    before = pc.less(ts, split_ts)
+    train_requests = requests.filter(before)
+    eval_requests = requests.filter(pc.invert(before))
+
+    t = time.perf_counter()
+    sid_cfg = SidConfig(epochs=args.sid_epochs)
+    train_sids(data.items, sid_cfg, work / "sids")
+    item_semantics = pq.read_table(work / "sids" / "item_semantics.parquet")
+    tick("sids", t)
+
+    inter_ts = data.interactions.column("event_timestamp")
+    positives_train = data.interactions.filter(pc.less(inter_ts, split_ts))
+    anchor_cfg = AnchorConfig.model_validate(
+        {
+            # The compact LM of benchmarks/preranker.py: whole-window loss, 2 layers of 128.
+            "model": {"compact": {"hidden_size": 128, "num_layers": 2, "num_heads": 4}},
+            "sequences": {"max_history": 30},
+            "training": {
+                "epochs": args.lm_epochs,
+                "loss_on": "all",
+                "eval_users": 200,
+                "patience": 2,
+                "progress": False,
+            },
+            "generation": {"beam_width": 10, "num_anchors": 10},
+        }
+    )
+    t = time.perf_counter()
+    train_anchor_model(
+        item_semantics,
+        positives_train,
+        read_codebook_sizes(work / "sids"),
+        anchor_cfg,
+        work / "anchors" / "model",
+    )
+    tick("anchor LM training", t)
+    t = time.perf_counter()
+    anchors = generate_anchors(
+        item_semantics,
+        data.interactions,
+        day_cutoffs(eval_requests.column("event_timestamp")),
+        work / "anchors" / "model",
+        anchor_cfg,
+        work / "anchors",
+        users=sorted(set(eval_requests.column("user_id").to_pylist())),
+    ).table
+    tick("anchor generation", t)
+
+    t = time.perf_counter()
+    result = generate_pseudo_labels(
+        eval_requests,
+        item_semantics,
+        anchors,
+        data.interactions,
+        PseudoLabelConfig(progress=False),
+        work / "pseudo_labels",
+    )
+    tick("pseudo-labels", t)
+    labels = pq.read_table(result.path).to_pandas()
+
+    # Feast statistics features for the teacher and the popularity reference (point-in-time).
+    t = time.perf_counter()
+    compute_feature_tables(data.items, requests).write(work, StatsConfig())
+    store = open_store(work, StoreSettings(project=f"bench_{name.replace('-', '_')}"))
+    apply_definitions(store)
+    joined = build_training_set(store, requests).table.to_pandas()
+    numeric = [
+        c
+        for c in joined.columns
+        if ("__" in c) and joined[c].dtype.kind in "fiu" and not c.startswith("item_content__cat")
+    ]
+    emb = dict(
+        zip(
+            item_semantics.column("item_id").to_pylist(),
+            np.stack(item_semantics.column("content_embedding").to_numpy(zero_copy_only=False)),
+            strict=True,
+        )
+    )
+    inter_df = data.interactions.select(["user_id", "item_id", "event_timestamp"]).to_pandas()
+    joined["history_similarity"] = _history_similarity(joined, inter_df, emb, 50)
+    features = [*numeric, "history_similarity"]
+    train_rows = joined[
+        (joined["stage"] == "exposed")
+        & joined["request_id"].isin(set(train_requests.column("request_id").to_pylist()))
+    ]
+    tick("teacher features", t)
+
+    truth_df = truth.to_pandas()[["request_id", "item_id", "label"]].rename(
+        columns={"label": "truth"}
+    )
+    ev = labels.merge(truth_df, on=["request_id", "item_id"], how="left")
+    if ev["truth"].isna().any():
+        raise RuntimeError("truth is missing rows for some unexposed candidates")
+    ev = ev.merge(
+        joined[["request_id", "item_id", *features]], on=["request_id", "item_id"], how="left"
+    )
+    t = time.perf_counter()
+    ev["teacher"] = _teacher_scores(train_rows, ev, features, args.seed)
+    tick("distillation teacher", t)
+
+    ok = ev[ev["status"] == "ok"].copy()
+    y = ok["truth"].to_numpy()
+    conf = ok["confidence"].to_numpy()
+    median = np.median(conf)
+    top, bottom = conf >= median, conf < median
+    curve = reliability_curve(y, ok["pseudo_label"].to_numpy(), bins=10)
+    figures = {
+        "eval_unexposed_rows": len(ev),
+        "labelled_rows": len(ok),
+        "no_anchors_rows": int((ev["status"] == "no_anchors").sum()),
+        "truth_positive_rate": round(float(y.mean()), 5),
+        "auc_gpl_relevance": auc(y, ok["relevance"]),
+        "auc_gpl_pseudo_label": auc(y, ok["pseudo_label"]),
+        "auc_gpl_confidence_weighted": auc(y, ok["pseudo_label"], conf),
+        "auc_gpl_top_confidence_half": auc(y[top], ok["pseudo_label"].to_numpy()[top]),
+        "auc_gpl_bottom_confidence_half": auc(y[bottom], ok["pseudo_label"].to_numpy()[bottom]),
+        "auc_unexposed_as_negative": auc(y, np.zeros(len(y))),
+        "auc_distillation": auc(y, ok["teacher"]),
+        "auc_popularity": auc(y, ok["item_popularity__log_candidate_count"]),
+        "ece_pseudo_label": curve.expected_calibration_error,
+        "calibration": result.metrics["calibration"],
+        "timings_s": timings,
+    }
+    figures["gpl_minus_distillation"] = (
+        figures["auc_gpl_pseudo_label"] - figures["auc_distillation"]
+    )
+
+    fig, ax = plt.subplots(figsize=(4.5, 4.5))
+    ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
+    ax.plot(curve.mean_predicted, curve.observed_rate, "o-", label="GPL pseudo-label")
+    tc = reliability_curve(y, ok["teacher"].to_numpy(), bins=10)
+    ax.plot(tc.mean_predicted, tc.observed_rate, "s-", label="distillation teacher")
+    top_max = max(
+        curve.mean_predicted.max(),
+        curve.observed_rate.max(),
+        tc.mean_predicted.max(),
+        tc.observed_rate.max(),
+    )
+    ax.set_xlim(0, min(1, top_max * 1.1))
+    ax.set_ylim(0, min(1, top_max * 1.1))
+    ax.set_xlabel("predicted click probability (bin mean)")
+    ax.set_ylabel("true engagement rate of unexposed candidates")
+    ax.set_title(f"{name}: reliability on unexposed truth")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    png = RESULTS / f"pseudo_labels_{name}.png"
+    fig.savefig(png, dpi=120)
+    plt.close(fig)
+    figures["reliability_png"] = str(png.relative_to(RESULTS.parent.parent))
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--datasets", nargs="+", default=["ml-100k", "synthetic"])
+    parser.add_argument("--ml100k", type=Path, default=SHARED / "ml-100k")
+    parser.add_argument("--train-fraction", type=float, default=0.6)
+    parser.add_argument("--requests-per-user", type=int, default=4)
+    parser.add_argument("--sid-epochs", type=int, default=100)
+    parser.add_argument("--lm-epochs", type=int, default=20)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not figures")
+    parser.add_argument("--out", type=Path, default=RESULTS / "pseudo_labels.json")
+    args = parser.parse_args()
+    if args.quick:
+        args.sid_epochs, args.lm_epochs = 5, 2
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    results: dict[str, Any] = {}
+    for name in args.datasets:
+        data = (
+            load_movielens_100k(args.ml100k)
+            if name == "ml-100k"
+            else generate_synthetic(SynthConfig())
+        )
+        with tempfile.TemporaryDirectory() as tmp:
+            results[name] = run_dataset(name, data, Path(tmp), args)
+
+    cols = [
+        ("auc_gpl_pseudo_label", "GPL"),
+        ("auc_gpl_confidence_weighted", "GPL conf-w"),
+        ("auc_gpl_top_confidence_half", "GPL top-conf"),
+        ("auc_gpl_bottom_confidence_half", "GPL low-conf"),
+        ("auc_distillation", "distill"),
+        ("auc_unexposed_as_negative", "unexp=neg"),
+        ("auc_popularity", "popularity"),
+        ("ece_pseudo_label", "ECE"),
+    ]
+    print("\nAUC against the truth on unexposed candidates (requests after the time split)")
+    print(f"{'dataset':<11}" + "".join(f"{label:>13}" for _, label in cols))
+    for name, r in results.items():
+        print(f"{name:<11}" + "".join(f"{r[key]:>13.4f}" for key, _ in cols))
+    for name, r in results.items():
+        gap = r["gpl_minus_distillation"]
+        print(
+            f"{name}: GPL - distillation = {gap:+.4f} (target >= +0.05); top-confidence half "
+            f"{r['auc_gpl_top_confidence_half']:.4f} vs all {r['auc_gpl_pseudo_label']:.4f}"
+        )
+    out = {
+        "benchmark": "pseudo_labels",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "params": {k: str(v) for k, v in vars(args).items()},
+        "results": results,
+    }
+    args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
