@@ -32,9 +32,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow.parquet as pq
 import yaml
+
+from training.preranker.job import time_quantile
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = ROOT.parent / "shared" / "datasets" / "ml-100k"
@@ -56,10 +57,8 @@ def gpl(*args: str) -> None:
 
 
 def cutoff_of(run: Path, q: float) -> str:
-    ts = pq.read_table(run / "funnel" / "requests.parquet", columns=["event_timestamp"])
-    micros = ts.column(0).cast("int64").to_numpy()
-    value = int(np.quantile(micros, q))
-    return datetime.fromtimestamp(value / 1e6, UTC).strftime("%Y-%m-%dT%H:%M:%S")
+    requests = pq.read_table(run / "funnel" / "requests.parquet", columns=["event_timestamp"])
+    return time_quantile(requests, q).strftime("%Y-%m-%dT%H:%M:%S")
 
 
 def main() -> None:

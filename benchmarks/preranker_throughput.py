@@ -16,12 +16,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
-import pyarrow.compute as pc
 
 from training.features.store import open_store
 from training.io import read_table
 from training.preranker.config import PrerankerConfig
-from training.preranker.job import join_features, prepare, split_at
+from training.preranker.job import join_features, prepare, split_at, time_quantile
 from training.preranker.train import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -37,9 +36,7 @@ def main() -> None:
     )
     args = p.parse_args()
     requests = read_table(args.run_dir / "funnel" / "requests.parquet", "requests")
-    micros = pc.cast(requests.column("event_timestamp"), "int64").to_numpy()
-    cutoff = datetime.fromtimestamp(int(np.quantile(micros, 0.8)) / 1e6, UTC)
-    train, _ = split_at(requests, cutoff)
+    train, _ = split_at(requests, time_quantile(requests, 0.8))
     joined = join_features(open_store(args.run_dir), train)
     semantics = read_table(args.run_dir / "sids" / "item_semantics.parquet")
     cfg = PrerankerConfig.model_validate(

@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Sequence
@@ -163,22 +162,6 @@ def verify_bundle(path: Path) -> dict[str, Any]:
 
 
 # --- manifest --------------------------------------------------------------------------------
-
-
-def git_version() -> str:
-    """``git rev-parse --short HEAD`` of this code, or ``"unknown"``."""
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=5,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-    return out.stdout.strip() or "unknown"
 
 
 def feature_service_version() -> str | None:
@@ -406,7 +389,7 @@ def export_bundle(
 
     from export.onnx_export import MODEL_KINDS, OPSET, GraphSpec, ServingGraph, export_graph
     from export.parity import check_parity, random_cases
-    from training.io import read_manifest
+    from training.io import code_version, read_manifest
     from training.preranker.job import load_preranker
 
     began = time.perf_counter()
@@ -450,7 +433,7 @@ def export_bundle(
             "format": BUNDLE_FORMAT,
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(),
-            "code_version": git_version(),
+            "code_version": code_version(),
             "feature_service": {"name": FEATURE_SERVICE, "version": feature_service_version()},
             "data_cutoff": cutoff,
             "objective": loaded.objective,

@@ -14,6 +14,7 @@ categories map to a vocabulary of the most frequent training categories (0 = oth
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Final
 
 import numpy as np
@@ -170,10 +171,14 @@ class ItemTable:
         """Width of the content vectors."""
         return int(self.embeddings.shape[1])
 
+    @cached_property
+    def _sorted(self) -> tuple[I64, npt.NDArray[np.str_]]:
+        order = np.argsort(self.item_ids)
+        return order, self.item_ids[order]
+
     def lookup(self, ids: npt.NDArray[np.str_]) -> I32:
         """1-based row of each id in :attr:`embeddings`; 0 for unknown ids."""
-        order = np.argsort(self.item_ids)
-        sorted_ids = self.item_ids[order]
+        order, sorted_ids = self._sorted
         pos = np.searchsorted(sorted_ids, ids)
         pos = np.clip(pos, 0, max(len(sorted_ids) - 1, 0))
         found = (len(sorted_ids) > 0) & (sorted_ids[pos] == ids) if len(sorted_ids) else None

@@ -41,7 +41,7 @@ from training.preranker.data import (
     split_by_time,
 )
 from training.preranker.models import build_model, flops_per_candidate
-from training.preranker.routing import cascade_scores, routed_mask, routing_flops
+from training.preranker.routing import cascade_scores, routed_mask, routing_flops, sigmoid
 from training.preranker.train import TrainedModel, score, train_model
 
 PRERANKER_DIR: Final = "preranker"
@@ -156,8 +156,8 @@ def fit(prepared: Prepared, cfg: PrerankerConfig, objective: str | None = None) 
     if objective == "distill":
         teacher = train_model("expressive", "exposed", p.train, p.valid, emb, cfg)
         teacher_probs = (
-            _sigmoid(score(teacher.model, p.train, emb)),
-            _sigmoid(score(teacher.model, p.valid, emb)),
+            sigmoid(score(teacher.model, p.train, emb)),
+            sigmoid(score(teacher.model, p.valid, emb)),
         )
     light = train_model("light", objective, p.train, p.valid, emb, cfg, None, teacher_probs)
     expressive = train_model(
@@ -176,10 +176,6 @@ def fit(prepared: Prepared, cfg: PrerankerConfig, objective: str | None = None) 
         "expressive": flops_per_candidate(expressive.model, p.items.dim, h, a),  # type: ignore[arg-type]
     }
     return FittedPreranker(objective, light, expressive, teacher, flops)
-
-
-def _sigmoid(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
 def save_preranker(
@@ -285,9 +281,8 @@ def scored_table(data: PrerankData, scores: npt.NDArray[np.float32]) -> pa.Table
     )
 
 
-def item_info(semantics: pa.Table, items: pa.Table, train_requests: pa.Table) -> ItemInfo:
+def item_info(table: ItemTable, items: pa.Table, train_requests: pa.Table) -> ItemInfo:
     """Side information for diversity and long-tail metrics; popularity from training only."""
-    table = ItemTable.from_semantics(semantics)
     ids = table.item_ids
     cats = np.full(len(ids), "", dtype=object)
     if "category" in items.column_names:
@@ -342,7 +337,7 @@ def evaluate_suite(
     objectives = objectives or list(OBJECTIVES)
     base = prepare(train_table, semantics, cfg)
     eval_data = encode(eval_table, base.items, base.prep, need_pseudo=False)
-    info_items = item_info(semantics, items, train_table)
+    info_items = item_info(base.items, items, train_table)
     results: dict[str, list[dict[str, float]]] = {}
     routing: list[dict[str, float]] = []
     runs = [(o, s) for s in range(seeds) for o in objectives]

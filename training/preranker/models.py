@@ -58,7 +58,36 @@ def _per_row_dot(query: Tensor, keys: Tensor, row_request: Tensor) -> Tensor:
     return torch.gather(every, 1, cols)
 
 
-class LightModel(nn.Module):
+class _TwoTowers(nn.Module):
+    """The user and item towers both models share (each model sizes its own)."""
+
+    category: nn.Embedding
+    user_tower: nn.Sequential
+    item_tower: nn.Sequential
+
+    def towers(
+        self,
+        user_numeric: Tensor,
+        history_emb: Tensor,
+        anchor_emb: Tensor,
+        item_numeric: Tensor,
+        category: Tensor,
+        item_emb: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """User vectors (R, t), once per request, and item vectors (N, t)."""
+        hist_mask = history_emb.abs().sum(-1) > 0
+        anchor_mask = anchor_emb.abs().sum(-1) > 0
+        user_in = [
+            user_numeric,
+            _masked_mean(history_emb, hist_mask),
+            _masked_mean(anchor_emb, anchor_mask),
+        ]
+        user = self.user_tower(torch.cat(user_in, dim=1))
+        item = self.item_tower(torch.cat([item_numeric, self.category(category), item_emb], 1))
+        return user, item
+
+
+class LightModel(_TwoTowers):
     """Two towers, element-wise product, a small head; user side once per request."""
 
     def __init__(self, n_user: int, n_item: int, dim: int, cfg: ModelSettings) -> None:
@@ -82,24 +111,14 @@ class LightModel(nn.Module):
         cross: Tensor,
     ) -> Tensor:
         """Logits of every candidate row, (N,)."""
-        hist_mask = history_emb.abs().sum(-1) > 0
-        anchor_mask = anchor_emb.abs().sum(-1) > 0
-        user = self.user_tower(
-            torch.cat(
-                [
-                    user_numeric,
-                    _masked_mean(history_emb, hist_mask),
-                    _masked_mean(anchor_emb, anchor_mask),
-                ],
-                dim=1,
-            )
+        user, item = self.towers(
+            user_numeric, history_emb, anchor_emb, item_numeric, category, item_emb
         )
-        item = self.item_tower(torch.cat([item_numeric, self.category(category), item_emb], 1))
         x = torch.cat([user[row_request] * item, cross], 1)
         return self.head(x).squeeze(1)
 
 
-class ExpressiveModel(nn.Module):
+class ExpressiveModel(_TwoTowers):
     """Wider towers, target attention over the history, a deeper MLP."""
 
     def __init__(self, n_user: int, n_item: int, dim: int, cfg: ModelSettings) -> None:
@@ -126,19 +145,10 @@ class ExpressiveModel(nn.Module):
         cross: Tensor,
     ) -> Tensor:
         """Logits of every candidate row, (N,)."""
-        hist_mask = history_emb.abs().sum(-1) > 0  # (R, H)
-        anchor_mask = anchor_emb.abs().sum(-1) > 0
-        user = self.user_tower(
-            torch.cat(
-                [
-                    user_numeric,
-                    _masked_mean(history_emb, hist_mask),
-                    _masked_mean(anchor_emb, anchor_mask),
-                ],
-                dim=1,
-            )
+        user, item = self.towers(
+            user_numeric, history_emb, anchor_emb, item_numeric, category, item_emb
         )
-        item = self.item_tower(torch.cat([item_numeric, self.category(category), item_emb], 1))
+        hist_mask = history_emb.abs().sum(-1) > 0  # (R, H)
         # Target attention: the candidate queries its user's history (keys per request once).
         keys = self.key(history_emb)  # (R, H, a)
         values = self.value(history_emb)  # (R, H, t)

@@ -33,13 +33,14 @@ def routed_mask(
     return rank_within_requests(light, offsets) < np.repeat(quota, sizes)
 
 
-def _sigmoid(x: F32) -> F32:
+def sigmoid(x: F32) -> F32:
+    """Logits to probabilities (float32)."""
     return (1.0 / (1.0 + np.exp(-x))).astype(np.float32)
 
 
 def cascade_scores(light: F32, expressive: F32, routed: npt.NDArray[np.bool_]) -> F32:
     """One score per row whose order within a request is the cascade's order."""
-    return np.where(routed, 1.0 + _sigmoid(expressive), _sigmoid(light)).astype(np.float32)
+    return np.where(routed, 1.0 + sigmoid(expressive), sigmoid(light)).astype(np.float32)
 
 
 def routing_flops(

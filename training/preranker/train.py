@@ -52,7 +52,6 @@ def make_batch(
     local = np.full(data.n_requests, -1, dtype=np.int64)
     local[requests] = np.arange(len(requests))
     row_request = torch.from_numpy(local[data.row_request[rows]])
-    req = torch.from_numpy(requests)
     batch = {
         "user_numeric": torch.from_numpy(data.user_numeric[requests]),
         "history_emb": embeddings[torch.from_numpy(data.history[requests]).long()],
@@ -69,7 +68,6 @@ def make_batch(
     }
     if teacher is not None:
         batch["teacher"] = torch.from_numpy(teacher[rows])
-    del req
     return batch, rows
 
 
