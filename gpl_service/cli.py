@@ -9,6 +9,7 @@
     gpl train                                                       (light + expressive models)
     gpl evaluate                                                    (baselines vs GPL/HAP report)
     gpl export                                                      (ONNX bundle, parity-checked)
+    gpl serve                                                       (FastAPI pre-ranking service)
     gpl demo                                                        (all of the above)
 
 Every command works on a *run directory* (``--run-dir``, or ``GPL_RUN_DIR``; default
@@ -117,6 +118,7 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
 
     from export.bundle import BundleError, ExportError
     from export.parity import ExportParityError
+    from gpl_service.app import ServiceStartError
     from training.anchors.vocab import SidVocabularyError
     from training.evaluation.ranking import EvaluationError
     from training.features.training_set import RowsLostError
@@ -131,6 +133,7 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
         ExportError,
         ExportParityError,
         BundleError,
+        ServiceStartError,
         EncoderError,
         CodebookFormatError,
         SidVocabularyError,
@@ -800,6 +803,61 @@ def export(
             _say(f"  parity: {json.dumps(parity)[:300]}")
 
 
+@app.command("serve")
+def serve(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    bundle: Annotated[
+        Path | None, typer.Option(help="Bundle directory (default RUN_DIR/bundle).")
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    max_candidates: Annotated[
+        int | None, typer.Option(help="Most candidates per request (default 10,000).")
+    ] = None,
+    as_of: Annotated[
+        datetime | None,
+        typer.Option(
+            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"],
+            help="Judge feature ttl as if it were this time (replaying historical data only).",
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the pre-ranker over HTTP (uvicorn) from online features only.
+
+    POST /v1/prerank {"user_id": ..., "candidates": [...], "top_k": 10} returns the top-k with
+    scores and stats. Also: GET /v1/health, /v1/ready, /metrics (Prometheus), /v1/models,
+    /v1/registry/feature-views[/{name}], POST /v1/admin/reload (needs GPL_SERVE_ADMIN_TOKEN),
+    and the OpenAPI docs at /docs. The online store is the run's (SQLite, or Redis with
+    GPL_REDIS_URL); every other setting is a GPL_SERVE_* variable (see docs/serving.md).
+    """
+    import uvicorn
+
+    from export.bundle import verify_bundle
+    from gpl_service.app import create_app, open_service_store
+    from gpl_service.settings import ServeSettings
+
+    with _user_errors():
+        overrides: dict[str, Any] = {"run_dir": run_dir, "host": host, "port": port}
+        if bundle is not None:
+            overrides["bundle_dir"] = bundle
+        if max_candidates is not None:
+            overrides["max_candidates"] = max_candidates
+        if as_of is not None:
+            overrides["as_of"] = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+        settings = ServeSettings(**overrides)
+        # Fail here, in one line, rather than in uvicorn's start-up traceback.
+        open_service_store(settings.run_dir)
+        verify_bundle(settings.bundle_path)
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        log_level=log_level,
+        access_log=False,
+    )
+
+
 DEMO_FUNNEL_CONFIG: Final[dict[str, Any]] = {
     "retrieval_size": 150,
     "prerank_size": 60,
@@ -908,6 +966,7 @@ def demo(
             ),
         ),
         ("export", lambda: export(run_dir=run_dir, out=None)),
+        ("serve", lambda: _demo_serve(run_dir)),
     ]
     for label, step in steps:
         with _timed(label, timings):
@@ -917,6 +976,92 @@ def demo(
         _say(f"{label:<26} {seconds:7.2f}")
     _say(f"{'total':<26} {sum(timings.values()):7.2f}")
     _say(f"outputs in {run_dir}; browse the feature registry with: feast -c {run_dir} ui")
+    _say(
+        f"keep the service running with: gpl serve --run-dir {run_dir} --as-of {_data_end(run_dir)}"
+    )
+
+
+def _data_end(run_dir: Path) -> str:
+    """The last request time of the run's log (the demo's data ends in the past)."""
+    import pyarrow.compute as pc
+
+    from training.io import read_table
+
+    requests = read_table(run_dir / "funnel" / "requests.parquet")
+    end: datetime = pc.max(requests.column("event_timestamp")).as_py()
+    return end.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+def _demo_serve(run_dir: Path) -> None:
+    """Start `gpl serve`, send the latest logged request, print the answer, stop the service."""
+    import socket
+    import subprocess
+    import sys
+
+    import httpx
+    import pyarrow.compute as pc
+
+    from training.io import read_table
+
+    requests = read_table(run_dir / "funnel" / "requests.parquet")
+    last = requests.sort_by([("event_timestamp", "descending")]).slice(0, 1)
+    request_id = last.column("request_id")[0].as_py()
+    sample = requests.filter(pc.equal(requests.column("request_id"), request_id))
+    body = {
+        "user_id": sample.column("user_id")[0].as_py(),
+        "candidates": sample.column("item_id").to_pylist(),
+        "top_k": 10,
+        "request_id": f"demo-{request_id}",
+    }
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gpl_service.cli",
+        "serve",
+        "--run-dir",
+        str(run_dir),
+        "--port",
+        str(port),
+        "--as-of",
+        _data_end(run_dir),
+        "--log-level",
+        "warning",
+    ]
+    _say("$ gpl " + " ".join(cmd[3:]))
+    proc = subprocess.Popen(cmd)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            if proc.poll() is not None:
+                raise UsageError(f"the service exited with code {proc.returncode} at start-up")
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise UsageError("the service was not ready within 120 s")
+            time.sleep(0.25)
+        _say(f"POST {url}/v1/prerank user {body['user_id']}, {len(body['candidates'])} candidates")
+        answer = httpx.post(f"{url}/v1/prerank", json=body, timeout=30)
+        answer.raise_for_status()
+        got = answer.json()
+        _say(f"  model {got['model_version']}, degraded={got['degraded']}")
+        for rank, item in enumerate(got["items"], start=1):
+            _say(f"  {rank:>2}. {item['item_id']:<10} {item['score']:.4f} ({item['model']})")
+        stats = {k: v for k, v in got["stats"].items() if k != "feature_age_seconds"}
+        _say(f"  stats: {json.dumps(stats)}")
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    _say("service stopped")
 
 
 def main() -> None:

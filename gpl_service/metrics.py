@@ -1,0 +1,142 @@
+"""Prometheus metrics of the service, on a registry of its own (one per app instance).
+
+Exposed at ``GET /metrics``. Names are prefixed ``gpl_``; latencies in seconds.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+_LATENCY_BUCKETS = (
+    0.001,
+    0.002,
+    0.003,
+    0.005,
+    0.0075,
+    0.01,
+    0.015,
+    0.02,
+    0.03,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+)
+_CANDIDATE_BUCKETS = (10, 50, 100, 250, 500, 1000, 2000, 3000, 5000, 10000, 20000)
+_AGE_BUCKETS = (60, 600, 3600, 6 * 3600, 86400, 3 * 86400, 7 * 86400, 30 * 86400, 90 * 86400)
+
+
+class Metrics:
+    """Every metric the service exports."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.http_requests = Counter(
+            "gpl_http_requests",
+            "HTTP requests by route and status.",
+            ["route", "status"],
+            registry=r,
+        )
+        self.http_latency = Histogram(
+            "gpl_http_request_duration_seconds",
+            "HTTP request latency by route.",
+            ["route"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.stage_latency = Histogram(
+            "gpl_prerank_stage_seconds",
+            "Pre-rank latency by stage: features (online store + item cache), light, expressive.",
+            ["stage"],
+            buckets=_LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.candidates = Histogram(
+            "gpl_prerank_candidates",
+            "Candidates per pre-rank request (after de-duplication).",
+            buckets=_CANDIDATE_BUCKETS,
+            registry=r,
+        )
+        self.item_lookups = Counter(
+            "gpl_item_cache_lookups",
+            "Candidate item lookups: hit (in the cache), fetched (read from the online store on "
+            "a miss), unknown (in neither; defaults used).",
+            ["result"],
+            registry=r,
+        )
+        self.cache_items = Gauge("gpl_item_cache_items", "Items in the item cache.", registry=r)
+        self.cache_refreshes = Counter(
+            "gpl_item_cache_refreshes", "Item cache refreshes by outcome.", ["result"], registry=r
+        )
+        self.cache_loaded_at = Gauge(
+            "gpl_item_cache_loaded_timestamp_seconds",
+            "When the item cache was filled.",
+            registry=r,
+        )
+        self.feature_age = Histogram(
+            "gpl_feature_age_seconds",
+            "Age of the feature rows a request used, by view (items: the oldest candidate row).",
+            ["view"],
+            buckets=_AGE_BUCKETS,
+            registry=r,
+        )
+        self.degraded = Counter(
+            "gpl_degraded_responses",
+            "Responses answered without the online store (cached items, default user features).",
+            registry=r,
+        )
+        self.store_errors = Counter(
+            "gpl_online_store_errors", "Failed online store reads.", registry=r
+        )
+        self.store_up = Gauge(
+            "gpl_online_store_up", "1 when the last online store read succeeded.", registry=r
+        )
+        self.reloads = Counter(
+            "gpl_bundle_reloads",
+            "Bundle reloads by outcome (ok, rejected).",
+            ["result"],
+            registry=r,
+        )
+        self.model_info = Gauge(
+            "gpl_model_info", "The served bundle (value 1).", ["model_version"], registry=r
+        )
+        self._model_version: str | None = None
+
+    def observe_request(
+        self,
+        *,
+        n: int,
+        hits: int,
+        fetched: int,
+        unknown: int,
+        degraded: bool,
+        timings: dict[str, float],
+        ages: dict[str, float | None],
+    ) -> None:
+        """Record one scored pre-rank request (timings in ms, ages in s)."""
+        self.candidates.observe(n)
+        self.item_lookups.labels("hit").inc(hits)
+        self.item_lookups.labels("fetched").inc(fetched)
+        self.item_lookups.labels("unknown").inc(unknown)
+        for stage, ms in timings.items():
+            self.stage_latency.labels(stage).observe(ms / 1e3)
+        for view, age in ages.items():
+            if age is not None:
+                self.feature_age.labels(view).observe(age)
+        if degraded:
+            self.degraded.inc()
+        self.store_up.set(0 if degraded else 1)
+
+    def set_model(self, version: str) -> None:
+        """Mark ``version`` as the served bundle."""
+        if self._model_version is not None and self._model_version != version:
+            self.model_info.remove(self._model_version)
+        self.model_info.labels(version).set(1)
+        self._model_version = version
+
+    def render(self) -> bytes:
+        """The Prometheus text exposition."""
+        return generate_latest(self.registry)

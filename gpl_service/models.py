@@ -1,0 +1,201 @@
+"""A served model bundle: verified, loaded into ONNX Runtime, smoke-tested, then swapped in.
+
+:func:`load_bundle` either returns a :class:`LoadedBundle` that has already scored a request, or
+raises :class:`~gpl_service.errors.BundleLoadError` saying why; the service only swaps a bundle
+in after that, so a bad bundle can never replace a good one.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import numpy.typing as npt
+import onnxruntime as ort
+
+from export.bundle import CHECKSUMS, MODEL_FILES, BundleError, verify_bundle
+from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES
+from gpl_service.errors import BundleLoadError
+
+F32 = npt.NDArray[np.float32]
+Providers = Literal["auto", "cpu", "cuda"]
+CUDA: str = "CUDAExecutionProvider"
+CPU: str = "CPUExecutionProvider"
+
+
+def gpu_present() -> bool:
+    """Whether an NVIDIA GPU is visible (onnxruntime-gpu lists CUDA even where none is)."""
+    return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
+
+
+def _providers(choice: Providers) -> list[str]:
+    available = ort.get_available_providers()
+    if choice == "cpu":
+        return [CPU]
+    if choice == "cuda":
+        if CUDA not in available or not gpu_present():
+            raise BundleLoadError("providers=cuda but no CUDA GPU / CUDA provider is available")
+        return [CUDA, CPU]
+    return [CUDA, CPU] if CUDA in available and gpu_present() else [CPU]
+
+
+@dataclass
+class LoadedBundle:
+    """Both models of a bundle in ONNX Runtime, with what scoring needs from the manifest.
+
+    Attributes:
+        path: The bundle directory it was loaded from.
+        manifest: The bundle's manifest.
+        model_version: First 16 hex digits of the sha256 of ``checksums.sha256``: names the
+            exact files served.
+        sessions: ``light`` and ``expressive`` inference sessions.
+        providers: The execution providers ONNX Runtime actually uses.
+        user_columns: Raw user feature columns, graph order (``<view>__<feature>``).
+        item_columns: Raw item feature columns, graph order.
+        categories: Category vocabulary (id = 1 + index; 0 = other).
+        history_length: H.
+        num_anchors: A.
+        embedding_dim: D.
+        hard_fraction: Share of candidates the expressive model re-scores.
+        loaded_at: Epoch seconds.
+    """
+
+    path: Path
+    manifest: dict[str, Any]
+    model_version: str
+    sessions: dict[str, ort.InferenceSession]
+    providers: list[str]
+    user_columns: list[str]
+    item_columns: list[str]
+    categories: list[str]
+    history_length: int
+    num_anchors: int
+    embedding_dim: int
+    hard_fraction: float
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def category_index(self) -> dict[str, int]:
+        """Category string -> graph id."""
+        return {c: k + 1 for k, c in enumerate(self.categories)}
+
+    def run(self, kind: str, inputs: dict[str, npt.NDArray[Any]]) -> F32:
+        """Logits of model ``kind`` ("light" or "expressive") for the inputs (see export)."""
+        out = self.sessions[kind].run(["logit"], inputs)
+        return np.asarray(out[0], dtype=np.float32)
+
+    def describe(self) -> dict[str, Any]:
+        """What ``GET /v1/models`` shows."""
+        return {
+            "model_version": self.model_version,
+            "bundle_dir": str(self.path),
+            "loaded_at": self.loaded_at,
+            "providers": self.providers,
+            "hard_fraction": self.hard_fraction,
+            "manifest": self.manifest,
+        }
+
+
+def _session(path: Path, providers: list[str], threads: int) -> ort.InferenceSession:
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    if threads:
+        opts.intra_op_num_threads = threads
+    opts.inter_op_num_threads = 1
+    return ort.InferenceSession(str(path), opts, providers=providers)
+
+
+def smoke_inputs(bundle: LoadedBundle, n: int = 3) -> dict[str, npt.NDArray[Any]]:
+    """A one-request, ``n``-candidate input of zeros and defaults (shapes as served)."""
+    d = bundle.embedding_dim
+    return {
+        "user_features": np.zeros((1, len(bundle.user_columns)), np.float32),
+        "history_emb": np.zeros((1, bundle.history_length, d), np.float32),
+        "anchor_emb": np.zeros((1, bundle.num_anchors, d), np.float32),
+        "row_request": np.zeros(n, np.int64),
+        "item_features": np.zeros((n, len(bundle.item_columns)), np.float32),
+        "category": np.zeros(n, np.int64),
+        "item_emb": np.zeros((n, d), np.float32),
+    }
+
+
+def load_bundle(
+    path: Path,
+    *,
+    providers: Providers = "auto",
+    threads: int = 0,
+    hard_fraction: float | None = None,
+) -> LoadedBundle:
+    """Verify, load and smoke-test the bundle at ``path``.
+
+    Raises:
+        BundleLoadError: naming what is wrong (checksums, manifest, graph signature, a
+            failed or non-finite smoke inference).
+    """
+    path = Path(path)
+    try:
+        manifest = verify_bundle(path)
+    except BundleError as exc:
+        raise BundleLoadError(str(exc)) from exc
+    try:
+        features = manifest["features"]
+        fitted = manifest["preprocessing"]["fitted"]
+        user_columns = list(features["user"]["columns"])
+        item_columns = list(features["item"]["columns"])
+        categories = list(features["category"]["vocabulary"])
+        history_length = int(fitted["history_length"])
+        num_anchors = int(fitted["num_anchors"])
+        embedding_dim = int(fitted["embedding_dim"])
+        trained_fraction = float(manifest["routing"]["hard_fraction"])
+    except (KeyError, TypeError, ValueError) as exc:
+        raise BundleLoadError(f"{path}: manifest lacks or mangles {exc}") from exc
+    chosen = _providers(providers)
+    sessions: dict[str, ort.InferenceSession] = {}
+    for kind, name in MODEL_FILES.items():
+        try:
+            session = _session(path / name, chosen, threads)
+        except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
+            raise BundleLoadError(f"{path / name}: ONNX Runtime cannot load it: {exc}") from exc
+        inputs = tuple(i.name for i in session.get_inputs())
+        outputs = tuple(o.name for o in session.get_outputs())
+        if set(inputs) != set(INPUT_NAMES) or set(outputs) != set(OUTPUT_NAMES):
+            raise BundleLoadError(
+                f"{path / name}: graph signature {inputs} -> {outputs}, expected "
+                f"{INPUT_NAMES} -> {OUTPUT_NAMES}"
+            )
+        sessions[kind] = session
+    digest = hashlib.sha256((path / CHECKSUMS).read_bytes()).hexdigest()[:16]
+    bundle = LoadedBundle(
+        path=path.resolve(),
+        manifest=manifest,
+        model_version=digest,
+        sessions=sessions,
+        providers=list(sessions["light"].get_providers()),
+        user_columns=user_columns,
+        item_columns=item_columns,
+        categories=categories,
+        history_length=history_length,
+        num_anchors=num_anchors,
+        embedding_dim=embedding_dim,
+        hard_fraction=hard_fraction if hard_fraction is not None else trained_fraction,
+    )
+    smoke = smoke_inputs(bundle)
+    for kind in MODEL_FILES:
+        try:
+            logits = bundle.run(kind, smoke)
+        except Exception as exc:
+            raise BundleLoadError(
+                f"{path}: the {kind} model fails on a smoke input: {exc}"
+            ) from exc
+        if logits.shape != (3,) or not np.isfinite(logits).all():
+            raise BundleLoadError(
+                f"{path}: the {kind} model returns {logits.shape} / non-finite logits on a "
+                "smoke input"
+            )
+    return bundle

@@ -1,0 +1,1 @@
+"""HTTP routers: thin handlers over :class:`gpl_service.state.ServiceState`."""

@@ -1,0 +1,242 @@
+"""The service's state: store, item cache, served bundle, and the watcher that refreshes items.
+
+Everything the routers need hangs off one :class:`ServiceState`, created in the app's lifespan.
+The served plan (bundle) and the item snapshot are single references replaced atomically: a
+request takes both at its start and finishes on them, whatever a reload or refresh does
+meanwhile.
+
+Materialization detection: Feast records every materialization in the registry
+(``materialization_intervals`` of each view), and the file registry is rewritten when it does.
+The watcher stats the registry file every ``registry_check_seconds``; only when the file changed
+does it re-read the registry, and only when an item view's latest materialized interval moved
+does it re-read the items, into a new snapshot swapped in when complete.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from feast import FeatureStore
+
+from gpl_service.errors import BundleLoadError
+from gpl_service.item_cache import EMBEDDING_FEATURE, EMBEDDING_VIEW, ItemLayout, ItemSnapshot
+from gpl_service.item_cache import fill_snapshot as _fill
+from gpl_service.metrics import Metrics
+from gpl_service.models import LoadedBundle, load_bundle
+from gpl_service.online import OnlineReader, StoreUnavailableError, ViewSpec
+from gpl_service.scoring import Scorer, ServingPlan, StoreHealth
+from gpl_service.settings import ServeSettings
+
+log = logging.getLogger("gpl_service")
+
+
+def item_views(store: FeatureStore) -> list[ViewSpec]:
+    """Specs of every online view keyed by item, ``item_semantics`` last."""
+    specs = [
+        ViewSpec.of(v)
+        for v in sorted(store.list_feature_views(), key=lambda v: v.name)
+        if v.online and [e.name for e in v.entity_columns] == ["item_id"]
+    ]
+    return sorted(specs, key=lambda s: s.name == EMBEDDING_VIEW)
+
+
+def _materialized(store: FeatureStore, names: list[str]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for name in names:
+        intervals = store.get_feature_view(name).materialization_intervals
+        if intervals:
+            out[name] = max(end.timestamp() for _, end in intervals)
+    return out
+
+
+class ServiceState:
+    """Store, item cache, bundle, health and metrics of one running service."""
+
+    def __init__(self, settings: ServeSettings, store: FeatureStore, metrics: Metrics) -> None:
+        self.settings = settings
+        self.store = store
+        self.metrics = metrics
+        self.reader = OnlineReader(store)
+        self.health = StoreHealth(settings.store_retry_seconds)
+        self.scorer = Scorer(
+            self.reader,
+            self.health,
+            metrics,
+            settings.unknown_cache_size,
+            settings.read_chunk,
+            settings.as_of.timestamp() if settings.as_of else None,
+        )
+        self.layout = self._layout()
+        self.items: ItemSnapshot = ItemSnapshot.empty(self.layout, 0, 0)
+        self.items_ready = False
+        self.plan: ServingPlan | None = None
+        self._reload_lock = threading.Lock()
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        self._registry_stamp: tuple[float, int] | None = self._stamp()
+        self.started_at = time.time()
+
+    # --- item cache -----------------------------------------------------------------------
+
+    def _layout(self) -> ItemLayout:
+        views = item_views(self.store)
+        if not any(s.name == EMBEDDING_VIEW for s in views):
+            raise BundleLoadError(
+                f"the registry has no online {EMBEDDING_VIEW!r} view; run `gpl features apply`"
+            )
+        emb = next(s for s in views if s.name == EMBEDDING_VIEW)
+        if EMBEDDING_FEATURE not in emb.features:
+            raise BundleLoadError(f"{EMBEDDING_VIEW} has no {EMBEDDING_FEATURE!r} feature")
+        return ItemLayout.of(views, dim=0)
+
+    def refresh_items(self, reason: str) -> bool:
+        """Re-read every item from the online store into a new snapshot; swap it in.
+
+        Returns False (keeping the current snapshot) when the store cannot be read.
+        """
+        with self._refresh_lock:
+            names = [s.name for s in self.layout.views]
+            try:
+                materialized = _materialized(self.store, names)
+                dim = self._embedding_dim()
+                if self.plan is not None and dim and dim != self.plan.bundle.embedding_dim:
+                    self.metrics.cache_refreshes.labels("failed").inc()
+                    log.error(
+                        "item cache refresh (%s) refused: the store now has %d-d item vectors, "
+                        "the served bundle expects %d-d; export a matching bundle",
+                        reason,
+                        dim,
+                        self.plan.bundle.embedding_dim,
+                    )
+                    return False
+                layout = ItemLayout.of(self.layout.views, dim)
+                snap = _fill(
+                    self.reader,
+                    layout,
+                    self.items.generation + 1,
+                    self.settings.read_chunk,
+                    materialized,
+                )
+            except StoreUnavailableError as exc:
+                self.metrics.cache_refreshes.labels("failed").inc()
+                self.health.failed(str(exc))
+                log.warning("item cache refresh (%s) failed: %s", reason, exc)
+                return False
+            self.layout = layout
+            self.items = snap
+            self.items_ready = True
+            self.health.succeeded()
+            self.metrics.cache_refreshes.labels("ok").inc()
+            self.metrics.cache_items.set(snap.items)
+            self.metrics.cache_loaded_at.set(snap.loaded_at)
+            log.info(
+                "item cache (%s): %d items in %.2fs, generation %d",
+                reason,
+                snap.items,
+                snap.fill_seconds,
+                snap.generation,
+            )
+            return True
+
+    def _embedding_dim(self) -> int:
+        """Width of the content vectors in the online store (0 when it has none)."""
+        spec = next(s for s in self.layout.views if s.name == EMBEDDING_VIEW)
+        ids = self.reader.entity_ids("item_id", [EMBEDDING_VIEW])
+        if not ids:
+            return self.plan.bundle.embedding_dim if self.plan else 0
+        one = ViewSpec(
+            spec.name,
+            spec.join_key,
+            (EMBEDDING_FEATURE,),
+            spec.defaults,
+            spec.list_features,
+            spec.ttl_seconds,
+        )
+        row = self.reader.read(one, ids[:1])[0]
+        value = (row.values or {}).get(EMBEDDING_FEATURE) or []
+        return len(value)
+
+    # --- bundle ---------------------------------------------------------------------------
+
+    def load(self, path: Path) -> LoadedBundle:
+        """Load, check and swap in the bundle at ``path``; the old one serves until then.
+
+        Raises:
+            BundleLoadError: the bundle is bad or does not fit the store; nothing changed.
+        """
+        with self._reload_lock:
+            bundle = load_bundle(
+                path,
+                providers=self.settings.providers,
+                threads=self.settings.intra_op_threads,
+                hard_fraction=self.settings.hard_fraction,
+            )
+            layout = (
+                self.layout
+                if self.layout.dim
+                else ItemLayout.of(self.layout.views, bundle.embedding_dim)
+            )
+            plan = ServingPlan.build(bundle, self.reader, layout)
+            self.plan = plan
+            self.metrics.set_model(bundle.model_version)
+            return bundle
+
+    # --- readiness and watching -----------------------------------------------------------
+
+    def ready(self) -> dict[str, Any]:
+        """What ``GET /v1/ready`` reports."""
+        store_up = self.reader.ping()
+        return {
+            "ready": self.plan is not None and self.items_ready,
+            "model_loaded": self.plan is not None,
+            "item_cache_loaded": self.items_ready,
+            "items_cached": self.items.items,
+            "online_store": {"type": self.reader.store_type, "reachable": store_up},
+        }
+
+    def _stamp(self) -> tuple[float, int] | None:
+        path = Path(self.store.config.registry.path)
+        try:
+            st = path.stat()
+        except OSError:
+            return None
+        return (st.st_mtime, st.st_size)
+
+    def check_materialization(self) -> bool:
+        """Refresh items if an item view was materialized since the snapshot; True if it did."""
+        stamp = self._stamp()
+        if stamp == self._registry_stamp and self.items_ready:
+            return False
+        self._registry_stamp = stamp
+        self.store.refresh_registry()
+        self.reader.forget_views()
+        names = [s.name for s in self.layout.views]
+        current = _materialized(self.store, names)
+        if self.items_ready and current == self.items.materialized:
+            return False
+        return self.refresh_items("materialization" if self.items_ready else "retry")
+
+    def _watch(self) -> None:
+        while not self._stop.wait(self.settings.registry_check_seconds):
+            try:
+                if not self.items_ready and not self.health.should_try():
+                    continue
+                self.check_materialization()
+            except Exception:  # keep watching; the next change retries
+                log.exception("materialization check failed")
+
+    def start_watcher(self) -> None:
+        """Start the background materialization watcher."""
+        self._watcher = threading.Thread(target=self._watch, name="gpl-watcher", daemon=True)
+        self._watcher.start()
+
+    def stop(self) -> None:
+        """Stop the watcher."""
+        self._stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=5)
