@@ -95,6 +95,7 @@ class ItemSnapshot:
     fill_seconds: float = 0.0
     materialized: dict[str, float] = field(default_factory=dict)
     unknown: OrderedDict[str, None] = field(default_factory=OrderedDict)
+    bad_vectors: int = 0  # items whose content vector has the wrong width (zeros used)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _string_codes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -187,6 +188,8 @@ class ItemSnapshot:
                         if spec.name == EMBEDDING_VIEW and name == EMBEDDING_FEATURE:
                             if value is not None and len(value) == layout.dim:
                                 self.emb[r] = value
+                            elif value:  # a vector of another width: the item has no content
+                                self.bad_vectors += 1
                         elif col in col_of and value is not None:
                             row[col_of[col]] = float(value)
                         elif col in self._string_codes:

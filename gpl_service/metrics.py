@@ -5,7 +5,9 @@ Exposed at ``GET /metrics``. Names are prefixed ``gpl_``; latencies in seconds.
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+import warnings
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, values
 
 _LATENCY_BUCKETS = (
     0.001,
@@ -32,6 +34,12 @@ class Metrics:
     """Every metric the service exports."""
 
     def __init__(self) -> None:
+        # Importing feast switches prometheus_client into multiprocess mode (feast/metrics.py
+        # sets PROMETHEUS_MULTIPROC_DIR for its own Gunicorn feature server): values would then
+        # live in shared mmap files, summed over every metric of the same name in the process.
+        # This service is one process with its own registry; its values belong in memory.
+        # Labelled children are created lazily, so the switch must stay for the process.
+        values.ValueClass = values.MutexValue
         self.registry = CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
@@ -133,7 +141,9 @@ class Metrics:
     def set_model(self, version: str) -> None:
         """Mark ``version`` as the served bundle."""
         if self._model_version is not None and self._model_version != version:
-            self.model_info.remove(self._model_version)
+            with warnings.catch_warnings():  # the multiprocess-mode warning; see __init__
+                warnings.simplefilter("ignore", UserWarning)
+                self.model_info.remove(self._model_version)
         self.model_info.labels(version).set(1)
         self._model_version = version
 

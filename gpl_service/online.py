@@ -112,7 +112,7 @@ class OnlineReader:
     through redis-py's connection pool concurrently.
     """
 
-    def __init__(self, store: FeatureStore) -> None:
+    def __init__(self, store: FeatureStore, timeout_seconds: float = 0.5) -> None:
         self.store = store
         self.config = store.config
         self.kind = str(getattr(self.config.online_store, "type", "sqlite")).lower()
@@ -121,6 +121,23 @@ class OnlineReader:
         self._online: Any = self._provider.online_store
         self._serialize = threading.Lock() if "sqlite" in self.kind else None
         self._views: dict[str, FeatureView] = {}
+        if self.store_type == "redis":
+            self._fail_fast(timeout_seconds)
+
+    def _fail_fast(self, timeout: float) -> None:
+        """Bound every Redis call: one quick retry, socket timeouts of ``timeout`` seconds.
+
+        redis-py's default retries a refused connection with back-off for ~4.5 s; a request
+        must not wait that long on a dead store when cached features can answer it.
+        """
+        from redis.backoff import NoBackoff
+        from redis.retry import Retry
+
+        client = self._online._get_client(self.config.online_store)
+        client.set_retry(Retry(NoBackoff(), 1))
+        kwargs = client.connection_pool.connection_kwargs
+        kwargs["socket_connect_timeout"] = timeout
+        kwargs["socket_timeout"] = timeout
 
     @property
     def store_type(self) -> str:
@@ -160,11 +177,14 @@ class OnlineReader:
             raise StoreUnavailableError(f"{self.store_type} online store: {exc}") from exc
         rows: list[Row] = []
         for ts, values in raw:
-            if not values:
+            decoded = {n: decode_value(values.get(n)) for n in spec.features} if values else {}
+            stamp = _epoch(ts)
+            # Redis answers an entity without a row for this view with empty values stamped
+            # at the epoch (SQLite with None): both mean "no row".
+            if not decoded or (not stamp and all(v is None for v in decoded.values())):
                 rows.append(Row(None, None))
-                continue
-            decoded = {n: decode_value(values.get(n)) for n in spec.features}
-            rows.append(Row(_epoch(ts), decoded))
+            else:
+                rows.append(Row(stamp, decoded))
         return rows
 
     def ping(self) -> bool:
@@ -182,7 +202,7 @@ class OnlineReader:
             return False
 
     def entity_ids(self, join_key: str, views: Sequence[str]) -> list[str]:
-        """Every ``join_key`` value with a row in any of ``views`` in the online store, sorted.
+        """Every ``join_key`` value with a row in any of ``views`` (Redis: in any view), sorted.
 
         Feast has no "list entities" call, so this reads the store's own layout: the tables of
         the SQLite store, or a SCAN over the project's keys in Redis.

@@ -54,6 +54,11 @@ class ServeSettings(BaseSettings):
         default=None,
         description="Bearer token of POST /v1/admin/reload; reloading is disabled when unset.",
     )
+    store_timeout_seconds: float = Field(
+        default=0.5,
+        gt=0,
+        description="Socket connect/read timeout of online store (Redis) calls.",
+    )
     store_retry_seconds: float = Field(
         default=2.0,
         gt=0,

@@ -60,7 +60,7 @@ class ServiceState:
         self.settings = settings
         self.store = store
         self.metrics = metrics
-        self.reader = OnlineReader(store)
+        self.reader = OnlineReader(store, settings.store_timeout_seconds)
         self.health = StoreHealth(settings.store_retry_seconds)
         self.scorer = Scorer(
             self.reader,
@@ -104,16 +104,6 @@ class ServiceState:
             try:
                 materialized = _materialized(self.store, names)
                 dim = self._embedding_dim()
-                if self.plan is not None and dim and dim != self.plan.bundle.embedding_dim:
-                    self.metrics.cache_refreshes.labels("failed").inc()
-                    log.error(
-                        "item cache refresh (%s) refused: the store now has %d-d item vectors, "
-                        "the served bundle expects %d-d; export a matching bundle",
-                        reason,
-                        dim,
-                        self.plan.bundle.embedding_dim,
-                    )
-                    return False
                 layout = ItemLayout.of(self.layout.views, dim)
                 snap = _fill(
                     self.reader,
@@ -134,6 +124,13 @@ class ServiceState:
             self.metrics.cache_refreshes.labels("ok").inc()
             self.metrics.cache_items.set(snap.items)
             self.metrics.cache_loaded_at.set(snap.loaded_at)
+            if snap.bad_vectors:
+                log.warning(
+                    "%d items have content vectors that are not %d-d; they score as unknown "
+                    "content (zero vectors)",
+                    snap.bad_vectors,
+                    layout.dim,
+                )
             log.info(
                 "item cache (%s): %d items in %.2fs, generation %d",
                 reason,
@@ -143,12 +140,11 @@ class ServiceState:
             )
             return True
 
-    def _embedding_dim(self) -> int:
-        """Width of the content vectors in the online store (0 when it has none)."""
+    def _embedding_dim(self, probe: int = 64) -> int:
+        """Width of the content vectors: the served bundle's, else the store's (0: none)."""
+        if self.plan is not None:
+            return self.plan.bundle.embedding_dim
         spec = next(s for s in self.layout.views if s.name == EMBEDDING_VIEW)
-        ids = self.reader.entity_ids("item_id", [EMBEDDING_VIEW])
-        if not ids:
-            return self.plan.bundle.embedding_dim if self.plan else 0
         one = ViewSpec(
             spec.name,
             spec.join_key,
@@ -157,9 +153,12 @@ class ServiceState:
             spec.list_features,
             spec.ttl_seconds,
         )
-        row = self.reader.read(one, ids[:1])[0]
-        value = (row.values or {}).get(EMBEDDING_FEATURE) or []
-        return len(value)
+        ids = self.reader.entity_ids("item_id", [EMBEDDING_VIEW])[:probe]
+        for row in self.reader.read(one, ids):
+            value = (row.values or {}).get(EMBEDDING_FEATURE)
+            if value:
+                return len(value)
+        return 0
 
     # --- bundle ---------------------------------------------------------------------------
 

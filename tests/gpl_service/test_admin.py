@@ -1,0 +1,118 @@
+"""Hot reload: token checks, a good bundle swapped in, bad bundles refused while the old serves."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+from typing import Any
+
+from fastapi.testclient import TestClient
+
+from export.bundle import write_checksums
+from gpl_service.app import create_app
+from tests.gpl_service.conftest import ADMIN_TOKEN, Served, settings_for
+
+AUTH = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+
+
+def _copy(served: Served, dest: Path) -> Path:
+    shutil.copytree(served.bundle, dest)
+    return dest
+
+
+def _version(client: TestClient) -> str:
+    return str(client.get("/v1/models").json()["model_version"])
+
+
+def _still_serves(served: Served, client: TestClient, version: str) -> None:
+    got = client.post("/v1/prerank", json={"user_id": served.users[0], "candidates": served.items})
+    assert got.status_code == 200 and got.json()["model_version"] == version
+
+
+def test_reload_needs_the_token(served: Served, client: TestClient) -> None:
+    for headers, code in [
+        ({}, "unauthorized"),
+        ({"Authorization": "Bearer wrong-token-wrong-token"}, "unauthorized"),
+        ({"Authorization": f"Basic {ADMIN_TOKEN}"}, "unauthorized"),
+    ]:
+        got = client.post("/v1/admin/reload", headers=headers)
+        assert got.status_code == 401 and got.json()["error"]["code"] == code
+        assert got.headers["www-authenticate"] == "Bearer"
+
+
+def test_reload_is_off_without_a_configured_token(served: Served) -> None:
+    app = create_app(settings_for(served, admin_token=None), store=served.store)
+    with TestClient(app) as client:
+        got = client.post("/v1/admin/reload", headers=AUTH)
+    assert got.status_code == 403 and got.json()["error"]["code"] == "admin_disabled"
+    assert "GPL_SERVE_ADMIN_TOKEN" in got.json()["error"]["message"]
+
+
+def test_reload_swaps_a_good_bundle(served: Served, client: TestClient, tmp_path: Path) -> None:
+    old = _version(client)
+    new_dir = _copy(served, tmp_path / "next")
+    manifest = json.loads((new_dir / "manifest.json").read_text())
+    manifest["created_at"] = "2030-01-01T00:00:00+00:00"  # another export of the same models
+    (new_dir / "manifest.json").write_text(json.dumps(manifest))
+    write_checksums(new_dir)
+    got = client.post("/v1/admin/reload", headers=AUTH, json={"bundle_dir": str(new_dir)})
+    assert got.status_code == 200, got.text
+    body = got.json()
+    assert body["previous_version"] == old and body["model_version"] != old
+    assert _version(client) == body["model_version"]
+    assert client.get("/v1/models").json()["bundle_dir"] == str(new_dir.resolve())
+    _still_serves(served, client, body["model_version"])
+    metrics = client.get("/metrics").text
+    assert 'gpl_bundle_reloads_total{result="ok"} 1.0' in metrics
+    assert f'gpl_model_info{{model_version="{old}"}}' not in metrics
+    # no body: reload the configured bundle
+    again = client.post("/v1/admin/reload", headers=AUTH)
+    assert again.status_code == 200 and again.json()["model_version"] == old
+
+
+def _bad_bundles(served: Served, root: Path) -> dict[str, Any]:
+    bad: dict[str, Any] = {"missing": root / "nowhere"}
+    tampered = _copy(served, root / "tampered")
+    data = bytearray((tampered / "light.onnx").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (tampered / "light.onnx").write_bytes(bytes(data))
+    bad["tampered"] = tampered
+    garbage = _copy(served, root / "garbage")  # checksums agree, the graph is not ONNX
+    (garbage / "expressive.onnx").write_bytes(b"not an onnx graph")
+    write_checksums(garbage)
+    bad["garbage"] = garbage
+    foreign = _copy(served, root / "foreign")  # a model for features the store lacks
+    manifest = json.loads((foreign / "manifest.json").read_text())
+    manifest["features"]["user"]["columns"][0] = "user_activity__no_such_feature"
+    (foreign / "manifest.json").write_text(json.dumps(manifest))
+    write_checksums(foreign)
+    bad["foreign"] = foreign
+    return bad
+
+
+def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
+    served: Served, client: TestClient, tmp_path: Path
+) -> None:
+    old = _version(client)
+    expect = {
+        "missing": "no bundle directory",
+        "tampered": "light.onnx does not match its sha256",
+        "garbage": "ONNX Runtime cannot load it",
+        "foreign": "no_such_feature",
+    }
+    for name, path in _bad_bundles(served, tmp_path).items():
+        got = client.post("/v1/admin/reload", headers=AUTH, json={"bundle_dir": str(path)})
+        assert got.status_code == 409, (name, got.text)
+        error = got.json()["error"]
+        assert error["code"] == "bundle_rejected"
+        assert expect[name] in error["message"], (name, error["message"])
+        assert old in error["message"]
+        assert _version(client) == old
+        _still_serves(served, client, old)
+    assert 'gpl_bundle_reloads_total{result="rejected"} 4.0' in client.get("/metrics").text
+
+
+def test_reload_body_is_validated(client: TestClient) -> None:
+    got = client.post("/v1/admin/reload", headers=AUTH, json={"bundle": "x"})
+    assert got.status_code == 422 and got.json()["error"]["code"] == "invalid_request"

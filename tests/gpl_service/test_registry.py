@@ -1,0 +1,93 @@
+"""Registry browsing: the service's feature-view endpoints, and `feast ui` on the run's repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from fastapi.testclient import TestClient
+
+from feature_repo.data_sources import user_interest_anchors_source
+from feature_repo.feature_views import FEATURE_VIEWS
+from tests.gpl_service.conftest import PROJECT, Served
+
+
+def test_lists_every_feature_view(client: TestClient) -> None:
+    got = client.get("/v1/registry/feature-views")
+    assert got.status_code == 200
+    views = {v["name"]: v for v in got.json()}
+    assert set(views) == {v.name for v in FEATURE_VIEWS}
+    assert views["item_popularity"]["ttl_seconds"] == 30 * 86400
+    assert views["item_content"]["ttl_seconds"] is None
+    assert views["pseudo_labels"]["online"] is False
+    assert views["pseudo_labels"]["last_materialized"] is None
+    assert views["user_activity"]["entities"] == ["user"]
+    assert views["user_activity"]["last_materialized"] is not None
+    assert views["user_activity"]["online_age_seconds"] >= 0
+
+
+def test_describes_one_view_with_fields_and_freshness(client: TestClient) -> None:
+    got = client.get("/v1/registry/feature-views/user_interest_anchors").json()
+    assert got["join_keys"] == ["user_id"]
+    fields = {f["name"]: f for f in got["fields"]}
+    assert fields["anchor_item_ids"]["description"] == "The item each anchor SID denotes."
+    assert fields["anchor_item_ids"]["default"] == "[]"
+    assert "String" in fields["anchor_item_ids"]["dtype"]
+    assert all(f["description"] for f in got["fields"])
+    assert got["source"] == user_interest_anchors_source.path
+    assert got["materialization_intervals"] and len(got["materialization_intervals"][0]) == 2
+    assert got["tags"]["stage"] == "anchors"
+
+
+def test_unknown_view_is_a_404_naming_the_known_ones(client: TestClient) -> None:
+    got = client.get("/v1/registry/feature-views/nope")
+    assert got.status_code == 404
+    error = got.json()["error"]
+    assert error["code"] == "not_found" and "item_semantics" in error["message"]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_feast_ui_serves_this_registry(served: Served) -> None:
+    feast = shutil.which("feast", path=str(Path(sys.executable).parent))
+    assert feast, "the feast CLI is installed with the package"
+    port = _free_port()
+    proc = subprocess.Popen(
+        [feast, "-c", str(served.root), "ui", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "FEAST_USAGE": "False"},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert proc.poll() is None, "feast ui exited"
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "feast ui did not answer within 90 s"
+            time.sleep(0.3)
+        projects = httpx.get(f"{url}/projects-list.json", timeout=10).json()["projects"]
+        assert [p["id"] for p in projects] == [PROJECT]
+        assert httpx.get(url, timeout=10).status_code == 200  # the UI's page
+        views = httpx.get(
+            f"{url}/api/v1/feature_views", params={"project": PROJECT}, timeout=30
+        ).json()
+        names = {v["spec"]["name"] for v in views["featureViews"]}
+        assert {"user_interest_anchors", "item_semantics", "item_popularity"} <= names
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)

@@ -1,0 +1,78 @@
+"""`gpl serve`: teaches in --help, fails in one line on bad input, and answers over real HTTP."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+from typer.testing import CliRunner
+
+from gpl_service.cli import app
+from tests.gpl_service.conftest import PROJECT, Served
+
+runner = CliRunner()
+
+
+def test_help_teaches_the_api() -> None:
+    result = runner.invoke(app, ["serve", "--help"])
+    assert result.exit_code == 0
+    for text in ("/v1/prerank", "/v1/admin/reload", "GPL_SERVE_ADMIN_TOKEN", "GPL_REDIS_URL"):
+        assert text in result.output
+
+
+def test_bad_run_dir_or_bundle_is_one_line_and_exit_2(served: Served, tmp_path: Path) -> None:
+    result = runner.invoke(app, ["serve", "--run-dir", str(tmp_path / "none")])
+    assert result.exit_code == 2
+    assert "no run directory" in result.output and "Traceback" not in result.output
+    result = runner.invoke(
+        app,
+        ["serve", "--run-dir", str(served.root), "--bundle", str(tmp_path / "nobundle")],
+        env={"GPL_PROJECT": PROJECT},
+    )
+    assert result.exit_code == 2
+    assert "no bundle directory" in result.output and "gpl export" in result.output
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_serves_over_http_until_stopped(served: Served) -> None:
+    port = _free_port()
+    cmd = [
+        sys.executable, "-m", "gpl_service.cli", "serve", "--run-dir", str(served.root),
+        "--port", str(port), "--as-of", served.as_of.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "--log-level", "warning",
+    ]  # fmt: skip
+    proc = subprocess.Popen(cmd, env={**os.environ, "GPL_PROJECT": PROJECT})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert proc.poll() is None, f"gpl serve exited with {proc.returncode}"
+            try:
+                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "not ready within 60 s"
+            time.sleep(0.2)
+        body = {"user_id": served.users[0], "candidates": served.items[:20], "top_k": 3}
+        got = httpx.post(f"{url}/v1/prerank", json=body, timeout=10)
+        assert got.status_code == 200
+        assert [i["model"] for i in got.json()["items"]] == ["expressive"] * 3
+        assert got.json()["stats"]["history_items"] > 0  # --as-of keeps the rows in ttl
+        assert httpx.get(f"{url}/docs", timeout=10).status_code == 200
+        assert httpx.get(f"{url}/openapi.json", timeout=10).json()["info"]["title"]
+    finally:
+        proc.terminate()
+        # uvicorn shuts down gracefully (lifespan stops the watcher), then re-raises SIGTERM
+        assert proc.wait(timeout=20) in (0, -signal.SIGTERM)

@@ -1,0 +1,160 @@
+"""The item cache: filled at start-up, misses read from the store, refreshed on materialization
+(detected through the registry, never by blind re-reads), and the degraded mode with Redis
+stopped and restarted."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from datetime import timedelta
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from fastapi.testclient import TestClient
+
+from gpl_service.app import create_app
+from gpl_service.state import ServiceState
+from tests.gpl_service.conftest import RedisServed, materialize_all, settings_for
+from training.features.store import materialize
+
+
+def _wait(condition: Callable[[], bool], seconds: float = 15.0) -> bool:
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        if condition():
+            return True
+        time.sleep(0.05)
+    return False
+
+
+def _client(rs: RedisServed, **overrides: object) -> TestClient:
+    settings = settings_for(rs.served, run_dir=rs.root, **overrides)
+    return TestClient(create_app(settings, store=rs.store), raise_server_exceptions=False)
+
+
+def _state(client: TestClient) -> ServiceState:
+    state: ServiceState = client.app.state.service  # type: ignore[attr-defined]
+    return state
+
+
+def _prerank(rs: RedisServed, client: TestClient, items: list[str] | None = None) -> dict:
+    body = {"user_id": rs.served.users[2], "candidates": items or rs.served.items[:12]}
+    got = client.post("/v1/prerank", json=body)
+    assert got.status_code == 200, got.text
+    return dict(got.json())
+
+
+def _new_item_row(rs: RedisServed, item_id: str, when: pd.Timestamp) -> None:
+    """Append ``item_id`` to the item_content source, stamped ``when``."""
+    path = rs.root / "features" / "item_content.parquet"
+    table = pq.read_table(path)
+    row = pa.table(
+        {
+            "item_id": [item_id],
+            "event_timestamp": pa.array([when], table.schema.field("event_timestamp").type),
+            "text_num_words": pa.array([7], table.schema.field("text_num_words").type),
+            "category": [table.column("category")[0].as_py()],
+        }
+    )
+    pq.write_table(pa.concat_tables([table, row.select(table.column_names)]), path)
+
+
+def test_cache_is_filled_from_redis_at_start_up(rs_client: tuple[RedisServed, TestClient]) -> None:
+    rs, client = rs_client
+    ready = client.get("/v1/ready").json()
+    assert ready["ready"] and ready["online_store"] == {"type": "redis", "reachable": True}
+    assert ready["items_cached"] == len(rs.served.items)
+    out = _prerank(rs, client)
+    assert out["stats"]["unknown_items"] == 0 and out["stats"]["fetched_from_store"] == 0
+    assert out["stats"]["history_items"] > 0
+
+
+def test_a_miss_is_read_from_the_store_then_cached(
+    rs_client: tuple[RedisServed, TestClient],
+) -> None:
+    rs, client = rs_client
+    row = pd.DataFrame(
+        {
+            "item_id": ["i-late"],
+            "event_timestamp": [pd.Timestamp(rs.served.as_of) - pd.Timedelta(hours=1)],
+            "text_num_words": [3],
+            "category": [""],
+        }
+    )
+    # Pushed straight to the online store: no materialization, so no refresh; the miss path
+    # must find it.
+    rs.store.write_to_online_store("item_content", row)
+    items = [*rs.served.items[:5], "i-late", "i-never"]
+    first = _prerank(rs, client, items)["stats"]
+    assert first["fetched_from_store"] == 1 and first["unknown_items"] == 1
+    second = _prerank(rs, client, items)["stats"]
+    assert second["fetched_from_store"] == 0 and second["unknown_items"] == 1
+    assert _state(client).items.index.get("i-late")
+    assert "i-never" in _state(client).items.unknown  # not asked again until a refresh
+
+
+def test_materialization_refreshes_the_cache_and_nothing_else_does(
+    rs_client: tuple[RedisServed, TestClient],
+) -> None:
+    rs, client = rs_client
+    state = _state(client)
+    generation = state.items.generation
+    time.sleep(0.6)  # several watcher rounds: nothing changed, nothing re-read
+    assert state.items.generation == generation
+    assert state.check_materialization() is False
+    # a materialization of user views only rewrites the registry but not an item view
+    later = rs.served.as_of + timedelta(hours=1)
+    materialize(rs.store, end=later, views=["user_activity"])
+    time.sleep(0.6)
+    assert state.items.generation == generation
+    # a new item materialized into item_content: the watcher sees it and re-reads the items
+    _new_item_row(rs, "i-new", pd.Timestamp(rs.served.as_of + timedelta(minutes=30)))
+    materialize(rs.store, end=later, views=["item_content"])
+    assert _wait(lambda: state.items.generation > generation)
+    assert "i-new" in state.items.index
+    assert client.get("/v1/ready").json()["items_cached"] == len(rs.served.items) + 1
+    out = _prerank(rs, client, ["i-new", *rs.served.items[:3]])["stats"]
+    assert out["unknown_items"] == 0 and out["fetched_from_store"] == 0
+    assert 'gpl_item_cache_refreshes_total{result="ok"} 2.0' in client.get("/metrics").text
+
+
+def test_degraded_while_redis_is_down_and_recovers(
+    rs_client: tuple[RedisServed, TestClient],
+) -> None:
+    rs, client = rs_client
+    assert _prerank(rs, client)["degraded"] is False
+    rs.redis.stop()
+    down = _prerank(rs, client)
+    assert down["degraded"] is True
+    stats = down["stats"]
+    assert stats["unknown_items"] == 0  # items still come from the cache
+    assert stats["history_items"] == 0 and stats["feature_age_seconds"]["user_activity"] is None
+    began = time.perf_counter()
+    assert _prerank(rs, client)["degraded"] is True  # within the back-off: no store call
+    assert time.perf_counter() - began < 1.0
+    ready = client.get("/v1/ready")
+    assert ready.status_code == 200
+    assert ready.json()["online_store"]["reachable"] is False
+    metrics = client.get("/metrics").text
+    assert "gpl_degraded_responses_total 2.0" in metrics
+    assert "gpl_online_store_up 0.0" in metrics
+    rs.redis.start()  # an empty Redis: the store answers again
+    materialize_all(rs.store, rs.served.as_of)
+    assert _wait(lambda: _prerank(rs, client)["degraded"] is False)
+    back = _prerank(rs, client)
+    assert back["stats"]["history_items"] > 0
+    assert "gpl_online_store_up 1.0" in client.get("/metrics").text
+
+
+def test_starts_unready_without_redis_and_becomes_ready(served_redis_down: RedisServed) -> None:
+    rs = served_redis_down
+    with _client(rs) as client:
+        ready = client.get("/v1/ready")
+        assert ready.status_code == 503 and ready.json()["item_cache_loaded"] is False
+        got = client.post("/v1/prerank", json={"user_id": "u1", "candidates": rs.served.items[:3]})
+        assert got.status_code == 503 and got.json()["error"]["code"] == "not_ready"
+        rs.redis.start()
+        materialize_all(rs.store, rs.served.as_of)
+        assert _wait(lambda: client.get("/v1/ready").status_code == 200)
+        assert _prerank(rs, client)["degraded"] is False
