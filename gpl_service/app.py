@@ -118,7 +118,7 @@ def create_app(settings: ServeSettings | None = None, store: FeatureStore | None
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        from gpl_service.errors import BundleLoadError
+        from gpl_service.models import BundleLoadError
 
         feast_store = store or open_service_store(settings.run_dir)
         state = ServiceState(settings, feast_store, metrics)

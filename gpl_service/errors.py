@@ -82,10 +82,6 @@ class NotReadyError(ServiceError):
     code = "not_ready"
 
 
-class BundleLoadError(RuntimeError):
-    """A bundle cannot be served (the loader raises it; the API answers BundleRejectedError)."""
-
-
 _STATUS_CODES = {
     400: "bad_request",
     401: "unauthorized",

@@ -20,12 +20,15 @@ import onnxruntime as ort
 
 from export.bundle import CHECKSUMS, MODEL_FILES, BundleError, verify_bundle
 from export.onnx_export import INPUT_NAMES, OUTPUT_NAMES
-from gpl_service.errors import BundleLoadError
 
 F32 = npt.NDArray[np.float32]
 Providers = Literal["auto", "cpu", "cuda"]
 CUDA: str = "CUDAExecutionProvider"
 CPU: str = "CPUExecutionProvider"
+
+
+class BundleLoadError(RuntimeError):
+    """A bundle cannot be served; the reload endpoint answers it as ``BundleRejectedError``."""
 
 
 def gpu_present() -> bool:

@@ -28,7 +28,6 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
-from gpl_service.errors import BundleLoadError
 from gpl_service.item_cache import (
     EMBEDDING_FEATURE,
     EMBEDDING_VIEW,
@@ -37,7 +36,7 @@ from gpl_service.item_cache import (
     read_items,
 )
 from gpl_service.metrics import Metrics
-from gpl_service.models import LoadedBundle
+from gpl_service.models import BundleLoadError, LoadedBundle
 from gpl_service.online import OnlineReader, Row, StoreUnavailableError, ViewSpec, now
 
 F32 = npt.NDArray[np.float32]

@@ -22,11 +22,10 @@ from typing import Any
 
 from feast import FeatureStore
 
-from gpl_service.errors import BundleLoadError
 from gpl_service.item_cache import EMBEDDING_FEATURE, EMBEDDING_VIEW, ItemLayout, ItemSnapshot
 from gpl_service.item_cache import fill_snapshot as _fill
 from gpl_service.metrics import Metrics
-from gpl_service.models import LoadedBundle, load_bundle
+from gpl_service.models import BundleLoadError, LoadedBundle, load_bundle
 from gpl_service.online import OnlineReader, StoreUnavailableError, ViewSpec
 from gpl_service.scoring import Scorer, ServingPlan, StoreHealth
 from gpl_service.settings import ServeSettings

@@ -8,7 +8,8 @@ from fastapi import APIRouter
 from fastapi.concurrency import run_in_threadpool
 
 from gpl_service.deps import Admin, State
-from gpl_service.errors import ERROR_RESPONSES, BundleLoadError, BundleRejectedError, ErrorResponse
+from gpl_service.errors import ERROR_RESPONSES, BundleRejectedError, ErrorResponse
+from gpl_service.models import BundleLoadError
 from gpl_service.schemas import ReloadRequest, ReloadResponse
 
 router = APIRouter(prefix="/v1/admin", tags=["admin"])
