@@ -1051,8 +1051,19 @@ def _demo_serve(run_dir: Path) -> None:
         answer.raise_for_status()
         got = answer.json()
         _say(f"  model {got['model_version']}, degraded={got['degraded']}")
+        labels = dict(
+            zip(
+                sample.column("item_id").to_pylist(),
+                sample.column("label").to_pylist(),
+                strict=True,
+            )
+        )
+        logged = {1: "clicked in the log", 0: "exposed, not clicked", None: "not exposed"}
         for rank, item in enumerate(got["items"], start=1):
-            _say(f"  {rank:>2}. {item['item_id']:<10} {item['score']:.4f} ({item['model']})")
+            what = logged.get(labels.get(item["item_id"]), "")
+            _say(
+                f"  {rank:>2}. {item['item_id']:<10} {item['score']:.4f} {item['model']:<10} {what}"
+            )
         stats = {k: v for k, v in got["stats"].items() if k != "feature_age_seconds"}
         _say(f"  stats: {json.dumps(stats)}")
     finally:
