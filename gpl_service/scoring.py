@@ -20,7 +20,6 @@ so no request waits on a dead store twice in a row, and the first success after 
 from __future__ import annotations
 
 import math
-import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -72,8 +71,9 @@ class ServingPlan:
     anchors: tuple[str, str]
     item_cols: I64
     category_col: str
-    _category_map: npt.NDArray[np.int64] = field(default_factory=lambda: np.zeros(0, np.int64))
-    _lock: threading.Lock = field(default_factory=threading.Lock)
+    _category: tuple[tuple[int, int, int], npt.NDArray[np.int64]] = field(
+        default_factory=lambda: ((-1, 0, 0), np.zeros(0, np.int64))
+    )
 
     @classmethod
     def build(cls, bundle: LoadedBundle, reader: OnlineReader, items: ItemLayout) -> ServingPlan:
@@ -134,12 +134,15 @@ class ServingPlan:
     def category_ids(self, snap: ItemSnapshot, rows: I64) -> I64:
         """Graph category ids of cache rows (vocabulary of the bundle; 0 = other)."""
         values = snap.string_values[self.category_col]
-        if len(self._category_map) < len(values):
-            with self._lock:
-                index = self.bundle.category_index
-                self._category_map = np.array([index.get(v, 0) for v in values], np.int64)
-        codes = snap.strings[self.category_col][rows]
-        return self._category_map[codes]
+        # Codes are per snapshot (a refresh numbers strings afresh) and grow with misses; key and
+        # map are replaced together, so a request on another snapshot never sees a torn pair.
+        key = (snap.generation, id(snap), len(values))
+        cached = self._category
+        if cached[0] != key:
+            index = self.bundle.category_index
+            cached = (key, np.array([index.get(v, 0) for v in values], np.int64))
+            self._category = cached
+        return cached[1][snap.strings[self.category_col][rows]]
 
 
 class StoreHealth:

@@ -8,12 +8,15 @@ import time
 from collections.abc import Callable
 from datetime import timedelta
 
+import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 from fastapi.testclient import TestClient
 
 from gpl_service.app import create_app
+from gpl_service.item_cache import ItemSnapshot
+from gpl_service.online import Row
 from gpl_service.state import ServiceState
 from tests.gpl_service.conftest import RedisServed, materialize_all, settings_for
 from training.features.store import materialize
@@ -158,3 +161,29 @@ def test_starts_unready_without_redis_and_becomes_ready(served_redis_down: Redis
         materialize_all(rs.store, rs.served.as_of)
         assert _wait(lambda: client.get("/v1/ready").status_code == 200)
         assert _prerank(rs, client)["degraded"] is False
+
+
+def test_category_ids_follow_each_snapshot(rs_client: tuple[RedisServed, TestClient]) -> None:
+    """A refresh numbers category strings afresh; ids must follow the snapshot, not the past."""
+    _, client = rs_client
+    state = _state(client)
+    plan = state.plan
+    assert plan is not None
+    vocab = plan.bundle.categories
+    assert len(vocab) >= 2
+    view = next(s for s in state.layout.views if s.name == "item_content")
+
+    def snapshot(generation: int, categories: list[str]) -> ItemSnapshot:
+        snap = ItemSnapshot.empty(state.layout, generation, 4)
+        ids = [f"x{k}" for k in range(len(categories))]
+        rows = {s.name: [Row(None, None)] * len(ids) for s in state.layout.views}
+        rows["item_content"] = [Row(1.0, {**view.defaults, "category": c}) for c in categories]
+        snap.add(ids, rows)
+        return snap
+
+    first = snapshot(1, [vocab[0], vocab[1]])
+    second = snapshot(2, [vocab[1], vocab[0]])
+    rows = np.array([1, 2], np.int64)
+    assert plan.category_ids(first, rows).tolist() == [1, 2]
+    assert plan.category_ids(second, rows).tolist() == [2, 1]
+    assert plan.category_ids(first, rows).tolist() == [1, 2]
