@@ -47,18 +47,10 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
+from export.signature import INPUT_NAMES, OUTPUT_NAMES
 from training.preranker.data import NumericSpec, Preprocessing
 
-INPUT_NAMES: Final = (
-    "user_features",
-    "history_emb",
-    "anchor_emb",
-    "row_request",
-    "item_features",
-    "category",
-    "item_emb",
-)
-OUTPUT_NAMES: Final = ("probability", "logit")
+__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "GraphSpec", "ServingGraph", "export_graph"]
 OPSET: Final = 17
 MODEL_KINDS: Final = ("light", "expressive")
 _PAD_COSINE: Final = -2.0  # below any cosine: masked slots never win the max

@@ -175,17 +175,53 @@ class OnlineReader:
                 raw = self._provider.online_read(self.config, view, keys, list(spec.features))
         except Exception as exc:  # redis ConnectionError, sqlite OperationalError, timeouts...
             raise StoreUnavailableError(f"{self.store_type} online store: {exc}") from exc
-        rows: list[Row] = []
-        for ts, values in raw:
-            decoded = {n: decode_value(values.get(n)) for n in spec.features} if values else {}
-            stamp = _epoch(ts)
-            # Redis answers an entity without a row for this view with empty values stamped
-            # at the epoch (SQLite with None): both mean "no row".
-            if not decoded or (not stamp and all(v is None for v in decoded.values())):
-                rows.append(Row(None, None))
-            else:
-                rows.append(Row(stamp, decoded))
-        return rows
+        return [self._row(spec, ts, values) for ts, values in raw]
+
+    def read_views(self, specs: Sequence[ViewSpec], entity_id: str) -> dict[str, Row]:
+        """One entity's row of each of ``specs`` (all keyed by the same join key).
+
+        On Redis every view's fields of the entity live in one hash, so this is one pipelined
+        round trip instead of one per view (what Feast's own ``get_online_features`` does).
+
+        Raises:
+            StoreUnavailableError: when the store cannot be read.
+        """
+        if self.store_type != "redis" or len(specs) < 2:
+            return {s.name: self.read(s, [entity_id])[0] for s in specs}
+        from feast.infra.online_stores.redis import _versioned_fv_name
+
+        online = self._online
+        key = EntityKeyProto(
+            join_keys=[specs[0].join_key], entity_values=[ValueProto(string_val=entity_id)]
+        )
+        redis_key = online._generate_redis_keys_for_entities(self.config, [key])[0]
+        commands = []
+        names = []
+        for spec in specs:
+            fv_name = _versioned_fv_name(self.view(spec.name), self.config)
+            requested, fields = online._generate_hset_keys_for_features(
+                self.view(spec.name), list(spec.features), fv_name_override=fv_name
+            )
+            commands.append((redis_key, fields))
+            names.append((fv_name, requested))
+        try:
+            replies = online._read_hash_fields(self.config, commands)
+        except Exception as exc:
+            raise StoreUnavailableError(f"{self.store_type} online store: {exc}") from exc
+        out: dict[str, Row] = {}
+        for spec, (fv_name, requested), reply in zip(specs, names, replies, strict=True):
+            ts, values = online._convert_redis_values_to_protobuf([reply], fv_name, requested)[0]
+            out[spec.name] = self._row(spec, ts, values)
+        return out
+
+    def _row(self, spec: ViewSpec, ts: datetime | None, values: dict[str, Any] | None) -> Row:
+        decoded = {n: decode_value(values.get(n)) for n in spec.features} if values else {}
+        stamp = _epoch(ts)
+        # Redis answers an entity without a row for this view with empty values stamped at the
+        # epoch (SQLite with None): both mean "no row".
+        if not decoded or (not stamp and all(v is None for v in decoded.values())):
+            return Row(None, None)
+        return Row(stamp, decoded)
 
     def ping(self) -> bool:
         """Whether the online store answers right now."""

@@ -224,7 +224,7 @@ class Scorer:
         if not self.health.should_try():
             return None
         try:
-            rows = {s.name: self.reader.read(s, [user_id])[0] for s in plan.user_views}
+            rows = self.reader.read_views(plan.user_views, user_id)
         except StoreUnavailableError as exc:
             self.health.failed(str(exc))
             self.metrics.store_errors.inc()

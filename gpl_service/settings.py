@@ -50,6 +50,11 @@ class ServeSettings(BaseSettings):
     intra_op_threads: int = Field(
         default=0, ge=0, description="ONNX Runtime threads per inference (0: its default)."
     )
+    ort_spinning: bool = Field(
+        default=False,
+        description="Let idle ONNX Runtime threads spin-wait (faster on dedicated cores, slower "
+        "when the cores are shared).",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token of POST /v1/admin/reload; reloading is disabled when unset.",

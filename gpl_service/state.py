@@ -172,6 +172,7 @@ class ServiceState:
                 path,
                 providers=self.settings.providers,
                 threads=self.settings.intra_op_threads,
+                spinning=self.settings.ort_spinning,
                 hard_fraction=self.settings.hard_fraction,
             )
             layout = (

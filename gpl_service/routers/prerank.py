@@ -5,7 +5,7 @@
 import uuid
 from typing import Any
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Response
 from fastapi.concurrency import run_in_threadpool
 
 from gpl_service.deps import Plan, State
@@ -28,7 +28,7 @@ def make_router(settings: ServeSettings) -> APIRouter:
         },
         summary="Pre-rank candidates for a user",
     )
-    async def prerank(body: request_model, state: State, plan: Plan) -> PrerankResponse:
+    async def prerank(body: request_model, state: State, plan: Plan) -> Response:
         """Score every candidate from online features and return the top-k, best first.
 
         The light model scores all candidates; the hardest share (the top by light score) is
@@ -43,7 +43,7 @@ def make_router(settings: ServeSettings) -> APIRouter:
         scored = await run_in_threadpool(
             state.scorer.score, plan, snap, body.user_id, unique, top_k
         )
-        return PrerankResponse(
+        answer = PrerankResponse(
             request_id=body.request_id or uuid.uuid4().hex,
             model_version=plan.bundle.model_version,
             degraded=scored.degraded,
@@ -55,5 +55,8 @@ def make_router(settings: ServeSettings) -> APIRouter:
                 **scored.stats, duplicates_removed=len(body.candidates) - len(unique)
             ),
         )
+        # Already validated: serialize it once (pydantic-core), instead of letting FastAPI
+        # dump, re-validate against response_model and encode it again (~0.4 ms a request).
+        return Response(answer.model_dump_json(), media_type="application/json")
 
     return router
