@@ -55,13 +55,6 @@ class ServeSettings(BaseSettings):
         description="Let idle ONNX Runtime threads spin-wait (faster on dedicated cores, slower "
         "when the cores are shared).",
     )
-    score_in_threadpool: bool = Field(
-        default=False,
-        description="Score in a worker thread instead of on the event loop. Scoring is CPU-bound "
-        "(ONNX Runtime already uses every core), so threads add no throughput, and the hop cost "
-        "~4 ms a request at 2,000 candidates on 2 cores (11.4 vs 15.5 ms p50, measured); "
-        "enable it when health checks must answer during very large requests.",
-    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token of POST /v1/admin/reload; reloading is disabled when unset.",

@@ -39,12 +39,10 @@ def make_router(settings: ServeSettings) -> APIRouter:
         unique = list(dict.fromkeys(body.candidates))
         top_k = min(body.top_k or state.settings.default_top_k, len(unique))
         snap = state.items
-        if state.settings.score_in_threadpool:
-            scored = await run_in_threadpool(
-                state.scorer.score, plan, snap, body.user_id, unique, top_k
-            )
-        else:  # on the event loop: see ServeSettings.score_in_threadpool
-            scored = state.scorer.score(plan, snap, body.user_id, unique, top_k)
+        # ONNX Runtime releases the GIL; a worker thread keeps the event loop answering.
+        scored = await run_in_threadpool(
+            state.scorer.score, plan, snap, body.user_id, unique, top_k
+        )
         answer = PrerankResponse(
             request_id=body.request_id or uuid.uuid4().hex,
             model_version=plan.bundle.model_version,

@@ -159,14 +159,3 @@ def test_start_up_fails_clearly_without_a_bundle(served: Served, tmp_path: Any) 
     app = create_app(settings_for(served, bundle_dir=tmp_path / "none"), store=served.store)
     with pytest.raises(Exception, match="no bundle directory"), TestClient(app):
         pass
-
-
-def test_scoring_in_the_threadpool_gives_the_same_answer(
-    served: Served, client: TestClient
-) -> None:
-    body = {"user_id": served.users[3], "candidates": served.items[:25], "top_k": 25}
-    inline = client.post("/v1/prerank", json=body).json()
-    app = create_app(settings_for(served, score_in_threadpool=True), store=served.store)
-    with TestClient(app) as threaded:
-        other = threaded.post("/v1/prerank", json=body).json()
-    assert other["items"] == inline["items"]
