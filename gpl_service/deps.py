@@ -12,7 +12,11 @@ from gpl_service.scoring import ServingPlan
 from gpl_service.state import ServiceState
 
 
-def get_state(request: Request) -> ServiceState:
+# The dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in its
+# threadpool, a thread hop each, per request.
+
+
+async def get_state(request: Request) -> ServiceState:
     """The state the lifespan created."""
     state: ServiceState | None = getattr(request.app.state, "service", None)
     if state is None:
@@ -23,7 +27,7 @@ def get_state(request: Request) -> ServiceState:
 State = Annotated[ServiceState, Depends(get_state)]
 
 
-def get_plan(state: State) -> ServingPlan:
+async def get_plan(state: State) -> ServingPlan:
     """The served bundle's plan; 503 until one is loaded and the item cache is filled."""
     if state.plan is None:
         raise NotReadyError("no model bundle loaded")
@@ -37,7 +41,7 @@ def get_plan(state: State) -> ServingPlan:
 Plan = Annotated[ServingPlan, Depends(get_plan)]
 
 
-def require_admin(
+async def require_admin(
     state: State,
     authorization: Annotated[str | None, Header(description="`Bearer <admin token>`")] = None,
 ) -> None:

@@ -16,7 +16,7 @@ router = APIRouter(tags=["operations"])
 
 
 @router.get("/v1/health", response_model=Health, summary="Liveness")
-def health() -> Health:
+async def health() -> Health:
     """200 while the process answers."""
     return Health()
 
