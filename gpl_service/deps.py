@@ -11,7 +11,6 @@ from gpl_service.errors import AdminDisabledError, NotReadyError, UnauthorizedEr
 from gpl_service.scoring import ServingPlan
 from gpl_service.state import ServiceState
 
-
 # The dependencies are `async def` on purpose: FastAPI runs plain `def` dependencies in its
 # threadpool, a thread hop each, per request.
 
