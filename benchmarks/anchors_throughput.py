@@ -187,6 +187,11 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--threads", type=int, default=None, help="torch CPU threads (default: torch's own)"
     )
+    p.add_argument(
+        "--always-mask",
+        action="store_true",
+        help="pass the attention mask even to unpadded batches (the fast path before mask_free)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON report path")
     args = p.parse_args(argv)
@@ -214,7 +219,7 @@ def run(args: argparse.Namespace) -> int:
     vocab = SidVocab.from_tokenizer(build_compact_tokenizer(sizes), sizes)
     trie = SidTrie(codes, sizes)
     try:
-        model = build(args.model, vocab).to(device=device, dtype=dtype).eval()
+        model = build(args.model, vocab).to(device=device, dtype=dtype).eval()  # type: ignore[call-arg]
     except (torch.OutOfMemoryError, RuntimeError) as exc:
         if not is_out_of_memory(exc):
             raise
@@ -234,7 +239,8 @@ def run(args: argparse.Namespace) -> int:
 
     rows: dict[str, dict[str, Any]] = {}
     outputs: dict[str, BeamOutput] = {}
-    plans = [("fast", beam_search_fast, prompts)]
+    fast: Callable[..., BeamOutput] = partial(beam_search_fast, mask_free=not args.always_mask)
+    plans: list[tuple[str, Callable[..., BeamOutput], list[list[int]]]] = [("fast", fast, prompts)]
     if not args.skip_reference:
         plans.append(("generate", beam_search_reference, prompts[: args.reference_users]))
     for name, fn, ps in plans:

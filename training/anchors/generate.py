@@ -171,6 +171,7 @@ def beam_search_fast(
     vocab: SidVocab,
     beam_width: int,
     num_anchors: int,
+    mask_free: bool = True,
 ) -> BeamOutput:
     """Trie-constrained beam search, batched over prompts, one prefill and a reused KV cache.
 
@@ -181,6 +182,9 @@ def beam_search_fast(
         vocab: The SID vocabulary of ``model``.
         beam_width: Beams kept per user.
         num_anchors: Anchors returned per user (``<= beam_width``).
+        mask_free: When no prompt of the batch is padded, pass no attention mask, so the
+            attention kernels take their fused causal path (``search_in_batches`` groups
+            prompts by length, so most batches qualify). False always passes the mask.
 
     Returns:
         The top ``num_anchors`` items per prompt and their sequence log-probabilities.
@@ -192,12 +196,13 @@ def beam_search_fast(
     decoder = model.get_decoder()
 
     ids, mask = _left_pad(prompts, vocab.pad_id, device)
+    unpadded = mask_free and len({len(p) for p in prompts}) == 1
     # Position ids count real tokens only, so a left-padded row sees the same positions as alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
     hidden = decoder(
         input_ids=ids,
-        attention_mask=mask,
+        attention_mask=None if unpadded else mask,
         position_ids=positions,
         past_key_values=cache,
         use_cache=True,
@@ -229,7 +234,7 @@ def beam_search_fast(
         mask = torch.cat([mask, ones], dim=1)
         hidden = decoder(
             input_ids=tokens,
-            attention_mask=mask,
+            attention_mask=None if unpadded else mask,
             position_ids=next_pos.unsqueeze(1),
             past_key_values=cache,
             use_cache=True,

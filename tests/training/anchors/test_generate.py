@@ -116,3 +116,16 @@ def test_out_of_memory_splits_the_batch_and_retries(toy, caplog) -> None:
 
     with pytest.raises(torch.OutOfMemoryError):
         search_in_batches(always_oom, prompts, 4)
+
+
+def test_unpadded_batches_skip_the_mask_with_the_same_result(toy) -> None:
+    model, vocab, trie, prompts = toy
+    rng = np.random.default_rng(5)
+    same = [p for p in prompts if len(p) == len(prompts[0])] or [prompts[0]]
+    batch = [*same, *[list(same[0])] * 2]
+    batch[-1] = [batch[-1][0], *rng.permutation(batch[-1][1:]).tolist()]  # same length, other ids
+    free = beam_search_fast(model, batch, trie, vocab, 8, 5, mask_free=True)
+    masked = beam_search_fast(model, batch, trie, vocab, 8, 5, mask_free=False)
+    ref = beam_search_reference(model, batch, trie, vocab, 8, 5)
+    assert (free.items == masked.items).all() and (free.items == ref.items).all()
+    np.testing.assert_allclose(free.log_probs, masked.log_probs, atol=1e-5)
