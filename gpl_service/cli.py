@@ -20,6 +20,7 @@ alone. Bad input exits with code 2 and one line per problem.
 from __future__ import annotations
 
 import json
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -822,6 +823,14 @@ def serve(
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    workers: Annotated[
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes, each with its own item cache and models (more cores: more "
+            "workers; ONNX Runtime already uses every core of one).",
+        ),
+    ] = 1,
 ) -> None:
     """Serve the pre-ranker over HTTP (uvicorn) from online features only.
 
@@ -849,8 +858,25 @@ def serve(
         # Fail here, in one line, rather than in uvicorn's start-up traceback.
         open_service_store(settings.run_dir)
         verify_bundle(settings.bundle_path)
+    if workers == 1:
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            access_log=False,
+        )
+        return
+    # Worker processes build the app from an import string and read their settings from the
+    # environment, so this command's options travel as GPL_SERVE_* variables.
+    for name, value in overrides.items():
+        os.environ[f"GPL_SERVE_{name.upper()}"] = (
+            value.isoformat() if isinstance(value, datetime) else str(value)
+        )
     uvicorn.run(
-        create_app(settings),
+        "gpl_service.app:create_app",
+        factory=True,
+        workers=workers,
         host=settings.host,
         port=settings.port,
         log_level=log_level,

@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 from typer.testing import CliRunner
 
 from gpl_service.cli import app
@@ -45,12 +46,13 @@ def _free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def test_serves_over_http_until_stopped(served: Served) -> None:
+@pytest.mark.parametrize("workers", [1, 2])
+def test_serves_over_http_until_stopped(served: Served, workers: int) -> None:
     port = _free_port()
     cmd = [
         sys.executable, "-m", "gpl_service.cli", "serve", "--run-dir", str(served.root),
         "--port", str(port), "--as-of", served.as_of.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        "--log-level", "warning",
+        "--log-level", "warning", "--workers", str(workers),
     ]  # fmt: skip
     proc = subprocess.Popen(cmd, env={**os.environ, "GPL_PROJECT": PROJECT})
     url = f"http://127.0.0.1:{port}"
@@ -66,8 +68,10 @@ def test_serves_over_http_until_stopped(served: Served) -> None:
             assert time.monotonic() < deadline, "not ready within 60 s"
             time.sleep(0.2)
         body = {"user_id": served.users[0], "candidates": served.items[:20], "top_k": 3}
-        got = httpx.post(f"{url}/v1/prerank", json=body, timeout=10)
-        assert got.status_code == 200
+        answers = [httpx.post(f"{url}/v1/prerank", json=body, timeout=10) for _ in range(4)]
+        assert all(a.status_code == 200 for a in answers)
+        got = answers[0]
+        assert all(a.json()["items"] == got.json()["items"] for a in answers)
         assert [i["model"] for i in got.json()["items"]] == ["expressive"] * 3
         assert got.json()["stats"]["history_items"] > 0  # --as-of keeps the rows in ttl
         assert httpx.get(f"{url}/docs", timeout=10).status_code == 200
