@@ -320,7 +320,12 @@ class Scorer:
         if spec.ttl_seconds > 0:  # a stale category row means the default "", i.e. id 0
             ts = snap.event_ts[view][rows]
             category[~np.isnan(ts) & (ts < at - spec.ttl_seconds)] = 0
-        return numeric[:, plan.item_cols], category, snap.emb[rows], ages
+        emb = snap.emb[rows]
+        spec = next(s for s in snap.layout.views if s.name == EMBEDDING_VIEW)
+        if spec.ttl_seconds > 0:  # a stale vector row means an item without content: zeros
+            ts = snap.event_ts[EMBEDDING_VIEW][rows]
+            emb[~np.isnan(ts) & (ts < at - spec.ttl_seconds)] = 0.0
+        return numeric[:, plan.item_cols], category, emb, ages
 
     # --- the request ----------------------------------------------------------------------
 

@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import math
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 import numpy as np
 import pyarrow as pa
+import pytest
 from fastapi.testclient import TestClient
 
 from export.parity import cases_from_joined, onnx_session
+from gpl_service.app import create_app
 from gpl_service.models import load_bundle
-from tests.gpl_service.conftest import Served
+from tests.gpl_service.conftest import Served, settings_for
 from training.features.training_set import build_training_set
 from training.preranker.data import ItemTable, Preprocessing
 
 
-def _offline_scores(served: Served, user: str, items: list[str]) -> dict[str, np.ndarray]:
+def _offline_scores(
+    served: Served, user: str, items: list[str], as_of: datetime
+) -> dict[str, np.ndarray]:
     """Light and expressive logits from the PIT join at the service's as_of, via ONNX."""
-    ts = served.as_of - timedelta(seconds=1)  # the offline join keeps rows strictly before
+    ts = as_of - timedelta(seconds=1)  # the offline join keeps rows strictly before
     n = len(items)
     table = pa.table(
         {
@@ -42,17 +46,29 @@ def _offline_scores(served: Served, user: str, items: list[str]) -> dict[str, np
     return out
 
 
-def test_served_scores_equal_offline_join_scores(served: Served, client: TestClient) -> None:
+@pytest.mark.parametrize("days_later", [0, 45])
+def test_served_scores_equal_offline_join_scores(served: Served, days_later: int) -> None:
+    """Same scores as the offline join; 45 days on, past the 30-day ttl of item popularity and
+    anchors, both sides fall back to the declared defaults and missing indicators alike."""
+    as_of = served.as_of + timedelta(days=days_later)
+    app = create_app(settings_for(served, as_of=as_of), store=served.store)
     user = served.users[1]
     items = served.items[:30]
     body = {"user_id": user, "candidates": items, "top_k": len(items)}
-    got = client.post("/v1/prerank", json=body).json()
+    with TestClient(app) as client:
+        got = client.post("/v1/prerank", json=body).json()
+        fraction = client.get("/v1/models").json()["hard_fraction"]
     assert got["degraded"] is False
-    assert got["stats"]["history_items"] > 0 and got["stats"]["anchors"] > 0
-    offline = _offline_scores(served, user, items)
+    assert got["stats"]["history_items"] > 0
+    if days_later:
+        assert got["stats"]["anchors"] == 0  # past the anchors' ttl
+        # every candidate's popularity row is past its ttl: the stale path is what is compared
+        assert got["stats"]["feature_age_seconds"]["item_popularity"] > 30 * 86400
+    else:
+        assert got["stats"]["anchors"] > 0
+    offline = _offline_scores(served, user, items, as_of)
     light = 1 / (1 + np.exp(-offline["light"].astype(np.float64)))
     expressive = 1 / (1 + np.exp(-offline["expressive"].astype(np.float64)))
-    fraction = client.get("/v1/models").json()["hard_fraction"]
     quota = math.ceil(fraction * len(items))
     hard = set(np.argsort(-offline["light"], kind="stable")[:quota].tolist())
     position = {item: k for k, item in enumerate(items)}
