@@ -237,14 +237,16 @@ def fill_snapshot(
     generation: int,
     chunk: int,
     materialized: dict[str, float] | None = None,
+    ids: Sequence[str] | None = None,
 ) -> ItemSnapshot:
-    """A new snapshot holding every item entity the online store has.
+    """A new snapshot holding every item entity the online store has (or ``ids``).
 
     Raises:
         gpl_service.online.StoreUnavailableError: when the store cannot be read.
     """
     began = time.perf_counter()
-    ids = reader.entity_ids("item_id", [s.name for s in layout.views])
+    if ids is None:
+        ids = reader.entity_ids("item_id", [s.name for s in layout.views])
     snap = ItemSnapshot.empty(layout, generation, len(ids))
     for lo in range(0, len(ids), chunk):
         part = ids[lo : lo + chunk]

@@ -256,12 +256,19 @@ class OnlineReader:
                 assert self._serialize is not None
                 with self._serialize:
                     conn = self._online._get_conn(self.config)
-                    for name in views:
-                        table = _table_id(self.config.project, self.view(name))
-                        for (blob,) in conn.execute(f'SELECT DISTINCT entity_key FROM "{table}"'):
-                            key = deserialize_entity_key(bytes(blob), version)
-                            if list(key.join_keys) == [join_key]:
-                                found.add(key.entity_values[0].string_val)
+                    existing = {
+                        row[0]
+                        for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+                    }
+                    tables = [_table_id(self.config.project, self.view(n)) for n in views]
+                    tables = [t for t in tables if t in existing]  # never materialized: no rows
+                    # One UNION: each entity key is decoded once, not once per view.
+                    query = " UNION ".join(f'SELECT entity_key FROM "{t}"' for t in tables)
+                    blobs = conn.execute(query).fetchall() if tables else []
+                for (blob,) in blobs:
+                    key = deserialize_entity_key(bytes(blob), version)
+                    if list(key.join_keys) == [join_key]:
+                        found.add(key.entity_values[0].string_val)
             elif self.store_type == "redis":
                 client = self._online._get_client(self.config.online_store)
                 suffix = self.config.project.encode()

@@ -102,14 +102,15 @@ class ServiceState:
             names = [s.name for s in self.layout.views]
             try:
                 materialized = _materialized(self.store, names)
-                dim = self._embedding_dim()
-                layout = ItemLayout.of(self.layout.views, dim)
+                ids = self.reader.entity_ids("item_id", names)
+                layout = ItemLayout.of(self.layout.views, self._embedding_dim(ids))
                 snap = _fill(
                     self.reader,
                     layout,
                     self.items.generation + 1,
                     self.settings.read_chunk,
                     materialized,
+                    ids,
                 )
             except StoreUnavailableError as exc:
                 self.metrics.cache_refreshes.labels("failed").inc()
@@ -139,7 +140,7 @@ class ServiceState:
             )
             return True
 
-    def _embedding_dim(self, probe: int = 64) -> int:
+    def _embedding_dim(self, ids: list[str], probe: int = 64) -> int:
         """Width of the content vectors: the served bundle's, else the store's (0: none)."""
         if self.plan is not None:
             return self.plan.bundle.embedding_dim
@@ -152,8 +153,7 @@ class ServiceState:
             spec.list_features,
             spec.ttl_seconds,
         )
-        ids = self.reader.entity_ids("item_id", [EMBEDDING_VIEW])[:probe]
-        for row in self.reader.read(one, ids):
+        for row in self.reader.read(one, ids[:probe]):
             value = (row.values or {}).get(EMBEDDING_FEATURE)
             if value:
                 return len(value)
