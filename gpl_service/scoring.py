@@ -4,8 +4,9 @@
 feature feeds each graph column; refused up front if the store lacks one). :class:`Scorer`
 answers requests with the current plan and item cache:
 
-1. the user's rows of the user views, read from the online store (one entity, a few
-   microseconds on Redis); defaults and missing indicators where absent or past ``ttl``;
+1. the user's rows of the user views, read from the online store (one entity, one pipelined
+   Redis round trip, under a millisecond); defaults and missing indicators where absent or past
+   ``ttl``;
 2. candidates, history and anchor items gathered from the item cache; ids the cache lacks read
    from the store and appended; ids the store lacks too get the unknown item's defaults;
 3. the light model scores every candidate; the top ``hard_fraction`` by light score are
