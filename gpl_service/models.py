@@ -66,6 +66,7 @@ class LoadedBundle:
         embedding_dim: D.
         hard_fraction: Share of candidates the expressive model re-scores.
         loaded_at: Epoch seconds.
+        warnings: What the service noticed when binding it (e.g. a changed FeatureService).
     """
 
     path: Path
@@ -81,6 +82,7 @@ class LoadedBundle:
     embedding_dim: int
     hard_fraction: float
     loaded_at: float = field(default_factory=time.time)
+    warnings: list[str] = field(default_factory=list)
 
     @property
     def category_index(self) -> dict[str, int]:
@@ -100,6 +102,7 @@ class LoadedBundle:
             "loaded_at": self.loaded_at,
             "providers": self.providers,
             "hard_fraction": self.hard_fraction,
+            "warnings": self.warnings,
             "manifest": self.manifest,
         }
 

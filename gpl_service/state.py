@@ -181,9 +181,31 @@ class ServiceState:
                 else ItemLayout.of(self.layout.views, bundle.embedding_dim)
             )
             plan = ServingPlan.build(bundle, self.reader, layout)
+            bundle.warnings.extend(self._feature_service_drift(bundle))
+            for warning in bundle.warnings:
+                log.warning("bundle %s: %s", bundle.model_version, warning)
             self.plan = plan
             self.metrics.set_model(bundle.model_version)
             return bundle
+
+    def _feature_service_drift(self, bundle: LoadedBundle) -> list[str]:
+        """Warnings when the registry's FeatureService is not the one the bundle was trained on.
+
+        Serving still works (every column the bundle needs was bound), but the registry changed
+        since training: retrain or re-export when that was deliberate.
+        """
+        wanted = bundle.manifest.get("feature_service") or {}
+        name = wanted.get("name", "preranker")
+        try:
+            registered = self.store.get_feature_service(name).tags.get("version")
+        except Exception:  # FeatureServiceNotFoundException: nothing to compare with
+            return [f"feature service {name!r} is not in the registry"]
+        if registered != wanted.get("version"):
+            return [
+                f"trained on feature service {name!r} version {wanted.get('version')!r}, the "
+                f"registry has version {registered!r}"
+            ]
+        return []
 
     # --- readiness and watching -----------------------------------------------------------
 

@@ -116,3 +116,18 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
 def test_reload_body_is_validated(client: TestClient) -> None:
     got = client.post("/v1/admin/reload", headers=AUTH, json={"bundle": "x"})
     assert got.status_code == 422 and got.json()["error"]["code"] == "invalid_request"
+
+
+def test_a_bundle_from_another_feature_service_version_loads_with_a_warning(
+    served: Served, client: TestClient, tmp_path: Path
+) -> None:
+    assert client.get("/v1/models").json()["warnings"] == []
+    other = _copy(served, tmp_path / "v1")
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["feature_service"]["version"] = "1"
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    write_checksums(other)
+    got = client.post("/v1/admin/reload", headers=AUTH, json={"bundle_dir": str(other)})
+    assert got.status_code == 200
+    warnings = client.get("/v1/models").json()["warnings"]
+    assert len(warnings) == 1 and "version '1'" in warnings[0]
