@@ -45,7 +45,6 @@ import os
 import platform
 import shlex
 import shutil
-import socket
 import subprocess
 import sys
 import threading
@@ -729,17 +728,11 @@ def bench_in_process(
 # --- (c) HTTP end to end ----------------------------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def start_server(
     args: argparse.Namespace, kind: str
 ) -> tuple[subprocess.Popen[bytes], str, float, Path]:
     """Start ``gpl serve`` for store ``kind``; return it, its URL, start-up seconds, log."""
-    import httpx
+    from gpl_service.process import ServerStartError, free_port, wait_ready
 
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("GPL_REDIS_URL", "GPL_PROJECT")}
@@ -769,20 +762,12 @@ def start_server(
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 600
-    while True:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise SystemExit(f"{kind}: the service exited with {proc.returncode}:\n{tail}")
-        try:
-            if httpx.get(f"{url}/v1/ready", timeout=5).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        if time.monotonic() > deadline:
-            stop_server(proc)
-            raise SystemExit(f"{kind}: the service was not ready within 600 s (see {log_path})")
-        time.sleep(0.25)
+    try:
+        wait_ready(proc, f"{url}/v1/ready", timeout=600)
+    except ServerStartError as exc:
+        stop_server(proc)
+        tail = log_path.read_text(errors="replace")[-3000:]
+        raise SystemExit(f"{kind}: {exc} (log {log_path}):\n{tail}") from exc
     return proc, url, time.perf_counter() - began, log_path
 
 

@@ -1020,13 +1020,13 @@ def _data_end(run_dir: Path) -> str:
 
 def _demo_serve(run_dir: Path) -> None:
     """Start `gpl serve`, send the latest logged request, print the answer, stop the service."""
-    import socket
     import subprocess
     import sys
 
     import httpx
     import pyarrow.compute as pc
 
+    from gpl_service.process import ServerStartError, free_port, wait_ready
     from training.io import read_table
 
     requests = read_table(run_dir / "funnel" / "requests.parquet")
@@ -1039,9 +1039,7 @@ def _demo_serve(run_dir: Path) -> None:
         "top_k": 10,
         "request_id": f"demo-{request_id}",
     }
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
+    port = free_port()
     cmd = [
         sys.executable,
         "-m",
@@ -1060,18 +1058,10 @@ def _demo_serve(run_dir: Path) -> None:
     proc = subprocess.Popen(cmd)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                raise UsageError(f"the service exited with code {proc.returncode} at start-up")
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            if time.monotonic() > deadline:
-                raise UsageError("the service was not ready within 120 s")
-            time.sleep(0.25)
+        try:
+            wait_ready(proc, f"{url}/v1/ready", timeout=120)
+        except ServerStartError as exc:
+            raise UsageError(str(exc)) from exc
         _say(f"POST {url}/v1/prerank user {body['user_id']}, {len(body['candidates'])} candidates")
         answer = httpx.post(f"{url}/v1/prerank", json=body, timeout=30)
         answer.raise_for_status()

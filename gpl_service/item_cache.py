@@ -25,6 +25,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any, Final
 
 import numpy as np
@@ -69,12 +70,35 @@ class ItemLayout:
             numeric.append(f"{spec.name}__missing")
         return cls(list(views), numeric, strings, dim)
 
-    def defaults_row(self) -> F32:
-        """The numeric row of an item no view knows: defaults, every missing indicator 1."""
+    @cached_property
+    def defaults(self) -> dict[str, Any]:
+        """``<view>__<feature>`` -> the field's declared default."""
+        return {f"{s.name}__{n}": s.defaults[n] for s in self.views for n in s.features}
+
+    @cached_property
+    def column(self) -> dict[str, int]:
+        """Numeric column name -> its index."""
+        return {c: j for j, c in enumerate(self.numeric)}
+
+    @cached_property
+    def view_columns(self) -> dict[str, npt.NDArray[np.int64]]:
+        """View name -> indices of its numeric columns (missing indicator included)."""
+        return {
+            s.name: np.array(
+                [j for j, c in enumerate(self.numeric) if c.startswith(f"{s.name}__")], np.int64
+            )
+            for s in self.views
+        }
+
+    @cached_property
+    def default_row(self) -> F32:
+        """The numeric row of an item no view knows: defaults, every missing indicator 1.
+
+        Shared: copy it before writing into it.
+        """
         out = np.zeros(len(self.numeric), np.float32)
-        by_col = {f"{s.name}__{n}": s.defaults[n] for s in self.views for n in s.features}
         for j, col in enumerate(self.numeric):
-            out[j] = 1.0 if col.endswith("__missing") else float(by_col[col])
+            out[j] = 1.0 if col.endswith("__missing") else float(self.defaults[col])
         return out
 
 
@@ -109,7 +133,7 @@ class ItemSnapshot:
         """A snapshot holding only row 0 (the unknown item)."""
         cap = max(capacity + 1, 16)
         numeric = np.zeros((cap, len(layout.numeric)), np.float32)
-        numeric[0] = layout.defaults_row()
+        numeric[0] = layout.default_row
         snap = cls(
             layout=layout,
             generation=generation,
@@ -122,10 +146,9 @@ class ItemSnapshot:
             size=1,
             loaded_at=time.time(),
         )
-        by_col = {f"{s.name}__{n}": s.defaults[n] for s in layout.views for n in s.features}
         for col in layout.strings:  # code 0 is the default value
-            snap.string_values[col] = [str(by_col[col])]
-            snap._string_codes[col] = {str(by_col[col]): 0}
+            snap.string_values[col] = [str(layout.defaults[col])]
+            snap._string_codes[col] = {str(layout.defaults[col]): 0}
         return snap
 
     def _grow(self, needed: int) -> None:
@@ -163,8 +186,7 @@ class ItemSnapshot:
         with self._lock:
             self._grow(self.size + len(ids))
             out: list[int] = []
-            col_of = {c: j for j, c in enumerate(layout.numeric)}
-            defaults = layout.defaults_row()
+            col_of = layout.column
             for k, item_id in enumerate(ids):
                 if item_id in self.index:
                     out.append(self.index[item_id])
@@ -174,7 +196,7 @@ class ItemSnapshot:
                     out.append(0)
                     continue
                 r = self.size
-                row = defaults.copy()
+                row = layout.default_row.copy()
                 for spec in layout.views:
                     got = rows_by_view[spec.name][k]
                     values = got.values

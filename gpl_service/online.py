@@ -115,12 +115,15 @@ class OnlineReader:
     def __init__(self, store: FeatureStore, timeout_seconds: float = 0.5) -> None:
         self.store = store
         self.config = store.config
-        self.kind = str(getattr(self.config.online_store, "type", "sqlite")).lower()
+        kind = str(getattr(self.config.online_store, "type", "sqlite")).lower()
+        self.store_type = "redis" if "redis" in kind else "sqlite" if "sqlite" in kind else kind
+        """``sqlite`` or ``redis`` (or the configured type's name)."""
         self._provider = store._get_provider()
         # The concrete store (SqliteOnlineStore / RedisOnlineStore): its connection helpers.
         self._online: Any = self._provider.online_store
-        self._serialize = threading.Lock() if "sqlite" in self.kind else None
+        self._serialize = threading.Lock() if self.store_type == "sqlite" else None
         self._views: dict[str, FeatureView] = {}
+        self._hash_plans: dict[tuple[str, tuple[str, ...]], tuple[str, list[str], list[Any]]] = {}
         if self.store_type == "redis":
             self._fail_fast(timeout_seconds)
 
@@ -139,11 +142,6 @@ class OnlineReader:
         kwargs["socket_connect_timeout"] = timeout
         kwargs["socket_timeout"] = timeout
 
-    @property
-    def store_type(self) -> str:
-        """``sqlite`` or ``redis`` (or the configured type's name)."""
-        return "redis" if "redis" in self.kind else "sqlite" if "sqlite" in self.kind else self.kind
-
     def view(self, name: str) -> FeatureView:
         """The registered feature view ``name`` (cached; :meth:`forget_views` clears it)."""
         if name not in self._views:
@@ -153,6 +151,7 @@ class OnlineReader:
     def forget_views(self) -> None:
         """Drop cached view definitions (after the registry changed)."""
         self._views.clear()
+        self._hash_plans.clear()
 
     def read(self, spec: ViewSpec, ids: Sequence[str]) -> list[Row]:
         """Rows of ``ids`` (same order); a Row with ``values=None`` where the store has none.
@@ -188,31 +187,36 @@ class OnlineReader:
         """
         if self.store_type != "redis" or len(specs) < 2:
             return {s.name: self.read(s, [entity_id])[0] for s in specs}
-        from feast.infra.online_stores.redis import _versioned_fv_name
-
         online = self._online
         key = EntityKeyProto(
             join_keys=[specs[0].join_key], entity_values=[ValueProto(string_val=entity_id)]
         )
         redis_key = online._generate_redis_keys_for_entities(self.config, [key])[0]
-        commands = []
-        names = []
-        for spec in specs:
-            fv_name = _versioned_fv_name(self.view(spec.name), self.config)
-            requested, fields = online._generate_hset_keys_for_features(
-                self.view(spec.name), list(spec.features), fv_name_override=fv_name
-            )
-            commands.append((redis_key, fields))
-            names.append((fv_name, requested))
+        names = [self._hash_fields(spec) for spec in specs]
+        commands = [(redis_key, fields) for _, _, fields in names]
         try:
             replies = online._read_hash_fields(self.config, commands)
         except Exception as exc:
             raise StoreUnavailableError(f"{self.store_type} online store: {exc}") from exc
         out: dict[str, Row] = {}
-        for spec, (fv_name, requested), reply in zip(specs, names, replies, strict=True):
+        for spec, (fv_name, requested, _), reply in zip(specs, names, replies, strict=True):
             ts, values = online._convert_redis_values_to_protobuf([reply], fv_name, requested)[0]
             out[spec.name] = self._row(spec, ts, values)
         return out
+
+    def _hash_fields(self, spec: ViewSpec) -> tuple[str, list[str], list[Any]]:
+        """(view name in Redis, requested names, hash fields) of ``spec``, computed once."""
+        key = (spec.name, spec.features)
+        if key not in self._hash_plans:
+            from feast.infra.online_stores.redis import _versioned_fv_name
+
+            view = self.view(spec.name)
+            fv_name = _versioned_fv_name(view, self.config)
+            requested, fields = self._online._generate_hset_keys_for_features(
+                view, list(spec.features), fv_name_override=fv_name
+            )
+            self._hash_plans[key] = (fv_name, requested, fields)
+        return self._hash_plans[key]
 
     def _row(self, spec: ViewSpec, ts: datetime | None, values: dict[str, Any] | None) -> Row:
         decoded = {n: decode_value(values.get(n)) for n in spec.features} if values else {}
@@ -247,50 +251,48 @@ class OnlineReader:
             StoreUnavailableError: when the store cannot be read.
             NotImplementedError: for online store types other than SQLite and Redis.
         """
+        if self.store_type not in ("sqlite", "redis"):
+            raise NotImplementedError(
+                f"listing entities of a {self.store_type!r} online store is not supported "
+                "(SQLite and Redis are)"
+            )
+        try:
+            blobs = self._sqlite_keys(views) if self.store_type == "sqlite" else self._redis_keys()
+        except Exception as exc:
+            raise StoreUnavailableError(f"{self.store_type} online store: {exc}") from exc
         version = self.config.entity_key_serialization_version
         found: set[str] = set()
-        try:
-            if self.store_type == "sqlite":
-                from feast.infra.online_stores.sqlite import _table_id
-
-                assert self._serialize is not None
-                with self._serialize:
-                    conn = self._online._get_conn(self.config)
-                    existing = {
-                        row[0]
-                        for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
-                    }
-                    tables = [_table_id(self.config.project, self.view(n)) for n in views]
-                    tables = [t for t in tables if t in existing]  # never materialized: no rows
-                    # One UNION: each entity key is decoded once, not once per view.
-                    query = " UNION ".join(f'SELECT entity_key FROM "{t}"' for t in tables)
-                    blobs = conn.execute(query).fetchall() if tables else []
-                for (blob,) in blobs:
-                    key = deserialize_entity_key(bytes(blob), version)
-                    if list(key.join_keys) == [join_key]:
-                        found.add(key.entity_values[0].string_val)
-            elif self.store_type == "redis":
-                client = self._online._get_client(self.config.online_store)
-                suffix = self.config.project.encode()
-                for raw in client.scan_iter(match=b"*" + suffix, count=5000):
-                    try:
-                        key = deserialize_entity_key(raw[: -len(suffix)], version)
-                    except Exception:  # a key of another project sharing the suffix
-                        continue
-                    if list(key.join_keys) == [join_key]:
-                        found.add(key.entity_values[0].string_val)
-            else:
-                raise NotImplementedError(
-                    f"listing entities of a {self.store_type!r} online store is not supported "
-                    "(SQLite and Redis are)"
-                )
-        except (NotImplementedError, StoreUnavailableError):
-            raise
-        except Exception as exc:
-            if "no such table" in str(exc):
-                return sorted(found)  # the view was never materialized: no rows
-            raise StoreUnavailableError(f"{self.store_type} online store: {exc}") from exc
+        for blob in blobs:
+            try:
+                key = deserialize_entity_key(blob, version)
+            except Exception:  # a Redis key of another project that shares the suffix
+                continue
+            if list(key.join_keys) == [join_key]:
+                found.add(key.entity_values[0].string_val)
         return sorted(found)
+
+    def _sqlite_keys(self, views: Sequence[str]) -> list[bytes]:
+        """Distinct serialized entity keys of the views' tables (each decoded once later)."""
+        from feast.infra.online_stores.sqlite import _table_id
+
+        assert self._serialize is not None
+        with self._serialize:
+            conn = self._online._get_conn(self.config)
+            existing = {
+                row[0] for row in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+            }
+            tables = [_table_id(self.config.project, self.view(n)) for n in views]
+            tables = [t for t in tables if t in existing]  # never materialized: no rows
+            if not tables:
+                return []
+            query = " UNION ".join(f'SELECT entity_key FROM "{t}"' for t in tables)
+            return [bytes(blob) for (blob,) in conn.execute(query).fetchall()]
+
+    def _redis_keys(self) -> list[bytes]:
+        """Serialized entity keys of the project: every Redis key ending in its name."""
+        client = self._online._get_client(self.config.online_store)
+        suffix = self.config.project.encode()
+        return [raw[: -len(suffix)] for raw in client.scan_iter(match=b"*" + suffix, count=5000)]
 
 
 def now() -> float:

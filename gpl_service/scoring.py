@@ -294,38 +294,29 @@ class Scorer:
         self, plan: ServingPlan, snap: ItemSnapshot, rows: I64, at: float
     ) -> tuple[F32, I64, F32, dict[str, float | None]]:
         """Raw item features, category ids, content vectors, max feature age per item view."""
+        layout = snap.layout
         numeric = snap.numeric[rows]
+        category = plan.category_ids(snap, rows)
+        emb = snap.emb[rows]
+        category_view = plan.category_col.partition("__")[0]
         ages: dict[str, float | None] = {}
-        defaults = None
-        for spec in snap.layout.views:
+        for spec in layout.views:
             ts = snap.event_ts[spec.name][rows]
             present = ~np.isnan(ts)
             ages[spec.name] = float(at - ts[present].min()) if present.any() else None
-            if spec.ttl_seconds > 0:
-                stale = present & (ts < at - spec.ttl_seconds)
-                if stale.any():  # past ttl: the view's defaults and missing = 1, as in training
-                    if defaults is None:
-                        defaults = snap.layout.defaults_row()
-                    cols = np.array(
-                        [
-                            j
-                            for j, c in enumerate(snap.layout.numeric)
-                            if c.startswith(f"{spec.name}__")
-                        ],
-                        np.int64,
-                    )
-                    numeric[np.ix_(np.flatnonzero(stale), cols)] = defaults[cols]
-        category = plan.category_ids(snap, rows)
-        view = plan.category_col.partition("__")[0]
-        spec = next(s for s in snap.layout.views if s.name == view)
-        if spec.ttl_seconds > 0:  # a stale category row means the default "", i.e. id 0
-            ts = snap.event_ts[view][rows]
-            category[~np.isnan(ts) & (ts < at - spec.ttl_seconds)] = 0
-        emb = snap.emb[rows]
-        spec = next(s for s in snap.layout.views if s.name == EMBEDDING_VIEW)
-        if spec.ttl_seconds > 0:  # a stale vector row means an item without content: zeros
-            ts = snap.event_ts[EMBEDDING_VIEW][rows]
-            emb[~np.isnan(ts) & (ts < at - spec.ttl_seconds)] = 0.0
+            if spec.ttl_seconds <= 0:
+                continue
+            stale = present & (ts < at - spec.ttl_seconds)
+            if not stale.any():
+                continue
+            # Past ttl, as in training: the view's defaults and missing = 1; a stale category is
+            # the default "" (id 0); a stale content vector is an item without content (zeros).
+            cols = layout.view_columns[spec.name]
+            numeric[np.ix_(np.flatnonzero(stale), cols)] = layout.default_row[cols]
+            if spec.name == category_view:
+                category[stale] = 0
+            if spec.name == EMBEDDING_VIEW:
+                emb[stale] = 0.0
         return numeric[:, plan.item_cols], category, emb, ages
 
     # --- the request ----------------------------------------------------------------------

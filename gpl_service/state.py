@@ -144,15 +144,7 @@ class ServiceState:
         """Width of the content vectors: the served bundle's, else the store's (0: none)."""
         if self.plan is not None:
             return self.plan.bundle.embedding_dim
-        spec = next(s for s in self.layout.views if s.name == EMBEDDING_VIEW)
-        one = ViewSpec(
-            spec.name,
-            spec.join_key,
-            (EMBEDDING_FEATURE,),
-            spec.defaults,
-            spec.list_features,
-            spec.ttl_seconds,
-        )
+        one = ViewSpec.of(self.reader.view(EMBEDDING_VIEW), [EMBEDDING_FEATURE])
         for row in self.reader.read(one, ids[:probe]):
             value = (row.values or {}).get(EMBEDDING_FEATURE)
             if value:

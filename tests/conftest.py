@@ -11,13 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from gpl_service.process import free_port
 from tests.factories import make_items, make_requests
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 class RedisServer:
@@ -30,7 +25,7 @@ class RedisServer:
                 "redis-server is not installed: run `make redis` (Debian package redis-server)"
             )
         self.binary = binary
-        self.port = _free_port()
+        self.port = free_port()
         self.workdir = workdir
         self.proc: subprocess.Popen[bytes] | None = None
 

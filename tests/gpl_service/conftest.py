@@ -20,16 +20,8 @@ from export.bundle import export_bundle
 from gpl_service.app import create_app
 from gpl_service.settings import ServeSettings
 from tests.conftest import RedisServer
-from tests.factories import T0, make_items, make_requests
-from tests.training.preranker.conftest import USERS, small_config
-from tests.training.pseudo_labels.test_job import (
-    N_ITEMS,
-    make_anchors,
-    make_item_semantics,
-    make_positives,
-)
-from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE
-from training.features.stats import StatsConfig, compute_feature_tables
+from tests.factories import T0
+from tests.training.preranker.conftest import USERS, small_config, write_run_inputs
 from training.features.store import StoreSettings, apply_definitions, materialize, open_store
 from training.io import write_table
 from training.preranker.job import (
@@ -40,7 +32,6 @@ from training.preranker.job import (
     split_at,
     time_quantile,
 )
-from training.pseudo_labels.job import PSEUDO_LABELS_DIR, PseudoLabelConfig, generate_pseudo_labels
 from training.sids.job import ITEM_SEMANTICS_SCHEMA
 
 ADMIN_TOKEN = "test-admin-token-0123456789"
@@ -84,22 +75,7 @@ def materialize_all(store: FeatureStore, as_of: datetime) -> None:
 def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     """Features, anchors, pseudo-labels, a gpl_hap pre-ranker, its bundle, SQLite online store."""
     root = tmp_path_factory.mktemp("served_run")
-    items = make_items(N_ITEMS)
-    requests = make_requests(
-        n_requests=160, n_users=len(USERS), n_items=N_ITEMS, seed=4, candidates=16, exposed=4
-    )
-    semantics = make_item_semantics()
-    compute_feature_tables(items, requests).write(root, StatsConfig())
-    anchors = make_anchors(USERS, [0, 10, 20], semantics)
-    write_table(anchors, root / ANCHORS_DIR / ANCHORS_FILE)
-    generate_pseudo_labels(
-        requests,
-        semantics,
-        anchors,
-        make_positives(USERS),
-        PseudoLabelConfig(progress=False),
-        root / PSEUDO_LABELS_DIR,
-    )
+    _, requests, semantics = write_run_inputs(root)
     write_table(requests, root / "funnel" / "requests.parquet")
     write_table(semantics_table(semantics), root / "sids" / "item_semantics.parquet")
     store = open_store(root, StoreSettings(project=PROJECT))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from feature_repo.data_sources import user_interest_anchors_source
 from feature_repo.feature_views import FEATURE_VIEWS
+from gpl_service.process import free_port, wait_ready
 from tests.gpl_service.conftest import PROJECT, Served
 
 
@@ -52,16 +51,10 @@ def test_unknown_view_is_a_404_naming_the_known_ones(client: TestClient) -> None
     assert error["code"] == "not_found" and "item_semantics" in error["message"]
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def test_feast_ui_serves_this_registry(served: Served) -> None:
     feast = shutil.which("feast", path=str(Path(sys.executable).parent))
     assert feast, "the feast CLI is installed with the package"
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [feast, "-c", str(served.root), "ui", "--host", "127.0.0.1", "--port", str(port)],
         stdout=subprocess.DEVNULL,
@@ -70,16 +63,7 @@ def test_feast_ui_serves_this_registry(served: Served) -> None:
     )
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 90
-        while True:
-            assert proc.poll() is None, "feast ui exited"
-            try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "feast ui did not answer within 90 s"
-            time.sleep(0.3)
+        wait_ready(proc, f"{url}/health", timeout=90, what="feast ui")
         projects = httpx.get(f"{url}/projects-list.json", timeout=10).json()["projects"]
         assert [p["id"] for p in projects] == [PROJECT]
         assert httpx.get(url, timeout=10).status_code == 200  # the UI's page

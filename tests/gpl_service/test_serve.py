@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
@@ -15,6 +13,7 @@ import pytest
 from typer.testing import CliRunner
 
 from gpl_service.cli import app
+from gpl_service.process import free_port, wait_ready
 from tests.gpl_service.conftest import PROJECT, Served
 
 runner = CliRunner()
@@ -40,15 +39,9 @@ def test_bad_run_dir_or_bundle_is_one_line_and_exit_2(served: Served, tmp_path: 
     assert "no bundle directory" in result.output and "gpl export" in result.output
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_serves_over_http_until_stopped(served: Served, workers: int) -> None:
-    port = _free_port()
+    port = free_port()
     cmd = [
         sys.executable, "-m", "gpl_service.cli", "serve", "--run-dir", str(served.root),
         "--port", str(port), "--as-of", served.as_of.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -57,16 +50,7 @@ def test_serves_over_http_until_stopped(served: Served, workers: int) -> None:
     proc = subprocess.Popen(cmd, env={**os.environ, "GPL_PROJECT": PROJECT})
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 60
-        while True:
-            assert proc.poll() is None, f"gpl serve exited with {proc.returncode}"
-            try:
-                if httpx.get(f"{url}/v1/ready", timeout=2).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "not ready within 60 s"
-            time.sleep(0.2)
+        wait_ready(proc, f"{url}/v1/ready", timeout=60)
         body = {"user_id": served.users[0], "candidates": served.items[:20], "top_k": 3}
         answers = [httpx.post(f"{url}/v1/prerank", json=body, timeout=10) for _ in range(4)]
         assert all(a.status_code == 200 for a in answers)

@@ -37,9 +37,12 @@ class Run:
     requests: pa.Table
 
 
-@pytest.fixture(scope="module")
-def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
-    root = tmp_path_factory.mktemp("preranker_run")
+def write_run_inputs(root: Path) -> tuple[pa.Table, pa.Table, pa.Table]:
+    """Feature tables, anchors and pseudo-labels of a small run in ``root``.
+
+    Returns:
+        (items, requests, item semantics) the tables were made from.
+    """
     items = make_items(N_ITEMS)
     requests = make_requests(
         n_requests=160, n_users=len(USERS), n_items=N_ITEMS, seed=4, candidates=16, exposed=4
@@ -56,6 +59,13 @@ def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
         PseudoLabelConfig(progress=False),
         root / PSEUDO_LABELS_DIR,
     )
+    return items, requests, semantics
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory) -> Run:
+    root = tmp_path_factory.mktemp("preranker_run")
+    items, requests, semantics = write_run_inputs(root)
     store = open_store(root, StoreSettings(project="preranker_test"))
     apply_definitions(store)
     return Run(root, store, items, semantics, requests)
