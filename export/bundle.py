@@ -4,6 +4,9 @@ Layout of a bundle directory::
 
     light.onnx          light model with in-graph preprocessing (dynamic R and N)
     expressive.onnx     expressive model, same inputs and outputs
+    light.item.onnx     the light model split: item graph (raw item inputs -> item_state)
+    light.score.onnx    ... and score graph (user inputs, item_state, item_emb -> scores)
+    expressive.item.onnx, expressive.score.onnx   the same for the expressive model
     manifest.json       feature service, feature order and shapes, preprocessing, model
                         inputs/outputs, training metrics, data cutoff, code version, parity
     checksums.sha256    sha256 of every other file, ``sha256sum -c`` format
@@ -40,6 +43,10 @@ FORMAT_VERSION: Final = 1
 MANIFEST: Final = "manifest.json"
 CHECKSUMS: Final = "checksums.sha256"
 MODEL_FILES: Final = {"light": "light.onnx", "expressive": "expressive.onnx"}
+SPLIT_FILES: Final = {
+    kind: (f"{kind}.item.onnx", f"{kind}.score.onnx") for kind in ("light", "expressive")
+}
+"""Model kind -> (item graph, score graph); optional in a bundle (the manifest's ``split``)."""
 FEATURE_SERVICE: Final = "preranker"
 REAL_REQUESTS: Final = 32
 """Requests (the latest before the data cutoff) joined from the run for the real-row check."""
@@ -158,6 +165,11 @@ def verify_bundle(path: Path) -> dict[str, Any]:
             f"{path / MANIFEST}: format_version {manifest.get('format_version')!r}; this code "
             f"reads version {FORMAT_VERSION}"
         )
+    split = manifest.get("split") or {}
+    unlisted = [f for rec in split.values() for f in (rec["item"]["file"], rec["score"]["file"])]
+    unlisted = [f for f in unlisted if f not in sums]
+    if unlisted:
+        raise BundleError(f"{path}: split graphs {unlisted} are not listed in {CHECKSUMS}")
     return manifest
 
 
@@ -387,7 +399,14 @@ def export_bundle(
     import onnx
     import torch
 
-    from export.onnx_export import MODEL_KINDS, OPSET, GraphSpec, ServingGraph, export_graph
+    from export.onnx_export import (
+        MODEL_KINDS,
+        OPSET,
+        GraphSpec,
+        ServingGraph,
+        export_graph,
+        export_split,
+    )
     from export.parity import check_parity, random_cases
     from training.io import code_version, read_manifest
     from training.preranker.job import load_preranker
@@ -420,12 +439,17 @@ def export_bundle(
             "expressive": ServingGraph(loaded.expressive, prep).eval(),
         }
         paths = {kind: tmp / MODEL_FILES[kind] for kind in MODEL_KINDS}
+        split_paths = {
+            kind: (tmp / SPLIT_FILES[kind][0], tmp / SPLIT_FILES[kind][1]) for kind in MODEL_KINDS
+        }
         exporters = {}
         for kind in MODEL_KINDS:
             exporters[kind] = export_graph(graphs[kind], spec, paths[kind], OPSET)
-            onnx.checker.check_model(str(paths[kind]))
+            export_split(graphs[kind], spec, *split_paths[kind], OPSET)
+            for file in (paths[kind], *split_paths[kind]):
+                onnx.checker.check_model(str(file))
         cases = [*random_cases(prep, seed=seed), *real_rows]
-        report = check_parity(graphs, paths, cases, tolerance)
+        report = check_parity(graphs, paths, cases, tolerance, split_paths)
 
         metrics = source.get("metrics", {})
         flops = metrics.get("flops", {}) if isinstance(metrics, dict) else {}
@@ -452,6 +476,30 @@ def export_bundle(
                     "opset": _opset(paths[kind]),
                     "exporter": f"torch.onnx ({exporters[kind]})",
                     "flops": flops.get(kind),
+                }
+                for kind in MODEL_KINDS
+            },
+            "split": {
+                kind: {
+                    "item": {
+                        "file": SPLIT_FILES[kind][0],
+                        "inputs": spec.item_inputs(),
+                        "outputs": [
+                            {
+                                "name": "item_state",
+                                "shape": ["N", graphs[kind].model.item_side_width + 1],
+                                "dtype": "float32",
+                            }
+                        ],
+                    },
+                    "score": {
+                        "file": SPLIT_FILES[kind][1],
+                        "inputs": spec.score_inputs(graphs[kind].model.item_side_width + 1),
+                        "outputs": spec.outputs(),
+                    },
+                    "state_width": graphs[kind].model.item_side_width + 1,
+                    "state_columns": "the model's item side (item tower; expressive: then the "
+                    "attention query), then 1 / ||item_emb||",
                 }
                 for kind in MODEL_KINDS
             },

@@ -35,6 +35,20 @@ item_emb          (N, D)      float32  candidate content vector, zeros = unknown
 
 Outputs: ``probability`` (N,) float32, the click probability, and ``logit`` (N,) float32, its
 logit (ties-free ordering where probabilities saturate).
+
+Each model is also exported **split** in two graphs whose composition is the full graph:
+
+* the *item graph* (:class:`ItemGraph`): ``item_features``, ``category``, ``item_emb`` ->
+  ``item_state`` (N, S + 1) float32, what depends on the candidate alone: the model's item side
+  (standardization and the item tower; for the expressive model also the attention query),
+  S = :attr:`~training.preranker.models.LightModel.item_side_width`, then the inverse norm of
+  the content vector (for the cross features' cosines);
+* the *score graph* (:class:`ScoreGraph`): the full graph's inputs with ``item_state`` in place
+  of ``item_features`` and ``category`` (``item_emb`` stays: the cross features need it) ->
+  ``probability``, ``logit``.
+
+A server runs the item graph once per item when it fills its item cache and only the score
+graph per request; the export's parity check covers the composition too.
 """
 
 from __future__ import annotations
@@ -47,10 +61,26 @@ from typing import Any, Final
 import torch
 from torch import Tensor, nn
 
-from export.signature import INPUT_NAMES, OUTPUT_NAMES
+from export.signature import (
+    INPUT_NAMES,
+    ITEM_INPUT_NAMES,
+    ITEM_OUTPUT_NAMES,
+    OUTPUT_NAMES,
+    SCORE_INPUT_NAMES,
+)
 from training.preranker.data import NumericSpec, Preprocessing
+from training.preranker.models import ExpressiveModel, LightModel
 
-__all__ = ["INPUT_NAMES", "OUTPUT_NAMES", "GraphSpec", "ServingGraph", "export_graph"]
+__all__ = [
+    "INPUT_NAMES",
+    "OUTPUT_NAMES",
+    "GraphSpec",
+    "ItemGraph",
+    "ScoreGraph",
+    "ServingGraph",
+    "export_graph",
+    "export_split",
+]
 OPSET: Final = 17
 MODEL_KINDS: Final = ("light", "expressive")
 _PAD_COSINE: Final = -2.0  # below any cosine: masked slots never win the max
@@ -76,6 +106,11 @@ class _Standardize(nn.Module):
         logged = torch.sign(x) * torch.log1p(torch.abs(x))
         x = torch.where(self.log1p, logged, x)
         return ((x - self.mean) / self.std).to(torch.float32)
+
+
+def _inverse_norm(emb: Tensor) -> Tensor:
+    """1 / max(||emb||, 1e-12) over the last axis, keeping it (so ``emb * _inverse_norm``)."""
+    return 1.0 / torch.clamp(torch.sqrt((emb * emb).sum(-1, keepdim=True)), min=1e-12)
 
 
 def _unit(emb: Tensor) -> Tensor:
@@ -106,10 +141,44 @@ def cross_in_graph(
     return torch.stack(columns, dim=1)
 
 
+def cross_from_states(
+    item_emb: Tensor,
+    inverse_norm: Tensor,
+    anchor_emb: Tensor,
+    history_emb: Tensor,
+    row_request: Tensor,
+) -> Tensor:
+    """:func:`cross_in_graph` with the candidates' inverse norms given (precomputed per item).
+
+    Cheaper per request: the (N, D) candidate vectors are not normalized (each row's cosines
+    are scaled by its inverse norm instead: N x S multiplications instead of N x D), and the
+    anchors and the history are matched in one matrix product.
+    """
+    r, a, d = anchor_emb.shape
+    h = history_emb.shape[1]
+    slots = torch.cat([anchor_emb, history_emb], dim=1)  # (R, A + H, D)
+    s = a + h
+    present = slots.abs().sum(-1) > 0  # (R, S)
+    keys = _unit(slots).reshape(r * s, d)
+    every = (item_emb @ keys.T) * inverse_norm  # (N, R*S)
+    cols = row_request.unsqueeze(1) * s + torch.arange(s, device=slots.device).unsqueeze(0)
+    cos = torch.gather(every, 1, cols)  # (N, S)
+    mask = present[row_request]
+    best_of = torch.where(mask, cos, torch.full_like(cos, _PAD_COSINE))
+    columns: list[Tensor] = []
+    for lo, hi in ((0, a), (a, s)):
+        best = best_of[:, lo:hi].max(dim=1).values
+        has = mask[:, lo:hi].any(dim=1)
+        columns += [torch.where(has, best, torch.zeros_like(best)), has.to(cos.dtype)]
+    return torch.stack(columns, dim=1)
+
+
 class ServingGraph(nn.Module):
     """A trained model with in-graph preprocessing; returns (probability, logit), both (N,)."""
 
-    def __init__(self, model: nn.Module, prep: Preprocessing) -> None:
+    model: LightModel | ExpressiveModel
+
+    def __init__(self, model: LightModel | ExpressiveModel, prep: Preprocessing) -> None:
         super().__init__()
         self.model = model
         self.user = _Standardize(prep.user_numeric)
@@ -136,6 +205,50 @@ class ServingGraph(nn.Module):
             category,
             item_emb,
             cross,
+        )
+        return torch.sigmoid(logit), logit
+
+
+class ItemGraph(nn.Module):
+    """The item half of a :class:`ServingGraph`: raw item inputs -> the model's item state."""
+
+    model: LightModel | ExpressiveModel
+
+    def __init__(self, graph: ServingGraph) -> None:
+        super().__init__()
+        self.model = graph.model
+        self.item = graph.item
+
+    def forward(self, item_features: Tensor, category: Tensor, item_emb: Tensor) -> Tensor:
+        """(N, S + 1): the model's item side, then the content vector's inverse norm."""
+        side = self.model.item_side(self.item(item_features), category, item_emb)
+        return torch.cat([side, _inverse_norm(item_emb)], dim=1)
+
+
+class ScoreGraph(nn.Module):
+    """The request half of a :class:`ServingGraph`: user inputs + item state -> scores."""
+
+    model: LightModel | ExpressiveModel
+
+    def __init__(self, graph: ServingGraph) -> None:
+        super().__init__()
+        self.model = graph.model
+        self.user = graph.user
+
+    def forward(
+        self,
+        user_features: Tensor,
+        history_emb: Tensor,
+        anchor_emb: Tensor,
+        row_request: Tensor,
+        item_state: Tensor,
+        item_emb: Tensor,
+    ) -> tuple[Tensor, Tensor]:
+        """Click probabilities and logits of every candidate row."""
+        side, inverse_norm = item_state[:, :-1], item_state[:, -1:]
+        cross = cross_from_states(item_emb, inverse_norm, anchor_emb, history_emb, row_request)
+        logit: Tensor = self.model.score_side(
+            self.user(user_features), history_emb, anchor_emb, row_request, side, cross
         )
         return torch.sigmoid(logit), logit
 
@@ -181,6 +294,16 @@ class GraphSpec:
         """Name, shape and dtype of every output."""
         return [{"name": k, "shape": ["N"], "dtype": "float32"} for k in OUTPUT_NAMES]
 
+    def item_inputs(self) -> list[dict[str, Any]]:
+        """Inputs of the item graph."""
+        return [i for i in self.inputs() if i["name"] in ITEM_INPUT_NAMES]
+
+    def score_inputs(self, width: int) -> list[dict[str, Any]]:
+        """Inputs of the score graph, whose item state is ``width`` wide."""
+        by_name = {i["name"]: i for i in self.inputs()}
+        by_name["item_state"] = {"name": "item_state", "shape": ["N", width], "dtype": "float32"}
+        return [by_name[k] for k in SCORE_INPUT_NAMES]
+
 
 def example_inputs(spec: GraphSpec, r: int = 2, n: int = 5, seed: int = 0) -> dict[str, Tensor]:
     """Small random inputs for tracing (sizes other than 0 and 1 so no axis is specialized)."""
@@ -196,6 +319,75 @@ def example_inputs(spec: GraphSpec, r: int = 2, n: int = 5, seed: int = 0) -> di
     }
 
 
+def _export(
+    module: nn.Module,
+    args: tuple[Tensor, ...],
+    names: tuple[tuple[str, ...], tuple[str, ...]],
+    path: Path,
+    opset: int,
+) -> str:
+    """Export ``module`` with dynamic axis 0 everywhere (R for the user inputs, N otherwise)."""
+    input_names, output_names = names
+    path.parent.mkdir(parents=True, exist_ok=True)
+    axes = {
+        k: {0: "R" if k in ("user_features", "history_emb", "anchor_emb") else "N"}
+        for k in (*input_names, *output_names)
+    }
+    with warnings.catch_warnings(), torch.no_grad():
+        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notices
+        try:
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=list(input_names),
+                output_names=list(output_names),
+                dynamic_axes=axes,
+                opset_version=opset,
+                do_constant_folding=True,
+                dynamo=False,
+            )
+            return "torchscript"
+        except Exception:  # pragma: no cover - only when the legacy exporter is gone or fails
+            path.unlink(missing_ok=True)
+        r, n = torch.export.Dim("R"), torch.export.Dim("N")
+        shapes = {k: {0: r if v[0] == "R" else n} for k, v in axes.items() if k in input_names}
+        torch.onnx.export(
+            module,
+            args,
+            str(path),
+            input_names=list(input_names),
+            output_names=list(output_names),
+            dynamic_shapes=shapes,
+            opset_version=max(opset, 18),
+            dynamo=True,
+            external_data=False,
+            verbose=False,
+        )
+        return "dynamo"
+
+
+def export_split(
+    graph: ServingGraph, spec: GraphSpec, item_path: Path, score_path: Path, opset: int = OPSET
+) -> str:
+    """Write the item graph and the score graph of ``graph`` (see the module docstring).
+
+    Returns:
+        Which exporter wrote the files.
+    """
+    graph.eval()
+    inputs = example_inputs(spec)
+    item = ItemGraph(graph).eval()
+    item_args = tuple(inputs[k] for k in ITEM_INPUT_NAMES)
+    with torch.no_grad():
+        inputs["item_state"] = item(*item_args)
+    used = _export(item, item_args, (ITEM_INPUT_NAMES, ITEM_OUTPUT_NAMES), item_path, opset)
+    score_args = tuple(inputs[k] for k in SCORE_INPUT_NAMES)
+    score = ScoreGraph(graph).eval()
+    _export(score, score_args, (SCORE_INPUT_NAMES, OUTPUT_NAMES), score_path, opset)
+    return used
+
+
 def export_graph(graph: ServingGraph, spec: GraphSpec, path: Path, opset: int = OPSET) -> str:
     """Write ``graph`` as one self-contained ONNX file with dynamic R and N axes.
 
@@ -209,40 +401,4 @@ def export_graph(graph: ServingGraph, spec: GraphSpec, path: Path, opset: int = 
     """
     graph.eval()
     args = tuple(example_inputs(spec).values())
-    path.parent.mkdir(parents=True, exist_ok=True)
-    axes = {
-        k: {0: "R" if k in ("user_features", "history_emb", "anchor_emb") else "N"}
-        for k in (*INPUT_NAMES, *OUTPUT_NAMES)
-    }
-    with warnings.catch_warnings(), torch.no_grad():
-        warnings.simplefilter("ignore")  # the exporters' deprecation and tracer notices
-        try:
-            torch.onnx.export(
-                graph,
-                args,
-                str(path),
-                input_names=list(INPUT_NAMES),
-                output_names=list(OUTPUT_NAMES),
-                dynamic_axes=axes,
-                opset_version=opset,
-                do_constant_folding=True,
-                dynamo=False,
-            )
-            return "torchscript"
-        except Exception:  # pragma: no cover - only when the legacy exporter is gone or fails
-            path.unlink(missing_ok=True)
-        r, n = torch.export.Dim("R"), torch.export.Dim("N")
-        shapes = {k: {0: r if v[0] == "R" else n} for k, v in axes.items() if k in INPUT_NAMES}
-        torch.onnx.export(
-            graph,
-            args,
-            str(path),
-            input_names=list(INPUT_NAMES),
-            output_names=list(OUTPUT_NAMES),
-            dynamic_shapes=shapes,
-            opset_version=max(opset, 18),
-            dynamo=True,
-            external_data=False,
-            verbose=False,
-        )
-        return "dynamo"
+    return _export(graph, args, (INPUT_NAMES, OUTPUT_NAMES), path, opset)

@@ -10,6 +10,9 @@ click probabilities with two references:
   :func:`~training.preranker.data.cross_features`), so the in-graph preprocessing is checked
   against the training pipeline, not against itself.
 
+The split graphs (item graph, then score graph on its ``item_state``) are checked the same way,
+composed, against the same two references (``model`` = ``light (split)``...).
+
 The export fails (:class:`ExportParityError`) when any probability differs by more than the
 tolerance (``1e-5``) from either reference, or is not finite. Everything is float32 except the
 integer ids (int64).
@@ -32,6 +35,7 @@ from torch import nn
 
 from export.bundle import ExportError
 from export.onnx_export import ServingGraph
+from export.signature import ITEM_INPUT_NAMES, SCORE_INPUT_NAMES
 from training.preranker.data import (
     ItemTable,
     NumericSpec,
@@ -383,6 +387,16 @@ def _tensors(inputs: Arrays) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values()]
 
 
+def run_split(item: ort.InferenceSession, score: ort.InferenceSession, inputs: Arrays) -> F32:
+    """Probabilities from a split pair: the item graph's state fed to the score graph."""
+    item_in = {k: np.ascontiguousarray(inputs[k]) for k in ITEM_INPUT_NAMES}
+    state = item.run(["item_state"], item_in)[0]
+    score_in = {k: np.ascontiguousarray(inputs[k]) for k in SCORE_INPUT_NAMES if k != "item_state"}
+    score_in["item_state"] = state
+    out = score.run(["probability"], score_in)
+    return np.asarray(out[0], dtype=np.float32)
+
+
 def run_graph(graph: ServingGraph, inputs: Arrays) -> F32:
     """Probabilities from the PyTorch graph on raw inputs."""
     graph.eval()
@@ -410,6 +424,7 @@ def check_parity(
     onnx_paths: dict[str, Path],
     cases: Sequence[ParityCase],
     tolerance: float = TOLERANCE,
+    split_paths: dict[str, tuple[Path, Path]] | None = None,
 ) -> ParityReport:
     """Compare every exported graph with PyTorch on every case.
 
@@ -419,6 +434,7 @@ def check_parity(
         cases: Random and real cases (:func:`random_cases`, :func:`cases_from_joined`,
             :func:`cases_from_data`).
         tolerance: Largest allowed absolute difference of probabilities.
+        split_paths: Model kind -> its (item graph, score graph) files, checked composed.
 
     Returns:
         The report (all checks passed).
@@ -427,10 +443,17 @@ def check_parity(
         ExportParityError: naming the worst check, when any difference exceeds ``tolerance``.
     """
     report = ParityReport(tolerance)
-    for kind, graph in graphs.items():
+    runners: list[tuple[str, str, Any]] = []
+    for kind in graphs:
         session = onnx_session(onnx_paths[kind])
+        runners.append((kind, kind, lambda x, s=session: run_onnx(s, x)))
+        if split_paths is not None and kind in split_paths:
+            item, score = (onnx_session(p) for p in split_paths[kind])
+            runners.append((kind, f"{kind} (split)", lambda x, i=item, s=score: run_split(i, s, x)))
+    for kind, name, run in runners:
+        graph = graphs[kind]
         for case in cases:
-            got = run_onnx(session, case.graph_inputs)
+            got = run(case.graph_inputs)
             vs_graph = _max_diff(got, run_graph(graph, case.graph_inputs))
             vs_training = (
                 _max_diff(got, run_model(graph.model, case.model_inputs))
@@ -439,7 +462,7 @@ def check_parity(
             )
             report.checks.append(
                 {
-                    "model": kind,
+                    "model": name,
                     "case": case.name,
                     "requests": case.requests,
                     "rows": case.rows,

@@ -19,12 +19,21 @@ import numpy.typing as npt
 import onnxruntime as ort
 
 from export.bundle import CHECKSUMS, MODEL_FILES, BundleError, verify_bundle
-from export.signature import INPUT_NAMES, OUTPUT_NAMES
+from export.signature import (
+    INPUT_NAMES,
+    ITEM_INPUT_NAMES,
+    ITEM_OUTPUT_NAMES,
+    OUTPUT_NAMES,
+    SCORE_INPUT_NAMES,
+)
 
 F32 = npt.NDArray[np.float32]
 Providers = Literal["auto", "cpu", "cuda"]
 CUDA: str = "CUDAExecutionProvider"
 CPU: str = "CPUExecutionProvider"
+SPLIT_TOLERANCE: float = 1e-4
+"""Largest logit difference allowed between a split pair and its full graph at load time (the
+export checked probabilities to 1e-5; this only catches mismatched or damaged files)."""
 
 
 class BundleLoadError(RuntimeError):
@@ -48,6 +57,21 @@ def _providers(choice: Providers) -> list[str]:
 
 
 @dataclass
+class SplitModel:
+    """A model's split graphs in ONNX Runtime (see :mod:`gpl_service.item_states`).
+
+    Attributes:
+        item: Item graph session: raw item inputs -> ``item_state``.
+        score: Score graph session: user inputs, ``item_state``, ``item_emb`` -> scores.
+        width: Columns of ``item_state``.
+    """
+
+    item: ort.InferenceSession
+    score: ort.InferenceSession
+    width: int
+
+
+@dataclass
 class LoadedBundle:
     """Both models of a bundle in ONNX Runtime, with what scoring needs from the manifest.
 
@@ -67,6 +91,8 @@ class LoadedBundle:
         hard_fraction: Share of candidates the expressive model re-scores.
         loaded_at: Epoch seconds.
         warnings: What the service noticed when binding it (e.g. a changed FeatureService).
+        split: Model kind -> its split graphs, when the bundle has them and precomputing item
+            states is on; empty otherwise (the full graphs score every request).
     """
 
     path: Path
@@ -83,6 +109,7 @@ class LoadedBundle:
     hard_fraction: float
     loaded_at: float = field(default_factory=time.time)
     warnings: list[str] = field(default_factory=list)
+    split: dict[str, SplitModel] = field(default_factory=dict)
 
     @property
     def category_index(self) -> dict[str, int]:
@@ -94,6 +121,17 @@ class LoadedBundle:
         out = self.sessions[kind].run(["logit"], inputs)
         return np.asarray(out[0], dtype=np.float32)
 
+    def item_state(self, kind: str, item_features: F32, category: Any, item_emb: F32) -> F32:
+        """Item states (N, S) of model ``kind`` from raw item inputs (its item graph)."""
+        feeds = {"item_features": item_features, "category": category, "item_emb": item_emb}
+        out = self.split[kind].item.run(["item_state"], feeds)
+        return np.asarray(out[0], dtype=np.float32)
+
+    def run_split(self, kind: str, inputs: dict[str, npt.NDArray[Any]]) -> F32:
+        """Logits of model ``kind`` from its score graph (inputs: SCORE_INPUT_NAMES)."""
+        out = self.split[kind].score.run(["logit"], inputs)
+        return np.asarray(out[0], dtype=np.float32)
+
     def describe(self) -> dict[str, Any]:
         """What ``GET /v1/models`` shows."""
         return {
@@ -102,6 +140,7 @@ class LoadedBundle:
             "loaded_at": self.loaded_at,
             "providers": self.providers,
             "hard_fraction": self.hard_fraction,
+            "precomputed_item_states": sorted(self.split),
             "warnings": self.warnings,
             "manifest": self.manifest,
         }
@@ -138,6 +177,77 @@ def smoke_inputs(bundle: LoadedBundle, n: int = 3) -> dict[str, npt.NDArray[Any]
     }
 
 
+def _check_signature(
+    session: ort.InferenceSession, file: Path, inputs: tuple[str, ...], outputs: tuple[str, ...]
+) -> None:
+    got_in = tuple(i.name for i in session.get_inputs())
+    got_out = tuple(o.name for o in session.get_outputs())
+    if set(got_in) != set(inputs) or set(got_out) != set(outputs):
+        raise BundleLoadError(
+            f"{file}: graph signature {got_in} -> {got_out}, expected {inputs} -> {outputs}"
+        )
+
+
+def _load_split(
+    path: Path, manifest: dict[str, Any], chosen: list[str], threads: int, spinning: bool
+) -> dict[str, SplitModel]:
+    """The split graphs the manifest lists (none for a bundle exported without them)."""
+    split: dict[str, SplitModel] = {}
+    for kind, record in (manifest.get("split") or {}).items():
+        if kind not in MODEL_FILES:
+            raise BundleLoadError(f"{path}: manifest lists split graphs of unknown model {kind!r}")
+        try:
+            files = (path / record["item"]["file"], path / record["score"]["file"])
+            width = int(record["state_width"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise BundleLoadError(f"{path}: manifest 'split.{kind}' lacks {exc}") from exc
+        sessions = []
+        for file in files:
+            try:
+                sessions.append(_session(file, chosen, threads, spinning))
+            except Exception as exc:
+                raise BundleLoadError(f"{file}: ONNX Runtime cannot load it: {exc}") from exc
+        _check_signature(sessions[0], files[0], ITEM_INPUT_NAMES, ITEM_OUTPUT_NAMES)
+        _check_signature(sessions[1], files[1], SCORE_INPUT_NAMES, OUTPUT_NAMES)
+        split[kind] = SplitModel(sessions[0], sessions[1], width)
+    return split
+
+
+def _check_split(bundle: LoadedBundle, kind: str, n: int = 8) -> None:
+    """The split pair of ``kind`` must score a random request like the full graph."""
+    rng = np.random.default_rng(0)
+    d = bundle.embedding_dim
+    inputs: dict[str, npt.NDArray[Any]] = {
+        "user_features": rng.random((1, len(bundle.user_columns)), np.float32),
+        "history_emb": rng.standard_normal((1, bundle.history_length, d), np.float32),
+        "anchor_emb": rng.standard_normal((1, bundle.num_anchors, d), np.float32),
+        "row_request": np.zeros(n, np.int64),
+        "item_features": rng.random((n, len(bundle.item_columns)), np.float32),
+        "category": rng.integers(0, len(bundle.categories) + 1, n).astype(np.int64),
+        "item_emb": rng.standard_normal((n, d), np.float32),
+    }
+    try:
+        full = bundle.run(kind, inputs)
+        state = bundle.item_state(
+            kind, inputs["item_features"], inputs["category"], inputs["item_emb"]
+        )
+        feeds = {k: v for k, v in inputs.items() if k in SCORE_INPUT_NAMES}
+        split = bundle.run_split(kind, {**feeds, "item_state": state})
+    except Exception as exc:
+        raise BundleLoadError(f"{bundle.path}: the {kind} split graphs fail: {exc}") from exc
+    if state.shape != (n, bundle.split[kind].width):
+        raise BundleLoadError(
+            f"{bundle.path}: the {kind} item graph returns {state.shape}, the manifest says "
+            f"width {bundle.split[kind].width}"
+        )
+    diff = float(np.abs(full - split).max())
+    if not diff <= SPLIT_TOLERANCE:
+        raise BundleLoadError(
+            f"{bundle.path}: the {kind} split graphs disagree with {kind}.onnx (max |d logit| "
+            f"{diff:.3g} > {SPLIT_TOLERANCE:g}); re-export the bundle"
+        )
+
+
 def load_bundle(
     path: Path,
     *,
@@ -145,8 +255,12 @@ def load_bundle(
     threads: int = 0,
     spinning: bool = False,
     hard_fraction: float | None = None,
+    precompute: bool = True,
 ) -> LoadedBundle:
     """Verify, load and smoke-test the bundle at ``path``.
+
+    With ``precompute`` (and a bundle that has split graphs) the split graphs are loaded too
+    and must score a random request like the full graphs.
 
     Raises:
         BundleLoadError: naming what is wrong (checksums, manifest, graph signature, a
@@ -176,13 +290,7 @@ def load_bundle(
             session = _session(path / name, chosen, threads, spinning)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleLoadError(f"{path / name}: ONNX Runtime cannot load it: {exc}") from exc
-        inputs = tuple(i.name for i in session.get_inputs())
-        outputs = tuple(o.name for o in session.get_outputs())
-        if set(inputs) != set(INPUT_NAMES) or set(outputs) != set(OUTPUT_NAMES):
-            raise BundleLoadError(
-                f"{path / name}: graph signature {inputs} -> {outputs}, expected "
-                f"{INPUT_NAMES} -> {OUTPUT_NAMES}"
-            )
+        _check_signature(session, path / name, INPUT_NAMES, OUTPUT_NAMES)
         sessions[kind] = session
     digest = hashlib.sha256((path / CHECKSUMS).read_bytes()).hexdigest()[:16]
     bundle = LoadedBundle(
@@ -198,6 +306,7 @@ def load_bundle(
         num_anchors=num_anchors,
         embedding_dim=embedding_dim,
         hard_fraction=hard_fraction if hard_fraction is not None else trained_fraction,
+        split=_load_split(path, manifest, chosen, threads, spinning) if precompute else {},
     )
     smoke = smoke_inputs(bundle)
     for kind in MODEL_FILES:
@@ -212,4 +321,6 @@ def load_bundle(
                 f"{path}: the {kind} model returns {logits.shape} / non-finite logits on a "
                 "smoke input"
             )
+    for kind in bundle.split:
+        _check_split(bundle, kind)
     return bundle

@@ -80,6 +80,11 @@ class PrerankStats(BaseModel):
         "null when absent."
     )
     item_cache_age_seconds: float
+    item_states: Literal["precomputed", "per request"] = Field(
+        description="'precomputed': the models' item halves came from the cache (computed once "
+        "per item; rows past a ttl recomputed); 'per request': the full graphs ran on every "
+        "candidate (a bundle without split graphs, or precomputing turned off)."
+    )
     timings_ms: dict[str, float]
 
 

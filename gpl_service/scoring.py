@@ -10,7 +10,9 @@ answers requests with the current plan and item cache:
 2. candidates, history and anchor items gathered from the item cache; ids the cache lacks read
    from the store and appended; ids the store lacks too get the unknown item's defaults;
 3. the light model scores every candidate; the top ``hard_fraction`` by light score are
-   re-scored by the expressive model and ranked first (difficulty-aware routing, as trained);
+   re-scored by the expressive model and ranked first (difficulty-aware routing, as trained).
+   With a split bundle each model's item half comes precomputed per cached item
+   (:mod:`gpl_service.item_states`) and only its score graph runs here;
 4. the top-k with each score, the model that gave it, and the request's stats.
 
 If the store cannot be read, the request is answered from the cache with default user features
@@ -35,6 +37,7 @@ from gpl_service.item_cache import (
     ItemSnapshot,
     read_items,
 )
+from gpl_service.item_states import ItemStates
 from gpl_service.metrics import Metrics
 from gpl_service.models import BundleLoadError, LoadedBundle
 from gpl_service.online import OnlineReader, Row, StoreUnavailableError, ViewSpec, now
@@ -63,6 +66,7 @@ class ServingPlan:
         anchors: (view, feature) of the anchor id list.
         item_cols: Per item column, its column in the cache's ``numeric`` array.
         category_col: The cache's string column of the category.
+        states: Precomputed item states of the bundle's split models (None: full graphs).
     """
 
     bundle: LoadedBundle
@@ -72,6 +76,7 @@ class ServingPlan:
     anchors: tuple[str, str]
     item_cols: I64
     category_col: str
+    states: ItemStates | None = None
     _category: tuple[tuple[int, int, int], npt.NDArray[np.int64]] = field(
         default_factory=lambda: ((-1, 0, 0), np.zeros(0, np.int64))
     )
@@ -122,7 +127,7 @@ class ServingPlan:
                 f"the bundle expects {bundle.embedding_dim}-d item vectors; the online store's "
                 f"{EMBEDDING_VIEW}.{EMBEDDING_FEATURE} has {items.dim}-d"
             )
-        return cls(
+        plan = cls(
             bundle=bundle,
             user_views=specs,
             user_sources=sources,
@@ -131,6 +136,14 @@ class ServingPlan:
             item_cols=np.array([col_of[c] for c in bundle.item_columns], np.int64),
             category_col=category,
         )
+        if bundle.split:
+            plan.states = ItemStates(bundle, plan.item_graph_inputs)
+        return plan
+
+    def item_graph_inputs(self, snap: ItemSnapshot, rows: I64) -> tuple[F32, I64, F32]:
+        """Raw item-graph inputs of cache rows as stored (no ttl applied): for precomputing."""
+        numeric = np.ascontiguousarray(snap.numeric[rows][:, self.item_cols])
+        return numeric, self.category_ids(snap, rows), snap.emb[rows]
 
     def category_ids(self, snap: ItemSnapshot, rows: I64) -> I64:
         """Graph category ids of cache rows (vocabulary of the bundle; 0 = other)."""
@@ -292,14 +305,20 @@ class Scorer:
 
     def _item_inputs(
         self, plan: ServingPlan, snap: ItemSnapshot, rows: I64, at: float
-    ) -> tuple[F32, I64, F32, dict[str, float | None]]:
-        """Raw item features, category ids, content vectors, max feature age per item view."""
+    ) -> tuple[F32, I64, F32, dict[str, float | None], npt.NDArray[np.bool_]]:
+        """Raw item graph inputs of candidate rows at time ``at``, and what ttl changed.
+
+        Returns:
+            Raw item features, category ids, content vectors, the oldest feature age per item
+            view, and which rows are past some view's ttl (inputs differ from the cached ones).
+        """
         layout = snap.layout
         numeric = snap.numeric[rows]
         category = plan.category_ids(snap, rows)
         emb = snap.emb[rows]
         category_view = plan.category_col.partition("__")[0]
         ages: dict[str, float | None] = {}
+        changed = np.zeros(len(rows), np.bool_)
         for spec in layout.views:
             ts = snap.event_ts[spec.name][rows]
             present = ~np.isnan(ts)
@@ -309,6 +328,7 @@ class Scorer:
             stale = present & (ts < at - spec.ttl_seconds)
             if not stale.any():
                 continue
+            changed |= stale
             # Past ttl, as in training: the view's defaults and missing = 1; a stale category is
             # the default "" (id 0); a stale content vector is an item without content (zeros).
             cols = layout.view_columns[spec.name]
@@ -317,7 +337,26 @@ class Scorer:
                 category[stale] = 0
             if spec.name == EMBEDDING_VIEW:
                 emb[stale] = 0.0
-        return numeric[:, plan.item_cols], category, emb, ages
+        return numeric[:, plan.item_cols], category, emb, ages, changed
+
+    @staticmethod
+    def _states(
+        plan: ServingPlan,
+        kind: str,
+        table: F32,
+        rows: I64,
+        changed: npt.NDArray[np.bool_],
+        raw: tuple[F32, I64, F32],
+    ) -> F32:
+        """Item states of ``rows``: precomputed, except rows whose inputs changed (ttl)."""
+        state = table[rows]
+        if changed.any():
+            k = np.flatnonzero(changed)
+            numeric, category, emb = raw
+            state[k] = plan.bundle.item_state(
+                kind, np.ascontiguousarray(numeric[k]), category[k], emb[k]
+            )
+        return state
 
     # --- the request ----------------------------------------------------------------------
 
@@ -346,7 +385,9 @@ class Scorer:
         unknown = int((cand_rows == 0).sum())
         hits = int(cached[:n].sum())
         fetched = n - hits - unknown
-        item_raw, category, item_emb, item_ages = self._item_inputs(plan, snap, cand_rows, at)
+        item_raw, category, item_emb, item_ages, changed = self._item_inputs(
+            plan, snap, cand_rows, at
+        )
         d = bundle.embedding_dim
         history = np.zeros((1, bundle.history_length, d), np.float32)
         h_rows = rows[n : n + len(history_ids)]
@@ -354,30 +395,59 @@ class Scorer:
         anchors = np.zeros((1, bundle.num_anchors, d), np.float32)
         a_rows = rows[n + len(history_ids) :]
         anchors[0, : len(a_rows)] = snap.emb[a_rows]
+        # Rows appended by this request's misses get their states here (once per item).
+        table = plan.states.table(snap).states if plan.states is not None else None
         features_done = time.perf_counter()
 
-        inputs: dict[str, npt.NDArray[Any]] = {
+        user_inputs: dict[str, npt.NDArray[Any]] = {
             "user_features": user_raw,
             "history_emb": history,
             "anchor_emb": anchors,
-            "row_request": np.zeros(n, np.int64),
-            "item_features": np.ascontiguousarray(item_raw),
-            "category": category,
-            "item_emb": item_emb,
         }
-        light = bundle.run("light", inputs)
+        raw = (item_raw, category, item_emb)
+        if table is not None:
+            state = self._states(plan, "light", table["light"], cand_rows, changed, raw)
+            light = bundle.run_split(
+                "light",
+                {
+                    **user_inputs,
+                    "row_request": np.zeros(n, np.int64),
+                    "item_state": state,
+                    "item_emb": item_emb,
+                },
+            )
+        else:
+            light = bundle.run(
+                "light",
+                {
+                    **user_inputs,
+                    "row_request": np.zeros(n, np.int64),
+                    "item_features": np.ascontiguousarray(item_raw),
+                    "category": category,
+                    "item_emb": item_emb,
+                },
+            )
         light_done = time.perf_counter()
         quota = min(n, math.ceil(bundle.hard_fraction * n)) if n else 0
         by_light = np.argsort(-light, kind="stable")
         hard = by_light[:quota]
         expressive = np.zeros(0, np.float32)
         if quota:
-            sub = dict(inputs)
-            sub["row_request"] = np.zeros(quota, np.int64)
-            sub["item_features"] = np.ascontiguousarray(inputs["item_features"][hard])
-            sub["category"] = category[hard]
-            sub["item_emb"] = item_emb[hard]
-            expressive = bundle.run("expressive", sub)
+            sub: dict[str, npt.NDArray[Any]] = {
+                **user_inputs,
+                "row_request": np.zeros(quota, np.int64),
+                "item_emb": item_emb[hard],
+            }
+            if table is not None:
+                sub_raw = (item_raw[hard], category[hard], sub["item_emb"])
+                sub["item_state"] = self._states(
+                    plan, "expressive", table["expressive"], cand_rows[hard], changed[hard], sub_raw
+                )
+                expressive = bundle.run_split("expressive", sub)
+            else:
+                sub["item_features"] = np.ascontiguousarray(item_raw[hard])
+                sub["category"] = category[hard]
+                expressive = bundle.run("expressive", sub)
         done = time.perf_counter()
 
         hard_order = hard[np.argsort(-expressive, kind="stable")] if quota else hard
@@ -416,6 +486,7 @@ class Scorer:
                 **{k: None if v is None else round(v, 3) for k, v in item_ages.items()},
             },
             "item_cache_age_seconds": round(now() - snap.loaded_at, 3),
+            "item_states": "precomputed" if table is not None else "per request",
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
         }
         names = ("light", "expressive")

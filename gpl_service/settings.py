@@ -55,6 +55,12 @@ class ServeSettings(BaseSettings):
         description="Let idle ONNX Runtime threads spin-wait (faster on dedicated cores, slower "
         "when the cores are shared).",
     )
+    precompute_item_states: bool = Field(
+        default=True,
+        description="Run each model's item graph once per cached item (at fill, refresh and "
+        "reload) and only its score graph per request; off: the full graphs on every "
+        "candidate (same scores, more work per request). Needs a bundle with split graphs.",
+    )
     admin_token: SecretStr | None = Field(
         default=None,
         description="Bearer token of POST /v1/admin/reload; reloading is disabled when unset.",

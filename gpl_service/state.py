@@ -117,6 +117,7 @@ class ServiceState:
                 self.health.failed(str(exc))
                 log.warning("item cache refresh (%s) failed: %s", reason, exc)
                 return False
+            self._warm_states(self.plan, snap)
             self.layout = layout
             self.items = snap
             self.items_ready = True
@@ -139,6 +140,19 @@ class ServiceState:
                 snap.generation,
             )
             return True
+
+    def _warm_states(self, plan: ServingPlan | None, snap: ItemSnapshot) -> None:
+        """Precompute ``plan``'s item states over ``snap`` before either is swapped in."""
+        if plan is None or plan.states is None or (snap.items == 0 and not self.items_ready):
+            return
+        table = plan.states.table(snap)
+        log.info(
+            "item states of bundle %s: %d rows in %.2fs (%s)",
+            plan.bundle.model_version,
+            table.rows,
+            table.seconds,
+            ", ".join(f"{k} {v.shape[1]}-wide" for k, v in table.states.items()),
+        )
 
     def _embedding_dim(self, ids: list[str], probe: int = 64) -> int:
         """Width of the content vectors: the served bundle's, else the store's (0: none)."""
@@ -166,6 +180,7 @@ class ServiceState:
                 threads=self.settings.intra_op_threads,
                 spinning=self.settings.ort_spinning,
                 hard_fraction=self.settings.hard_fraction,
+                precompute=self.settings.precompute_item_states,
             )
             layout = (
                 self.layout
@@ -176,6 +191,13 @@ class ServiceState:
             bundle.warnings.extend(self._feature_service_drift(bundle))
             for warning in bundle.warnings:
                 log.warning("bundle %s: %s", bundle.model_version, warning)
+            if plan.states is None and self.settings.precompute_item_states:
+                log.info(
+                    "bundle %s has no split graphs (exported before they existed): the full "
+                    "graphs score every candidate; re-export it to precompute item states",
+                    bundle.model_version,
+                )
+            self._warm_states(plan, self.items)
             self.plan = plan
             self.metrics.set_model(bundle.model_version)
             return bundle

@@ -36,7 +36,9 @@ from export.parity import (
     run_graph,
     run_model,
     run_onnx,
+    run_split,
 )
+from export.signature import ITEM_INPUT_NAMES, SCORE_INPUT_NAMES
 from feature_repo.feature_services import preranker as preranker_service
 from tests.training.preranker.conftest import Run, small_config
 from training.io import read_manifest, write_table
@@ -53,7 +55,8 @@ from training.preranker.job import (
 )
 
 TOL = 1e-5
-BUNDLE_FILES = {"light.onnx", "expressive.onnx", MANIFEST, CHECKSUMS}
+SPLIT = {f"{k}.{half}.onnx" for k in ("light", "expressive") for half in ("item", "score")}
+BUNDLE_FILES = {"light.onnx", "expressive.onnx", *SPLIT, MANIFEST, CHECKSUMS}
 
 
 @dataclass
@@ -101,7 +104,8 @@ def test_export_writes_a_verified_bundle(bundle: ExportResult) -> None:
     parity = bundle.parity
     assert parity["passed"] and parity["max_abs_diff"] <= TOL
     checks = {(c["model"], c["case"]): c for c in parity["checks"]}
-    for kind in ("light", "expressive"):
+    # Each model twice: the full graph, and its item graph composed with its score graph.
+    for kind in ("light", "expressive", "light (split)", "expressive (split)"):
         for r in (1, 3):
             for n in (1, 7, 500):
                 c = checks[(kind, f"random_r{r}_n{n}")]
@@ -149,6 +153,15 @@ def test_manifest_records_features_preprocessing_training_and_versions(
         assert [i["name"] for i in model["inputs"]] == list(INPUT_NAMES)
         assert [o["name"] for o in model["outputs"]] == list(OUTPUT_NAMES)
         assert model["flops"] == source["metrics"]["flops"][kind]
+        split = m["split"][kind]
+        assert split["state_width"] == 1 + small_config().model.tower_dim + (
+            small_config().model.attention_dim if kind == "expressive" else 0
+        )
+        assert split["item"]["file"] == f"{kind}.item.onnx"
+        assert [i["name"] for i in split["item"]["inputs"]] == list(ITEM_INPUT_NAMES)
+        assert split["item"]["outputs"][0]["shape"] == ["N", split["state_width"]]
+        assert [i["name"] for i in split["score"]["inputs"]] == list(SCORE_INPUT_NAMES)
+        assert [o["name"] for o in split["score"]["outputs"]] == list(OUTPUT_NAMES)
     assert m["training"]["metrics"] == source["metrics"]
     assert m["data_cutoff"] == str(trained.cutoff)
     assert m["objective"] == "gpl_hap"
@@ -173,6 +186,37 @@ def test_onnx_matches_torch_on_real_rows(bundle: ExportResult, trained: Trained)
             assert got.shape == (case.rows,) and np.isfinite(got).all()
             assert np.abs(got - want).max() <= TOL, (kind, case.name)
             assert ((got > 0) & (got < 1)).all()
+            item = onnx_session(bundle.path / f"{kind}.item.onnx")
+            score = onnx_session(bundle.path / f"{kind}.score.onnx")
+            split = run_split(item, score, case.graph_inputs)
+            assert np.abs(split - want).max() <= TOL, (kind, case.name, "split")
+
+
+def test_item_states_are_per_row_and_compose_to_the_model(trained: Trained) -> None:
+    """An item's state does not depend on the other rows of the batch (so it can be computed
+    once per item and cached), and score_side(item_side) is the model, exactly."""
+    loaded = load_preranker(trained.model_dir)
+    p = trained.prepared
+    case = cases_from_data(p.valid, p.embeddings, p.prep, name="valid")[0]
+    assert case.model_inputs is not None
+    x = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in case.model_inputs.items()}
+    for model in (loaded.light, loaded.expressive):
+        model.eval()
+        with torch.no_grad():
+            state = model.item_side(x["item_numeric"], x["category"], x["item_emb"])
+            assert state.shape == (case.rows, model.item_side_width)
+            one = model.item_side(x["item_numeric"][3:4], x["category"][3:4], x["item_emb"][3:4])
+            torch.testing.assert_close(one[0], state[3], rtol=0, atol=1e-6)
+            full = model(*x.values())
+            composed = model.score_side(
+                x["user_numeric"],
+                x["history_emb"],
+                x["anchor_emb"],
+                x["row_request"],
+                state,
+                x["cross"],
+            )
+            assert torch.equal(full, composed)
 
 
 def test_dynamic_batch(bundle: ExportResult, trained: Trained) -> None:
@@ -203,6 +247,21 @@ def test_cross_in_graph_is_training_cross_features(trained: Trained) -> None:
     ).numpy()
     want = cross_features(p.items.embeddings, data.offsets, data.item, data.history, data.anchors)
     np.testing.assert_allclose(got, want, atol=1e-6)
+
+
+def test_cross_from_item_states_is_cross_in_graph() -> None:
+    g = torch.Generator().manual_seed(3)
+    r, n, d = 3, 50, 16
+    anchors, history = torch.randn(r, 4, d, generator=g), torch.randn(r, 6, d, generator=g)
+    anchors[1, 2:] = 0.0  # padding
+    history[2] = 0.0  # a user without history
+    item = torch.randn(n, d, generator=g) * 3.0
+    item[5] = 0.0  # an unknown item
+    rows = torch.arange(n) % r
+    inverse = onnx_export._inverse_norm(item)
+    got = onnx_export.cross_from_states(item, inverse, anchors, history, rows)
+    want = cross_in_graph(item, anchors, history, rows)
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-6)
 
 
 def test_verify_bundle_catches_tampering(bundle: ExportResult, tmp_path: Path) -> None:
@@ -270,6 +329,31 @@ def test_broken_export_fails_parity_and_leaves_no_bundle(
     assert (kept.path / MANIFEST).read_bytes() == before
     verify_bundle(kept.path)
     assert not _leftovers(tmp_path)
+
+
+def test_broken_split_graphs_fail_parity(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = cases_from_data(
+        trained.prepared.valid, trained.prepared.embeddings, trained.prepared.prep
+    )
+    original = onnx_export.export_split
+
+    def wrong_std(graph: ServingGraph, *args: Any, **kwargs: Any) -> str:
+        """Export split graphs whose first item-feature std is doubled."""
+        with torch.no_grad():
+            graph.item.std[0] *= 2.0
+            try:
+                return original(graph, *args, **kwargs)
+            finally:
+                graph.item.std[0] /= 2.0
+
+    monkeypatch.setattr(onnx_export, "export_split", wrong_std)
+    with pytest.raises(ExportParityError, match=r"\(split\)") as info:
+        export_bundle(trained.model_dir, tmp_path / "b", real_rows=real)
+    failed = {c["model"] for c in info.value.report.failures()}
+    assert failed <= {"light (split)", "expressive (split)"} and failed
+    assert not (tmp_path / "b").exists()
 
 
 def test_replaces_a_bundle_refuses_other_directories(

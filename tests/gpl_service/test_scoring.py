@@ -46,12 +46,20 @@ def _offline_scores(
     return out
 
 
+@pytest.mark.parametrize("precompute", [True, False], ids=["item-states", "full-graphs"])
 @pytest.mark.parametrize("days_later", [0, 45])
-def test_served_scores_equal_offline_join_scores(served: Served, days_later: int) -> None:
+def test_served_scores_equal_offline_join_scores(
+    served: Served, days_later: int, precompute: bool
+) -> None:
     """Same scores as the offline join; 45 days on, past the 30-day ttl of item popularity and
-    anchors, both sides fall back to the declared defaults and missing indicators alike."""
+    anchors, both sides fall back to the declared defaults and missing indicators alike.
+
+    Both serving paths: precomputed item states (items past a ttl recomputed from their
+    defaulted inputs) and the full graphs on every candidate.
+    """
     as_of = served.as_of + timedelta(days=days_later)
-    app = create_app(settings_for(served, as_of=as_of), store=served.store)
+    settings = settings_for(served, as_of=as_of, precompute_item_states=precompute)
+    app = create_app(settings, store=served.store)
     user = served.users[1]
     items = served.items[:30]
     body = {"user_id": user, "candidates": items, "top_k": len(items)}
@@ -60,6 +68,7 @@ def test_served_scores_equal_offline_join_scores(served: Served, days_later: int
         fraction = client.get("/v1/models").json()["hard_fraction"]
     assert got["degraded"] is False
     assert got["stats"]["history_items"] > 0
+    assert got["stats"]["item_states"] == ("precomputed" if precompute else "per request")
     if days_later:
         assert got["stats"]["anchors"] == 0  # past the anchors' ttl
         # every candidate's popularity row is past its ttl: the stale path is what is compared

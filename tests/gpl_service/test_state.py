@@ -95,6 +95,18 @@ def test_a_miss_is_read_from_the_store_then_cached(
     assert second["fetched_from_store"] == 0 and second["unknown_items"] == 1
     assert _state(client).items.index.get("i-late")
     assert "i-never" in _state(client).items.unknown  # not asked again until a refresh
+    # The appended item got its precomputed state; scores equal the full graphs'.
+    state = _state(client)
+    assert state.plan is not None and state.plan.states is not None
+    assert state.plan.states.table(state.items).rows == state.items.size
+    with _client(rs, precompute_item_states=False) as full:
+        want = _prerank(rs, full, items)
+    got = _prerank(rs, client, items)
+    assert got["stats"]["item_states"] == "precomputed"
+    assert want["stats"]["item_states"] == "per request"
+    scores = {i["item_id"]: i["score"] for i in want["items"]}
+    for item in got["items"]:
+        assert abs(item["score"] - scores[item["item_id"]]) <= 1e-5, item
 
 
 def test_materialization_refreshes_the_cache_and_nothing_else_does(
@@ -117,6 +129,11 @@ def test_materialization_refreshes_the_cache_and_nothing_else_does(
     assert _wait(lambda: state.items.generation > generation)
     assert "i-new" in state.items.index
     assert client.get("/v1/ready").json()["items_cached"] == len(rs.served.items) + 1
+    # the new snapshot's item states were computed before it was swapped in, not by a request
+    assert state.plan is not None and state.plan.states is not None
+    table = state.plan.states._table
+    assert table is not None and table.snapshot is state.items
+    assert table.rows == state.items.size
     out = _prerank(rs, client, ["i-new", *rs.served.items[:3]])["stats"]
     assert out["unknown_items"] == 0 and out["fetched_from_store"] == 0
     assert 'gpl_item_cache_refreshes_total{result="ok"} 2.0' in client.get("/metrics").text

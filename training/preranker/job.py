@@ -40,7 +40,12 @@ from training.preranker.data import (
     encode,
     split_by_time,
 )
-from training.preranker.models import build_model, flops_per_candidate
+from training.preranker.models import (
+    ExpressiveModel,
+    LightModel,
+    build_model,
+    flops_per_candidate,
+)
 from training.preranker.routing import cascade_scores, routed_mask, routing_flops, sigmoid
 from training.preranker.train import TrainedModel, score, train_model
 
@@ -239,8 +244,8 @@ class LoadedPreranker:
     objective: str
     config: PrerankerConfig
     prep: Preprocessing
-    light: torch.nn.Module
-    expressive: torch.nn.Module
+    light: LightModel | ExpressiveModel
+    expressive: LightModel | ExpressiveModel
 
 
 def load_preranker(model_dir: Path) -> LoadedPreranker:

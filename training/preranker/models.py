@@ -22,6 +22,12 @@ once per candidate, and a tiny head scores their element-wise product together w
 candidate's max cosine to the user's anchors and to the user's history. The *expressive*
 model has wider towers, target attention of the candidate over the user's history and a deeper
 MLP on the concatenation.
+
+Both split into an **item side** (:meth:`item_side`: everything that depends on the candidate
+alone: the item tower and, for the expressive model, the attention query) and a **score side**
+(:meth:`score_side`: the user side and everything that mixes user and candidate). ``forward``
+is exactly ``score_side(..., item_side(...), cross)``, so a server may compute the item side once
+per item and reuse it for every request (:mod:`export.onnx_export` exports both halves).
 """
 
 from __future__ import annotations
@@ -65,16 +71,8 @@ class _TwoTowers(nn.Module):
     user_tower: nn.Sequential
     item_tower: nn.Sequential
 
-    def towers(
-        self,
-        user_numeric: Tensor,
-        history_emb: Tensor,
-        anchor_emb: Tensor,
-        item_numeric: Tensor,
-        category: Tensor,
-        item_emb: Tensor,
-    ) -> tuple[Tensor, Tensor]:
-        """User vectors (R, t), once per request, and item vectors (N, t)."""
+    def user_vector(self, user_numeric: Tensor, history_emb: Tensor, anchor_emb: Tensor) -> Tensor:
+        """User vectors (R, t), once per request."""
         hist_mask = history_emb.abs().sum(-1) > 0
         anchor_mask = anchor_emb.abs().sum(-1) > 0
         user_in = [
@@ -82,22 +80,36 @@ class _TwoTowers(nn.Module):
             _masked_mean(history_emb, hist_mask),
             _masked_mean(anchor_emb, anchor_mask),
         ]
-        user = self.user_tower(torch.cat(user_in, dim=1))
-        item = self.item_tower(torch.cat([item_numeric, self.category(category), item_emb], 1))
-        return user, item
+        out: Tensor = self.user_tower(torch.cat(user_in, dim=1))
+        return out
 
-
-class LightModel(_TwoTowers):
-    """Two towers, element-wise product, a small head; user side once per request."""
-
-    def __init__(self, n_user: int, n_item: int, dim: int, cfg: ModelSettings) -> None:
-        super().__init__()
-        self.category = nn.Embedding(cfg.category_vocab + 1, cfg.category_dim)
-        self.user_tower = _mlp([n_user + 2 * dim, cfg.light_hidden, cfg.tower_dim], cfg.dropout)
-        self.item_tower = _mlp(
-            [n_item + cfg.category_dim + dim, cfg.light_hidden, cfg.tower_dim], cfg.dropout
+    def item_vector(self, item_numeric: Tensor, category: Tensor, item_emb: Tensor) -> Tensor:
+        """Item tower vectors (N, t)."""
+        out: Tensor = self.item_tower(
+            torch.cat([item_numeric, self.category(category), item_emb], 1)
         )
-        self.head = _mlp([cfg.tower_dim + 4, 16, 1], 0.0)
+        return out
+
+    def item_side(self, item_numeric: Tensor, category: Tensor, item_emb: Tensor) -> Tensor:
+        """What depends on the candidate alone, (N, :attr:`item_side_width`)."""
+        raise NotImplementedError
+
+    @property
+    def item_side_width(self) -> int:
+        """Columns of :meth:`item_side`'s output."""
+        raise NotImplementedError
+
+    def score_side(
+        self,
+        user_numeric: Tensor,
+        history_emb: Tensor,
+        anchor_emb: Tensor,
+        row_request: Tensor,
+        item_state: Tensor,
+        cross: Tensor,
+    ) -> Tensor:
+        """Logits (N,) from the user inputs and each row's :meth:`item_side` output."""
+        raise NotImplementedError
 
     def forward(
         self,
@@ -111,11 +123,46 @@ class LightModel(_TwoTowers):
         cross: Tensor,
     ) -> Tensor:
         """Logits of every candidate row, (N,)."""
-        user, item = self.towers(
-            user_numeric, history_emb, anchor_emb, item_numeric, category, item_emb
+        state = self.item_side(item_numeric, category, item_emb)
+        return self.score_side(user_numeric, history_emb, anchor_emb, row_request, state, cross)
+
+
+class LightModel(_TwoTowers):
+    """Two towers, element-wise product, a small head; user side once per request."""
+
+    def __init__(self, n_user: int, n_item: int, dim: int, cfg: ModelSettings) -> None:
+        super().__init__()
+        self.tower_dim = cfg.tower_dim
+        self.category = nn.Embedding(cfg.category_vocab + 1, cfg.category_dim)
+        self.user_tower = _mlp([n_user + 2 * dim, cfg.light_hidden, cfg.tower_dim], cfg.dropout)
+        self.item_tower = _mlp(
+            [n_item + cfg.category_dim + dim, cfg.light_hidden, cfg.tower_dim], cfg.dropout
         )
-        x = torch.cat([user[row_request] * item, cross], 1)
-        return self.head(x).squeeze(1)
+        self.head = _mlp([cfg.tower_dim + 4, 16, 1], 0.0)
+
+    def item_side(self, item_numeric: Tensor, category: Tensor, item_emb: Tensor) -> Tensor:
+        """The item tower's vector, (N, tower_dim)."""
+        return self.item_vector(item_numeric, category, item_emb)
+
+    @property
+    def item_side_width(self) -> int:
+        """tower_dim."""
+        return self.tower_dim
+
+    def score_side(
+        self,
+        user_numeric: Tensor,
+        history_emb: Tensor,
+        anchor_emb: Tensor,
+        row_request: Tensor,
+        item_state: Tensor,
+        cross: Tensor,
+    ) -> Tensor:
+        """Head on (user x item, cross) per row: (N,) logits."""
+        user = self.user_vector(user_numeric, history_emb, anchor_emb)
+        x = torch.cat([user[row_request] * item_state, cross], 1)
+        out: Tensor = self.head(x).squeeze(1)
+        return out
 
 
 class ExpressiveModel(_TwoTowers):
@@ -124,6 +171,7 @@ class ExpressiveModel(_TwoTowers):
     def __init__(self, n_user: int, n_item: int, dim: int, cfg: ModelSettings) -> None:
         super().__init__()
         h, t, a = cfg.expressive_hidden, cfg.tower_dim, cfg.attention_dim
+        self.tower_dim, self.attention_dim = t, a
         self.category = nn.Embedding(cfg.category_vocab + 1, cfg.category_dim)
         self.user_tower = _mlp([n_user + 2 * dim, h, h, t], cfg.dropout)
         self.item_tower = _mlp([n_item + cfg.category_dim + dim, h, h, t], cfg.dropout)
@@ -133,33 +181,41 @@ class ExpressiveModel(_TwoTowers):
         self.scale = a**-0.5
         self.head = _mlp([4 * t + 4, h, h // 2, 1], cfg.dropout)
 
-    def forward(
+    def item_side(self, item_numeric: Tensor, category: Tensor, item_emb: Tensor) -> Tensor:
+        """The item tower's vector and the attention query, (N, tower_dim + attention_dim)."""
+        item = self.item_vector(item_numeric, category, item_emb)
+        return torch.cat([item, self.query(item_emb)], 1)
+
+    @property
+    def item_side_width(self) -> int:
+        """tower_dim + attention_dim."""
+        return self.tower_dim + self.attention_dim
+
+    def score_side(
         self,
         user_numeric: Tensor,
         history_emb: Tensor,
         anchor_emb: Tensor,
         row_request: Tensor,
-        item_numeric: Tensor,
-        category: Tensor,
-        item_emb: Tensor,
+        item_state: Tensor,
         cross: Tensor,
     ) -> Tensor:
-        """Logits of every candidate row, (N,)."""
-        user, item = self.towers(
-            user_numeric, history_emb, anchor_emb, item_numeric, category, item_emb
-        )
+        """Target attention and the deep head per row: (N,) logits."""
+        item, query = item_state[:, : self.tower_dim], item_state[:, self.tower_dim :]
+        user = self.user_vector(user_numeric, history_emb, anchor_emb)
         hist_mask = history_emb.abs().sum(-1) > 0  # (R, H)
         # Target attention: the candidate queries its user's history (keys per request once).
         keys = self.key(history_emb)  # (R, H, a)
         values = self.value(history_emb)  # (R, H, t)
-        logits = _per_row_dot(self.query(item_emb), keys, row_request) * self.scale  # (N, H)
+        logits = _per_row_dot(query, keys, row_request) * self.scale  # (N, H)
         row_mask = hist_mask[row_request]
         weights = torch.softmax(logits.masked_fill(~row_mask, -1e4), dim=1)
         weights = weights * row_mask.to(weights.dtype)
         attended = torch.einsum("nh,nht->nt", weights, values[row_request])
         u = user[row_request]
         x = torch.cat([u, item, u * item, attended, cross], 1)
-        return self.head(x).squeeze(1)
+        out: Tensor = self.head(x).squeeze(1)
+        return out
 
 
 def build_model(
