@@ -192,6 +192,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         action="store_true",
         help="pass the attention mask even to unpadded batches (the fast path before mask_free)",
     )
+    p.add_argument(
+        "--ab-shortcuts",
+        action="store_true",
+        help="also time the fast path without its exact shortcuts (whole-cache reorder, the "
+        "last level always decoded), alternating: fast, no-shortcuts, fast, no-shortcuts",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, default=None, help="JSON report path")
     args = p.parse_args(argv)
@@ -241,6 +247,10 @@ def run(args: argparse.Namespace) -> int:
     outputs: dict[str, BeamOutput] = {}
     fast: Callable[..., BeamOutput] = partial(beam_search_fast, mask_free=not args.always_mask)
     plans: list[tuple[str, Callable[..., BeamOutput], list[list[int]]]] = [("fast", fast, prompts)]
+    if args.ab_shortcuts:
+        plain = partial(fast, shortcuts=False)
+        plans += [("no-shortcuts", plain, prompts), ("fast#2", fast, prompts)]
+        plans += [("no-shortcuts#2", plain, prompts)]
     if not args.skip_reference:
         plans.append(("generate", beam_search_reference, prompts[: args.reference_users]))
     for name, fn, ps in plans:
@@ -282,6 +292,10 @@ def run(args: argparse.Namespace) -> int:
         rows[name] = row
 
     agree: dict[str, Any] = {}
+    for name in ("no-shortcuts", "fast#2", "no-shortcuts#2"):
+        if name in outputs and "fast" in outputs:
+            same = agreement(outputs[name], outputs["fast"])
+            rows[name]["identical_to_fast"] = same["identical_anchor_lists"]
     if "fast" in outputs and "generate" in outputs:
         agree = agreement(outputs["fast"], outputs["generate"])
         agree["speedup"] = round(
@@ -320,14 +334,14 @@ def run(args: argparse.Namespace) -> int:
         f"{args.history}-item histories ({len(prompts[0])} tokens), beam {args.beam_width}, "
         f"{args.num_anchors} anchors, {args.items} items, codebooks {sizes}"
     )
-    print(f"{'path':<10}{'users':>8}{'batch':>7}{'seconds':>10}{'users/s':>10}{'peak GB':>9}")
+    print(f"{'path':<15}{'users':>8}{'batch':>7}{'seconds':>10}{'users/s':>10}{'peak GB':>9}")
     for name, r in rows.items():
         mem = "-" if r["peak_gpu_memory_gb"] is None else f"{r['peak_gpu_memory_gb']:.2f}"
         if "error" in r:
-            print(f"{name:<10}{r['users']:>8}  failed: {r['error']}")
+            print(f"{name:<15}{r['users']:>8}  failed: {r['error']}")
             continue
         print(
-            f"{name:<10}{r['users']:>8}{r['largest_batch']:>7}{r['seconds']:>10.2f}"
+            f"{name:<15}{r['users']:>8}{r['largest_batch']:>7}{r['seconds']:>10.2f}"
             f"{r['users_per_second']:>10.1f}{mem:>9}"
         )
     if agree:

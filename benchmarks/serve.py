@@ -15,7 +15,14 @@ scores every request. For each store and candidate count N it times:
 * ``http``: the real ``gpl serve`` in a subprocess, ``POST /v1/prerank`` at concurrency 1, 8
   and 32 (one httpx client per thread, bodies pre-encoded);
 * ``ort-floor``: ONNX Runtime alone on the same inputs, prebuilt (light on N rows + expressive
-  on ``ceil(hard_fraction * N)`` rows).
+  on ``ceil(hard_fraction * N)`` rows), full graphs: the compute of scoring the batch;
+* ``ort-split``: ONNX Runtime alone, the models' score graphs on prebuilt item states (what the
+  service runs per request once item states are precomputed per cached item).
+
+The service precomputes item states by default; the same paths with precomputing off run
+interleaved with it, request by request, in one loop (``in-process full`` against
+``in-process``; ``http full`` against ``http ab`` at concurrency 1, two servers up at once), so
+the comparison holds on a noisy machine.
 
 Prints a table (p50/p99 ms, requests/s), checks the targets at 2,000 candidates with Redis
 (single-stream HTTP p99 <= 15 ms, >= 20x faster than naive, p50 within 3x of the ONNX Runtime
@@ -607,6 +614,8 @@ def bench_in_process(
 ) -> tuple[list[dict[str, Any]], dict[str, Any]]:
     """Rows of the naive, in-process and ORT-floor paths for every N; plus cache facts."""
     from gpl_service.metrics import Metrics
+    from gpl_service.models import load_bundle
+    from gpl_service.scoring import ServingPlan
     from gpl_service.settings import ServeSettings
     from gpl_service.state import ServiceState
     from training.features.store import open_store
@@ -621,6 +630,12 @@ def bench_in_process(
     bundle_obj = state.load(args.bundle)
     plan, snap = state.plan, state.items
     assert plan is not None
+    if plan.states is None:
+        raise SystemExit(f"{args.bundle}: no split graphs; re-export it with `gpl export`")
+    states_seconds = plan.states.table(snap).seconds
+    full_plan = ServingPlan.build(
+        load_bundle(args.bundle, precompute=False), state.reader, state.layout
+    )
     say(f"{kind}: item cache {snap.items:,} items in {fill:.1f}s; bundle {bundle_obj.providers}")
     if snap.items != spec.items:
         raise SystemExit(f"{kind}: the cache holds {snap.items} items, expected {spec.items}")
@@ -628,6 +643,7 @@ def bench_in_process(
     rows: list[dict[str, Any]] = []
     info: dict[str, Any] = {
         "cache_fill_seconds": round(fill, 2),
+        "item_states_seconds": round(states_seconds, 2),
         "cached_items": snap.items,
         "providers": bundle_obj.providers,
         "hard_fraction": bundle_obj.hard_fraction,
@@ -639,26 +655,35 @@ def bench_in_process(
         pool = pools[n]
         base = {"store": kind, "candidates": n, "concurrency": 1}
 
-        # (b) the service's in-process scoring path.
+        # (b) the service's in-process scoring path, alternating with the full graphs.
         for user, cands in pool[:10]:
             state.scorer.score(plan, snap, user, cands, TOP_K)
+            state.scorer.score(full_plan, snap, user, cands, TOP_K)
         lat: list[float] = []
+        lat_full: list[float] = []
         parts: dict[str, list[float]] = {"features": [], "light": [], "expressive": []}
+        parts_full: dict[str, list[float]] = {"features": [], "light": [], "expressive": []}
         degraded = 0
         for k in range(args.iterations):
             user, cands = pool[k % len(pool)]
-            t0 = time.perf_counter()
-            scored = state.scorer.score(plan, snap, user, cands, TOP_K)
-            lat.append(time.perf_counter() - t0)
-            degraded += scored.degraded
-            for part, ms in scored.stats["timings_ms"].items():
-                parts[part].append(ms)
+            runs = [(plan, lat, parts), (full_plan, lat_full, parts_full)]
+            for which, times, stages in runs if k % 2 == 0 else runs[::-1]:
+                t0 = time.perf_counter()
+                scored = state.scorer.score(which, snap, user, cands, TOP_K)
+                times.append(time.perf_counter() - t0)
+                degraded += scored.degraded
+                for part, ms in scored.stats["timings_ms"].items():
+                    stages[part].append(ms)
         if degraded:
             raise SystemExit(f"{kind} N={n}: {degraded} in-process answers were degraded")
-        row = {**base, "path": "in-process", **stats_of(lat)}
-        row["stage_p50_ms"] = {k: round(float(np.median(v)), 3) for k, v in parts.items()}
-        rows.append(row)
-        say(f"{kind} N={n} in-process p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms")
+        for path, times, stages in (
+            ("in-process", lat, parts),
+            ("in-process full", lat_full, parts_full),
+        ):
+            row = {**base, "path": path, **stats_of(times)}
+            row["stage_p50_ms"] = {k: round(float(np.median(v)), 3) for k, v in stages.items()}
+            rows.append(row)
+            say(f"{kind} N={n} {path} p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms")
 
         # (a) naive: Feast SDK + ONNX Runtime; its inputs are kept for the floor and parity.
         naive_inputs(store, bundle_obj, naive_plan, *pool[0])  # warm-up (registry, connections)
@@ -680,22 +705,28 @@ def bench_in_process(
         same, diff = 0, 0.0
         for k, _, order, score in kept:
             user, cands = pool[k]
-            scored = state.scorer.score(plan, snap, user, cands, TOP_K)
-            same += scored.item_ids == [cands[j] for j in order]
-            diff = max(
-                diff,
-                max(abs(a - float(score[j])) for a, j in zip(scored.scores, order, strict=True)),
-            )
+            for which in (plan, full_plan):
+                scored = state.scorer.score(which, snap, user, cands, TOP_K)
+                same += scored.item_ids == [cands[j] for j in order]
+                diff = max(
+                    diff,
+                    max(
+                        abs(a - float(score[j])) for a, j in zip(scored.scores, order, strict=True)
+                    ),
+                )
+        same //= 2
         info["by_n"][n] = {
             "parity_requests": len(kept),
+            "parity_paths": ["in-process", "in-process full"],
             "parity_same_top_k": same,
             "parity_max_abs_score_diff": diff,
         }
         if same != len(kept):
             say(f"WARNING {kind} N={n}: naive and service top-{TOP_K} differ ({same}/{len(kept)})")
 
-        # (d) the ONNX Runtime floor: the same models on prebuilt inputs.
-        prebuilt: list[tuple[Inputs, Inputs]] = []
+        # (d) the ONNX Runtime floor: the same models on prebuilt inputs; and the score graphs
+        # alone on prebuilt item states (what runs per request with precomputed states).
+        prebuilt: list[tuple[Inputs, Inputs, Inputs, Inputs]] = []
         for _, inputs, _, _ in kept:
             light = bundle_obj.run("light", inputs)
             quota = min(n, math.ceil(bundle_obj.hard_fraction * n))
@@ -705,22 +736,42 @@ def bench_in_process(
             sub["item_features"] = np.ascontiguousarray(inputs["item_features"][hard])
             sub["category"] = np.ascontiguousarray(inputs["category"][hard])
             sub["item_emb"] = np.ascontiguousarray(inputs["item_emb"][hard])
-            prebuilt.append((inputs, sub))
-        for inputs, sub in prebuilt[:3]:
+            split = []
+            for kind_, x in (("light", inputs), ("expressive", sub)):
+                state_ = bundle_obj.item_state(
+                    kind_, x["item_features"], x["category"], x["item_emb"]
+                )
+                split.append(
+                    {
+                        **{k: x[k] for k in ("user_features", "history_emb", "anchor_emb")},
+                        "row_request": x["row_request"],
+                        "item_state": state_,
+                        "item_emb": x["item_emb"],
+                    }
+                )
+            prebuilt.append((inputs, sub, split[0], split[1]))
+        for inputs, sub, s_light, s_expr in prebuilt[:3]:
             bundle_obj.run("light", inputs)
             bundle_obj.run("expressive", sub)
-        lat = []
+            bundle_obj.run_split("light", s_light)
+            bundle_obj.run_split("expressive", s_expr)
+        lat, lat_split = [], []
         for k in range(args.iterations):
-            inputs, sub = prebuilt[k % len(prebuilt)]
+            inputs, sub, s_light, s_expr = prebuilt[k % len(prebuilt)]
             t0 = time.perf_counter()
             bundle_obj.run("light", inputs)
             bundle_obj.run("expressive", sub)
-            lat.append(time.perf_counter() - t0)
-        row = {**base, "path": "ort-floor", **stats_of(lat)}
-        rows.append(row)
-        say(f"{kind} N={n} ort-floor p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms")
+            t1 = time.perf_counter()
+            bundle_obj.run_split("light", s_light)
+            bundle_obj.run_split("expressive", s_expr)
+            lat_split.append(time.perf_counter() - t1)
+            lat.append(t1 - t0)
+        for path, times in (("ort-floor", lat), ("ort-split", lat_split)):
+            row = {**base, "path": path, **stats_of(times)}
+            rows.append(row)
+            say(f"{kind} N={n} {path} p50 {row['p50_ms']:.2f} ms p99 {row['p99_ms']:.2f} ms")
         del kept, prebuilt
-    del state, snap, plan, store
+    del state, snap, plan, full_plan, store
     gc.collect()
     return rows, info
 
@@ -729,7 +780,7 @@ def bench_in_process(
 
 
 def start_server(
-    args: argparse.Namespace, kind: str
+    args: argparse.Namespace, kind: str, precompute: bool = True
 ) -> tuple[subprocess.Popen[bytes], str, float, Path]:
     """Start ``gpl serve`` for store ``kind``; return it, its URL, start-up seconds, log."""
     from gpl_service.process import ServerStartError, free_port, wait_ready
@@ -737,6 +788,7 @@ def start_server(
     port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("GPL_REDIS_URL", "GPL_PROJECT")}
     env["GPL_PROJECT"] = PROJECT
+    env["GPL_SERVE_PRECOMPUTE_ITEM_STATES"] = "1" if precompute else "0"
     if kind == "redis":
         env["GPL_REDIS_URL"] = args.redis_url
     cmd = [
@@ -753,11 +805,8 @@ def start_server(
         "--log-level",
         "warning",
     ]
-    log_path = args.run_dir / f"serve_{kind}.log"
-    say(
-        f"$ {' '.join(f'{k}={env[k]}' for k in ('GPL_PROJECT', 'GPL_REDIS_URL') if k in env)} "
-        f"{shlex.join(cmd[2:])}"
-    )
+    log_path = args.run_dir / f"serve_{kind}{'' if precompute else '_full'}.log"
+    say(f"$ {' '.join(f'{k}={env[k]}' for k in _SHOWN_ENV if k in env)} {shlex.join(cmd[2:])}")
     began = time.perf_counter()
     with log_path.open("wb") as log:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT)
@@ -780,6 +829,7 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
         proc.wait(timeout=20)
 
 
+_SHOWN_ENV: Final = ("GPL_PROJECT", "GPL_REDIS_URL", "GPL_SERVE_PRECOMPUTE_ITEM_STATES")
 _HEADERS: Final = {"content-type": "application/json"}
 _OK: Final = b'"degraded":false'
 
@@ -835,6 +885,56 @@ def http_load(
     if errors:
         raise RuntimeError(f"{len(errors)} client threads failed, first: {errors[0]}")
     return [x for lat in latencies for x in lat], elapsed, answers
+
+
+def http_ab(url_a: str, url_b: str, bodies: list[bytes], total: int) -> tuple[list[float], ...]:
+    """Each request sent to both servers back to back, alternating which goes first."""
+    import httpx
+
+    with (
+        httpx.Client(base_url=url_a, timeout=300) as a,
+        httpx.Client(base_url=url_b, timeout=300) as b,
+    ):
+        lat: tuple[list[float], list[float]] = ([], [])
+        for k in range(total):
+            body = bodies[k % len(bodies)]
+            pair = ((a, lat[0]), (b, lat[1]))
+            for client, times in pair if k % 2 == 0 else pair[::-1]:
+                t0 = time.perf_counter()
+                resp = client.post("/v1/prerank", content=body, headers=_HEADERS)
+                times.append(time.perf_counter() - t0)
+                if resp.status_code != 200 or _OK not in resp.content:
+                    raise RuntimeError(f"HTTP {resp.status_code}: {resp.content[:300]!r}")
+    return lat
+
+
+def bench_http_ab(
+    args: argparse.Namespace, kind: str, pools: dict[int, list[Any]]
+) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Concurrency 1, precomputed item states vs full graphs: two servers, interleaved."""
+    servers = [start_server(args, kind, precompute=p) for p in (True, False)]
+    rows: list[dict[str, Any]] = []
+    try:
+        for n in args.sizes:
+            bodies = [
+                json.dumps({"user_id": u, "candidates": c, "top_k": TOP_K}).encode()
+                for u, c in pools[n]
+            ]
+            http_ab(servers[0][1], servers[1][1], bodies, 10)  # warm-up
+            lat = http_ab(servers[0][1], servers[1][1], bodies, args.iterations)
+            for path, times in zip(("http ab", "http full"), lat, strict=True):
+                row = {"store": kind, "candidates": n, "path": path, "concurrency": 1}
+                rows.append({**row, **stats_of(times)})
+            a, b = rows[-2], rows[-1]
+            say(
+                f"{kind} N={n} http c=1 interleaved: precomputed p50 {a['p50_ms']:.2f} / p99 "
+                f"{a['p99_ms']:.2f} ms, full graphs p50 {b['p50_ms']:.2f} / p99 "
+                f"{b['p99_ms']:.2f} ms"
+            )
+    finally:
+        for proc, *_ in servers:
+            stop_server(proc)
+    return rows, {"startup_seconds": [round(x[2], 2) for x in servers]}
 
 
 def bench_http(
@@ -907,21 +1007,42 @@ def targets(rows: list[dict[str, Any]]) -> dict[str, Any]:
         out["floor_ok"] = out["http_c1_over_floor_p50"] <= TARGET_FLOOR_RATIO
     if inproc and floor:
         out["in_process_over_floor_p50"] = round(inproc["p50_ms"] / floor["p50_ms"], 2)
+    split = find(rows, **at, path="ort-split")
+    if http1 and split:
+        out["http_c1_over_split_floor_p50"] = round(http1["p50_ms"] / split["p50_ms"], 2)
+    ab, full = find(rows, **at, path="http ab"), find(rows, **at, path="http full")
+    if ab and full:
+        out["http_full_over_precomputed_p50"] = round(full["p50_ms"] / ab["p50_ms"], 2)
+        out["http_full_over_precomputed_p99"] = round(full["p99_ms"] / ab["p99_ms"], 2)
+    inproc_full = find(rows, **at, path="in-process full")
+    if inproc and inproc_full:
+        out["in_process_full_over_precomputed_p50"] = round(
+            inproc_full["p50_ms"] / inproc["p50_ms"], 2
+        )
     return out
 
 
 def print_report(rows: list[dict[str, Any]], checks: dict[str, Any]) -> None:
-    order = {"naive": 0, "in-process": 1, "http": 2, "ort-floor": 3}
+    order = {
+        "naive": 0,
+        "in-process": 1,
+        "in-process full": 2,
+        "http": 3,
+        "http ab": 4,
+        "http full": 5,
+        "ort-floor": 6,
+        "ort-split": 7,
+    }
     rows = sorted(
         rows, key=lambda r: (r["store"], r["candidates"], order[r["path"]], r["concurrency"])
     )
     print(
-        f"\n{'store':<8}{'N':>6}  {'path':<11}{'conc':>5}{'p50 ms':>10}{'p99 ms':>10}"
+        f"\n{'store':<8}{'N':>6}  {'path':<16}{'conc':>5}{'p50 ms':>10}{'p99 ms':>10}"
         f"{'req/s':>10}{'n':>6}"
     )
     for r in rows:
         print(
-            f"{r['store']:<8}{r['candidates']:>6}  {r['path']:<11}{r['concurrency']:>5}"
+            f"{r['store']:<8}{r['candidates']:>6}  {r['path']:<16}{r['concurrency']:>5}"
             f"{r['p50_ms']:>10.2f}{r['p99_ms']:>10.2f}{r['req_per_s']:>10.1f}{r['requests']:>6}"
         )
 
@@ -960,6 +1081,17 @@ def print_report(rows: list[dict[str, Any]], checks: dict[str, Any]) -> None:
         )
     else:
         print("  ratio to the ONNX Runtime floor: not measured")
+    if "http_c1_over_split_floor_p50" in checks:
+        print(
+            f"  (HTTP c=1 p50 / score graphs alone p50 = "
+            f"{checks['http_c1_over_split_floor_p50']:.2f}x)"
+        )
+    if "http_full_over_precomputed_p50" in checks:
+        print(
+            f"  interleaved HTTP c=1, full graphs / precomputed item states: p50 "
+            f"{checks['http_full_over_precomputed_p50']:.2f}x, p99 "
+            f"{checks['http_full_over_precomputed_p99']:.2f}x"
+        )
 
 
 def _version(*names: str) -> str | None:
@@ -1054,6 +1186,12 @@ def main() -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--rebuild", action="store_true", help="Regenerate and re-materialize.")
     parser.add_argument(
+        "--no-ab",
+        dest="ab",
+        action="store_false",
+        help="Skip the interleaved HTTP comparison with item-state precomputing off.",
+    )
+    parser.add_argument(
         "--out", type=Path, default=Path(__file__).parent / "results" / "serve.json"
     )
     args = parser.parse_args()
@@ -1089,9 +1227,14 @@ def main() -> None:
         rows += got
         got, http_info = bench_http(args, kind, pools)
         rows += got
+        ab_info: dict[str, Any] = {}
+        if args.ab:
+            got, ab_info = bench_http_ab(args, kind, pools)
+            rows += got
         stores[kind] = {
             **info,
             "http": http_info,
+            "http_ab": ab_info,
             "load_average_before": load_before,
             "load_average_after": [round(x, 2) for x in os.getloadavg()],
             "cpu": cpu_use(cpu_before, time.perf_counter() - section),

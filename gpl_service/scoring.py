@@ -22,6 +22,7 @@ so no request waits on a dead store twice in a row, and the first success after 
 
 from __future__ import annotations
 
+import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -192,6 +193,27 @@ class StoreHealth:
 
 
 @dataclass
+class _Candidates:
+    """A request's candidates as the item cache holds them, with ttl applied where cheap.
+
+    Attributes:
+        rows: Cache row per candidate (0 = unknown).
+        category: Graph category id per candidate (0 where the category view is stale).
+        emb: Content vector per candidate (zeros where unknown or the embedding view is stale).
+        ages: Oldest feature age per item view (None when no candidate has a row).
+        stale_by_view: Per view with stale rows, which candidates are past its ttl.
+        changed: Candidates past some view's ttl (their graph inputs are not the cached ones).
+    """
+
+    rows: I64
+    category: I64
+    emb: F32
+    ages: dict[str, float | None]
+    stale_by_view: dict[str, npt.NDArray[np.bool_]]
+    changed: npt.NDArray[np.bool_]
+
+
+@dataclass
 class Scored:
     """A pre-ranking answer before serialization."""
 
@@ -281,7 +303,8 @@ class Scorer:
     ) -> tuple[I64, npt.NDArray[np.bool_]]:
         """Cache rows of ``ids`` (0 = unknown) and which of them the cache held already."""
         index = snap.index
-        rows = np.fromiter((index.get(i, 0) for i in ids), np.int64, len(ids))
+        # map() with a repeated default runs the lookups in C: ~2.5x faster than a generator.
+        rows = np.fromiter(map(index.get, ids, itertools.repeat(0)), np.int64, len(ids))
         cached = rows > 0
         miss = [ids[k] for k in np.flatnonzero(~cached)]
         if miss:
@@ -305,19 +328,14 @@ class Scorer:
 
     def _item_inputs(
         self, plan: ServingPlan, snap: ItemSnapshot, rows: I64, at: float
-    ) -> tuple[F32, I64, F32, dict[str, float | None], npt.NDArray[np.bool_]]:
-        """Raw item graph inputs of candidate rows at time ``at``, and what ttl changed.
-
-        Returns:
-            Raw item features, category ids, content vectors, the oldest feature age per item
-            view, and which rows are past some view's ttl (inputs differ from the cached ones).
-        """
+    ) -> _Candidates:
+        """Category ids, content vectors, feature ages and ttl staleness of candidate rows."""
         layout = snap.layout
-        numeric = snap.numeric[rows]
         category = plan.category_ids(snap, rows)
-        emb = snap.emb[rows]
+        emb = np.take(snap.emb, rows, axis=0)
         category_view = plan.category_col.partition("__")[0]
         ages: dict[str, float | None] = {}
+        stale_by_view: dict[str, npt.NDArray[np.bool_]] = {}
         changed = np.zeros(len(rows), np.bool_)
         for spec in layout.views:
             ts = snap.event_ts[spec.name][rows]
@@ -328,33 +346,59 @@ class Scorer:
             stale = present & (ts < at - spec.ttl_seconds)
             if not stale.any():
                 continue
+            stale_by_view[spec.name] = stale
             changed |= stale
-            # Past ttl, as in training: the view's defaults and missing = 1; a stale category is
-            # the default "" (id 0); a stale content vector is an item without content (zeros).
-            cols = layout.view_columns[spec.name]
-            numeric[np.ix_(np.flatnonzero(stale), cols)] = layout.default_row[cols]
+            # Past ttl, as in training: a stale category is the default "" (id 0); a stale
+            # content vector is an item without content (zeros). Numeric features: _numeric.
             if spec.name == category_view:
                 category[stale] = 0
             if spec.name == EMBEDDING_VIEW:
                 emb[stale] = 0.0
-        return numeric[:, plan.item_cols], category, emb, ages, changed
+        return _Candidates(rows, category, emb, ages, stale_by_view, changed)
 
     @staticmethod
+    def _numeric(
+        plan: ServingPlan, snap: ItemSnapshot, items: _Candidates, pick: I64 | None = None
+    ) -> F32:
+        """Raw item features (graph order) of all candidates or of positions ``pick``.
+
+        Past a view's ttl, as in training: the view's defaults, and its missing indicator 1.
+        """
+        layout = snap.layout
+        rows = items.rows if pick is None else items.rows[pick]
+        numeric = snap.numeric[rows]
+        for name, stale in items.stale_by_view.items():
+            hit = np.flatnonzero(stale if pick is None else stale[pick])
+            if len(hit):
+                cols = layout.view_columns[name]
+                numeric[np.ix_(hit, cols)] = layout.default_row[cols]
+        return np.ascontiguousarray(numeric[:, plan.item_cols])
+
     def _states(
+        self,
         plan: ServingPlan,
+        snap: ItemSnapshot,
         kind: str,
         table: F32,
-        rows: I64,
-        changed: npt.NDArray[np.bool_],
-        raw: tuple[F32, I64, F32],
+        items: _Candidates,
+        pick: I64 | None = None,
     ) -> F32:
-        """Item states of ``rows``: precomputed, except rows whose inputs changed (ttl)."""
-        state = table[rows]
+        """Item states of all candidates (or of positions ``pick``).
+
+        Precomputed, except candidates past a ttl, whose inputs differ from the cached ones:
+        their states are computed here from those inputs.
+        """
+        rows = items.rows if pick is None else items.rows[pick]
+        state = np.take(table, rows, axis=0)
+        changed = items.changed if pick is None else items.changed[pick]
         if changed.any():
             k = np.flatnonzero(changed)
-            numeric, category, emb = raw
+            where = k if pick is None else pick[k]
             state[k] = plan.bundle.item_state(
-                kind, np.ascontiguousarray(numeric[k]), category[k], emb[k]
+                kind,
+                self._numeric(plan, snap, items, where),
+                items.category[where],
+                items.emb[where],
             )
         return state
 
@@ -385,9 +429,7 @@ class Scorer:
         unknown = int((cand_rows == 0).sum())
         hits = int(cached[:n].sum())
         fetched = n - hits - unknown
-        item_raw, category, item_emb, item_ages, changed = self._item_inputs(
-            plan, snap, cand_rows, at
-        )
+        items = self._item_inputs(plan, snap, cand_rows, at)
         d = bundle.embedding_dim
         history = np.zeros((1, bundle.history_length, d), np.float32)
         h_rows = rows[n : n + len(history_ids)]
@@ -397,6 +439,7 @@ class Scorer:
         anchors[0, : len(a_rows)] = snap.emb[a_rows]
         # Rows appended by this request's misses get their states here (once per item).
         table = plan.states.table(snap).states if plan.states is not None else None
+        numeric = self._numeric(plan, snap, items) if table is None else None
         features_done = time.perf_counter()
 
         user_inputs: dict[str, npt.NDArray[Any]] = {
@@ -404,27 +447,26 @@ class Scorer:
             "history_emb": history,
             "anchor_emb": anchors,
         }
-        raw = (item_raw, category, item_emb)
         if table is not None:
-            state = self._states(plan, "light", table["light"], cand_rows, changed, raw)
             light = bundle.run_split(
                 "light",
                 {
                     **user_inputs,
                     "row_request": np.zeros(n, np.int64),
-                    "item_state": state,
-                    "item_emb": item_emb,
+                    "item_state": self._states(plan, snap, "light", table["light"], items),
+                    "item_emb": items.emb,
                 },
             )
         else:
+            assert numeric is not None
             light = bundle.run(
                 "light",
                 {
                     **user_inputs,
                     "row_request": np.zeros(n, np.int64),
-                    "item_features": np.ascontiguousarray(item_raw),
-                    "category": category,
-                    "item_emb": item_emb,
+                    "item_features": numeric,
+                    "category": items.category,
+                    "item_emb": items.emb,
                 },
             )
         light_done = time.perf_counter()
@@ -436,17 +478,17 @@ class Scorer:
             sub: dict[str, npt.NDArray[Any]] = {
                 **user_inputs,
                 "row_request": np.zeros(quota, np.int64),
-                "item_emb": item_emb[hard],
+                "item_emb": np.take(items.emb, hard, axis=0),
             }
             if table is not None:
-                sub_raw = (item_raw[hard], category[hard], sub["item_emb"])
                 sub["item_state"] = self._states(
-                    plan, "expressive", table["expressive"], cand_rows[hard], changed[hard], sub_raw
+                    plan, snap, "expressive", table["expressive"], items, hard
                 )
                 expressive = bundle.run_split("expressive", sub)
             else:
-                sub["item_features"] = np.ascontiguousarray(item_raw[hard])
-                sub["category"] = category[hard]
+                assert numeric is not None
+                sub["item_features"] = np.ascontiguousarray(numeric[hard])
+                sub["category"] = items.category[hard]
                 expressive = bundle.run("expressive", sub)
         done = time.perf_counter()
 
@@ -471,7 +513,7 @@ class Scorer:
             unknown=unknown,
             degraded=degraded,
             timings=timings,
-            ages={**user_ages, **item_ages},
+            ages={**user_ages, **items.ages},
         )
         stats = {
             "candidates": n,
@@ -483,7 +525,7 @@ class Scorer:
             "anchors": len(anchor_ids),
             "feature_age_seconds": {
                 **{k: None if v is None else round(v, 3) for k, v in user_ages.items()},
-                **{k: None if v is None else round(v, 3) for k, v in item_ages.items()},
+                **{k: None if v is None else round(v, 3) for k, v in items.ages.items()},
             },
             "item_cache_age_seconds": round(now() - snap.loaded_at, 3),
             "item_states": "precomputed" if table is not None else "per request",

@@ -163,6 +163,26 @@ class _LevelHead:
         return logits.float()
 
 
+def _reorder_generated(cache: DynamicCache, order: torch.Tensor, prompt_len: int) -> None:
+    """``cache.reorder_cache(order)``, moving only the generated positions.
+
+    ``order`` only ever picks a parent among the same user's beams, whose first ``prompt_len``
+    positions (the history) are identical copies; permuting them is a no-op, and skipping it
+    saves copying the whole history cache once per level.
+    """
+    layers = getattr(cache, "layers", None)
+    if not layers or not all(
+        isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4
+        for layer in layers
+    ):
+        cache.reorder_cache(cast(torch.LongTensor, order))
+        return
+    for layer in layers:
+        for tensor in (layer.keys, layer.values):  # (rows, kv heads, positions, head dim)
+            tail = tensor[:, :, prompt_len:]
+            tail.copy_(tail.index_select(0, order))
+
+
 @torch.no_grad()
 def beam_search_fast(
     model: PreTrainedModel,
@@ -172,6 +192,7 @@ def beam_search_fast(
     beam_width: int,
     num_anchors: int,
     mask_free: bool = True,
+    shortcuts: bool = True,
 ) -> BeamOutput:
     """Trie-constrained beam search, batched over prompts, one prefill and a reused KV cache.
 
@@ -185,6 +206,13 @@ def beam_search_fast(
         mask_free: When no prompt of the batch is padded, pass no attention mask, so the
             attention kernels take their fused causal path (``search_in_batches`` groups
             prompts by length, so most batches qualify). False always passes the mask.
+        shortcuts: Two exact shortcuts (same anchors, same log-probabilities): between
+            levels only the generated positions of the KV cache are reordered (a user's beams
+            share identical history rows), and the last level's forward pass is skipped when
+            no beam has more than one allowed code there (a log-softmax over one allowed code
+            is 0, whatever the model says; with unique 3-level SIDs the disambiguation level
+            is all such). False runs the search like ``generate()`` does (kept for the
+            throughput benchmark's comparison).
 
     Returns:
         The top ``num_anchors`` items per prompt and their sequence log-probabilities.
@@ -232,17 +260,24 @@ def beam_search_fast(
         node = node.clamp(min=0)
         tokens = head.level_ids[level - 1][codes].reshape(-1, 1)
         mask = torch.cat([mask, ones], dim=1)
-        hidden = decoder(
-            input_ids=tokens,
-            attention_mask=None if unpadded else mask,
-            position_ids=next_pos.unsqueeze(1),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1]
-        next_pos = next_pos + 1
         flat_node = node.reshape(-1)
-        logits = head(hidden, level).masked_fill(~allowed[level][flat_node], float("-inf"))
-        logp = torch.log_softmax(logits, dim=-1)  # [U*B, size_l]
+        allowed_rows = allowed[level][flat_node]  # [U*B, size_l]
+        if shortcuts and level == n_levels - 1 and bool((allowed_rows.sum(-1) <= 1).all()):
+            # Every beam continues in at most one way: its log-probability is 0 (or -inf).
+            logp = torch.zeros(allowed_rows.shape, device=device).masked_fill(
+                ~allowed_rows, float("-inf")
+            )
+        else:
+            hidden = decoder(
+                input_ids=tokens,
+                attention_mask=None if unpadded else mask,
+                position_ids=next_pos.unsqueeze(1),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+            next_pos = next_pos + 1
+            logits = head(hidden, level).masked_fill(~allowed_rows, float("-inf"))
+            logp = torch.log_softmax(logits, dim=-1)  # [U*B, size_l]
         size = logp.shape[1]
         total = (scores.reshape(-1, 1) + logp).reshape(n_users, width * size)
         scores, flat_idx = total.topk(width, dim=-1)
@@ -250,7 +285,10 @@ def beam_search_fast(
         order = (base + beam).reshape(-1)  # rows of the surviving beams' parents
         node = child[level][flat_node[order], codes.reshape(-1)].long().reshape(n_users, width)
         if level < n_levels - 1:
-            cache.reorder_cache(cast(torch.LongTensor, order))
+            if shortcuts:
+                _reorder_generated(cache, order, ids.shape[1])
+            else:
+                cache.reorder_cache(cast(torch.LongTensor, order))
     return _finish(scores, node, num_anchors)
 
 

@@ -129,3 +129,22 @@ def test_unpadded_batches_skip_the_mask_with_the_same_result(toy) -> None:
     ref = beam_search_reference(model, batch, trie, vocab, 8, 5)
     assert (free.items == masked.items).all() and (free.items == ref.items).all()
     np.testing.assert_allclose(free.log_probs, masked.log_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("unique_prefixes", [False, True])
+def test_shortcuts_change_nothing(toy, unique_prefixes: bool) -> None:
+    """Reordering only the generated cache positions, and skipping a last level where every beam
+    has one way on, give the very same anchors and log-probabilities as the plain search."""
+    model, vocab, _, prompts = toy
+    trie = toy[2]
+    if unique_prefixes:  # every 3-code prefix has one item: the last level is forced
+        rng = np.random.default_rng(9)
+        prefixes = {tuple(int(rng.integers(s)) for s in (4, 5, 6)) for _ in range(200)}
+        codes = np.array([[*p, 0] for p in sorted(prefixes)])
+        trie = SidTrie(codes, [4, 5, 6, 3])
+        assert all(len(trie.allowed_codes(tuple(p))) == 1 for p in codes[:, :3])
+    fast = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    plain = beam_search_fast(model, prompts, trie, vocab, 8, 5, shortcuts=False)
+    ref = beam_search_reference(model, prompts, trie, vocab, 8, 5)
+    assert (fast.items == plain.items).all() and (fast.items == ref.items).all()
+    np.testing.assert_array_equal(fast.log_probs, plain.log_probs)
