@@ -163,22 +163,43 @@ class _LevelHead:
         return logits.float()
 
 
-def _reorder_generated(cache: DynamicCache, order: torch.Tensor, prompt_len: int) -> None:
+def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+    """Per layer (keys, values), each (rows, kv heads, positions, head dim).
+
+    None when the cache has another layout; the search then takes no shortcut.
+    """
+    out: list[tuple[torch.Tensor, torch.Tensor]] = []
+    for layer in getattr(cache, "layers", None) or []:
+        keys, values = getattr(layer, "keys", None), getattr(layer, "values", None)
+        if not (isinstance(keys, torch.Tensor) and isinstance(values, torch.Tensor)):
+            return None
+        if keys.dim() != 4 or values.dim() != 4:
+            return None
+        out.append((keys, values))
+    return out or None
+
+
+def _cache_rows(
+    kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, model: PreTrainedModel
+) -> DynamicCache:
+    """A new cache holding copies of ``rows`` of every layer's keys and values."""
+    sub = DynamicCache(config=model.config)
+    for layer, (keys, values) in enumerate(kv):
+        sub.update(keys.index_select(0, rows), values.index_select(0, rows), layer)
+    return sub
+
+
+def _reorder_generated(
+    kv: list[tuple[torch.Tensor, torch.Tensor]], order: torch.Tensor, prompt_len: int
+) -> None:
     """``cache.reorder_cache(order)``, moving only the generated positions.
 
     ``order`` only ever picks a parent among the same user's beams, whose first ``prompt_len``
     positions (the history) are identical copies; permuting them is a no-op, and skipping it
     saves copying the whole history cache once per level.
     """
-    layers = getattr(cache, "layers", None)
-    if not layers or not all(
-        isinstance(getattr(layer, "keys", None), torch.Tensor) and layer.keys.dim() == 4
-        for layer in layers
-    ):
-        cache.reorder_cache(cast(torch.LongTensor, order))
-        return
-    for layer in layers:
-        for tensor in (layer.keys, layer.values):  # (rows, kv heads, positions, head dim)
+    for keys, values in kv:
+        for tensor in (keys, values):
             tail = tensor[:, :, prompt_len:]
             tail.copy_(tail.index_select(0, order))
 
@@ -206,13 +227,13 @@ def beam_search_fast(
         mask_free: When no prompt of the batch is padded, pass no attention mask, so the
             attention kernels take their fused causal path (``search_in_batches`` groups
             prompts by length, so most batches qualify). False always passes the mask.
-        shortcuts: Two exact shortcuts (same anchors, same log-probabilities): between
-            levels only the generated positions of the KV cache are reordered (a user's beams
-            share identical history rows), and the last level's forward pass is skipped when
-            no beam has more than one allowed code there (a log-softmax over one allowed code
-            is 0, whatever the model says; with unique 3-level SIDs the disambiguation level
-            is all such). False runs the search like ``generate()`` does (kept for the
-            throughput benchmark's comparison).
+        shortcuts: Two exact shortcuts: between levels only the generated positions of the
+            KV cache are reordered (a user's beams share identical history rows), and at the
+            last level only beams with more than one allowed code are decoded (a log-softmax
+            over one allowed code is 0, whatever the model says; the disambiguation level is
+            nearly all such). False runs the search like ``generate()`` does (kept for the
+            throughput benchmark's comparison). Same anchors; log-probabilities equal up to
+            the rounding of a smaller batch.
 
     Returns:
         The top ``num_anchors`` items per prompt and their sequence log-probabilities.
@@ -262,11 +283,26 @@ def beam_search_fast(
         mask = torch.cat([mask, ones], dim=1)
         flat_node = node.reshape(-1)
         allowed_rows = allowed[level][flat_node]  # [U*B, size_l]
-        if shortcuts and level == n_levels - 1 and bool((allowed_rows.sum(-1) <= 1).all()):
-            # Every beam continues in at most one way: its log-probability is 0 (or -inf).
+        choice = allowed_rows.sum(-1) > 1  # beams with more than one way on
+        kv = _kv(cache) if shortcuts else None
+        if kv is not None and level == n_levels - 1 and 2 * int(choice.sum()) < len(choice):
+            # Last level, most beams forced: a log-softmax over one allowed code is 0 whatever
+            # the model says, so only the beams with a choice are decoded (their own rows of
+            # the cache: every row attends to its own history only).
             logp = torch.zeros(allowed_rows.shape, device=device).masked_fill(
                 ~allowed_rows, float("-inf")
             )
+            pick = choice.nonzero().squeeze(1)
+            if len(pick):
+                hidden = decoder(
+                    input_ids=tokens[pick],
+                    attention_mask=None if unpadded else mask[pick],
+                    position_ids=next_pos[pick].unsqueeze(1),
+                    past_key_values=_cache_rows(kv, pick, model),
+                    use_cache=True,
+                ).last_hidden_state[:, -1]
+                logits = head(hidden, level).masked_fill(~allowed_rows[pick], float("-inf"))
+                logp[pick] = torch.log_softmax(logits, dim=-1)
         else:
             hidden = decoder(
                 input_ids=tokens,
@@ -285,8 +321,9 @@ def beam_search_fast(
         order = (base + beam).reshape(-1)  # rows of the surviving beams' parents
         node = child[level][flat_node[order], codes.reshape(-1)].long().reshape(n_users, width)
         if level < n_levels - 1:
-            if shortcuts:
-                _reorder_generated(cache, order, ids.shape[1])
+            kv = _kv(cache) if shortcuts else None
+            if kv is not None:
+                _reorder_generated(kv, order, ids.shape[1])
             else:
                 cache.reorder_cache(cast(torch.LongTensor, order))
     return _finish(scores, node, num_anchors)
