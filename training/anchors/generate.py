@@ -179,26 +179,24 @@ def _kv(cache: DynamicCache) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
     return out or None
 
 
-def _cache_rows(
-    kv: list[tuple[torch.Tensor, torch.Tensor]], rows: torch.Tensor, model: PreTrainedModel
-) -> DynamicCache:
+def _cache_rows(cache: DynamicCache, rows: torch.Tensor, model: PreTrainedModel) -> DynamicCache:
     """A new cache holding copies of ``rows`` of every layer's keys and values."""
     sub = DynamicCache(config=model.config)
-    for layer, (keys, values) in enumerate(kv):
+    # No reference to the layers' tensors may outlive this call: a decoder step replaces them,
+    # and a stale reference would keep a whole copy of the cache alive.
+    for layer, (keys, values) in enumerate(_kv(cache) or []):
         sub.update(keys.index_select(0, rows), values.index_select(0, rows), layer)
     return sub
 
 
-def _reorder_generated(
-    kv: list[tuple[torch.Tensor, torch.Tensor]], order: torch.Tensor, prompt_len: int
-) -> None:
+def _reorder_generated(cache: DynamicCache, order: torch.Tensor, prompt_len: int) -> None:
     """``cache.reorder_cache(order)``, moving only the generated positions.
 
     ``order`` only ever picks a parent among the same user's beams, whose first ``prompt_len``
     positions (the history) are identical copies; permuting them is a no-op, and skipping it
     saves copying the whole history cache once per level.
     """
-    for keys, values in kv:
+    for keys, values in _kv(cache) or []:
         for tensor in (keys, values):
             tail = tensor[:, :, prompt_len:]
             tail.copy_(tail.index_select(0, order))
@@ -272,6 +270,7 @@ def beam_search_fast(
 
     # Expand the prefill cache B-fold only now: B beams share one history.
     cache.batch_repeat_interleave(width)
+    known_layout = _kv(cache) is not None
     mask = mask.repeat_interleave(width, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(width)
     base = (torch.arange(n_users, device=device) * width).unsqueeze(1)
@@ -284,8 +283,8 @@ def beam_search_fast(
         flat_node = node.reshape(-1)
         allowed_rows = allowed[level][flat_node]  # [U*B, size_l]
         choice = allowed_rows.sum(-1) > 1  # beams with more than one way on
-        kv = _kv(cache) if shortcuts else None
-        if kv is not None and level == n_levels - 1 and 2 * int(choice.sum()) < len(choice):
+        last = level == n_levels - 1
+        if shortcuts and last and known_layout and 2 * int(choice.sum()) < len(choice):
             # Last level, most beams forced: a log-softmax over one allowed code is 0 whatever
             # the model says, so only the beams with a choice are decoded (their own rows of
             # the cache: every row attends to its own history only).
@@ -298,7 +297,7 @@ def beam_search_fast(
                     input_ids=tokens[pick],
                     attention_mask=None if unpadded else mask[pick],
                     position_ids=next_pos[pick].unsqueeze(1),
-                    past_key_values=_cache_rows(kv, pick, model),
+                    past_key_values=_cache_rows(cache, pick, model),
                     use_cache=True,
                 ).last_hidden_state[:, -1]
                 logits = head(hidden, level).masked_fill(~allowed_rows[pick], float("-inf"))
@@ -320,10 +319,9 @@ def beam_search_fast(
         beam, codes = flat_idx // size, flat_idx % size
         order = (base + beam).reshape(-1)  # rows of the surviving beams' parents
         node = child[level][flat_node[order], codes.reshape(-1)].long().reshape(n_users, width)
-        if level < n_levels - 1:
-            kv = _kv(cache) if shortcuts else None
-            if kv is not None:
-                _reorder_generated(kv, order, ids.shape[1])
+        if not last:
+            if shortcuts and known_layout:
+                _reorder_generated(cache, order, ids.shape[1])
             else:
                 cache.reorder_cache(cast(torch.LongTensor, order))
     return _finish(scores, node, num_anchors)
