@@ -4,7 +4,9 @@ A candidate scoring = one unexposed candidate's max-pooled cosine against its us
 (384-d embeddings, 10 anchors per user) plus its three confidence factors and calibration. Two
 figures, measured in one run on the same data:
 
-* kernel: ``max_cosine`` alone over all rows (the vectorized grouped matrix products);
+* kernel: ``max_cosine`` alone over all rows (the vectorized grouped matrix products), on one
+  thread per core (the default) and, alternating with it, on one thread (``--repeats`` times
+  each; the median is reported);
 * job: the whole ``generate_pseudo_labels`` call streaming the request log from parquet,
   including anchor-set lookup, confidence, calibration and writing the output.
 
@@ -32,7 +34,7 @@ from training.pseudo_labels.job import (
     generate_pseudo_labels,
     load_anchor_bank,
 )
-from training.pseudo_labels.relevance import l2_normalize, max_cosine
+from training.pseudo_labels.relevance import default_workers, l2_normalize, max_cosine
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -114,6 +116,7 @@ def main() -> None:
     parser.add_argument("--anchors", type=int, default=10)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=5, help="kernel timings per variant")
     parser.add_argument(
         "--out",
         type=Path,
@@ -130,9 +133,14 @@ def main() -> None:
     set_idx = np.asarray(
         [int(u[1:]) for u in requests.column("user_id").to_pylist()], np.int64
     )  # users were built in order u0..uN, one set each
-    began = time.perf_counter()
-    max_cosine(index.embeddings, item_idx, bank.anchors, bank.mask, set_idx)
-    kernel_s = time.perf_counter() - began
+    timings: dict[str, list[float]] = {"threads": [], "one thread": []}
+    for _ in range(args.repeats):
+        for name, workers in (("threads", None), ("one thread", 1)):
+            began = time.perf_counter()
+            max_cosine(index.embeddings, item_idx, bank.anchors, bank.mask, set_idx, workers)
+            timings[name].append(time.perf_counter() - began)
+    kernel_s = float(np.median(timings["threads"]))
+    single_s = float(np.median(timings["one thread"]))
 
     with tempfile.TemporaryDirectory() as tmp:
         path = write_table(requests, Path(tmp) / "requests.parquet")
@@ -149,7 +157,11 @@ def main() -> None:
         f"{args.anchors} anchors, {os.cpu_count()} cores"
     )
     print(f"{'path':<44}{'seconds':>9}{'scorings/s':>14}")
-    print(f"{'kernel (max_cosine, all rows)':<44}{kernel_s:>9.2f}{rows / kernel_s:>14,.0f}")
+    print(
+        f"{'kernel (max_cosine, all rows, threads)':<44}{kernel_s:>9.2f}{rows / kernel_s:>14,.0f}"
+    )
+    one = "kernel (max_cosine, all rows, one thread)"
+    print(f"{one:<44}{single_s:>9.2f}{rows / single_s:>14,.0f}")
     print(f"{'job (stream parquet -> labels parquet)':<44}{job_s:>9.2f}{scored / job_s:>14,.0f}")
     print("target: >= 2,000,000 scorings/s")
     out = {
@@ -157,7 +169,19 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
         "params": {k: v for k, v in vars(args).items() if k != "out"},
-        "kernel": {"rows": rows, "seconds": kernel_s, "scorings_per_s": rows / kernel_s},
+        "kernel": {
+            "rows": rows,
+            "workers": default_workers(),
+            "seconds": kernel_s,
+            "scorings_per_s": rows / kernel_s,
+            "seconds_all": timings["threads"],
+        },
+        "kernel_one_thread": {
+            "rows": rows,
+            "seconds": single_s,
+            "scorings_per_s": rows / single_s,
+            "seconds_all": timings["one thread"],
+        },
         "job": {"rows_scored": scored, "seconds": job_s, "scorings_per_s": scored / job_s},
     }
     args.out.parent.mkdir(parents=True, exist_ok=True)

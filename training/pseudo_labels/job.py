@@ -511,9 +511,11 @@ class _Stats:
         self.rng = np.random.default_rng(0)
 
     def add(self, table: pa.Table) -> None:
-        status = table.column("status").to_numpy(zero_copy_only=False)
-        for value, count in zip(*np.unique(status, return_counts=True), strict=True):
-            self.status[str(value)] = self.status.get(str(value), 0) + int(count)
+        # Arrow's hash-based counts: sorting the status strings with np.unique cost ~20% of
+        # the whole job.
+        for entry in pc.value_counts(table.column("status")).to_pylist():
+            value, count = str(entry["values"]), int(entry["counts"])
+            self.status[value] = self.status.get(value, 0) + count
         no_anchor = table.filter(pc.equal(table.column("status"), "no_anchors"))
         self.users_without_anchors.update(pc.unique(no_anchor.column("user_id")).to_pylist())
         ok = table.filter(pc.equal(table.column("status"), "ok"))
