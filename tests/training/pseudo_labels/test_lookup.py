@@ -1,0 +1,67 @@
+"""The anchor-set lookup gives the point-in-time join's answer (``match_rows``), row for row."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pytest
+
+from training.data.contract import TIMESTAMP
+from training.features.offline_store import match_rows
+from training.pseudo_labels.lookup import AnchorSetLookup
+
+T0 = datetime(2024, 1, 1, tzinfo=UTC)
+
+
+def _ts(values: list[datetime | None]) -> pa.Array:
+    return pa.array(values, TIMESTAMP)
+
+
+def _reference(rows: pa.Table, keys: pa.Table) -> np.ndarray:
+    got = match_rows(rows, keys, ["user_id"], "event_timestamp", None, None)
+    return np.asarray(pc.fill_null(got, -1).to_numpy(zero_copy_only=False), np.int64)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_lookup_equals_the_point_in_time_join(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    n_sets, n_rows = 60, 2_000
+    users = [f"u{k}" for k in rng.integers(0, 12, n_sets)]
+    days = rng.integers(0, 30, n_sets)
+    days[:5] = days[5:10]  # some equal (user, cutoff) pairs: the last row must win
+    users[:5] = users[5:10]
+    keys = pa.table(
+        {
+            "user_id": users,
+            "event_timestamp": _ts([T0 + timedelta(days=int(d)) for d in days]),
+        }
+    )
+    row_users = [f"u{k}" for k in rng.integers(0, 15, n_rows)]  # u12..u14 have no sets
+    row_times: list[datetime | None] = [
+        T0 + timedelta(days=int(d), hours=int(h))
+        for d, h in zip(rng.integers(-3, 35, n_rows), rng.integers(0, 2, n_rows), strict=True)
+    ]
+    row_times[:3] = [T0 + timedelta(days=int(d)) for d in days[:3]]  # exactly at a cutoff
+    rows = pa.table({"user_id": row_users, "event_timestamp": _ts(row_times)})
+    want = _reference(rows, keys)
+    got = AnchorSetLookup.of(keys)(rows.column("user_id"), rows.column("event_timestamp"))
+    np.testing.assert_array_equal(got, want)
+    assert (got == -1).any() and (got >= 0).any()
+
+
+def test_nulls_and_empty_bank() -> None:
+    keys = pa.table({"user_id": ["a", None], "event_timestamp": _ts([T0, T0])})
+    rows = pa.table(
+        {
+            "user_id": ["a", "a", None, "b"],
+            "event_timestamp": _ts([T0, None, T0, T0]),
+        }
+    )
+    got = AnchorSetLookup.of(keys)(rows.column("user_id"), rows.column("event_timestamp"))
+    np.testing.assert_array_equal(got, [0, -1, -1, -1])
+    empty = pa.table({"user_id": pa.array([], pa.string()), "event_timestamp": _ts([])})
+    got = AnchorSetLookup.of(empty)(rows.column("user_id"), rows.column("event_timestamp"))
+    np.testing.assert_array_equal(got, [-1, -1, -1, -1])

@@ -1,0 +1,92 @@
+"""Point-in-time lookup of anchor sets: each request row's latest set with cutoff <= its time.
+
+The same answer as :func:`training.features.offline_store.match_rows` on ``(user_id,
+event_timestamp)`` (equal cutoffs: the last row wins), without a DuckDB join per batch: the sets
+are sorted once by (user, cutoff), and each batch is one hashed id lookup (Arrow) plus a
+vectorized binary search within each row's user range (about log2(sets per user) numpy passes).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import TypeAlias
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from training.data.contract import TIMESTAMP
+
+I64 = npt.NDArray[np.int64]
+Column: TypeAlias = pa.Array | pa.ChunkedArray
+
+
+def _micros(column: Column) -> tuple[I64, npt.NDArray[np.bool_]]:
+    """Timestamps as int64 microseconds (UTC) and which are present."""
+    ts = column.cast(TIMESTAMP).cast(pa.int64())
+    present = pc.is_valid(ts).to_numpy(zero_copy_only=False)
+    return pc.fill_null(ts, 0).to_numpy(zero_copy_only=False).astype(np.int64), present
+
+
+@dataclass(frozen=True)
+class AnchorSetLookup:
+    """Anchor sets sorted by (user, cutoff), ready for per-batch point-in-time lookups.
+
+    Attributes:
+        users: Distinct user ids of the sets (Arrow value set).
+        start: Per user (position in ``users``), first sorted position of its sets.
+        end: Per user, one past its last sorted position.
+        cutoffs: Cutoff (microseconds) per sorted position, ascending within each user.
+        rows: Original set index per sorted position.
+    """
+
+    users: pa.Array
+    start: I64
+    end: I64
+    cutoffs: I64
+    rows: I64
+
+    @classmethod
+    def of(cls, keys: pa.Table) -> AnchorSetLookup:
+        """From the sets' ``user_id`` and ``event_timestamp`` (cutoff) columns, in set order."""
+        user = keys.column("user_id").combine_chunks()
+        cutoffs, has_cutoff = _micros(keys.column("event_timestamp"))
+        usable = has_cutoff & pc.is_valid(user).to_numpy(zero_copy_only=False)
+        encoded = pc.dictionary_encode(user)
+        codes = pc.fill_null(encoded.indices, -1).to_numpy(zero_copy_only=False).astype(np.int64)
+        index = np.flatnonzero(usable)
+        # Sorted by user, cutoff, then set row: among equal cutoffs the last row is found last.
+        order = index[np.lexsort((index, cutoffs[index], codes[index]))]
+        sorted_codes = codes[order]
+        n_users = len(encoded.dictionary)
+        every = np.arange(n_users)
+        return cls(
+            users=encoded.dictionary,
+            start=np.searchsorted(sorted_codes, every, side="left").astype(np.int64),
+            end=np.searchsorted(sorted_codes, every, side="right").astype(np.int64),
+            cutoffs=cutoffs[order],
+            rows=order.astype(np.int64),
+        )
+
+    def __call__(self, user_ids: Column, timestamps: Column) -> I64:
+        """Set index of each row (-1: unknown user, no set at or before its time, or nulls)."""
+        code = pc.fill_null(pc.index_in(user_ids, value_set=self.users), -1)
+        code_np = code.to_numpy(zero_copy_only=False).astype(np.int64)
+        t, present = _micros(timestamps)
+        known = (code_np >= 0) & present
+        safe = np.where(known, code_np, 0)
+        lo = np.where(known, self.start[safe] if len(self.start) else 0, 0)
+        hi = np.where(known, self.end[safe] if len(self.end) else 0, 0)
+        first = lo.copy()
+        # Binary search for the first position whose cutoff is after t, all rows at once.
+        active = lo < hi
+        while active.any():
+            mid = (lo + hi) // 2
+            after = np.zeros(len(mid), np.bool_)
+            after[active] = self.cutoffs[mid[active]] > t[active]
+            hi = np.where(active & after, mid, hi)
+            lo = np.where(active & ~after, mid + 1, lo)
+            active = lo < hi
+        found = lo > first
+        return np.where(found, self.rows[np.maximum(lo - 1, 0)] if len(self.rows) else -1, -1)
