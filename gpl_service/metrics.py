@@ -84,6 +84,23 @@ class Metrics:
             "When the item cache was filled.",
             registry=r,
         )
+        self.item_states_rows = Gauge(
+            "gpl_item_states_rows",
+            "Cache rows whose item states (the models' item halves) are precomputed; 0 when the "
+            "full graphs score every candidate.",
+            registry=r,
+        )
+        self.item_states_seconds = Gauge(
+            "gpl_item_states_seconds",
+            "Time the last full item-state precomputation took (a snapshot or bundle swap).",
+            registry=r,
+        )
+        self.item_states_recomputed = Counter(
+            "gpl_item_states_recomputed",
+            "Candidate rows whose item state was computed during a request because a view was "
+            "past its ttl (their inputs are the view's defaults, not the cached values).",
+            registry=r,
+        )
         self.feature_age = Histogram(
             "gpl_feature_age_seconds",
             "Age of the feature rows a request used, by view (items: the oldest candidate row).",

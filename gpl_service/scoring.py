@@ -393,6 +393,7 @@ class Scorer:
         changed = items.changed if pick is None else items.changed[pick]
         if changed.any():
             k = np.flatnonzero(changed)
+            self.metrics.item_states_recomputed.inc(len(k))
             where = k if pick is None else pick[k]
             state[k] = plan.bundle.item_state(
                 kind,

@@ -146,6 +146,8 @@ class ServiceState:
         if plan is None or plan.states is None or (snap.items == 0 and not self.items_ready):
             return
         table = plan.states.table(snap)
+        self.metrics.item_states_rows.set(table.rows)
+        self.metrics.item_states_seconds.set(table.seconds)
         log.info(
             "item states of bundle %s: %d rows in %.2fs (%s)",
             plan.bundle.model_version,
@@ -191,6 +193,8 @@ class ServiceState:
             bundle.warnings.extend(self._feature_service_drift(bundle))
             for warning in bundle.warnings:
                 log.warning("bundle %s: %s", bundle.model_version, warning)
+            if plan.states is None:
+                self.metrics.item_states_rows.set(0)
             if plan.states is None and self.settings.precompute_item_states:
                 log.info(
                     "bundle %s has no split graphs (exported before they existed): the full "

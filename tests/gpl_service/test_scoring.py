@@ -66,6 +66,14 @@ def test_served_scores_equal_offline_join_scores(
     with TestClient(app) as client:
         got = client.post("/v1/prerank", json=body).json()
         fraction = client.get("/v1/models").json()["hard_fraction"]
+        metrics = client.get("/metrics").text
+    rows = float(metrics.split("\ngpl_item_states_rows ")[1].split()[0])
+    recomputed = float(metrics.split("\ngpl_item_states_recomputed_total ")[1].split()[0])
+    assert rows == (len(served.items) + 1 if precompute else 0)  # + the unknown item's row
+    # 45 days on, every candidate is past item_popularity's ttl: recomputed from its defaults
+    assert recomputed == (
+        len(items) + math.ceil(0.2 * len(items)) if precompute and days_later else 0
+    )
     assert got["degraded"] is False
     assert got["stats"]["history_items"] > 0
     assert got["stats"]["item_states"] == ("precomputed" if precompute else "per request")
