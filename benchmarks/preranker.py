@@ -70,6 +70,13 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3)
     p.add_argument("--objectives", default=None, help="comma-separated (default: all)")
     p.add_argument("--reuse", action="store_true", help="reuse the run directory's stages")
+    p.add_argument(
+        "--light-hidden",
+        type=int,
+        default=None,
+        help="hidden width of the light towers (default: the model default), for experiments "
+        "with the cascade's FLOPs",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preranker.json")
     args = p.parse_args()
     run = args.run_dir
@@ -78,7 +85,10 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
     configs = run / "configs"
     configs.mkdir(parents=True, exist_ok=True)
-    for name, cfg in (("funnel", FUNNEL), ("preranker", PRERANKER), ("anchors", ANCHORS)):
+    preranker: dict[str, Any] = dict(PRERANKER)
+    if args.light_hidden is not None:
+        preranker["model"] = {"light_hidden": args.light_hidden}
+    for name, cfg in (("funnel", FUNNEL), ("preranker", preranker), ("anchors", ANCHORS)):
         (configs / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     r = ["--run-dir", str(run)]
     if not args.reuse:
@@ -121,7 +131,7 @@ def main() -> None:
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
         "funnel": FUNNEL,
-        "preranker": PRERANKER,
+        "preranker": preranker,
         "anchors": ANCHORS,
         "cutoff": cutoff,
         "seeds": args.seeds,
