@@ -406,6 +406,7 @@ def export_bundle(
         ServingGraph,
         export_graph,
         export_split,
+        state_width,
     )
     from export.parity import check_parity, random_cases
     from training.io import code_version, read_manifest
@@ -487,17 +488,17 @@ def export_bundle(
                         "outputs": [
                             {
                                 "name": "item_state",
-                                "shape": ["N", graphs[kind].model.item_side_width + 1],
+                                "shape": ["N", state_width(graphs[kind])],
                                 "dtype": "float32",
                             }
                         ],
                     },
                     "score": {
                         "file": SPLIT_FILES[kind][1],
-                        "inputs": spec.score_inputs(graphs[kind].model.item_side_width + 1),
+                        "inputs": spec.score_inputs(state_width(graphs[kind])),
                         "outputs": spec.outputs(),
                     },
-                    "state_width": graphs[kind].model.item_side_width + 1,
+                    "state_width": state_width(graphs[kind]),
                     "state_columns": "the model's item side (item tower; expressive: then the "
                     "attention query), then 1 / ||item_emb||",
                 }

@@ -125,20 +125,9 @@ def cross_in_graph(
 
     A slot counts as present when its vector is not all zeros (the models' padding rule).
     """
-    cand = _unit(item_emb)
-    columns: list[Tensor] = []
-    for slots in (anchor_emb, history_emb):
-        r, s, d = slots.shape
-        present = slots.abs().sum(-1) > 0  # (R, S)
-        keys = _unit(slots).reshape(r * s, d)
-        every = cand @ keys.T  # (N, R*S)
-        cols = row_request.unsqueeze(1) * s + torch.arange(s, device=slots.device).unsqueeze(0)
-        cos = torch.gather(every, 1, cols)  # (N, S)
-        mask = present[row_request]
-        best = torch.where(mask, cos, torch.full_like(cos, _PAD_COSINE)).max(dim=1).values
-        has = mask.any(dim=1)
-        columns += [torch.where(has, best, torch.zeros_like(best)), has.to(cos.dtype)]
-    return torch.stack(columns, dim=1)
+    return cross_from_states(
+        item_emb, _inverse_norm(item_emb), anchor_emb, history_emb, row_request
+    )
 
 
 def cross_from_states(
@@ -148,11 +137,11 @@ def cross_from_states(
     history_emb: Tensor,
     row_request: Tensor,
 ) -> Tensor:
-    """:func:`cross_in_graph` with the candidates' inverse norms given (precomputed per item).
+    """:func:`cross_in_graph` with the candidates' inverse norms given.
 
-    Cheaper per request: the (N, D) candidate vectors are not normalized (each row's cosines
-    are scaled by its inverse norm instead: N x S multiplications instead of N x D), and the
-    anchors and the history are matched in one matrix product.
+    The score graph has them precomputed per item. The (N, D) candidate vectors are not
+    normalized (each row's cosines are scaled by its inverse norm instead: N x S multiplications
+    instead of N x D), and the anchors and the history are matched in one matrix product.
     """
     r, a, d = anchor_emb.shape
     h = history_emb.shape[1]
@@ -207,6 +196,11 @@ class ServingGraph(nn.Module):
             cross,
         )
         return torch.sigmoid(logit), logit
+
+
+def state_width(graph: ServingGraph) -> int:
+    """Columns of the item graph's ``item_state``: the model's item side, then the inverse norm."""
+    return graph.model.item_side_width + 1
 
 
 class ItemGraph(nn.Module):

@@ -32,6 +32,8 @@ per item and reuse it for every request (:mod:`export.onnx_export` exports both 
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import Tensor, nn
 
@@ -64,7 +66,7 @@ def _per_row_dot(query: Tensor, keys: Tensor, row_request: Tensor) -> Tensor:
     return torch.gather(every, 1, cols)
 
 
-class _TwoTowers(nn.Module):
+class _TwoTowers(nn.Module, ABC):
     """The user and item towers both models share (each model sizes its own)."""
 
     category: nn.Embedding
@@ -90,15 +92,16 @@ class _TwoTowers(nn.Module):
         )
         return out
 
+    @abstractmethod
     def item_side(self, item_numeric: Tensor, category: Tensor, item_emb: Tensor) -> Tensor:
         """What depends on the candidate alone, (N, :attr:`item_side_width`)."""
-        raise NotImplementedError
 
     @property
+    @abstractmethod
     def item_side_width(self) -> int:
         """Columns of :meth:`item_side`'s output."""
-        raise NotImplementedError
 
+    @abstractmethod
     def score_side(
         self,
         user_numeric: Tensor,
@@ -109,7 +112,6 @@ class _TwoTowers(nn.Module):
         cross: Tensor,
     ) -> Tensor:
         """Logits (N,) from the user inputs and each row's :meth:`item_side` output."""
-        raise NotImplementedError
 
     def forward(
         self,
