@@ -7,6 +7,7 @@ in after that, so a bad bundle can never replace a good one.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import time
@@ -45,6 +46,27 @@ def gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
+_cuda_libraries_loaded = False
+
+
+def _load_cuda_libraries() -> None:
+    """Make the CUDA and cuDNN libraries of NVIDIA's pip wheels visible to ONNX Runtime.
+
+    onnxruntime-gpu links CUDA 13 dynamically. Where CUDA comes from the ``nvidia-*`` wheels
+    (as it does beside torch) the libraries are not on the loader's path, and ONNX Runtime
+    would log an error and quietly run on the CPU. ``preload_dlls`` loads them from those
+    wheels; a system-wide CUDA needs nothing (failures here are left to the session check).
+    """
+    global _cuda_libraries_loaded
+    preload = getattr(ort, "preload_dlls", None)
+    if _cuda_libraries_loaded or preload is None:
+        return
+    # Best effort: load_bundle checks which provider each session really got.
+    with contextlib.suppress(Exception):
+        preload()
+    _cuda_libraries_loaded = True
+
+
 def _providers(choice: Providers) -> list[str]:
     available = ort.get_available_providers()
     if choice == "cpu":
@@ -52,8 +74,12 @@ def _providers(choice: Providers) -> list[str]:
     if choice == "cuda":
         if CUDA not in available or not gpu_present():
             raise BundleLoadError("providers=cuda but no CUDA GPU / CUDA provider is available")
+        _load_cuda_libraries()
         return [CUDA, CPU]
-    return [CUDA, CPU] if CUDA in available and gpu_present() else [CPU]
+    if CUDA in available and gpu_present():
+        _load_cuda_libraries()
+        return [CUDA, CPU]
+    return [CPU]
 
 
 @dataclass
@@ -291,6 +317,11 @@ def load_bundle(
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleLoadError(f"{path / name}: ONNX Runtime cannot load it: {exc}") from exc
         _check_signature(session, path / name, INPUT_NAMES, OUTPUT_NAMES)
+        if providers == "cuda" and CUDA not in session.get_providers():
+            raise BundleLoadError(
+                f"{path / name}: providers=cuda, but ONNX Runtime could not start its CUDA "
+                "provider (CUDA 13 / cuDNN 9 libraries missing?) and fell back to the CPU"
+            )
         sessions[kind] = session
     digest = hashlib.sha256((path / CHECKSUMS).read_bytes()).hexdigest()[:16]
     bundle = LoadedBundle(

@@ -34,6 +34,23 @@ def test_cuda_without_a_gpu_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
         models._providers("cuda")
 
 
+def test_cuda_sessions_that_fall_back_to_the_cpu_are_refused(
+    served: Served, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Forced CUDA where ONNX Runtime cannot start it: a refusal, never a silent CPU service."""
+    if models.gpu_present():
+        pytest.skip("a GPU is visible: ONNX Runtime may really start its CUDA provider here")
+    preloads: list[int] = []
+    monkeypatch.setattr(models, "gpu_present", lambda: True)
+    monkeypatch.setattr(models, "_cuda_libraries_loaded", False)
+    monkeypatch.setattr(models.ort, "preload_dlls", lambda: preloads.append(1), raising=False)
+    if CUDA not in models.ort.get_available_providers():
+        monkeypatch.setattr(models.ort, "get_available_providers", lambda: [CUDA, CPU])
+    with pytest.raises(BundleLoadError, match="fell back to the CPU"):
+        load_bundle(served.bundle, providers="cuda", threads=1)
+    assert preloads == [1]  # the CUDA libraries were looked for once, before the sessions
+
+
 def test_loaded_bundle_reports_what_it_serves(served: Served) -> None:
     bundle = load_bundle(served.bundle, providers="auto", threads=1)
     if not models.gpu_present():
