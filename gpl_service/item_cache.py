@@ -3,11 +3,12 @@
 Per request the service needs features of thousands of items; reading them from the online
 store each time would cost more than the whole latency budget. So the cache is filled from the
 online store at start-up (every item entity the store holds, every online item view), kept as
-arrays indexed by a dict ``item_id -> row``, and replaced wholesale when a materialization
-changes an item view (:mod:`gpl_service.watcher`). Items a request names that the cache lacks
-are read from the store on the spot and appended; items the store lacks too are *unknown*: they
-get the views' declared defaults and missing indicators (row 0), and are remembered as unknown
-until the next refresh so repeated requests do not hit the store again.
+arrays indexed by ``item_id -> row`` (:class:`~gpl_service.id_index.IdIndex`), and replaced
+wholesale when a materialization changes an item view (:mod:`gpl_service.watcher`). Items a
+request names that the cache lacks are read from the store on the spot and appended; items the
+store lacks too are *unknown*: they get the views' declared defaults and missing indicators
+(row 0), and are remembered as unknown until the next refresh so repeated requests do not hit
+the store again.
 
 Layout (row 0 is the unknown item):
 
@@ -31,6 +32,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from gpl_service.id_index import IdIndex
 from gpl_service.online import OnlineReader, Row, ViewSpec
 
 EMBEDDING_VIEW: Final = "item_semantics"
@@ -113,7 +115,7 @@ class ItemSnapshot:
     string_values: dict[str, list[str]]
     emb: F32
     event_ts: dict[str, npt.NDArray[np.float64]]
-    index: dict[str, int]
+    index: IdIndex
     size: int  # rows in use, row 0 included
     loaded_at: float
     fill_seconds: float = 0.0
@@ -142,7 +144,7 @@ class ItemSnapshot:
             string_values={},
             emb=np.zeros((cap, layout.dim), np.float32),
             event_ts={s.name: np.full(cap, np.nan) for s in layout.views},
-            index={},
+            index=IdIndex(),
             size=1,
             loaded_at=time.time(),
         )
@@ -186,10 +188,12 @@ class ItemSnapshot:
         with self._lock:
             self._grow(self.size + len(ids))
             out: list[int] = []
+            added: dict[str, int] = {}
             col_of = layout.column
             for k, item_id in enumerate(ids):
-                if item_id in self.index:
-                    out.append(self.index[item_id])
+                known = self.index.get(item_id) or added.get(item_id)
+                if known:
+                    out.append(known)
                     continue
                 present = [s for s in layout.views if rows_by_view[s.name][k].values is not None]
                 if not present:
@@ -218,9 +222,10 @@ class ItemSnapshot:
                             text = spec.defaults[name] if value is None else str(value)
                             self.strings[col][r] = self._code(col, text)
                 self.numeric[r] = row
-                self.index[item_id] = r
+                added[item_id] = r
                 self.size = r + 1
                 out.append(r)
+            self.index.extend(list(added), list(added.values()))
             return out
 
     def remember_unknown(self, ids: Sequence[str], limit: int) -> None:

@@ -22,7 +22,6 @@ so no request waits on a dead store twice in a row, and the first success after 
 
 from __future__ import annotations
 
-import itertools
 import math
 import time
 from dataclasses import dataclass, field
@@ -302,9 +301,7 @@ class Scorer:
         self, snap: ItemSnapshot, ids: list[str], store_ok: bool
     ) -> tuple[I64, npt.NDArray[np.bool_]]:
         """Cache rows of ``ids`` (0 = unknown) and which of them the cache held already."""
-        index = snap.index
-        # map() with a repeated default runs the lookups in C: ~2.5x faster than a generator.
-        rows = np.fromiter(map(index.get, ids, itertools.repeat(0)), np.int64, len(ids))
+        rows = snap.index.rows(ids)
         cached = rows > 0
         miss = [ids[k] for k in np.flatnonzero(~cached)]
         if miss:

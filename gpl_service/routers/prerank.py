@@ -10,7 +10,7 @@ from fastapi.concurrency import run_in_threadpool
 
 from gpl_service.deps import Plan, State
 from gpl_service.errors import ERROR_RESPONSES, ErrorResponse
-from gpl_service.schemas import PrerankResponse, PrerankStats, ScoredItem, prerank_request_model
+from gpl_service.schemas import PrerankResponse, prerank_request_model
 from gpl_service.settings import ServeSettings
 
 
@@ -43,20 +43,24 @@ def make_router(settings: ServeSettings) -> APIRouter:
         scored = await run_in_threadpool(
             state.scorer.score, plan, snap, body.user_id, unique, top_k
         )
-        answer = PrerankResponse(
-            request_id=body.request_id or uuid.uuid4().hex,
-            model_version=plan.bundle.model_version,
-            degraded=scored.degraded,
-            items=[
-                ScoredItem(item_id=i, score=s, model=m)  # type: ignore[arg-type]
-                for i, s, m in zip(scored.item_ids, scored.scores, scored.models, strict=True)
-            ],
-            stats=PrerankStats(
-                **scored.stats, duplicates_removed=len(body.candidates) - len(unique)
-            ),
+        # One validation of plain dicts (in pydantic-core) instead of a model per item: half
+        # the cost at top_k 100; then serialized once, instead of FastAPI dumping it,
+        # re-validating it against response_model and encoding it again.
+        answer = PrerankResponse.model_validate(
+            {
+                "request_id": body.request_id or uuid.uuid4().hex,
+                "model_version": plan.bundle.model_version,
+                "degraded": scored.degraded,
+                "items": [
+                    {"item_id": i, "score": s, "model": m}
+                    for i, s, m in zip(scored.item_ids, scored.scores, scored.models, strict=True)
+                ],
+                "stats": {
+                    **scored.stats,
+                    "duplicates_removed": len(body.candidates) - len(unique),
+                },
+            }
         )
-        # Already validated: serialize it once (pydantic-core), instead of letting FastAPI
-        # dump, re-validate against response_model and encode it again (~0.4 ms a request).
         return Response(answer.model_dump_json(), media_type="application/json")
 
     return router
