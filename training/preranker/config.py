@@ -27,7 +27,13 @@ class ModelSettings(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     tower_dim: int = Field(default=32, ge=4, description="Output width of each tower.")
-    light_hidden: int = Field(default=64, ge=4, description="Hidden width of the light towers.")
+    light_hidden: int = Field(
+        default=48,
+        ge=4,
+        description="Hidden width of the light towers. 48 keeps the cascade (light on all, "
+        "expressive on the top 20%) within 40% of the expressive model's FLOPs on every "
+        "candidate (64: 42%); BENCHMARKS.md compares 32, 48 and 64.",
+    )
     expressive_hidden: int = Field(
         default=192, ge=4, description="Hidden width of the expressive towers and scorer."
     )
