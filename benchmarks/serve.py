@@ -58,6 +58,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from importlib import metadata
@@ -934,13 +935,28 @@ def http_load(
     return [x for lat in latencies for x in lat], elapsed, answers
 
 
+def request_bodies(pool: list[tuple[str, list[str]]]) -> list[bytes]:
+    """The pool's (user, candidates) as pre-encoded ``POST /v1/prerank`` bodies."""
+    return [json.dumps({"user_id": u, "candidates": c, "top_k": TOP_K}).encode() for u, c in pool]
+
+
+@contextlib.contextmanager
+def opened(*clients: Client) -> Iterator[tuple[Client, ...]]:
+    """The clients, closed on the way out."""
+    try:
+        yield clients
+    finally:
+        for client in clients:
+            client.close()
+
+
 def alternate(
-    pair: tuple[tuple[Client, str], tuple[Client, str]], bodies: list[bytes], total: int
+    pair: tuple[Client, ...], bodies: list[bytes], total: int
 ) -> tuple[list[float], list[float], list[bytes]]:
-    """Each request through both (client, path) pairs back to back, alternating the order.
+    """Each request through both clients back to back, alternating which goes first.
 
     Returns:
-        Single-stream latencies of each pair, and the first pair's answers.
+        Single-stream latencies of each client, and the first client's answers.
     """
     lat: tuple[list[float], list[float]] = ([], [])
     answers: list[bytes] = []
@@ -948,9 +964,8 @@ def alternate(
         body = bodies[k % len(bodies)]
         order = (0, 1) if k % 2 == 0 else (1, 0)
         for j in order:
-            client, path = pair[j]
             t0 = time.perf_counter()
-            answer = client.post(path, body)
+            answer = pair[j].post("/v1/prerank", body)
             lat[j].append(time.perf_counter() - t0)
             content = _checked(answer)
             if j == 0:
@@ -966,18 +981,10 @@ def bench_http_ab(
     rows: list[dict[str, Any]] = []
     try:
         for n in args.sizes:
-            bodies = [
-                json.dumps({"user_id": u, "candidates": c, "top_k": TOP_K}).encode()
-                for u, c in pools[n]
-            ]
-            clients = (StdlibClient(servers[0][1]), StdlibClient(servers[1][1]))
-            pair = ((clients[0], "/v1/prerank"), (clients[1], "/v1/prerank"))
-            try:
+            bodies = request_bodies(pools[n])
+            with opened(StdlibClient(servers[0][1]), StdlibClient(servers[1][1])) as pair:
                 alternate(pair, bodies, 10)  # warm-up
                 lat = alternate(pair, bodies, args.iterations)[:2]
-            finally:
-                for client in clients:
-                    client.close()
             for path, times in zip(("http ab", "http full"), lat, strict=True):
                 row = {"store": kind, "candidates": n, "path": path, "concurrency": 1}
                 rows.append({**row, **stats_of(times)})
@@ -1002,10 +1009,7 @@ def bench_http(
     rows: list[dict[str, Any]] = []
     try:
         for n in args.sizes:
-            bodies = [
-                json.dumps({"user_id": u, "candidates": c, "top_k": TOP_K}).encode()
-                for u, c in pools[n]
-            ]
+            bodies = request_bodies(pools[n])
             first = json.loads(http_load(url, bodies[:1], 1, 1)[2][0])
             if len(first["items"]) != TOP_K or first["stats"]["unknown_items"]:
                 raise SystemExit(f"{kind} N={n}: unexpected answer {json.dumps(first)[:400]}")
@@ -1013,13 +1017,8 @@ def bench_http(
             for c in args.concurrency:
                 base = {"store": kind, "candidates": n, "concurrency": c}
                 if c == 1:  # single stream: the stdlib client, and httpx interleaved with it
-                    clients = (StdlibClient(url), HttpxClient(url))
-                    try:
-                        pair = ((clients[0], "/v1/prerank"), (clients[1], "/v1/prerank"))
+                    with opened(StdlibClient(url), HttpxClient(url)) as pair:
                         lat, lat_httpx, answers = alternate(pair, bodies, args.iterations)
-                    finally:
-                        for client in clients:
-                            client.close()
                     row = {**base, "path": "http", "client": "stdlib", **stats_of(lat)}
                     # where the time goes: the scorer's own stages, server side
                     timings = [json.loads(a)["stats"]["timings_ms"] for a in answers]

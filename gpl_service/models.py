@@ -8,6 +8,7 @@ in after that, so a bad bundle can never replace a good one.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import time
@@ -46,40 +47,32 @@ def gpu_present() -> bool:
     return os.path.exists("/dev/nvidiactl") or os.path.exists("/dev/nvidia0")
 
 
-_cuda_libraries_loaded = False
-
-
+@functools.cache
 def _load_cuda_libraries() -> None:
-    """Make the CUDA and cuDNN libraries of NVIDIA's pip wheels visible to ONNX Runtime.
+    """Make the CUDA and cuDNN libraries of NVIDIA's pip wheels visible to ONNX Runtime (once).
 
     onnxruntime-gpu links CUDA 13 dynamically. Where CUDA comes from the ``nvidia-*`` wheels
     (as it does beside torch) the libraries are not on the loader's path, and ONNX Runtime
     would log an error and quietly run on the CPU. ``preload_dlls`` loads them from those
     wheels; a system-wide CUDA needs nothing (failures here are left to the session check).
     """
-    global _cuda_libraries_loaded
     preload = getattr(ort, "preload_dlls", None)
-    if _cuda_libraries_loaded or preload is None:
-        return
     # Best effort: load_bundle checks which provider each session really got.
-    with contextlib.suppress(Exception):
-        preload()
-    _cuda_libraries_loaded = True
+    if preload is not None:
+        with contextlib.suppress(Exception):
+            preload()
 
 
 def _providers(choice: Providers) -> list[str]:
-    available = ort.get_available_providers()
     if choice == "cpu":
         return [CPU]
-    if choice == "cuda":
-        if CUDA not in available or not gpu_present():
-            raise BundleLoadError("providers=cuda but no CUDA GPU / CUDA provider is available")
-        _load_cuda_libraries()
-        return [CUDA, CPU]
-    if CUDA in available and gpu_present():
-        _load_cuda_libraries()
-        return [CUDA, CPU]
-    return [CPU]
+    cuda = CUDA in ort.get_available_providers() and gpu_present()
+    if choice == "cuda" and not cuda:
+        raise BundleLoadError("providers=cuda but no CUDA GPU / CUDA provider is available")
+    if not cuda:
+        return [CPU]
+    _load_cuda_libraries()
+    return [CUDA, CPU]
 
 
 @dataclass

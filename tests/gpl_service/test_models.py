@@ -42,8 +42,8 @@ def test_cuda_sessions_that_fall_back_to_the_cpu_are_refused(
         pytest.skip("a GPU is visible: ONNX Runtime may really start its CUDA provider here")
     preloads: list[int] = []
     monkeypatch.setattr(models, "gpu_present", lambda: True)
-    monkeypatch.setattr(models, "_cuda_libraries_loaded", False)
     monkeypatch.setattr(models.ort, "preload_dlls", lambda: preloads.append(1), raising=False)
+    models._load_cuda_libraries.cache_clear()
     if CUDA not in models.ort.get_available_providers():
         monkeypatch.setattr(models.ort, "get_available_providers", lambda: [CUDA, CPU])
     with pytest.raises(BundleLoadError, match="fell back to the CPU"):
