@@ -73,6 +73,21 @@ class SidConfig(BaseModel):
         "near-duplicate items differ at the last level instead of only in the disambiguation "
         "code. Ignored when levels is 1.",
     )
+    collision_repulsion: float = Field(
+        default=40.0,
+        ge=0,
+        description="Weight of the RQ-VAE collision-repulsion loss: items whose nearest codes "
+        "collide (same code on every level, found once per epoch) push their latents apart, so "
+        "near-duplicate items end with distinct SIDs before any disambiguation. 0 turns it off "
+        "(see docs/semantic_ids.md for the trade-off against reconstruction and coherence).",
+    )
+    collision_repulsion_width: float = Field(
+        default=0.5,
+        gt=0,
+        description="Width of the repulsion kernel exp(-d2 / (width * mean d2)), relative to the "
+        "batch's mean squared latent distance d2: colliding pairs are far closer than the mean, "
+        "so the push is near its full strength until they separate.",
+    )
     reseed_dead_codes: bool = Field(
         default=True,
         description="After each RQ-VAE epoch but the last, move codes no item used during the "

@@ -234,6 +234,7 @@ def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
             "loss_first_epoch": round(rq.losses[0], 6),
             "loss_last_epoch": round(rq.losses[-1], 6),
             "dead_codes_reseeded": rq.reseeded,
+            "colliding_items_per_epoch": rq.colliding,
         }
     else:
         rk = fit_rkmeans(x, cfg)

@@ -14,6 +14,12 @@ reconstructs the content vector from the sum of the chosen codewords. Training d
   (codebook and commitment terms, VQ-VAE).
 * Codes unused during an epoch are re-seeded onto residuals of randomly drawn items (dead-code
   re-seeding), which keeps utilization high and collisions low.
+* Collision repulsion: at the start of each epoch, items whose nearest codes collide on every
+  level are grouped; in each batch, a colliding item's latent is pushed away from the group
+  mates it still collides with (mean kernel ``exp(-d2 / (width * mean d2))`` over those mates).
+  Without it, the reconstruction loss
+  lets near-duplicate items (product variants) share one code tuple; the push acts only on pairs
+  that collide, so the clusters that make SIDs coherent are left alone.
 
 Training runs on the CPU in float32 under its own RNG state: the model is small (4,385 items x
 20 epochs take seconds), and a fixed device makes the SIDs bit-for-bit reproducible from the seed.
@@ -31,7 +37,12 @@ from tqdm.auto import tqdm
 
 from training.sids.config import SidConfig
 from training.sids.kmeans import Balance, balanced_labels, kmeans, nearest
-from training.sids.tokenizer import QuantizerSpec, SemanticIdTokenizer, build_mlp
+from training.sids.tokenizer import (
+    QuantizerSpec,
+    SemanticIdTokenizer,
+    build_mlp,
+    residual_codes,
+)
 
 
 class RqVae(torch.nn.Module):
@@ -87,13 +98,6 @@ class RqVae(torch.nn.Module):
         z_q = z + (quantized - z).detach()
         return z_q, torch.stack(codes, 1), latent_loss
 
-    def forward(
-        self, x: torch.Tensor, beta: float, balance: Balance | None = None
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Reconstruction, codes and latent loss of a batch."""
-        z_q, codes, latent_loss = self.quantize(self.encoder(x), beta, balance)
-        return self.decoder(z_q), codes, latent_loss
-
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
         """Decoder output from the hard codewords (no straight-through), for evaluation."""
@@ -117,6 +121,8 @@ class RqVaeFit:
         train_seconds: Wall time of initialization + training.
         losses: Mean loss per epoch.
         reseeded: Per level, how many dead codes were re-seeded over the whole training.
+        colliding: Per epoch, the items whose nearest codes collided with another item's at
+            the epoch's start (the ones the collision repulsion pushed), then after training.
     """
 
     tokenizer: SemanticIdTokenizer
@@ -124,6 +130,7 @@ class RqVaeFit:
     train_seconds: float
     losses: list[float] = field(default_factory=list)
     reseeded: list[int] = field(default_factory=list)
+    colliding: list[int] = field(default_factory=list)
 
 
 def _init_codebooks(model: RqVae, x: torch.Tensor, cfg: SidConfig, gen: torch.Generator) -> None:
@@ -165,6 +172,81 @@ def _reseed_dead(
     return counts
 
 
+class CollisionGroups:
+    """Items grouped by their nearest code tuple, keeping only groups of two or more."""
+
+    def __init__(self, model: RqVae, x: torch.Tensor) -> None:
+        with torch.no_grad():
+            codes, _ = residual_codes(model.encoder(x), model.codebooks.detach())
+        _, inverse, counts = np.unique(
+            codes.numpy(), axis=0, return_inverse=True, return_counts=True
+        )
+        inverse = inverse.ravel()
+        #: Per item, its group's index, or -1 when no other item has its codes.
+        self.group = np.where(counts[inverse] > 1, inverse, -1)
+        colliding = np.flatnonzero(self.group >= 0)
+        order = colliding[np.argsort(self.group[colliding], kind="stable")]
+        starts = np.flatnonzero(np.diff(self.group[order])) + 1
+        self._members = {
+            int(self.group[part[0]]): part for part in np.split(order, starts) if len(part)
+        }
+        self.items = len(colliding)
+
+    def pairs(self, batch: npt.NDArray[np.int64]) -> tuple[np.ndarray, np.ndarray]:
+        """(position in the batch, item index) of every batch item and each of its mates."""
+        left, right = [], []
+        for pos in np.flatnonzero(self.group[batch] >= 0):
+            mates = self._members[int(self.group[batch[pos]])]
+            mates = mates[mates != batch[pos]]
+            left.append(np.full(len(mates), pos))
+            right.append(mates)
+        if not left:
+            return np.empty(0, np.int64), np.empty(0, np.int64)
+        return np.concatenate(left), np.concatenate(right)
+
+
+def _repulsion(
+    model: RqVae,
+    x: torch.Tensor,
+    z: torch.Tensor,
+    batch: torch.Tensor,
+    groups: CollisionGroups,
+    width: float,
+) -> torch.Tensor:
+    """Repulsion loss of a batch: for each colliding item, its mean kernel to its mates.
+
+    The sum over the batch's colliding items is divided by the batch size, so the weight means
+    the same at any batch size and share of collisions.
+
+    Only the mates' latents are recomputed (with gradients), so a step costs a forward pass over
+    the few colliding items, not over the catalog.
+    """
+    left, right = groups.pairs(batch.numpy())
+    if not len(left):
+        return z.new_zeros(())
+    mates, where = np.unique(right, return_inverse=True)
+    z_mates = model.encoder(x[torch.from_numpy(mates)])
+    a_idx, b_idx = torch.from_numpy(left), torch.from_numpy(where.ravel())
+    # Groups are found once per epoch; push only the pairs that still collide now, or a pair the
+    # push has already separated keeps drifting apart (and the codebooks fall behind the latents).
+    book = model.codebooks.detach()
+    with torch.no_grad():
+        codes_batch, _ = residual_codes(z.detach(), book)
+        codes_mates, _ = residual_codes(z_mates.detach(), book)
+    still = (codes_batch[a_idx] == codes_mates[b_idx]).all(-1)
+    if not bool(still.any()):
+        return z.new_zeros(())
+    a_idx, b_idx = a_idx[still], b_idx[still]
+    d2 = (z[a_idx] - z_mates[b_idx]).pow(2).sum(-1)
+    # Relative to the batch's spread, so the kernel does not depend on the latent's scale.
+    scale = torch.cdist(z.detach(), z.detach()).pow(2).mean().clamp_min(1e-12)
+    kernel = torch.exp(-d2 / (width * scale))
+    # Each colliding item counts once, whatever its group's size: a crowd of duplicates must not
+    # outweigh the reconstruction of everything else.
+    mates_per_item = torch.bincount(a_idx, minlength=len(batch)).to(kernel.dtype)
+    return (kernel / mates_per_item[a_idx]).sum() / len(batch)
+
+
 def train_rqvae(x_np: npt.NDArray[np.float32], cfg: SidConfig) -> RqVaeFit:
     """Train an RQ-VAE on content vectors.
 
@@ -196,6 +278,7 @@ def train_rqvae(x_np: npt.NDArray[np.float32], cfg: SidConfig) -> RqVaeFit:
         balance = Balance.from_config(cfg)
         losses: list[float] = []
         reseeded = [0] * cfg.levels
+        colliding: list[int] = []
         bar = tqdm(
             range(cfg.epochs), desc="training RQ-VAE", unit="epoch", disable=not cfg.show_progress
         )
@@ -203,10 +286,18 @@ def train_rqvae(x_np: npt.NDArray[np.float32], cfg: SidConfig) -> RqVaeFit:
             model.train()
             usage = torch.zeros(cfg.levels, cfg.codebook_size, dtype=torch.long)
             total, steps = 0.0, 0
+            groups = CollisionGroups(model, x) if cfg.collision_repulsion > 0 else None
+            if groups is not None:
+                colliding.append(groups.items)
             for batch in torch.randperm(n, generator=gen).split(cfg.batch_size):
                 xb = x[batch]
-                x_hat, codes, latent_loss = model(xb, cfg.beta, balance)
-                loss = (x_hat - xb).pow(2).sum(-1).mean() + latent_loss
+                z = model.encoder(xb)
+                z_q, codes, latent_loss = model.quantize(z, cfg.beta, balance)
+                loss = (model.decoder(z_q) - xb).pow(2).sum(-1).mean() + latent_loss
+                if groups is not None and groups.items:
+                    loss = loss + cfg.collision_repulsion * _repulsion(
+                        model, x, z, batch, groups, cfg.collision_repulsion_width
+                    )
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -221,6 +312,8 @@ def train_rqvae(x_np: npt.NDArray[np.float32], cfg: SidConfig) -> RqVaeFit:
                 for level, count in enumerate(_reseed_dead(model, x, usage, gen)):
                     reseeded[level] += count
         model.eval()
+        if cfg.collision_repulsion > 0:
+            colliding.append(CollisionGroups(model, x).items)
         reconstruction = model.reconstruct(x).numpy()
         tokenizer = model.tokenizer()
     return RqVaeFit(
@@ -229,4 +322,5 @@ def train_rqvae(x_np: npt.NDArray[np.float32], cfg: SidConfig) -> RqVaeFit:
         train_seconds=time.perf_counter() - began,
         losses=losses,
         reseeded=reseeded,
+        colliding=colliding,
     )

@@ -104,3 +104,27 @@ def test_tokenizer_round_trip_and_shape_check(data: np.ndarray, tmp_path: Path) 
     config.write_text("{not json")
     with pytest.raises(CodebookFormatError):
         SemanticIdTokenizer.load(tmp_path)
+
+
+def test_collision_repulsion_separates_near_duplicates() -> None:
+    # Half of the items get a near-duplicate (cosine ~0.99), like product variants.
+    x, _ = clustered(300, clusters=16, dim=32, seed=1, spread=0.4)
+    rng = np.random.default_rng(0)
+    twins = x[:150] + rng.normal(0, 0.01, (150, 32)).astype(np.float32)
+    twins /= np.linalg.norm(twins, axis=1, keepdims=True)
+    catalog = np.vstack([x, twins]).astype(np.float32)
+
+    def shared_prefix(cfg: SidConfig) -> tuple[float, list[int]]:
+        fit = train_rqvae(catalog, cfg)
+        _, inverse, counts = np.unique(
+            fit.tokenizer.codes(catalog), axis=0, return_inverse=True, return_counts=True
+        )
+        return float(np.mean(counts[inverse.ravel()] > 1)), fit.colliding
+
+    plain, not_logged = shared_prefix(CFG.model_copy(update={"collision_repulsion": 0.0}))
+    pushed, colliding = shared_prefix(CFG.model_copy(update={"collision_repulsion": 40.0}))
+    assert not_logged == []
+    # One count per epoch (at its start) and one after training: the last is the final state.
+    assert len(colliding) == CFG.epochs + 1
+    assert colliding[-1] == round(pushed * len(catalog))
+    assert pushed < plain - 0.1, (plain, pushed)
