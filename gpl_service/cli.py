@@ -34,8 +34,11 @@ from pydantic import BaseModel, ValidationError
 
 from training.data.contract import ContractError
 
+# "\b" alone on a line tells click not to re-wrap the next paragraph: the verb table.
+_HELP = (__doc__ or "").replace("right.\n\n", "right.\n\n\b\n", 1)
+
 app = typer.Typer(
-    help=__doc__,
+    help=_HELP,
     no_args_is_help=True,
     rich_markup_mode=None,
     pretty_exceptions_enable=False,

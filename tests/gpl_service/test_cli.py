@@ -35,6 +35,10 @@ def test_help_teaches_the_pipeline() -> None:
     assert code == 0
     for verb in ("data", "features", "pseudo-labels", "demo"):
         assert verb in out
+    # The verb table keeps one stage per line (click would re-wrap it into one paragraph).
+    lines = [line.strip() for line in out.splitlines()]
+    assert any(line.startswith("gpl sids train | sids assign") for line in lines), out
+    assert any(line.startswith("gpl demo ") for line in lines), out
     code, out = gpl("features", "apply", "--help")
     assert code == 0 and "GPL_REDIS_URL" in out
 
