@@ -442,7 +442,17 @@ def sids_train(
         except SidInputError as exc:
             raise UsageError(*exc.problems) from exc
         _say(f"sids: {result.table.num_rows} items, codebook sizes {result.codebook_sizes}")
-        _print_metrics("", result.metrics, ["collision_rate", "utilization", "seconds"])
+        _print_metrics(
+            "",
+            result.metrics,
+            [
+                "shared_prefix_rate_nearest",
+                "collision_rate",
+                "utilization",
+                "recon_cosine",
+                "seconds",
+            ],
+        )
 
 
 @sids_app.command("assign")
