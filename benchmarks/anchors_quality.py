@@ -170,6 +170,12 @@ def main() -> None:
     p.add_argument("--sid-method", choices=["rqvae", "rkmeans"], default="rqvae")
     p.add_argument("--sid-levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=64)
+    p.add_argument(
+        "--sid-collision-repulsion",
+        type=float,
+        default=None,
+        help="RQ-VAE collision repulsion weight (default: the SID stage's default)",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -208,13 +214,19 @@ def main() -> None:
         codebook_size=args.codebook_size,
         seed=args.seed,
         show_progress=False,
+        **(
+            {}
+            if args.sid_collision_repulsion is None
+            else {"collision_repulsion": args.sid_collision_repulsion}
+        ),
     )
     t0 = time.perf_counter()
     sids = train_sids(data["items"], sid_cfg, args.work_dir / "sids")
     sid_seconds = time.perf_counter() - t0
     semantics = sids.table
     print(
-        f"SIDs: {sids.codebook_sizes} in {sid_seconds:.1f}s, collision rate "
+        f"SIDs: {sids.codebook_sizes} in {sid_seconds:.1f}s, nearest-code sharing "
+        f"{sids.metrics.get('shared_prefix_rate_nearest')}, after the last-level matching "
         f"{sids.metrics.get('collision_rate')}"
     )
 
@@ -303,6 +315,8 @@ def main() -> None:
             "method": args.sid_method,
             "codebook_sizes": sids.codebook_sizes,
             "collision_rate": sids.metrics.get("collision_rate"),
+            "shared_prefix_rate_nearest": sids.metrics.get("shared_prefix_rate_nearest"),
+            "collision_repulsion": sid_cfg.collision_repulsion,
             "seconds": round(sid_seconds, 1),
         },
         "item_frequency": freq,
