@@ -76,6 +76,21 @@ class LossSettings(BaseModel):
     distill_weight: float = Field(
         default=1.0, ge=0, description="Weight of the distillation term on unexposed rows."
     )
+    popularity_debias: float = Field(
+        default=0.0,
+        ge=0,
+        description="gamma of popularity-bias deconfounding (PD, Zhang et al., SIGIR 2021) for "
+        "the light model under the gpl, hap and gpl_hap objectives: while training, its logits "
+        "get + gamma x the candidate's standardized log-popularity (popularity_feature), so its "
+        "own score need not learn popularity; scoring and serving use the plain score. Trades "
+        "overall AUC for long-tail and unexposed recall (docs/preranker.md). 0: off.",
+    )
+    popularity_feature: str = Field(
+        default="item_popularity__clicks",
+        min_length=1,
+        description="Item feature of the training join (`<view>__<feature>`) that "
+        "popularity_debias reads, after the stage's standardization (counts are log1p'd first).",
+    )
 
 
 class TrainSettings(BaseModel):

@@ -12,6 +12,10 @@ rows), ``group`` (N,, index into :data:`training.data.contract.GROUPS`), ``row_r
 * ``hap``: ``hap_bce_weight`` x exposed BCE + the per-group contrastive loss of
   :class:`HapLoss`.
 * ``gpl_hap``: both.
+
+``popularity_debias`` (PD) adds ``gamma x batch["popularity"]`` to the logits of every term of
+the ``gpl``, ``hap`` and ``gpl_hap`` objectives when the batch carries that column (the light
+model's batches, see :func:`training.preranker.job.fit`); the baselines never get it.
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from training.preranker.config import LossSettings
 
 POSITIVE = GROUPS.index("exposed_positive")
 NEGATIVE_GROUPS = ("exposed_negative", "rank_negative", "prerank_negative", "global_negative")
+#: Objectives that popularity_debias applies to: this module's, never the baselines.
+DEBIASED_OBJECTIVES = ("gpl", "hap", "gpl_hap")
 UNEXPOSED = torch.tensor(
     [GROUPS.index(g) for g in ("global_negative", "prerank_negative", "rank_negative")]
 )
@@ -153,6 +159,11 @@ def objective_loss(
     """The configured objective on one batch, and named parts for logging."""
     label, group, row_request = batch["label"], batch["group"], batch["row_request"]
     parts: dict[str, float] = {}
+    if settings.popularity_debias and "popularity" in batch and objective in DEBIASED_OBJECTIVES:
+        # PD: a fixed popularity term explains the popularity part of every training target, so
+        # the model's own logit (what is served) need not learn "popular = relevant" from the
+        # exposed positives contrasted with random (mostly long-tail) negatives.
+        logits = logits + settings.popularity_debias * batch["popularity"]
     if objective == "exposed":
         loss = exposed_bce(logits, label)
     elif objective == "unexposed_negative":

@@ -40,8 +40,12 @@ def make_batch(
     requests: npt.NDArray[np.int64],
     groups: npt.NDArray[np.int8] | None = None,
     teacher: npt.NDArray[np.float32] | None = None,
+    popularity: int | None = None,
 ) -> tuple[dict[str, Tensor], npt.NDArray[np.int64]]:
     """Tensors of the given requests' rows (only rows whose group is in ``groups``).
+
+    ``popularity``: index of the item feature copied to ``batch["popularity"]`` (training with
+    ``popularity_debias``); None leaves it out.
 
     Returns:
         The batch and the dataset row index of each batch row.
@@ -68,6 +72,8 @@ def make_batch(
     }
     if teacher is not None:
         batch["teacher"] = torch.from_numpy(teacher[rows])
+    if popularity is not None:
+        batch["popularity"] = torch.from_numpy(data.item_numeric[rows, popularity])
     return batch, rows
 
 
@@ -109,6 +115,7 @@ def train_model(
     cfg: PrerankerConfig,
     groups: list[str] | None = None,
     teacher: tuple[npt.NDArray[np.float32], npt.NDArray[np.float32]] | None = None,
+    popularity: int | None = None,
 ) -> TrainedModel:
     """Train one model with early stopping on the validation objective.
 
@@ -121,6 +128,7 @@ def train_model(
         cfg: Stage settings.
         groups: Negative groups this model trains on (None: all); exposed rows always.
         teacher: Teacher click probabilities for (train, valid) rows (``distill`` only).
+        popularity: Index of the item feature ``popularity_debias`` reads (None: no debiasing).
     """
     tc = cfg.training
     torch.manual_seed(tc.seed)
@@ -156,7 +164,7 @@ def train_model(
         )
         for req in bar:
             batch, _ = make_batch(
-                train, embeddings, req, allowed, None if teacher is None else teacher[0]
+                train, embeddings, req, allowed, None if teacher is None else teacher[0], popularity
             )
             if len(batch["label"]) == 0:
                 continue
@@ -179,6 +187,7 @@ def train_model(
             hap,
             allowed,
             None if teacher is None else teacher[1],
+            popularity,
         )
         record = {
             "epoch": epoch,
@@ -213,6 +222,7 @@ def evaluate_loss(
     hap: HapLoss,
     allowed: npt.NDArray[np.int8] | None,
     teacher: npt.NDArray[np.float32] | None,
+    popularity: int | None = None,
 ) -> float:
     """Mean objective over ``data`` (HAP weights frozen)."""
     model.eval()
@@ -220,7 +230,7 @@ def evaluate_loss(
     step = max(cfg.training.batch_requests, 64)
     for i in range(0, data.n_requests, step):
         req = np.arange(i, min(i + step, data.n_requests))
-        batch, _ = make_batch(data, embeddings, req, allowed, teacher)
+        batch, _ = make_batch(data, embeddings, req, allowed, teacher, popularity)
         if len(batch["label"]) == 0:
             continue
         logits = forward(model, batch)

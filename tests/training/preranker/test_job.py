@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from tests.training.preranker.conftest import Run, small_config
-from training.preranker.config import OBJECTIVES
+from training.preranker.config import OBJECTIVES, PrerankerConfig
 from training.preranker.data import PrerankerDataError
 from training.preranker.job import (
     fit,
@@ -136,3 +136,38 @@ def test_errors_are_clear(joined: pa.Table, run: Run) -> None:
         fit(prepared, cfg, "gpl")
     with pytest.raises(ValueError, match="unknown objective"):
         fit(prepared, cfg, "magic")
+
+
+def test_popularity_debias_changes_the_light_model_of_gpl_hap_only(
+    joined: pa.Table, run: Run
+) -> None:
+    def debiased(gamma: float, feature: str = "item_popularity__clicks") -> PrerankerConfig:
+        cfg = small_config()
+        return cfg.model_copy(
+            update={
+                "loss": cfg.loss.model_copy(
+                    update={"popularity_debias": gamma, "popularity_feature": feature}
+                )
+            }
+        )
+
+    prepared = prepare(joined, run.semantics, small_config())
+    assert "item_popularity__clicks" in [s.column for s in prepared.prep.item_numeric]
+
+    def scores(cfg: PrerankerConfig, objective: str) -> tuple[np.ndarray, np.ndarray]:
+        fitted = fit(prepared, cfg, objective)
+        return (
+            score(fitted.light.model, prepared.valid, prepared.embeddings),
+            score(fitted.expressive.model, prepared.valid, prepared.embeddings),
+        )
+
+    plain_light, plain_expressive = scores(debiased(0.0), "gpl_hap")
+    pd_light, pd_expressive = scores(debiased(1.0), "gpl_hap")
+    assert not np.array_equal(plain_light, pd_light)
+    # The expressive model is never debiased, and neither are the baselines.
+    np.testing.assert_array_equal(plain_expressive, pd_expressive)
+    np.testing.assert_array_equal(
+        scores(debiased(0.0), "exposed")[0], scores(debiased(1.0), "exposed")[0]
+    )
+    with pytest.raises(PrerankerDataError, match="popularity_feature 'nope'"):
+        fit(prepared, debiased(1.0, "nope"), "gpl_hap")
