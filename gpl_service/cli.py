@@ -11,6 +11,7 @@
     gpl export                                                      (ONNX bundle, parity-checked)
     gpl serve                                                       (FastAPI pre-ranking service)
     gpl demo                                                        (all of the above)
+    gpl config STAGE                                                (settings, explained)
 
 Every command works on a *run directory* (``--run-dir``, or ``GPL_RUN_DIR``; default
 ``runs/demo``) holding each stage's parquet outputs and manifest, so any stage can be re-run
@@ -76,7 +77,9 @@ DEFAULT_RUN_DIR = Path("runs/demo")
 ConfigFile = Annotated[
     Path | None,
     typer.Option(
-        "--config", help="YAML file with settings for this stage; see --help of the stage."
+        "--config",
+        help="YAML file with settings for this stage; `gpl config STAGE` prints every "
+        "setting with its default and meaning.",
     ),
 ]
 
@@ -919,6 +922,45 @@ DEMO_ANCHORS_CONFIG: Final[dict[str, Any]] = {
     "training": {"loss_on": "all", "eval_users": 100, "patience": 2},
     "generation": {"beam_width": 10},
 }
+
+
+# Stage -> (module, settings model, the commands whose --config reads it).
+CONFIG_STAGES: Final[dict[str, tuple[str, str, str]]] = {
+    "synth": ("training.data.synthetic", "SynthConfig", "gpl data synth"),
+    "simulate": ("training.data.simulator", "SimulatorConfig", "gpl data simulate"),
+    "features": ("training.features.stats", "StatsConfig", "gpl features build"),
+    "sids": ("training.sids.config", "SidConfig", "gpl sids train / assign"),
+    "anchors": ("training.anchors.job", "AnchorConfig", "gpl anchors train / generate"),
+    "pseudo-labels": ("training.pseudo_labels.job", "PseudoLabelConfig", "gpl pseudo-labels"),
+    "preranker": ("training.preranker.config", "PrerankerConfig", "gpl train / evaluate"),
+}
+
+
+@app.command("config")
+def config_cmd(
+    stage: Annotated[
+        str,
+        typer.Argument(help=f"One of: {', '.join(CONFIG_STAGES)}.", show_default=False),
+    ],
+) -> None:
+    """Print a stage's settings with their defaults, each explained, as a --config YAML file.
+
+    Save it, keep the lines you change (unknown keys are rejected, omitted ones keep their
+    defaults) and pass it with --config:
+
+        gpl config sids > sids.yaml && gpl sids train --config sids.yaml
+    """
+    import importlib
+
+    from gpl_service.config_docs import settings_yaml
+
+    with _user_errors():
+        if stage not in CONFIG_STAGES:
+            raise UsageError(f"unknown stage {stage!r}; one of: {', '.join(CONFIG_STAGES)}")
+        module, name, commands = CONFIG_STAGES[stage]
+        model = getattr(importlib.import_module(module), name)
+        title = f"Settings of `{commands}` ({name}), with their defaults. Pass with --config."
+        typer.echo(settings_yaml(model, title), nl=False)
 
 
 @app.command("demo")
