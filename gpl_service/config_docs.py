@@ -7,7 +7,6 @@ gives users a starting ``--config`` file that documents itself and always matche
 
 from __future__ import annotations
 
-import json
 from typing import Any
 
 import yaml
@@ -39,6 +38,8 @@ def _scalar(value: Any) -> str:
 
 def _lines(model: BaseModel, indent: str) -> list[str]:
     out: list[str] = []
+    # JSON mode turns tuples, paths and enums into plain YAML-safe values.
+    plain = model.model_dump(mode="json")
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
         if info.description:
@@ -47,9 +48,7 @@ def _lines(model: BaseModel, indent: str) -> list[str]:
             out.append(f"{indent}{name}:")
             out.extend(_lines(value, indent + "  "))
         else:
-            # JSON mode turns tuples, paths and enums into plain YAML-safe values.
-            plain = json.loads(model.model_dump_json(include={name}))[name]
-            out.append(f"{indent}{name}: {_scalar(plain)}")
+            out.append(f"{indent}{name}: {_scalar(plain[name])}")
     return out
 
 

@@ -17,6 +17,8 @@ OBJECTIVES: tuple[Objective, ...] = (
     "hap",
     "gpl_hap",
 )
+#: Objectives that ``loss.popularity_debias`` applies to: this module's, never the baselines.
+DEBIASED_OBJECTIVES: tuple[Objective, ...] = ("gpl", "hap", "gpl_hap")
 
 HapGroup = Literal["exposed_negative", "rank_negative", "prerank_negative", "global_negative"]
 

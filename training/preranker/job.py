@@ -30,7 +30,7 @@ from training.evaluation.ranking import ItemInfo, evaluate_scores
 from training.evaluation.report import ReportPaths, write_report
 from training.features.training_set import build_training_set
 from training.io import atomic_path, write_manifest
-from training.preranker.config import OBJECTIVES, PrerankerConfig
+from training.preranker.config import DEBIASED_OBJECTIVES, OBJECTIVES, PrerankerConfig
 from training.preranker.data import (
     ItemTable,
     Preprocessing,
@@ -40,7 +40,6 @@ from training.preranker.data import (
     encode,
     split_by_time,
 )
-from training.preranker.losses import DEBIASED_OBJECTIVES
 from training.preranker.models import (
     ExpressiveModel,
     LightModel,

@@ -13,9 +13,9 @@ rows), ``group`` (N,, index into :data:`training.data.contract.GROUPS`), ``row_r
   :class:`HapLoss`.
 * ``gpl_hap``: both.
 
-``popularity_debias`` (PD) adds ``gamma x batch["popularity"]`` to the logits of every term of
-the ``gpl``, ``hap`` and ``gpl_hap`` objectives when the batch carries that column (the light
-model's batches, see :func:`training.preranker.job.fit`); the baselines never get it.
+``popularity_debias`` (PD) adds ``gamma x batch["popularity"]`` to the logits of every term when
+the batch carries that column: :func:`training.preranker.job.fit` decides which batches do (the
+light model's, under :data:`training.preranker.config.DEBIASED_OBJECTIVES` only).
 """
 
 from __future__ import annotations
@@ -31,8 +31,6 @@ from training.preranker.config import LossSettings
 
 POSITIVE = GROUPS.index("exposed_positive")
 NEGATIVE_GROUPS = ("exposed_negative", "rank_negative", "prerank_negative", "global_negative")
-#: Objectives that popularity_debias applies to: this module's, never the baselines.
-DEBIASED_OBJECTIVES = ("gpl", "hap", "gpl_hap")
 UNEXPOSED = torch.tensor(
     [GROUPS.index(g) for g in ("global_negative", "prerank_negative", "rank_negative")]
 )
@@ -159,7 +157,7 @@ def objective_loss(
     """The configured objective on one batch, and named parts for logging."""
     label, group, row_request = batch["label"], batch["group"], batch["row_request"]
     parts: dict[str, float] = {}
-    if settings.popularity_debias and "popularity" in batch and objective in DEBIASED_OBJECTIVES:
+    if "popularity" in batch:
         # PD: a fixed popularity term explains the popularity part of every training target, so
         # the model's own logit (what is served) need not learn "popular = relevant" from the
         # exposed positives contrasted with random (mostly long-tail) negatives.

@@ -17,9 +17,9 @@ reconstructs the content vector from the sum of the chosen codewords. Training d
 * Collision repulsion: at the start of each epoch, items whose nearest codes collide on every
   level are grouped; in each batch, a colliding item's latent is pushed away from the group
   mates it still collides with (mean kernel ``exp(-d2 / (width * mean d2))`` over those mates).
-  Without it, the reconstruction loss
-  lets near-duplicate items (product variants) share one code tuple; the push acts only on pairs
-  that collide, so the clusters that make SIDs coherent are left alone.
+  Without it, the reconstruction loss lets near-duplicate items (product variants) share one code
+  tuple; the push acts only on pairs that collide, so the clusters that make SIDs coherent are
+  left alone.
 
 Training runs on the CPU in float32 under its own RNG state: the model is small (4,385 items x
 20 epochs take seconds), and a fixed device makes the SIDs bit-for-bit reproducible from the seed.
