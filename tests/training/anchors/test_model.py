@@ -122,3 +122,28 @@ def test_config_rejects_unknown_fields_and_bad_combinations() -> None:
     cfg = AnchorConfig()
     assert cfg.generation.beam_width == 20 and cfg.generation.num_anchors == 10
     assert all(f.description for f in AnchorConfig.model_fields.values())
+
+
+def test_hidden_dropout_drops_while_training_only_and_is_not_saved(tmp_path) -> None:
+    codes, sizes = toy_codes(24)
+    compact = {**tiny_config().model.compact.model_dump(), "attention_dropout": 0.0}
+    plain, vocab = build_model(
+        ModelConfig.model_validate({"compact": {**compact, "hidden_dropout": 0.0}}), sizes
+    )
+    ids = torch.tensor([vocab.encode(vocab.item_tokens(codes[:3]))])
+    plain.train()
+    assert torch.equal(plain(input_ids=ids).logits, plain(input_ids=ids).logits)
+    cfg = ModelConfig.model_validate({"compact": {**compact, "hidden_dropout": 0.5}})
+    model, _ = build_model(cfg, sizes, seed=0)
+    model.train()
+    assert not torch.equal(model(input_ids=ids).logits, model(input_ids=ids).logits)
+    model.eval()
+    with torch.no_grad():
+        before = model(input_ids=ids).logits
+        assert torch.equal(before, model(input_ids=ids).logits)
+    model.save_pretrained(tmp_path / "saved")
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "saved").eval()
+    # The reloaded model is a plain Qwen2 (what generation loads): same weights, no hooks.
+    assert not reloaded.get_decoder().layers[0]._forward_hooks
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(input_ids=ids).logits, before)
