@@ -42,7 +42,7 @@ import pyarrow.parquet as pq
 import torch
 
 from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
-from training.anchors.sequences import day_cutoffs
+from training.anchors.sequences import cutoffs_of
 from training.data.dataset import LoadedDataset
 from training.data.movielens import load_movielens_100k
 from training.data.simulator import SimulatorConfig, simulate_funnel
@@ -169,7 +169,7 @@ def run_dataset(
     anchors = generate_anchors(
         item_semantics,
         data.interactions,
-        day_cutoffs(eval_requests.column("event_timestamp")),
+        cutoffs_of(eval_requests, anchor_cfg.generation.cutoffs),
         work / "anchors" / "model",
         anchor_cfg,
         work / "anchors",

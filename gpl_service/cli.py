@@ -540,13 +540,14 @@ def anchors_generate(
         str | None, typer.Option(help="fast (batched, KV-cache reuse) or reference (HF generate).")
     ] = None,
 ) -> None:
-    """Generate interest anchors for every user and request day of RUN_DIR's request log.
+    """Generate interest anchors for every user and request of RUN_DIR's request log.
 
-    One anchor set per (user, day with requests) whose history changed, from positives strictly
-    before that day: RUN_DIR/anchors/user_interest_anchors.parquet.
+    One anchor set per (user, request time) whose history changed, from positives strictly
+    before it (generation.cutoffs: request; 'day' makes one per request day instead):
+    RUN_DIR/anchors/user_interest_anchors.parquet.
     """
     from training.anchors.job import AnchorConfig, generate_anchors
-    from training.anchors.sequences import day_cutoffs
+    from training.anchors.sequences import cutoffs_of
     from training.io import read_table
 
     with _user_errors():
@@ -564,7 +565,7 @@ def anchors_generate(
         result = generate_anchors(
             item_semantics,
             _positives(run_dir, None),
-            day_cutoffs(requests.column("event_timestamp")),
+            cutoffs_of(requests, cfg.generation.cutoffs),
             model_dir,
             cfg,
             run_dir / "anchors",

@@ -58,6 +58,7 @@ from training.anchors.sequences import (
     AnchorRequests,
     ExampleSet,
     SequenceConfig,
+    UserCutoffs,
     anchor_requests,
     downsample,
     frequency_summary,
@@ -266,7 +267,7 @@ def anchors_table(catalog: SidCatalog, requests: AnchorRequests, beams: BeamOutp
 def generate_anchors(
     item_semantics: pa.Table,
     positives: pa.Table,
-    cutoffs: Sequence[datetime],
+    cutoffs: Sequence[datetime] | UserCutoffs,
     model_dir: Path,
     cfg: AnchorConfig,
     out_dir: Path,
@@ -278,8 +279,10 @@ def generate_anchors(
     Args:
         item_semantics: The SID stage's table (the catalog anchors are drawn from).
         positives: ``user_id``, ``item_id``, ``event_timestamp`` of positive interactions.
-        cutoffs: Anchor set versions, e.g. :func:`training.anchors.sequences.day_cutoffs` of the
-            request log; each set uses positives strictly before its cutoff.
+        cutoffs: Anchor set versions shared by every user (e.g.
+            :func:`training.anchors.sequences.day_cutoffs` of the request log) or each user's own
+            (:func:`training.anchors.sequences.request_cutoffs`); each set uses positives
+            strictly before its cutoff.
         model_dir: A directory written by :func:`train_anchor_model`.
         cfg: Stage configuration (``sequences.max_history`` and ``generation`` are used).
         out_dir: Output folder, ``RUN_DIR/anchors``.

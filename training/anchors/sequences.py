@@ -155,25 +155,70 @@ def _to_micros(cutoffs: Sequence[datetime]) -> IntArray:
     return np.unique(np.asarray(arr, dtype=np.int64))
 
 
+@dataclass
+class UserCutoffs:
+    """Cutoffs of each user's own: ``cutoffs[offsets[k]:offsets[k + 1]]`` belong to ``user_ids[k]``.
+
+    Attributes:
+        user_ids: Users, sorted and distinct.
+        offsets: Start of each user's cutoffs, shape ``[n_users + 1]``.
+        cutoffs: Microseconds since the epoch (UTC), ascending and distinct within a user.
+    """
+
+    user_ids: npt.NDArray[np.str_]
+    offsets: IntArray
+    cutoffs: IntArray
+
+
+def request_cutoffs(
+    user_ids: pa.Array | pa.ChunkedArray, timestamps: pa.Array | pa.ChunkedArray
+) -> UserCutoffs:
+    """Each user's distinct request times: one anchor set per request whose history changed.
+
+    A request at ``t`` then joins the set stamped ``t``, built from every positive strictly
+    before ``t`` (same-day history included, unlike :func:`day_cutoffs`).
+    """
+    table = pa.table(
+        {
+            "user_id": pc.cast(user_ids, pa.string()),
+            "ts": pc.cast(pc.cast(timestamps, TIMESTAMP), pa.int64()),
+        }
+    ).drop_null()
+    pairs = table.group_by(["user_id", "ts"]).aggregate([])
+    pairs = pairs.sort_by([("user_id", "ascending"), ("ts", "ascending")])
+    users = pairs.column("user_id").to_numpy(zero_copy_only=False).astype(str)
+    cuts = pairs.column("ts").to_numpy().astype(np.int64)
+    if len(users) == 0:
+        return UserCutoffs(np.array([], str), np.zeros(1, np.int64), cuts)
+    starts = np.flatnonzero(np.r_[True, users[1:] != users[:-1]])
+    return UserCutoffs(users[starts], np.r_[starts, len(users)].astype(np.int64), cuts)
+
+
 def anchor_requests(
     seqs: UserSequences,
-    cutoffs: Sequence[datetime],
+    cutoffs: Sequence[datetime] | UserCutoffs,
     max_history: int,
     users: Sequence[str] | None = None,
 ) -> AnchorRequests:
     """One history per (user, cutoff) whose history changed, using positives strictly before it.
 
-    For sorted cutoffs ``c_0 < c_1 < ...``, user ``u`` gets an anchor set at ``c_j`` when ``j``
-    is the first cutoff or ``u`` has a positive in ``[c_{j-1}, c_j)``, and its history is
-    non-empty; a point-in-time join carries each set forward until the next one.
+    For a user's sorted cutoffs ``c_0 < c_1 < ...``, user ``u`` gets an anchor set at ``c_j``
+    when ``j`` is the first cutoff or ``u`` has a positive in ``[c_{j-1}, c_j)``, and its history
+    is non-empty; a point-in-time join carries each set forward until the next one.
 
     Args:
         seqs: The users' positives.
-        cutoffs: Cutoff instants (timezone-aware); duplicates are ignored.
+        cutoffs: Cutoff instants (timezone-aware) shared by every user, duplicates ignored; or
+            each user's own (:func:`request_cutoffs`), in which case only those users get sets.
         max_history: Most recent items kept per history.
         users: Restrict to these users (users without positives count as skipped); all users of
             ``seqs`` when None.
     """
+    if isinstance(cutoffs, UserCutoffs):
+        if users is not None:
+            keep = np.isin(cutoffs.user_ids, np.asarray(list(users), dtype=str))
+            cutoffs = _subset(cutoffs, keep)
+        return _per_user_requests(seqs, cutoffs, max_history)
     cuts = _to_micros(cutoffs)
     wanted = np.ones(seqs.n_users, dtype=bool)
     unknown_users = 0
@@ -204,6 +249,63 @@ def anchor_requests(
     )
 
 
+def _subset(uc: UserCutoffs, keep: npt.NDArray[np.bool_]) -> UserCutoffs:
+    sizes = np.diff(uc.offsets)[keep]
+    rows = np.repeat(keep, np.diff(uc.offsets))
+    return UserCutoffs(
+        uc.user_ids[keep], np.r_[0, np.cumsum(sizes)].astype(np.int64), uc.cutoffs[rows]
+    )
+
+
+def _per_user_requests(seqs: UserSequences, uc: UserCutoffs, max_history: int) -> AnchorRequests:
+    """:func:`anchor_requests` with each user's own cutoffs, vectorized over all users.
+
+    Times are replaced by their dense rank among all positive and cutoff times, so that one
+    integer key ``user * R + rank`` orders (user, time) pairs and a single ``searchsorted``
+    counts, for every positive, its user's cutoffs at or before it.
+    """
+    # Users with cutoffs but no positives at all: skipped, like users without early history.
+    row = np.searchsorted(seqs.user_ids, uc.user_ids) if seqs.n_users else np.zeros(0, np.int64)
+    known = np.zeros(len(uc.user_ids), bool)
+    if seqs.n_users:
+        inside = row < seqs.n_users
+        known[inside] = seqs.user_ids[row[inside]] == uc.user_ids[inside]
+    unknown_users = int((~known).sum())
+    uc = _subset(uc, known)
+    row = row[known]
+    n_cuts = np.zeros(seqs.n_users, np.int64)
+    n_cuts[row] = np.diff(uc.offsets)
+    cut_start = np.zeros(seqs.n_users, np.int64)
+    cut_start[row] = uc.offsets[:-1]
+    cut_user = np.repeat(row, np.diff(uc.offsets))
+
+    times, rank = np.unique(np.r_[seqs.timestamps, uc.cutoffs], return_inverse=True)
+    width = len(times) + 1
+    n = len(seqs.items)
+    user_of = np.repeat(np.arange(seqs.n_users), np.diff(seqs.offsets))
+    pos_key = user_of * width + rank[:n]
+    # The cutoffs are sorted by user id then time, and rows are sorted like the user ids: keys
+    # ascend, so a searchsorted is valid.
+    cut_key = cut_user * width + rank[n:]
+    # bucket[r] = this user's cutoffs <= ts[r]: positive r is visible at cutoff j iff j >= it.
+    bucket = np.searchsorted(cut_key, pos_key, side="right") - cut_start[user_of]
+    run_end = np.ones(n, dtype=bool)
+    if n:
+        run_end[:-1] = (user_of[1:] != user_of[:-1]) | (bucket[1:] != bucket[:-1])
+    ends = np.flatnonzero(run_end & (bucket < n_cuts[user_of]))
+    first_bucket = bucket[seqs.offsets[:-1]] if seqs.n_users else np.array([], np.int64)
+    skipped = int(((first_bucket > 0) & (n_cuts > 0)).sum()) + unknown_users
+    histories = [
+        seqs.items[max(seqs.offsets[user_of[e]], e + 1 - max_history) : e + 1] for e in ends
+    ]
+    return AnchorRequests(
+        user_ids=seqs.user_ids[user_of[ends]].tolist(),
+        cutoffs=uc.cutoffs[cut_start[user_of[ends]] + bucket[ends]],
+        histories=histories,
+        skipped_empty_history=skipped,
+    )
+
+
 def day_cutoffs(timestamps: pa.Array | pa.ChunkedArray) -> list[datetime]:
     """The distinct UTC midnights of the days in ``timestamps`` (e.g. the request days).
 
@@ -212,6 +314,16 @@ def day_cutoffs(timestamps: pa.Array | pa.ChunkedArray) -> list[datetime]:
     """
     days = pc.unique(pc.floor_temporal(pc.cast(timestamps, TIMESTAMP), unit="day"))
     return sorted(d for d in days.to_pylist() if d is not None)
+
+
+CutoffGranularity = Literal["request", "day"]
+
+
+def cutoffs_of(requests: pa.Table, granularity: CutoffGranularity) -> list[datetime] | UserCutoffs:
+    """The anchor-set versions a request log needs: per user and request, or per request day."""
+    if granularity == "request":
+        return request_cutoffs(requests.column("user_id"), requests.column("event_timestamp"))
+    return day_cutoffs(requests.column("event_timestamp"))
 
 
 def keep_probabilities(

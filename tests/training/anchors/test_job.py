@@ -7,10 +7,10 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from tests.training.anchors.conftest import T0, tiny_config
+from tests.training.anchors.conftest import T0, TS, tiny_config
 from training.anchors.catalog import derive_codebook_sizes, read_codebook_sizes
 from training.anchors.job import ANCHORS_FILE, ANCHORS_SCHEMA, generate_anchors
-from training.anchors.sequences import day_cutoffs
+from training.anchors.sequences import cutoffs_of, day_cutoffs
 
 
 def expected_sets(positives: pa.Table, cutoffs, users=None):
@@ -161,3 +161,41 @@ def test_codebook_sizes_from_manifest_or_table(tmp_path, toy_data) -> None:
     manifest = {"outputs": {"codebook_sizes": [4, 8, 5]}, "metrics": {}}
     (sids / "manifest.json").write_text(json.dumps(manifest))
     assert read_codebook_sizes(sids) == [4, 8, 5]
+
+
+def test_request_cutoffs_give_every_request_its_whole_earlier_history(
+    tmp_path, toy_data, trained_compact
+) -> None:
+    semantics, positives, _ = toy_data
+    cfg = tiny_config()
+    stamps = sorted(positives.column("event_timestamp").to_pylist())
+    rng = np.random.default_rng(0)
+    # Requests at, between and just after positives (same instant: that positive is excluded).
+    times = [
+        stamps[i] + timedelta(minutes=int(m))
+        for i, m in zip(rng.integers(0, len(stamps), 40), rng.integers(0, 90, 40), strict=True)
+    ]
+    users = [f"u{u}" for u in rng.integers(0, 4, 40)]
+    requests = pa.table({"user_id": users, "event_timestamp": pa.array(times, TS)})
+    result = generate_anchors(
+        semantics,
+        positives,
+        cutoffs_of(requests, "request"),
+        trained_compact.model_dir,
+        cfg,
+        tmp_path,
+        users=sorted(set(users)),
+    )
+    sets = result.table.to_pylist()
+    rows = positives.to_pylist()
+    for user, t in zip(users, times, strict=True):
+        earlier = [r for r in rows if r["user_id"] == user and r["event_timestamp"] < t]
+        mine = [s for s in sets if s["user_id"] == user and s["event_timestamp"] <= t]
+        if not earlier:
+            assert not mine
+            continue
+        latest = max(mine, key=lambda s: s["event_timestamp"])
+        assert latest["history_length"] == min(len(earlier), cfg.sequences.max_history)
+    # At most one set per distinct (user, request time), never one at a time without a request.
+    asked = set(zip(users, times, strict=True))
+    assert all((s["user_id"], s["event_timestamp"]) in asked for s in sets)

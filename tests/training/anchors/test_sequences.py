@@ -15,6 +15,7 @@ from training.anchors.sequences import (
     frequency_summary,
     holdout_split,
     keep_probabilities,
+    request_cutoffs,
     user_sequences,
 )
 from training.data.contract import ContractError
@@ -101,6 +102,55 @@ def test_histories_are_truncated_to_the_most_recent_items() -> None:
     table = positives([("a", f"i{i}", i) for i in range(8)])
     req = anchor_requests(user_sequences(table, CATALOG), [T0 + timedelta(days=1)], max_history=3)
     assert [h.tolist() for h in req.histories] == [[5, 6, 7]]
+
+
+def test_request_cutoffs_see_same_day_history_that_day_cutoffs_miss() -> None:
+    # One session: a rates i1, i2 at hours 1 and 2; requests at hours 2 and 3 the same day.
+    table = positives([("a", "i1", 1), ("a", "i2", 2)])
+    seqs = user_sequences(table, CATALOG)
+    req_users = pa.array(["a", "a", "a"])
+    req_ts = pa.array([T0 + timedelta(hours=h) for h in (2, 3, 3)], TS)
+    by_day = anchor_requests(seqs, day_cutoffs(req_ts), max_history=10)
+    assert by_day.user_ids == [] and by_day.skipped_empty_history == 1
+    by_request = anchor_requests(seqs, request_cutoffs(req_users, req_ts), max_history=10)
+    hours = [(c - int(T0.timestamp() * 1e6)) // 3_600_000_000 for c in by_request.cutoffs]
+    assert hours == [2, 3]
+    assert [h.tolist() for h in by_request.histories] == [[1], [1, 2]]
+
+
+def test_per_user_cutoffs_match_the_shared_path_user_by_user() -> None:
+    rng = np.random.default_rng(3)
+    rows = [
+        (f"u{rng.integers(12)}", f"i{rng.integers(10)}", int(rng.integers(0, 24 * 8)))
+        for _ in range(400)
+    ]
+    table = positives(rows)
+    seqs = user_sequences(table, CATALOG)
+    # Requests of 14 users (two without any positive), some at the same instant as a positive.
+    req_users = [f"u{rng.integers(14)}" for _ in range(90)] + ["u0"]
+    req_hours = [int(rng.integers(0, 24 * 9)) for _ in range(90)] + [rows[0][2]]
+    uc = request_cutoffs(
+        pa.array(req_users), pa.array([T0 + timedelta(hours=h) for h in req_hours], TS)
+    )
+    got = anchor_requests(seqs, uc, max_history=4, users=[f"u{u}" for u in range(13)])
+    expected_sets: list[tuple[str, int, list[int]]] = []
+    skipped = 0
+    for user in sorted(set(req_users) - {"u13"}):
+        hours = sorted({h for u, h in zip(req_users, req_hours, strict=True) if u == user})
+        one = anchor_requests(
+            seqs, [T0 + timedelta(hours=h) for h in hours], max_history=4, users=[user]
+        )
+        skipped += one.skipped_empty_history
+        expected_sets += [
+            (u, int(c), h.tolist())
+            for u, c, h in zip(one.user_ids, one.cutoffs, one.histories, strict=True)
+        ]
+    assert [
+        (u, int(c), h.tolist())
+        for u, c, h in zip(got.user_ids, got.cutoffs, got.histories, strict=True)
+    ] == expected_sets
+    assert got.skipped_empty_history == skipped
+    assert len(expected_sets) > 20
 
 
 def test_day_cutoffs_are_distinct_utc_midnights() -> None:
