@@ -69,11 +69,11 @@ class GenerateConfig(BaseModel):
     cutoffs: Literal["request", "day"] = Field(
         default="request",
         description="Anchor-set versions `gpl anchors generate` makes from the request log. "
-        "'request': one per user and request time whose history changed, from every positive "
-        "strictly before it (exact point in time). 'day': one per user and request day, from "
-        "positives before that day's UTC midnight: fewer LM calls, but history from earlier "
-        "the same day is not seen (on MovieLens-100k, where users rate in one sitting, 79% of "
-        "unexposed candidates then get no anchors).",
+        "'request': one per user and own request time whose history changed, from every "
+        "positive strictly before it (exact point in time). 'day': every day with requests is "
+        "a version for every user, from positives before that day's UTC midnight; history from "
+        "earlier the same day is not seen (on MovieLens-100k, where users rate in one sitting, "
+        "79% of the later unexposed candidates then got no anchors).",
     )
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
