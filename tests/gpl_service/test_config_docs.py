@@ -57,7 +57,7 @@ def test_nested_settings_are_indented_under_their_section() -> None:
     text = settings_yaml(_model("preranker"), "title")
     loaded = yaml.safe_load(text)
     assert loaded["loss"]["objective"] == "gpl_hap"
-    assert loaded["loss"]["popularity_debias"] == 0.0
+    assert loaded["loss"]["popularity_debias"] == 0.75
     assert loaded["expressive_groups"] == ["exposed_negative", "rank_negative"]
 
 

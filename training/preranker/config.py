@@ -79,13 +79,14 @@ class LossSettings(BaseModel):
         default=1.0, ge=0, description="Weight of the distillation term on unexposed rows."
     )
     popularity_debias: float = Field(
-        default=0.0,
+        default=0.75,
         ge=0,
         description="gamma of popularity-bias deconfounding (PD, Zhang et al., SIGIR 2021) for "
         "the light model under the gpl, hap and gpl_hap objectives: while training, its logits "
         "get + gamma x the candidate's standardized log-popularity (popularity_feature), so its "
-        "own score need not learn popularity; scoring and serving use the plain score. Trades "
-        "overall AUC for long-tail and unexposed recall (docs/preranker.md). 0: off.",
+        "own score need not learn popularity; scoring and serving use the plain score. 0.75 "
+        "(of 0, 0.5, 0.75, 1 measured on MovieLens-100k) lifts long-tail recall above the "
+        "exposed-only baseline at a small AUC cost (docs/preranker.md). 0: off.",
     )
     popularity_feature: str = Field(
         default="item_popularity__clicks",
