@@ -38,6 +38,7 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from training.anchors.sequences import CutoffGranularity
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
 
@@ -66,7 +67,7 @@ class GenerateConfig(BaseModel):
         description="'fast' (batched, KV-cache reuse, dense trie masks) or 'reference' "
         "(Hugging Face generate with prefix_allowed_tokens_fn); both return the same anchors.",
     )
-    cutoffs: Literal["request", "day"] = Field(
+    cutoffs: CutoffGranularity = Field(
         default="request",
         description="Anchor-set versions `gpl anchors generate` makes from the request log. "
         "'request': one per user and own request time whose history changed, from every "

@@ -230,20 +230,59 @@ def anchor_requests(
         return AnchorRequests([], np.array([], np.int64), [], 0)
     # bucket[r] = number of cutoffs <= ts[r]: positive r is visible at cutoff j iff j >= bucket[r].
     bucket = np.searchsorted(cuts, seqs.timestamps, side="right")
+    n_cuts = np.where(wanted, len(cuts), 0)
+    return _changed_histories(
+        seqs,
+        _user_of(seqs),
+        bucket,
+        n_cuts,
+        np.zeros(seqs.n_users, np.int64),
+        cuts,
+        max_history,
+        unknown_users,
+    )
+
+
+def _user_of(seqs: UserSequences) -> IntArray:
+    """User row of every positive."""
+    return np.repeat(np.arange(seqs.n_users), np.diff(seqs.offsets))
+
+
+def _changed_histories(
+    seqs: UserSequences,
+    user_of: IntArray,
+    bucket: IntArray,
+    n_cuts: IntArray,
+    cut_start: IntArray,
+    cutoffs: IntArray,
+    max_history: int,
+    unknown_users: int,
+) -> AnchorRequests:
+    """One set at the end of every (user, bucket) run of positives, both cutoff flavours.
+
+    Args:
+        seqs: The users' positives.
+        user_of: User row of every positive.
+        bucket: Per positive, how many of its user's cutoffs are at or before it.
+        n_cuts: Cutoffs per user row (0: the user gets no set).
+        cut_start: Where each user row's cutoffs start in ``cutoffs``.
+        cutoffs: Every user's cutoffs, flat (microseconds).
+        max_history: Most recent items kept per history.
+        unknown_users: Requested users without positives, counted as skipped.
+    """
     n = len(seqs.items)
-    user_of = np.repeat(np.arange(seqs.n_users), np.diff(seqs.offsets))
     run_end = np.ones(n, dtype=bool)  # last positive of a (user, bucket) run
     if n:
         run_end[:-1] = (user_of[1:] != user_of[:-1]) | (bucket[1:] != bucket[:-1])
-    ends = np.flatnonzero(run_end & (bucket < len(cuts)) & wanted[user_of])
+    ends = np.flatnonzero(run_end & (bucket < n_cuts[user_of]))
     first_bucket = bucket[seqs.offsets[:-1]] if seqs.n_users else np.array([], np.int64)
-    skipped = int(((first_bucket > 0) & wanted).sum()) + unknown_users
+    skipped = int(((first_bucket > 0) & (n_cuts > 0)).sum()) + unknown_users
     histories = [
         seqs.items[max(seqs.offsets[user_of[e]], e + 1 - max_history) : e + 1] for e in ends
     ]
     return AnchorRequests(
         user_ids=seqs.user_ids[user_of[ends]].tolist(),
-        cutoffs=cuts[bucket[ends]],
+        cutoffs=cutoffs[cut_start[user_of[ends]] + bucket[ends]],
         histories=histories,
         skipped_empty_history=skipped,
     )
@@ -282,27 +321,15 @@ def _per_user_requests(seqs: UserSequences, uc: UserCutoffs, max_history: int) -
     times, rank = np.unique(np.r_[seqs.timestamps, uc.cutoffs], return_inverse=True)
     width = len(times) + 1
     n = len(seqs.items)
-    user_of = np.repeat(np.arange(seqs.n_users), np.diff(seqs.offsets))
+    user_of = _user_of(seqs)
     pos_key = user_of * width + rank[:n]
     # The cutoffs are sorted by user id then time, and rows are sorted like the user ids: keys
     # ascend, so a searchsorted is valid.
     cut_key = cut_user * width + rank[n:]
     # bucket[r] = this user's cutoffs <= ts[r]: positive r is visible at cutoff j iff j >= it.
     bucket = np.searchsorted(cut_key, pos_key, side="right") - cut_start[user_of]
-    run_end = np.ones(n, dtype=bool)
-    if n:
-        run_end[:-1] = (user_of[1:] != user_of[:-1]) | (bucket[1:] != bucket[:-1])
-    ends = np.flatnonzero(run_end & (bucket < n_cuts[user_of]))
-    first_bucket = bucket[seqs.offsets[:-1]] if seqs.n_users else np.array([], np.int64)
-    skipped = int(((first_bucket > 0) & (n_cuts > 0)).sum()) + unknown_users
-    histories = [
-        seqs.items[max(seqs.offsets[user_of[e]], e + 1 - max_history) : e + 1] for e in ends
-    ]
-    return AnchorRequests(
-        user_ids=seqs.user_ids[user_of[ends]].tolist(),
-        cutoffs=uc.cutoffs[cut_start[user_of[ends]] + bucket[ends]],
-        histories=histories,
-        skipped_empty_history=skipped,
+    return _changed_histories(
+        seqs, user_of, bucket, n_cuts, cut_start, uc.cutoffs, max_history, unknown_users
     )
 
 
