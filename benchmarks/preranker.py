@@ -7,7 +7,7 @@ Protocol (one run directory, every stage through the `gpl` CLI, as a user would 
    (``FUNNEL`` below; 4 requests per user) and the truth table of real future engagements.
 2. The cutoff is the 0.8 quantile of request times. SIDs (MiniLM + RQ-VAE), then the anchor LM
    trained only on engagements **before the cutoff** (``--until``), anchors generated per user
-   and request day from history before each request, pseudo-labels, Feast features.
+   and request (the default cutoffs) from history before it, pseudo-labels, Feast features.
 3. ``gpl evaluate --seeds 3``: every objective (exposed-only, unexposed-as-negative,
    distillation, GPL, HAP, GPL + HAP) trains light and expressive models on requests before
    the cutoff and is evaluated on the requests after it against the truth table; routing
@@ -77,6 +77,13 @@ def main() -> None:
         help="hidden width of the light towers (default: the model default), for experiments "
         "with the cascade's FLOPs",
     )
+    p.add_argument(
+        "--funnel-seed",
+        type=int,
+        default=None,
+        help="seed of the funnel simulator (default: the simulator's default, 0); another seed "
+        "draws other request points and candidate sets, a second split of the same data",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preranker.json")
     args = p.parse_args()
     run = args.run_dir
@@ -85,10 +92,13 @@ def main() -> None:
         shutil.rmtree(run, ignore_errors=True)
     configs = run / "configs"
     configs.mkdir(parents=True, exist_ok=True)
+    funnel: dict[str, Any] = dict(FUNNEL)
+    if args.funnel_seed is not None:
+        funnel["seed"] = args.funnel_seed
     preranker: dict[str, Any] = dict(PRERANKER)
     if args.light_hidden is not None:
         preranker["model"] = {"light_hidden": args.light_hidden}
-    for name, cfg in (("funnel", FUNNEL), ("preranker", preranker), ("anchors", ANCHORS)):
+    for name, cfg in (("funnel", funnel), ("preranker", preranker), ("anchors", ANCHORS)):
         (configs / f"{name}.yaml").write_text(yaml.safe_dump(cfg))
     r = ["--run-dir", str(run)]
     if not args.reuse:
@@ -130,7 +140,7 @@ def main() -> None:
         "benchmark": "preranker",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "machine": {"platform": platform.platform(), "python": platform.python_version()},
-        "funnel": FUNNEL,
+        "funnel": funnel,
         "preranker": preranker,
         "anchors": ANCHORS,
         "cutoff": cutoff,
