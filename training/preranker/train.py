@@ -12,6 +12,7 @@ import numpy as np
 import numpy.typing as npt
 import torch
 from torch import Tensor, nn
+from torch.nn import functional
 from tqdm.auto import tqdm
 
 from training.data.contract import GROUPS
@@ -32,6 +33,16 @@ MODEL_INPUTS = (
     "item_emb",
     "cross",
 )
+
+
+def _gather(embeddings: Tensor, index: npt.NDArray[np.integer]) -> Tensor:
+    """Rows of ``embeddings`` at ``index`` (any shape): ``index.shape + (D,)``.
+
+    ``functional.embedding`` rather than ``embeddings[index]``: the same copy, but advanced
+    indexing took ~9x longer on CPU (680 vs 76 us for a 1,600 x 384 batch), a tenth of a
+    light-model step.
+    """
+    return functional.embedding(torch.from_numpy(index).long(), embeddings)
 
 
 def make_batch(
@@ -58,12 +69,12 @@ def make_batch(
     row_request = torch.from_numpy(local[data.row_request[rows]])
     batch = {
         "user_numeric": torch.from_numpy(data.user_numeric[requests]),
-        "history_emb": embeddings[torch.from_numpy(data.history[requests]).long()],
-        "anchor_emb": embeddings[torch.from_numpy(data.anchors[requests]).long()],
+        "history_emb": _gather(embeddings, data.history[requests]),
+        "anchor_emb": _gather(embeddings, data.anchors[requests]),
         "row_request": row_request,
         "item_numeric": torch.from_numpy(data.item_numeric[rows]),
         "category": torch.from_numpy(data.category[rows]),
-        "item_emb": embeddings[torch.from_numpy(data.item[rows]).long()],
+        "item_emb": _gather(embeddings, data.item[rows]),
         "cross": torch.from_numpy(data.cross[rows]),
         "label": torch.from_numpy(data.label[rows]),
         "group": torch.from_numpy(data.group[rows].astype(np.int64)),
@@ -142,7 +153,11 @@ def train_model(
         int(embeddings.shape[1]),
         cfg.model,
     )
-    opt = torch.optim.AdamW(model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay)
+    # fused: one kernel per step for all parameters instead of a Python loop over them (the
+    # loop was ~20% of a light-model step on two CPU cores).
+    opt = torch.optim.AdamW(
+        model.parameters(), lr=tc.learning_rate, weight_decay=tc.weight_decay, fused=True
+    )
     hap = HapLoss(cfg.loss)
     allowed = _group_ids(groups)
     if objective == "distill" and teacher is None:
