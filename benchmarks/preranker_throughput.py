@@ -2,7 +2,8 @@
 
 Reuses the run directory of ``benchmarks/preranker.py`` (MovieLens-100k funnel, its 0.8-quantile
 cutoff): joins the training requests through the FeatureServices, then trains the light model
-for two epochs per objective, twice each, in one process. A sample is one candidate row.
+for two epochs per objective, twice each, in one process, as ``gpl train`` trains it (GPL + HAP
+with the default popularity debiasing). A sample is one candidate row.
 
     .venv/bin/python benchmarks/preranker_throughput.py [--run-dir runs/bench_preranker]
 """
@@ -19,8 +20,14 @@ import numpy as np
 
 from training.features.store import open_store
 from training.io import read_table
-from training.preranker.config import PrerankerConfig
-from training.preranker.job import join_features, prepare, split_at, time_quantile
+from training.preranker.config import DEBIASED_OBJECTIVES, PrerankerConfig
+from training.preranker.job import (
+    join_features,
+    popularity_index,
+    prepare,
+    split_at,
+    time_quantile,
+)
 from training.preranker.train import train_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -46,8 +53,18 @@ def main() -> None:
     results: dict[str, list[float]] = {}
     for _ in range(args.repeats):
         for objective in args.objectives.split(","):
+            # As `gpl train` trains it: with the default popularity debiasing where it applies.
+            popularity = None
+            if cfg.loss.popularity_debias > 0 and objective in DEBIASED_OBJECTIVES:
+                popularity = popularity_index(prepared.prep, cfg.loss.popularity_feature)
             trained = train_model(
-                "light", objective, prepared.train, prepared.valid, prepared.embeddings, cfg
+                "light",
+                objective,
+                prepared.train,
+                prepared.valid,
+                prepared.embeddings,
+                cfg,
+                popularity=popularity,
             )
             results.setdefault(objective, []).append(trained.samples_per_second)
     print(f"light model, {prepared.train.n_rows:,} training rows, 2 epochs, {args.repeats} runs")
