@@ -260,6 +260,7 @@ def main() -> None:
     )
     p.add_argument("--collab-dim", type=int, default=64)
     p.add_argument("--collab-window", type=int, default=3)
+    p.add_argument("--max-history", type=int, default=50, help="history items the LM reads")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -330,7 +331,7 @@ def main() -> None:
     cfg = AnchorConfig.model_validate(
         {
             "sequences": {
-                "max_history": 50,
+                "max_history": args.max_history,
                 "downsample_threshold": args.downsample,
                 "seed": args.seed,
             },
