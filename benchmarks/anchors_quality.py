@@ -163,10 +163,10 @@ def cooc_recs(
     return recs
 
 
-def cooc_lists(test: list[tuple[str, list[int], int]], n_items: int, k: int) -> list[list[int]]:
-    """The co-occurrence baseline's top-``k`` lists with its tuned window and decay."""
-    tuned = cooc_baseline(test, n_items, 10)
-    histories = [h for _, h, _ in test]
+def cooc_lists(
+    histories: list[list[int]], n_items: int, tuned: dict[str, Any], k: int
+) -> list[list[int]]:
+    """Top-``k`` co-occurrence lists with the window and decay ``cooc_baseline`` tuned."""
     matrix = cooc_matrix(histories, n_items, tuned["window"])
     return cooc_recs(histories, matrix, tuned["decay"], k, popular(histories, 2 * k))
 
@@ -382,9 +382,10 @@ def main() -> None:
 
     model_unseen = unseen(model_recs, histories, 10)
     pop = popular(histories, 10 + max(len(h) for h in histories))
+    cooc = cooc_baseline(test, n_items, 10)
     results: dict[str, Any] = {
         "most_popular": metrics([pop[:10]] * len(test), targets),
-        "cooccurrence": cooc_baseline(test, n_items, 10),
+        "cooccurrence": cooc,
         "anchors": {
             **metrics([r[:10] for r in model_recs], targets),
             "history_share@10": history_share(model_recs, histories, 10),
@@ -400,7 +401,9 @@ def main() -> None:
         # Does the LM know something co-occurrence does not? Reciprocal-rank fusion of the
         # two top-20 lists (a diagnostic, not the anchors the pipeline writes).
         "anchors+cooccurrence_fused": metrics(
-            fused_ranking([[r[:20] for r in model_recs], cooc_lists(test, n_items, 20)], 10),
+            fused_ranking(
+                [[r[:20] for r in model_recs], cooc_lists(histories, n_items, cooc, 20)], 10
+            ),
             targets,
         ),
         "most_popular_unseen": metrics(unseen([pop] * len(test), histories, 10), targets),

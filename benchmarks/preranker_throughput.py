@@ -20,10 +20,10 @@ import numpy as np
 
 from training.features.store import open_store
 from training.io import read_table
-from training.preranker.config import DEBIASED_OBJECTIVES, PrerankerConfig
+from training.preranker.config import PrerankerConfig
 from training.preranker.job import (
+    debiased_feature,
     join_features,
-    popularity_index,
     prepare,
     split_at,
     time_quantile,
@@ -54,9 +54,7 @@ def main() -> None:
     for _ in range(args.repeats):
         for objective in args.objectives.split(","):
             # As `gpl train` trains it: with the default popularity debiasing where it applies.
-            popularity = None
-            if cfg.loss.popularity_debias > 0 and objective in DEBIASED_OBJECTIVES:
-                popularity = popularity_index(prepared.prep, cfg.loss.popularity_feature)
+            popularity = debiased_feature(prepared.prep, cfg, objective)
             trained = train_model(
                 "light",
                 objective,

@@ -145,6 +145,16 @@ class FittedPreranker:
     flops: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
+def debiased_feature(prep: Preprocessing, cfg: PrerankerConfig, objective: str) -> int | None:
+    """The item-feature column ``popularity_debias`` reads for ``objective``'s light model.
+
+    None when debiasing is off or does not apply to the objective.
+    """
+    if cfg.loss.popularity_debias > 0 and objective in DEBIASED_OBJECTIVES:
+        return popularity_index(prep, cfg.loss.popularity_feature)
+    return None
+
+
 def popularity_index(prep: Preprocessing, feature: str) -> int:
     """Column of ``feature`` among the item features, for ``popularity_debias``.
 
@@ -179,9 +189,7 @@ def fit(prepared: Prepared, cfg: PrerankerConfig, objective: str | None = None) 
             sigmoid(score(teacher.model, p.train, emb)),
             sigmoid(score(teacher.model, p.valid, emb)),
         )
-    popularity = None
-    if cfg.loss.popularity_debias > 0 and objective in DEBIASED_OBJECTIVES:
-        popularity = popularity_index(p.prep, cfg.loss.popularity_feature)
+    popularity = debiased_feature(p.prep, cfg, objective)
     # Only the light model is debiased: the expressive one trains on the hard groups, whose
     # candidates the funnel already matched in popularity (debiasing it too collapsed its AUC to
     # 0.43 on MovieLens-100k).
