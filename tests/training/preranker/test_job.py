@@ -14,6 +14,7 @@ from tests.training.preranker.conftest import Run, small_config
 from training.preranker.config import OBJECTIVES, PrerankerConfig
 from training.preranker.data import PrerankerDataError
 from training.preranker.job import (
+    debiased_feature,
     fit,
     join_features,
     load_preranker,
@@ -138,7 +139,7 @@ def test_errors_are_clear(joined: pa.Table, run: Run) -> None:
         fit(prepared, cfg, "magic")
 
 
-def test_popularity_debias_changes_the_light_model_of_gpl_hap_only(
+def test_popularity_debias_changes_the_light_model_of_hap_objectives_only(
     joined: pa.Table, run: Run
 ) -> None:
     def debiased(gamma: float, feature: str = "item_popularity__clicks") -> PrerankerConfig:
@@ -164,10 +165,12 @@ def test_popularity_debias_changes_the_light_model_of_gpl_hap_only(
     plain_light, plain_expressive = scores(debiased(0.0), "gpl_hap")
     pd_light, pd_expressive = scores(debiased(1.0), "gpl_hap")
     assert not np.array_equal(plain_light, pd_light)
-    # The expressive model is never debiased, and neither are the baselines.
+    # The expressive model is never debiased, and neither are the baselines nor GPL alone.
     np.testing.assert_array_equal(plain_expressive, pd_expressive)
-    np.testing.assert_array_equal(
-        scores(debiased(0.0), "exposed")[0], scores(debiased(1.0), "exposed")[0]
-    )
+    for objective in ("exposed", "gpl"):
+        np.testing.assert_array_equal(
+            scores(debiased(0.0), objective)[0], scores(debiased(1.0), objective)[0]
+        )
+    assert debiased_feature(prepared.prep, debiased(1.0), "hap") is not None
     with pytest.raises(PrerankerDataError, match="popularity_feature 'nope'"):
         fit(prepared, debiased(1.0, "nope"), "gpl_hap")
