@@ -36,6 +36,21 @@ def run_dir(run: Run, tmp_path: Path) -> Path:
     return root
 
 
+def evaluate(run_dir: Path, *args: str) -> tuple[int, str]:
+    """`gpl evaluate` of the exposed-only baseline and GPL + HAP with the tiny config."""
+    config = str(run_dir / "preranker.yaml")
+    return gpl(
+        "evaluate",
+        "--run-dir",
+        str(run_dir),
+        "--config",
+        config,
+        "--objectives",
+        "exposed,gpl_hap",
+        *args,
+    )
+
+
 def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
     assert not (run_dir / "funnel" / "truth.parquet").exists()
     cfg = str(run_dir / "preranker.yaml")
@@ -60,17 +75,7 @@ def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
         }
     )
     write_table(truth, run_dir / "funnel" / "truth.parquet")
-    code, out = gpl(
-        "evaluate",
-        "--run-dir",
-        str(run_dir),
-        "--config",
-        cfg,
-        "--seeds",
-        "2",
-        "--objectives",
-        "exposed,gpl_hap",
-    )
+    code, out = evaluate(run_dir, "--seeds", "2")
     assert code == 0, out
     report = (run_dir / "evaluation" / "report.md").read_text()
     for method in ("exposed", "gpl_hap", "gpl_hap expressive-all", "gpl_hap routing@0.2"):
@@ -99,20 +104,7 @@ def test_evaluate_against_a_separate_random_exposure_truth(run_dir: Path, run: R
     )
     truth_path = run_dir / "random_exposure.parquet"
     write_table(truth, truth_path)
-    cfg = str(run_dir / "preranker.yaml")
-    code, out = gpl(
-        "evaluate",
-        "--run-dir",
-        str(run_dir),
-        "--config",
-        cfg,
-        "--seeds",
-        "1",
-        "--objectives",
-        "exposed,gpl_hap",
-        "--truth",
-        str(truth_path),
-    )
+    code, out = evaluate(run_dir, "--seeds", "1", "--truth", str(truth_path))
     assert code == 0, out
     assert not (run_dir / "funnel" / "truth.parquet").exists()
     report = json.loads((run_dir / "evaluation" / "report.json").read_text())
