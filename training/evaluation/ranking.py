@@ -19,7 +19,8 @@ table (the data contract's ``truth``) says which candidates were truly relevant,
   content embeddings, averaged over lists with at least two items) and ``category_coverage@K``
   (distinct known categories in the union of all top-K lists / distinct known categories among
   all candidates);
-* counts: ``requests_evaluated``, ``rows``, ``positives`` and ``truth_coverage``.
+* counts: ``requests_evaluated``, ``rows``, ``positives``, ``longtail_requests_evaluated``,
+  ``longtail_positives`` and ``truth_coverage``.
 
 Rows are ordered by (request, score descending, item_id ascending), so ties in score are broken
 deterministically by item id. Nothing loops over rows in Python; a million rows take seconds.
@@ -252,6 +253,10 @@ def _ranking_metrics(lists: _Lists, ks: list[int], longtail: BoolArray) -> dict[
     out["requests_evaluated"] = float(evaluated.sum())
     out["rows"] = float(len(label))
     out["positives"] = float(label.sum())
+    # Long-tail recall averages over far fewer requests than recall: say how many, so a reader
+    # can judge its noise.
+    out["longtail_requests_evaluated"] = float(longtail_evaluated.sum())
+    out["longtail_positives"] = float(longtail_label.sum())
     return out
 
 

@@ -47,6 +47,10 @@ COUNT_METRICS: Final = frozenset(
         "unexposed_rows",
         "unexposed_positives",
         "unexposed_requests_evaluated",
+        "longtail_requests_evaluated",
+        "longtail_positives",
+        "unexposed_longtail_requests_evaluated",
+        "unexposed_longtail_positives",
     }
 )
 """Metrics that are sizes, not quality: never bolded, never plotted."""

@@ -180,6 +180,7 @@ def test_longtail_recall_counts_only_long_tail_positives() -> None:
     m = evaluate_scores(scored_table(rows), truth_table(truth), items, ks=(2, 3), head_share=0.25)
     assert m["longtail_recall@2"] == 0.0
     assert m["longtail_recall@3"] == pytest.approx(0.5)
+    assert m["longtail_requests_evaluated"] == 1 and m["longtail_positives"] == 2
     assert m["recall@3"] == pytest.approx((2 / 3 + 1.0) / 2)
     # Unexposed r1 is c, d: both long-tail positives, both in the top 2.
     assert m["unexposed_longtail_recall@2"] == 1.0
