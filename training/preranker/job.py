@@ -416,6 +416,15 @@ def evaluate_suite(
         "with the expressive model, 'routing@M' re-scores the top M share by light score.",
         "unexposed_* metrics rank only the candidates that were not exposed.",
     ]
+    first = next(iter(results.values()), [])
+    if first:
+        # The same for every method: which requests have a (long-tail) positive is the truth's.
+        notes.append(
+            f"Recall and NDCG average over the {first[0]['requests_evaluated']:.0f} evaluation "
+            f"requests with a positive; longtail_recall@K over the "
+            f"{first[0]['longtail_requests_evaluated']:.0f} with a long-tail positive (items "
+            "outside the top 20% by training popularity)."
+        )
     report = write_report(results, out_dir, title, notes=notes, curves=curves)
     info = {"seconds": round(time.perf_counter() - began, 1)}
     return SuiteResult(results, routing, report, info)

@@ -81,6 +81,7 @@ def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
     for method in ("exposed", "gpl_hap", "gpl_hap expressive-all", "gpl_hap routing@0.2"):
         assert f"| {method} |" in report or method in report, method
     assert "±" in report
+    assert "with a long-tail positive" in report
     assert (run_dir / "evaluation" / "report.html").exists()
 
     code, out = gpl("evaluate", "--run-dir", str(run_dir), "--objectives", "exposed,nope")
