@@ -41,6 +41,8 @@ import pyarrow.compute as pc
 from training.data.contract import STAGES, validate
 from training.evaluation.metrics import auc
 
+#: Share of items, by training popularity, that form the head; the rest is the long tail.
+LONG_TAIL_HEAD_SHARE: Final = 0.2
 SCORED_COLUMNS: Final[tuple[str, ...]] = ("request_id", "user_id", "item_id", "stage", "score")
 """Columns a scored table must have."""
 
@@ -98,12 +100,14 @@ class ItemInfo:
         if problems:
             raise EvaluationError("ItemInfo: " + "; ".join(problems))
 
-    def long_tail(self, head_share: float = 0.2) -> BoolArray:
+    def long_tail(self, head_share: float = LONG_TAIL_HEAD_SHARE) -> BoolArray:
         """:func:`long_tail_mask` of this catalog's popularity."""
         return long_tail_mask(self.popularity, head_share)
 
 
-def long_tail_mask(popularity: npt.ArrayLike, head_share: float = 0.2) -> BoolArray:
+def long_tail_mask(
+    popularity: npt.ArrayLike, head_share: float = LONG_TAIL_HEAD_SHARE
+) -> BoolArray:
     """True for items outside the head: the ``floor(head_share * n)`` most popular items.
 
     Ties are resolved deterministically by position: among equally popular items, the one that
@@ -133,7 +137,7 @@ def evaluate_scores(
     truth: pa.Table,
     items: ItemInfo,
     ks: Sequence[int] = (10, 50),
-    head_share: float = 0.2,
+    head_share: float = LONG_TAIL_HEAD_SHARE,
 ) -> dict[str, float]:
     """Join scores to truth and compute ranking, unexposed, diversity and long-tail metrics.
 

@@ -26,7 +26,7 @@ from feast import FeatureStore
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.evaluation.ranking import ItemInfo, evaluate_scores
+from training.evaluation.ranking import LONG_TAIL_HEAD_SHARE, ItemInfo, evaluate_scores
 from training.evaluation.report import ReportPaths, write_report
 from training.features.training_set import build_training_set
 from training.io import atomic_path, write_manifest
@@ -423,7 +423,7 @@ def evaluate_suite(
             f"Recall and NDCG average over the {first[0]['requests_evaluated']:.0f} evaluation "
             f"requests with a positive; longtail_recall@K over the "
             f"{first[0]['longtail_requests_evaluated']:.0f} with a long-tail positive (items "
-            "outside the top 20% by training popularity)."
+            f"outside the top {LONG_TAIL_HEAD_SHARE:.0%} by training popularity)."
         )
     report = write_report(results, out_dir, title, notes=notes, curves=curves)
     info = {"seconds": round(time.perf_counter() - began, 1)}

@@ -15,8 +15,7 @@ rows), ``group`` (N,, index into :data:`training.data.contract.GROUPS`), ``row_r
 
 ``popularity_debias`` (PD) adds ``gamma x batch["popularity"]`` to the logits of every term when
 the batch carries that column: :func:`training.preranker.job.fit` decides which batches do (the
-light model's, under :data:`training.preranker.config.DEBIASED_OBJECTIVES` only: ``hap`` and
-``gpl_hap``).
+light model's, under :data:`training.preranker.config.DEBIASED_OBJECTIVES` only).
 """
 
 from __future__ import annotations
