@@ -33,5 +33,6 @@ lint: setup
 bench: setup redis
 	$(PY) benchmarks/pit_join.py
 
+# Run directories and caches only: benchmarks/results holds the recorded (committed) figures.
 clean:
-	rm -rf runs benchmarks/results .pytest_cache .mypy_cache .ruff_cache
+	rm -rf runs .pytest_cache .mypy_cache .ruff_cache
