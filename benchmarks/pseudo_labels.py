@@ -153,7 +153,7 @@ def run_dataset(
                 "patience": 2,
                 "progress": False,
             },
-            "generation": {"beam_width": 10, "num_anchors": 10},
+            "generation": {"beam_width": args.beam_width, "num_anchors": args.num_anchors},
         }
     )
     t = time.perf_counter()
@@ -248,6 +248,9 @@ def run_dataset(
         "auc_unexposed_as_negative": auc(y, np.zeros(len(y))),
         "auc_distillation": auc(y, ok["teacher"]),
         "auc_popularity": auc(y, ok["item_popularity__log_candidate_count"]),
+        # Diagnostic: the teacher's content feature alone (cosine to the mean of the user's
+        # history), i.e. what the content space gives without the LM's anchors.
+        "auc_history_similarity": auc(y, ok["history_similarity"]),
         "ece_pseudo_label": curve.expected_calibration_error,
         "calibration": result.metrics["calibration"],
         "timings_s": timings,
@@ -274,10 +277,12 @@ def run_dataset(
     ax.set_title(f"{name}: reliability on unexposed truth")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    png = RESULTS / f"pseudo_labels_{name}.png"
+    # Named after the results file, so that runs with other settings keep their own plots.
+    png = args.out.parent / f"{args.out.stem}_{name}.png"
     fig.savefig(png, dpi=120)
     plt.close(fig)
-    figures["reliability_png"] = str(png.relative_to(RESULTS.parent.parent))
+    root = RESULTS.parent.parent
+    figures["reliability_png"] = str(png.relative_to(root) if png.is_relative_to(root) else png)
     return figures
 
 
@@ -291,6 +296,8 @@ def main() -> None:
     parser.add_argument("--requests-per-user", type=int, default=4)
     parser.add_argument("--sid-epochs", type=int, default=100)
     parser.add_argument("--lm-epochs", type=int, default=20)
+    parser.add_argument("--beam-width", type=int, default=10, help="anchor beam search width")
+    parser.add_argument("--num-anchors", type=int, default=10, help="anchors per user (<= beam)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not figures")
     parser.add_argument("--out", type=Path, default=RESULTS / "pseudo_labels.json")
@@ -317,6 +324,7 @@ def main() -> None:
         ("auc_distillation", "distill"),
         ("auc_unexposed_as_negative", "unexp=neg"),
         ("auc_popularity", "popularity"),
+        ("auc_history_similarity", "history cos"),
         ("ece_pseudo_label", "ECE"),
     ]
     print("\nAUC against the truth on unexposed candidates (requests after the time split)")
