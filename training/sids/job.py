@@ -59,6 +59,7 @@ from training.sids.tokenizer import (
     CODEBOOKS_FILE,
     SemanticIdTokenizer,
 )
+from training.threads import torch_threads
 
 __all__ = [
     "ITEM_SEMANTICS_FILE",
@@ -227,22 +228,27 @@ def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
     )
     x = encoded.vectors
     quantizer_metrics: dict[str, Any]
-    if cfg.method == "rqvae":
-        rq = train_rqvae(x, cfg)
-        tokenizer, reconstruction, train_seconds = rq.tokenizer, rq.reconstruction, rq.train_seconds
-        quantizer_metrics = {
-            "loss_first_epoch": round(rq.losses[0], 6),
-            "loss_last_epoch": round(rq.losses[-1], 6),
-            "dead_codes_reseeded": rq.reseeded,
-            "colliding_items_per_epoch": rq.colliding,
-        }
-    else:
-        rk = fit_rkmeans(x, cfg)
-        tokenizer, reconstruction, train_seconds = rk.tokenizer, rk.reconstruction, rk.train_seconds
-        quantizer_metrics = {"inertia": [round(v, 6) for v in rk.inertia]}
+    # The text encoder above keeps every core; the quantizer's nearest-code choices do not
+    # tolerate run-to-run rounding differences (see training/threads.py).
+    with torch_threads(1 if cfg.deterministic else None):
+        if cfg.method == "rqvae":
+            rq = train_rqvae(x, cfg)
+            tokenizer, reconstruction = rq.tokenizer, rq.reconstruction
+            train_seconds = rq.train_seconds
+            quantizer_metrics = {
+                "loss_first_epoch": round(rq.losses[0], 6),
+                "loss_last_epoch": round(rq.losses[-1], 6),
+                "dead_codes_reseeded": rq.reseeded,
+                "colliding_items_per_epoch": rq.colliding,
+            }
+        else:
+            rk = fit_rkmeans(x, cfg)
+            tokenizer, reconstruction = rk.tokenizer, rk.reconstruction
+            train_seconds = rk.train_seconds
+            quantizer_metrics = {"inertia": [round(v, 6) for v in rk.inertia]}
+        nearest, last_residual = tokenizer.codes_and_last_residual(x)
 
     ids = items.column("item_id").to_pylist()
-    nearest, last_residual = tokenizer.codes_and_last_residual(x)
     prefix = _last_level(nearest, last_residual, tokenizer, ids, cfg)
     index = disambiguate(prefix, ids)
     sid_codes = np.column_stack([prefix, index]).astype(np.int32)
@@ -352,7 +358,9 @@ def assign_sids(items: pa.Table, out_dir: Path) -> SidResult:
             show_progress=cfg.show_progress,
         )
         ids = new_items.column("item_id").to_pylist()
-        nearest, last_residual = tokenizer.codes_and_last_residual(encoded.vectors)
+        # One thread, like the codes of the catalog (a few new items: no cost worth a flag).
+        with torch_threads(1):
+            nearest, last_residual = tokenizer.codes_and_last_residual(encoded.vectors)
         taken = taken_last_codes(existing_codes) if existing_codes.size else None
         prefix = _last_level(nearest, last_residual, tokenizer, ids, cfg, taken)
         index = disambiguate(prefix, ids, next_free_indices(existing_codes))

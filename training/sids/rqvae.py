@@ -22,7 +22,9 @@ reconstructs the content vector from the sum of the chosen codewords. Training d
   left alone.
 
 Training runs on the CPU in float32 under its own RNG state: the model is small (4,385 items x
-20 epochs take seconds), and a fixed device makes the SIDs bit-for-bit reproducible from the seed.
+20 epochs take seconds). With one thread (``SidConfig.deterministic``, applied by the stage) the
+SIDs are bit-for-bit reproducible from the seed; with several, run-to-run rounding differences
+in the matrix products can flip near-tied codes (see :mod:`training.threads`).
 """
 
 from __future__ import annotations

@@ -220,3 +220,31 @@ def test_missing_text_and_assign_checks(
     assert "trained with length 16" in str(info.value)
     with pytest.raises(FileNotFoundError):
         assign_sids(catalog, out / "not-a-stage")
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_quantizer_runs_on_one_thread_unless_told_otherwise(
+    catalog: pa.Table,
+    tiny_bert: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    deterministic: bool,
+) -> None:
+    # Multi-threaded matrix products differ in their last bits between runs, which flips
+    # near-tied codes: the deterministic default fits the quantizer on one thread.
+    import torch
+
+    import training.sids.job as job
+
+    seen: list[int] = []
+    real = job.train_rqvae
+
+    def spy(x: np.ndarray, cfg: object) -> object:
+        seen.append(torch.get_num_threads())
+        return real(x, cfg)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(job, "train_rqvae", spy)
+    torch.set_num_threads(2)
+    train_sids(catalog, tiny_config(tiny_bert, deterministic=deterministic), tmp_path)
+    assert seen == [1 if deterministic else 2]
+    assert torch.get_num_threads() == 2  # the caller's setting is back

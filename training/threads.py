@@ -1,0 +1,38 @@
+"""Scoped torch CPU thread counts.
+
+Multi-threaded CPU matrix products (MKL's GEMM under torch) are not bit-for-bit reproducible from
+run to run: how the work is split between threads changes the order of the floating-point sums,
+so the last bits of a result can differ between two runs of the same code on the same machine.
+Continuous outputs (text vectors, pre-ranker scores) only move in those last bits. A stage that
+makes discrete choices from near-ties turns them into different outputs: the SID quantizer does
+(six runs of the SID stage on MovieLens-100k gave two different code sets with two threads, one
+with one thread), so it runs inside :func:`torch_threads` with one thread by default. The anchor
+LM's beam search could flip near-tied anchors the same way, but its CPU training is where the
+cores pay most, so it keeps them (GPU runs are the intended path there).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+
+
+@contextmanager
+def torch_threads(count: int | None) -> Iterator[None]:
+    """Run the body with ``count`` torch intra-op threads (``None``: leave it unchanged).
+
+    The previous count is restored on exit, also when the body raises.
+    """
+    if count is None:
+        yield
+        return
+    if count < 1:
+        raise ValueError(f"thread count must be >= 1, got {count}")
+    before = torch.get_num_threads()
+    torch.set_num_threads(count)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
