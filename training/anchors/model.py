@@ -291,12 +291,19 @@ def is_peft(model: nn.Module) -> bool:
     return callable(getattr(model, "merge_and_unload", None))
 
 
+def _save_adapter(model: nn.Module, target: Path) -> None:
+    # The SID tokens resized the embeddings and they train with the adapter, so they are part
+    # of it: said explicitly (peft would infer it, with a warning on every save).
+    cast(Any, model).save_pretrained(target, save_embedding_layers=True)
+
+
 def save_checkpoint(model: nn.Module, vocab: SidVocab, out_dir: Path) -> None:
     """Save the trainable state: the adapter for LoRA, the full model for the compact path."""
-    target = out_dir / (ADAPTER_SUBDIR if is_peft(model) else MODEL_SUBDIR)
-    cast(Any, model).save_pretrained(target)
-    if not is_peft(model):
-        vocab.tokenizer.save_pretrained(target)
+    if is_peft(model):
+        _save_adapter(model, out_dir / ADAPTER_SUBDIR)
+        return
+    cast(Any, model).save_pretrained(out_dir / MODEL_SUBDIR)
+    vocab.tokenizer.save_pretrained(out_dir / MODEL_SUBDIR)
 
 
 def save_anchor_model(
@@ -316,7 +323,7 @@ def save_anchor_model(
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     if is_peft(model):
-        cast(Any, model).save_pretrained(out_dir / ADAPTER_SUBDIR)
+        _save_adapter(model, out_dir / ADAPTER_SUBDIR)
         merged = cast(Any, model).merge_and_unload()
     else:
         merged = model
