@@ -120,7 +120,14 @@ class TrainSettings(BaseModel):
     )
     patience: int = Field(default=2, ge=1, description="Epochs without improvement to stop.")
     seed: int = Field(default=0, ge=0, description="Seed of initialization and batch order.")
-    threads: int | None = Field(default=None, ge=1, description="torch CPU threads (None: all).")
+    threads: int | None = Field(
+        default=None,
+        ge=1,
+        description="torch CPU threads (None: all). 1 makes training and `gpl evaluate` "
+        "reproducible bit for bit: with several threads the matrix products' last bits vary "
+        "from run to run, and over epochs that moves the figures (0.004 AUC on one objective of "
+        "the demo's report between two runs).",
+    )
     progress: bool = Field(default=True, description="Show a progress bar per epoch.")
 
 
