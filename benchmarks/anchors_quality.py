@@ -261,6 +261,11 @@ def main() -> None:
     p.add_argument("--collab-dim", type=int, default=64)
     p.add_argument("--collab-window", type=int, default=3)
     p.add_argument("--max-history", type=int, default=50, help="history items the LM reads")
+    p.add_argument(
+        "--reverse-augmentation",
+        action="store_true",
+        help="also train on every sequence backwards (sequences.reverse_augmentation)",
+    )
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -333,6 +338,7 @@ def main() -> None:
             "sequences": {
                 "max_history": args.max_history,
                 "downsample_threshold": args.downsample,
+                "reverse_augmentation": args.reverse_augmentation,
                 "seed": args.seed,
             },
             "model": {

@@ -145,7 +145,7 @@ def run_dataset(
         {
             # The compact LM of benchmarks/preranker.py: whole-window loss, 2 layers of 128.
             "model": {"compact": {"hidden_size": 128, "num_layers": 2, "num_heads": 4}},
-            "sequences": {"max_history": 30},
+            "sequences": {"max_history": 30, "reverse_augmentation": args.reverse_augmentation},
             "training": {
                 "epochs": args.lm_epochs,
                 "loss_on": "all",
@@ -298,6 +298,9 @@ def main() -> None:
     parser.add_argument("--lm-epochs", type=int, default=20)
     parser.add_argument("--beam-width", type=int, default=10, help="anchor beam search width")
     parser.add_argument("--num-anchors", type=int, default=10, help="anchors per user (<= beam)")
+    parser.add_argument(
+        "--reverse-augmentation", action="store_true", help="anchor LM also trains backwards"
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not figures")
     parser.add_argument("--out", type=Path, default=RESULTS / "pseudo_labels.json")

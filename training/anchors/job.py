@@ -64,6 +64,7 @@ from training.anchors.sequences import (
     frequency_summary,
     holdout_split,
     user_sequences,
+    with_reversed,
 )
 from training.anchors.train import TrainConfig, TrainHistory, train_loop
 from training.anchors.trie import SidTrie
@@ -185,6 +186,9 @@ def train_anchor_model(
             train_seqs, catalog.n_items, sc.downsample_threshold, sc.downsample_alpha, sc.seed
         )
     freq_after = frequency_summary(train_seqs, catalog.n_items)
+    if sc.reverse_augmentation:
+        # After the hold-out split: a held-out item never reaches training, not even backwards.
+        train_seqs = with_reversed(train_seqs)
     examples = ExampleSet.build(train_seqs, sc.max_history, cfg.training.loss_on)
 
     out_dir.mkdir(parents=True, exist_ok=True)

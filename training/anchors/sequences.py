@@ -10,6 +10,8 @@
 * :func:`downsample`: drops occurrences of popular items from *training* sequences, keeping an
   occurrence of item ``i`` with probability ``min(1, (t / f_i) ** alpha)``, ``f_i`` the item's
   share of all occurrences (word2vec's subsampling rule, ``alpha = 0.5`` being its square root).
+* :func:`with_reversed`: optionally, every training sequence also backwards (symmetric
+  co-occurrence as extra training signal).
 * :func:`holdout_split` and :class:`ExampleSet`: held-out last items for evaluation, and teacher
   forcing examples as index ranges (no per-example Python objects, so millions of users fit).
 """
@@ -54,6 +56,13 @@ class SequenceConfig(BaseModel):
     )
     downsample_alpha: float = Field(
         default=0.5, gt=0, description="alpha of the downsampling rule (0.5 = square root)."
+    )
+    reverse_augmentation: bool = Field(
+        default=False,
+        description="Also train on every training sequence in reverse order. Helps where "
+        "engagement is about symmetric (items bought together, whose order within a basket is "
+        "arbitrary): on Amazon Scientific it lifted the anchors' HR@10 from 0.083 to 0.098 "
+        "(docs/anchors.md). Doubles the training examples; generation is unchanged.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of downsampling and the evaluation split.")
 
@@ -379,6 +388,16 @@ def downsample(
     lengths = np.array([len(s) for s in sequences], dtype=np.int64)
     kept_per_seq = np.split(keep, np.cumsum(lengths)[:-1]) if len(lengths) else []
     return [s[k] for s, k in zip(sequences, kept_per_seq, strict=True)]
+
+
+def with_reversed(sequences: Sequence[IntArray]) -> list[IntArray]:
+    """The training sequences followed by each one of two or more items in reverse order.
+
+    A reversed sequence teaches the transitions of the original backwards ("b then a" for every
+    "a then b"), i.e. the symmetric part of item-to-item co-occurrence, which plain next-item
+    training on short sequences sees only one way.
+    """
+    return [*sequences, *(s[::-1].copy() for s in sequences if len(s) >= 2)]
 
 
 def frequency_summary(sequences: Sequence[IntArray], n_items: int) -> dict[str, float]:

@@ -17,6 +17,7 @@ from training.anchors.sequences import (
     keep_probabilities,
     request_cutoffs,
     user_sequences,
+    with_reversed,
 )
 from training.data.contract import ContractError
 
@@ -201,3 +202,11 @@ def test_holdout_and_examples() -> None:
     spans = [ex_all.items[s:e].tolist() for s, e in zip(ex_all.start, ex_all.end, strict=True)]
     assert spans == [[1, 2, 3], [0], [9]]
     assert (ex_all.loss_start == ex_all.start).all()
+
+
+def test_reverse_augmentation_appends_each_sequence_backwards() -> None:
+    seqs = [np.array([0, 1, 2]), np.array([5]), np.array([3, 4])]
+    out = with_reversed(seqs)
+    assert [s.tolist() for s in out] == [[0, 1, 2], [5], [3, 4], [2, 1, 0], [4, 3]]
+    out[3][0] = 9  # copies, not views of the originals
+    assert seqs[0].tolist() == [0, 1, 2]

@@ -38,3 +38,20 @@ def test_loss_on_all_items_trains(tmp_path) -> None:
     )
     assert result.history.best_epoch == 2 and result.metrics["eval_hr@10"] is None
     assert result.history.epochs[1].train_loss < result.history.epochs[0].train_loss
+
+
+def test_reverse_augmentation_doubles_the_training_examples_after_the_hold_out(tmp_path) -> None:
+    codes, sizes = toy_codes(24)
+    positives = alternating_positives(20, 24, 8)
+    results = {}
+    for reverse in (False, True):
+        cfg = tiny_config(epochs=1, loss_on="target", eval_users=5)
+        cfg.sequences.downsample_threshold = None
+        cfg.sequences.reverse_augmentation = reverse
+        results[reverse] = train_anchor_model(
+            semantics_table(codes), positives, sizes, cfg, tmp_path / str(reverse)
+        ).metrics
+    # loss_on "target": one example per item after the first, the same count backwards.
+    assert results[True]["train_examples"] == 2 * results[False]["train_examples"]
+    # The hold-out split comes first: both runs evaluate the same held-out users.
+    assert results[True]["eval_users"] == results[False]["eval_users"] == 5
