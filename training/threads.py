@@ -3,8 +3,10 @@
 Multi-threaded CPU matrix products (MKL's GEMM under torch) are not bit-for-bit reproducible from
 run to run: how the work is split between threads changes the order of the floating-point sums,
 so the last bits of a result can differ between two runs of the same code on the same machine.
-Continuous outputs (text vectors, pre-ranker scores) only move in those last bits. A stage that
-makes discrete choices from near-ties turns them into different outputs: the SID quantizer does
+A single pass (text vectors) only moves in those last bits; training carries them further (two
+demo runs' pre-rankers differed by 0.004 AUC: ``training.threads: 1`` makes them identical). A
+stage that makes discrete choices from near-ties turns them into different outputs at once: the
+SID quantizer does
 (six runs of the SID stage on MovieLens-100k gave two different code sets with two threads, one
 with one thread), so it runs inside :func:`torch_threads` with one thread by default. The anchor
 LM's beam search could flip near-tied anchors the same way, but its CPU training is where the
