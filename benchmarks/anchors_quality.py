@@ -277,6 +277,10 @@ def main() -> None:
     p.add_argument("--hidden-dropout", type=float, default=0.1)
     p.add_argument("--loss-on", choices=["target", "all"], default="all")
     p.add_argument("--downsample", type=float, default=None, help="threshold t (default: off)")
+    p.add_argument("--label-smoothing", type=float, default=0.1)
+    p.add_argument(
+        "--ema-decay", type=float, default=0.995, help="weight averaging; 0: off (default 0.995)"
+    )
     p.add_argument("--eval-users", type=int, default=2000)
     p.add_argument("--patience", type=int, default=6)
     p.add_argument("--beam-width", type=int, default=20)
@@ -358,6 +362,8 @@ def main() -> None:
                 "learning_rate": args.lr,
                 "weight_decay": args.weight_decay,
                 "loss_on": args.loss_on,
+                "label_smoothing": args.label_smoothing,
+                "ema_decay": args.ema_decay or None,
                 "eval_users": args.eval_users,
                 "patience": args.patience,
                 "seed": args.seed,

@@ -13,7 +13,9 @@ clipping, bf16 autocast on CUDA, length-bucketed shuffled batches, a tqdm bar pe
 epoch: the held-out next item of the evaluation users is scored (mean NLL) and decoded with the
 fast constrained beam search (HR@10, NDCG@10). The best epoch (HR@10, ties broken by lower loss;
 or the loss alone) is kept in memory, reported through a callback (the job saves a checkpoint),
-restored at the end; training stops after ``patience`` epochs without improvement.
+restored at the end; training stops after ``patience`` epochs without improvement. Optional:
+label smoothing of the level classifications, and an exponential moving average of the weights
+(``ema_decay``) that is evaluated and kept in place of the raw weights.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ from __future__ import annotations
 import logging
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -66,6 +69,20 @@ class TrainConfig(BaseModel):
         default=0.05, ge=0, lt=1, description="Share of all steps spent warming the LR up linearly."
     )
     grad_clip: float = Field(default=1.0, gt=0, description="Max global gradient norm.")
+    label_smoothing: float = Field(
+        default=0.1,
+        ge=0,
+        lt=1,
+        description="Label smoothing of each level's code classification (0: off).",
+    )
+    ema_decay: float | None = Field(
+        default=0.995,
+        gt=0,
+        lt=1,
+        description="When set, keep an exponential moving average of the trainable weights "
+        "(this decay per optimizer step); evaluation, early stopping and the saved model use "
+        "the average instead of the raw weights (null: off).",
+    )
     loss_on: LossOn = Field(
         default="target",
         description="'target': loss on the target item's SID tokens; 'all': on every item.",
@@ -154,7 +171,10 @@ def collate(
 
 
 def sid_loss(
-    model: nn.Module, batch: Batch, level_ids: list[torch.Tensor]
+    model: nn.Module,
+    batch: Batch,
+    level_ids: list[torch.Tensor],
+    label_smoothing: float = 0.0,
 ) -> tuple[torch.Tensor, int]:
     """Summed level-restricted cross-entropy of the scored tokens, and how many there are."""
     lm = causal_lm(model)
@@ -172,9 +192,51 @@ def sid_loss(
         if sel.any():
             level_logits = logits[sel][:, ids].float()
             total = total + nn.functional.cross_entropy(
-                level_logits, batch.codes[sel], reduction="sum"
+                level_logits,
+                batch.codes[sel],
+                reduction="sum",
+                label_smoothing=label_smoothing,
             )
     return total, int(batch.codes.numel())
+
+
+class WeightAverage:
+    """Exponential moving average of a model's trainable parameters (Polyak averaging).
+
+    The average of the last few hundred steps' weights generalizes better than the final
+    weights of a small, noisy model; it is what gets evaluated and kept when enabled. The
+    effective decay ramps up as ``min(decay, (1 + n) / (10 + n))`` after ``n`` updates, so the
+    first steps' random weights do not linger in the average.
+    """
+
+    def __init__(self, params: list[torch.Tensor], decay: float) -> None:
+        self.params = params
+        self.decay = decay
+        self.updates = 0
+        self.shadow = [p.detach().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """Fold the parameters' current values into the average."""
+        self.updates += 1
+        decay = min(self.decay, (1 + self.updates) / (10 + self.updates))
+        torch._foreach_lerp_(self.shadow, [p.detach() for p in self.params], 1.0 - decay)
+
+    @contextmanager
+    def applied(self) -> Iterator[None]:
+        """Within the block the parameters hold the average; afterwards their own values."""
+        self._swap()
+        try:
+            yield
+        finally:
+            self._swap()
+
+    @torch.no_grad()
+    def _swap(self) -> None:
+        for p, s in zip(self.params, self.shadow, strict=True):
+            tmp = p.detach().clone()
+            p.copy_(s)
+            s.copy_(tmp)
 
 
 def _batches(lengths: IntArray, batch_size: int, rng: np.random.Generator) -> list[IntArray]:
@@ -319,6 +381,9 @@ def train_loop(
         return max(0.0, (total_steps - step) / max(1, total_steps - warmup))
 
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    average = (
+        WeightAverage([p for _, p in params], cfg.ema_decay) if cfg.ema_decay is not None else None
+    )
     lengths = (train.end - train.start).astype(np.int64)
     history = TrainHistory()
     best_key: tuple[float, float] | None = None
@@ -339,12 +404,14 @@ def train_loop(
         for rows in bar:
             batch = collate(train, rows, item_tokens, item_codes, vocab).to(device)
             with _autocast(device, cfg.bf16):
-                loss, n = sid_loss(model, batch, level_ids)
+                loss, n = sid_loss(model, batch, level_ids, cfg.label_smoothing)
             optimizer.zero_grad(set_to_none=True)
             (loss / n).backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
             optimizer.step()
             scheduler.step()
+            if average is not None:
+                average.update()
             loss_sum += float(loss.detach())
             token_count += n
             bar.set_postfix(loss=f"{loss_sum / token_count:.3f}")
@@ -357,12 +424,21 @@ def train_loop(
             learning_rate=float(scheduler.get_last_lr()[0]),
             seconds=0.0,
         )
-        if use_eval:
-            assert eval_set is not None
-            nll, hr, ndcg = evaluate(
-                model, vocab, trie, item_tokens, item_codes, eval_set, cfg, device
-            )
-            metrics.eval_loss, metrics.hr_at_10, metrics.ndcg_at_10 = nll, hr, ndcg
+        # With averaging on, the averaged weights are what is evaluated and kept.
+        weights = average.applied() if average is not None else nullcontext()
+        with weights:
+            if use_eval:
+                assert eval_set is not None
+                nll, hr, ndcg = evaluate(
+                    model, vocab, trie, item_tokens, item_codes, eval_set, cfg, device
+                )
+                metrics.eval_loss, metrics.hr_at_10, metrics.ndcg_at_10 = nll, hr, ndcg
+            key = _score(metrics, cfg) if use_eval else (float(epoch), 0.0)
+            improved = best_key is None or key > best_key
+            if improved:
+                best_state = {n: p.detach().to("cpu", copy=True) for n, p in params}
+                if on_best is not None:
+                    on_best(model, metrics)
         metrics.seconds = time.perf_counter() - t0
         history.epochs.append(metrics)
         logger.info(
@@ -374,12 +450,8 @@ def train_loop(
             "-" if metrics.ndcg_at_10 is None else f"{metrics.ndcg_at_10:.4f}",
             metrics.seconds,
         )
-        key = _score(metrics, cfg) if use_eval else (float(epoch), 0.0)
-        if best_key is None or key > best_key:
+        if improved:
             best_key, stale, history.best_epoch = key, 0, epoch
-            best_state = {n: p.detach().to("cpu", copy=True) for n, p in params}
-            if on_best is not None:
-                on_best(model, metrics)
         else:
             stale += 1
             if stale >= cfg.patience:

@@ -1,5 +1,7 @@
 from __future__ import annotations
 
+import torch
+
 from tests.training.anchors.conftest import (
     alternating_positives,
     semantics_table,
@@ -7,6 +9,7 @@ from tests.training.anchors.conftest import (
     toy_codes,
 )
 from training.anchors.job import train_anchor_model
+from training.anchors.train import WeightAverage
 
 
 def test_compact_model_learns_the_alternating_pattern(tmp_path) -> None:
@@ -55,3 +58,39 @@ def test_reverse_augmentation_doubles_the_training_examples_after_the_hold_out(t
     assert results[True]["train_examples"] == 2 * results[False]["train_examples"]
     # The hold-out split comes first: both runs evaluate the same held-out users.
     assert results[True]["eval_users"] == results[False]["eval_users"] == 5
+
+
+def test_weight_average_tracks_the_parameters_and_swaps_them_in_and_out() -> None:
+    p = torch.nn.Parameter(torch.zeros(3))
+    average = WeightAverage([p], decay=0.5)
+    with torch.no_grad():
+        p.fill_(1.0)
+    average.update()  # ramped decay min(0.5, 2/11) = 2/11: shadow = 9/11
+    assert torch.allclose(average.shadow[0], torch.full((3,), 9 / 11))
+    with torch.no_grad():
+        p.fill_(2.0)
+    average.update()  # decay min(0.5, 3/12) = 0.25: 0.25 * 9/11 + 0.75 * 2
+    expected = 0.25 * 9 / 11 + 0.75 * 2.0
+    with average.applied():
+        assert torch.allclose(p.detach(), torch.full((3,), expected))
+    assert torch.equal(p.detach(), torch.full((3,), 2.0))
+
+
+def test_weight_averaging_and_label_smoothing_still_learn_the_pattern(tmp_path) -> None:
+    codes, sizes = toy_codes(24)
+    positives = alternating_positives(60, 24, 12, seed=1)
+    cfg = tiny_config(
+        epochs=6,
+        eval_users=30,
+        learning_rate=5e-3,
+        patience=6,
+        ema_decay=0.9,
+        label_smoothing=0.1,
+    )
+    cfg.sequences.downsample_threshold = None
+    result = train_anchor_model(semantics_table(codes), positives, sizes, cfg, tmp_path / "m")
+    best = result.history.best
+    first = result.history.epochs[0]
+    assert best.eval_loss is not None and first.eval_loss is not None
+    assert best.eval_loss < first.eval_loss and best.eval_loss < 2.9
+    assert best.hr_at_10 is not None and best.hr_at_10 >= 0.7
