@@ -22,6 +22,31 @@ I64 = npt.NDArray[np.int64]
 Column: TypeAlias = pa.Array | pa.ChunkedArray
 
 
+def positions_in(column: Column, value_set: pa.Array) -> I64:
+    """Position of each value of ``column`` in ``value_set`` (-1: absent or null).
+
+    Dictionary-encoded chunks (the job reads its id columns that way) are looked up once per
+    distinct value, then spread by their indices: hashing a few thousand dictionary strings
+    instead of every row's string.
+    """
+    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
+    out: list[I64] = []
+    for chunk in chunks:
+        if pa.types.is_dictionary(chunk.type):
+            known = _positions(chunk.dictionary, value_set)
+            indices = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
+            # A trailing -1 answers the null indices (index -1 picks it).
+            out.append(np.append(known, -1)[indices])
+        else:
+            out.append(_positions(chunk, value_set))
+    return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _positions(values: pa.Array, value_set: pa.Array) -> I64:
+    found = pc.fill_null(pc.index_in(values, value_set=value_set), -1)
+    return found.to_numpy(zero_copy_only=False).astype(np.int64)
+
+
 def _micros(column: Column) -> tuple[I64, npt.NDArray[np.bool_]]:
     """Timestamps as int64 microseconds (UTC) and which are present."""
     ts = column.cast(TIMESTAMP).cast(pa.int64())
@@ -71,8 +96,7 @@ class AnchorSetLookup:
 
     def __call__(self, user_ids: Column, timestamps: Column) -> I64:
         """Set index of each row (-1: unknown user, no set at or before its time, or nulls)."""
-        code = pc.fill_null(pc.index_in(user_ids, value_set=self.users), -1)
-        code_np = code.to_numpy(zero_copy_only=False).astype(np.int64)
+        code_np = positions_in(user_ids, self.users)
         t, present = _micros(timestamps)
         known = (code_np >= 0) & present
         safe = np.where(known, code_np, 0)

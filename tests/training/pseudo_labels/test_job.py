@@ -200,15 +200,21 @@ def test_streaming_from_parquet_in_small_batches_matches(inputs, tmp_path: Path)
         requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "a"
     )
     path = write_table(requests, tmp_path / "requests.parquet")
-    streamed = generate_pseudo_labels(
-        path,
-        items,
-        anchors,
-        positives,
-        PseudoLabelConfig(progress=False, batch_rows=1024),
-        tmp_path / "b",
-    )
-    assert pq.read_table(whole.path).equals(pq.read_table(streamed.path))
+    # Small row groups too: every row group brings its own dictionaries of the id columns.
+    grouped = tmp_path / "requests_grouped.parquet"
+    pq.write_table(requests, grouped, row_group_size=700)
+    for name, source in (("b", path), ("c", grouped)):
+        streamed = generate_pseudo_labels(
+            source,
+            items,
+            anchors,
+            positives,
+            PseudoLabelConfig(progress=False, batch_rows=1024),
+            tmp_path / name,
+        )
+        out = pq.read_table(streamed.path)
+        assert out.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
+        assert pq.read_table(whole.path).equals(out)
 
 
 def test_global_negatives_are_optional(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]

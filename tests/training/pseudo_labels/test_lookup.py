@@ -11,7 +11,7 @@ import pytest
 
 from training.data.contract import TIMESTAMP
 from training.features.offline_store import match_rows
-from training.pseudo_labels.lookup import AnchorSetLookup
+from training.pseudo_labels.lookup import AnchorSetLookup, positions_in
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -50,6 +50,14 @@ def test_lookup_equals_the_point_in_time_join(seed: int) -> None:
     got = AnchorSetLookup.of(keys)(rows.column("user_id"), rows.column("event_timestamp"))
     np.testing.assert_array_equal(got, want)
     assert (got == -1).any() and (got >= 0).any()
+    # The same ids dictionary-encoded, in chunks with their own dictionaries (as the job reads
+    # parquet row groups): the same answer.
+    half = n_rows // 2
+    encoded = pa.chunked_array(
+        [pc.dictionary_encode(pa.array(part)) for part in (row_users[:half], row_users[half:])]
+    )
+    got_dict = AnchorSetLookup.of(keys)(encoded, rows.column("event_timestamp"))
+    np.testing.assert_array_equal(got_dict, want)
 
 
 def test_nulls_and_empty_bank() -> None:
@@ -65,3 +73,17 @@ def test_nulls_and_empty_bank() -> None:
     empty = pa.table({"user_id": pa.array([], pa.string()), "event_timestamp": _ts([])})
     got = AnchorSetLookup.of(empty)(rows.column("user_id"), rows.column("event_timestamp"))
     np.testing.assert_array_equal(got, [-1, -1, -1, -1])
+
+
+def test_positions_in_plain_and_dictionary_ids_with_nulls_and_unknowns() -> None:
+    value_set = pa.array(["x", "y", "z"])
+    values = ["y", None, "w", "x", "y", "z", None]
+    want = [1, -1, -1, 0, 1, 2, -1]
+    plain = pa.array(values)
+    np.testing.assert_array_equal(positions_in(plain, value_set), want)
+    np.testing.assert_array_equal(positions_in(pc.dictionary_encode(plain), value_set), want)
+    mixed = pa.chunked_array(
+        [pc.dictionary_encode(pa.array(values[:3])), pc.dictionary_encode(pa.array(values[3:]))]
+    )
+    np.testing.assert_array_equal(positions_in(mixed, value_set), want)
+    assert positions_in(pa.chunked_array([], pa.string()), value_set).shape == (0,)
