@@ -59,6 +59,10 @@ RESULTS = Path(__file__).parent / "results"
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
+FACTORS = ("dispersion", "history_consistency", "lm_confidence", "confidence")
+"""The confidence's three factors and their combination, as the job writes them."""
+
+
 def _history_similarity(
     rows: pd.DataFrame, interactions: pd.DataFrame, emb: dict[str, np.ndarray], history: int
 ) -> np.ndarray:
@@ -258,6 +262,19 @@ def run_dataset(
     figures["gpl_minus_distillation"] = (
         figures["auc_gpl_pseudo_label"] - figures["auc_distillation"]
     )
+    if args.save_rows is not None:
+        args.save_rows.mkdir(parents=True, exist_ok=True)
+        columns = ["truth", "relevance", "pseudo_label", "teacher", *FACTORS]
+        ok[columns].to_parquet(args.save_rows / f"{name}_seed{args.seed}.parquet", index=False)
+    # Diagnostic: which factor carries the confidence's selection? The AUC of the top half of
+    # rows ranked by each factor alone (ties broken at random, so each half is exactly half).
+    rng = np.random.default_rng(args.seed)
+    jitter = rng.random(len(ok))
+    for factor in FACTORS:
+        order = np.lexsort((jitter, ok[factor].to_numpy()))
+        upper = np.zeros(len(ok), bool)
+        upper[order[len(ok) // 2 :]] = True
+        figures[f"auc_top_half_by_{factor}"] = auc(y[upper], ok["pseudo_label"].to_numpy()[upper])
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))
     ax.plot([0, 1], [0, 1], "--", color="grey", lw=1, label="perfect calibration")
@@ -302,6 +319,13 @@ def main() -> None:
         "--reverse-augmentation", action="store_true", help="anchor LM also trains backwards"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--save-rows",
+        type=Path,
+        default=None,
+        help="directory: also write each dataset's labelled evaluation rows (truth, relevance, "
+        "factors, confidence, pseudo-label) as parquet, for offline analysis",
+    )
     parser.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not figures")
     parser.add_argument("--out", type=Path, default=RESULTS / "pseudo_labels.json")
     args = parser.parse_args()
@@ -340,6 +364,8 @@ def main() -> None:
             f"{name}: GPL - distillation = {gap:+.4f} (target >= +0.05); top-confidence half "
             f"{r['auc_gpl_top_confidence_half']:.4f} vs all {r['auc_gpl_pseudo_label']:.4f}"
         )
+        halves = ", ".join(f"{f} {r[f'auc_top_half_by_{f}']:.4f}" for f in FACTORS)
+        print(f"{name}: top half by each factor alone: {halves}")
     out = {
         "benchmark": "pseudo_labels",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),

@@ -215,6 +215,8 @@ def test_streaming_from_parquet_in_small_batches_matches(inputs, tmp_path: Path)
         out = pq.read_table(streamed.path)
         assert out.schema.equals(OUTPUT_SCHEMA, check_metadata=False)
         assert pq.read_table(whole.path).equals(out)
+        for key in ("ok_rows", "no_anchors_rows", "users_without_anchors", "calibration"):
+            assert streamed.metrics[key] == whole.metrics[key], key
 
 
 def test_global_negatives_are_optional(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
