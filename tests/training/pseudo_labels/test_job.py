@@ -17,6 +17,7 @@ from training.pseudo_labels.calibration import CalibrationError, fit_platt
 from training.pseudo_labels.confidence import combine, dispersion_factor, lm_factor
 from training.pseudo_labels.job import (
     OUTPUT_SCHEMA,
+    ConfidenceWeights,
     PseudoLabelConfig,
     generate_pseudo_labels,
 )
@@ -286,3 +287,36 @@ def test_confidence_factors() -> None:
     geo = combine([np.array([1.0]), np.array([0.25])], [1, 1])
     assert geo[0] == pytest.approx(0.5)
     assert combine([np.array([1.0]), np.array([0.0])], [1, 1])[0] < 1e-2
+
+
+def test_default_confidence_is_the_dispersion_and_the_weights_are_configurable(
+    inputs,  # type: ignore[no-untyped-def]
+    tmp_path: Path,
+) -> None:
+    requests, items, anchors, positives = inputs
+    default = generate_pseudo_labels(
+        requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "d"
+    )
+    out = pq.read_table(default.path).filter(pc.equal(pc.field("status"), "ok"))
+    # Measured defaults: dispersion 1, the other two factors reported but weighted 0.
+    np.testing.assert_allclose(
+        out.column("confidence").to_numpy(), out.column("dispersion").to_numpy(), rtol=1e-6
+    )
+    assert default.metrics["confidence_weights"] == {"dispersion": 1.0, "history": 0.0, "lm": 0.0}
+    equal = ConfidenceWeights(dispersion=1, history=1, lm=1)
+    mixed = generate_pseudo_labels(
+        requests,
+        items,
+        anchors,
+        positives,
+        PseudoLabelConfig(progress=False, weights=equal),
+        tmp_path / "e",
+    )
+    got = pq.read_table(mixed.path).filter(pc.equal(pc.field("status"), "ok"))
+    want = combine(
+        [got.column(c).to_numpy() for c in ("dispersion", "history_consistency", "lm_confidence")],
+        [1, 1, 1],
+    )
+    np.testing.assert_allclose(got.column("confidence").to_numpy(), want, rtol=1e-6)
+    with pytest.raises(ValueError, match="at least one must be positive"):
+        ConfidenceWeights(dispersion=0, history=0, lm=0)
