@@ -220,7 +220,8 @@ pseudo_labels = FeatureView(
         Field(
             name="confidence",
             dtype=Float32,
-            description="Confidence weight in [0, 1] (dispersion x history x LM).",
+            description="Confidence weight in [0, 1]: weighted geometric mean of the "
+            "dispersion, history and LM factors (default weights: dispersion alone).",
             tags={"default": "nan"},
         ),
         Field(
