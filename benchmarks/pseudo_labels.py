@@ -324,7 +324,8 @@ def main() -> None:
         type=Path,
         default=None,
         help="directory: also write each dataset's labelled evaluation rows (truth, relevance, "
-        "factors, confidence, pseudo-label) as parquet, for offline analysis",
+        "pseudo-label, distillation teacher's score, factors, confidence) as parquet, for "
+        "offline analysis (benchmarks/confidence_weights.py reads them)",
     )
     parser.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not figures")
     parser.add_argument("--out", type=Path, default=RESULTS / "pseudo_labels.json")
