@@ -35,7 +35,8 @@ from training.pseudo_labels.job import (
     generate_pseudo_labels,
     load_anchor_bank,
 )
-from training.pseudo_labels.relevance import default_workers, l2_normalize, max_cosine
+from training.pseudo_labels.relevance import default_workers, max_cosine
+from training.vectors import l2_normalize
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 

@@ -61,7 +61,8 @@ from training.pseudo_labels.confidence import (
     lm_factor,
 )
 from training.pseudo_labels.lookup import AnchorSetLookup, positions_in
-from training.pseudo_labels.relevance import l2_normalize, max_cosine
+from training.pseudo_labels.relevance import max_cosine
+from training.vectors import l2_normalize
 
 PSEUDO_LABELS_DIR = "pseudo_labels"
 OUTPUT_NAME = "pseudo_labels.parquet"

@@ -25,12 +25,6 @@ FloatMatrix = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
 
 
-def l2_normalize(x: FloatMatrix, eps: float = 1e-12) -> FloatMatrix:
-    """Rows scaled to unit length (zero rows stay zero)."""
-    norms = np.linalg.norm(x, axis=-1, keepdims=True)
-    return (x / np.maximum(norms, eps)).astype(np.float32, copy=False)
-
-
 @cache
 def _threadpools() -> ThreadpoolController:
     # Found once per process: scanning the loaded libraries took ~2 ms per call, per batch.

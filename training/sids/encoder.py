@@ -35,6 +35,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from tqdm.auto import tqdm
 
 from training.io import write_table
+from training.vectors import l2_normalize
 
 FUSION_METHOD = (
     "per-modality L2 normalization, weighted concatenation [text_weight * text, "
@@ -289,12 +290,6 @@ def list_column_matrix(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.flo
 def text_sha256(text: str) -> str:
     """The cache key of a text."""
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
-
-
-def l2_normalize(x: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
-    """Rows scaled to unit length; all-zero rows stay zero."""
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32)
 
 
 def embedding_matrix(column: pa.ChunkedArray, dim: int) -> tuple[npt.NDArray[np.float32], int]:

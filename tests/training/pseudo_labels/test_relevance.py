@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.pseudo_labels.relevance import l2_normalize, max_cosine
+from training.pseudo_labels.relevance import max_cosine
+from training.vectors import l2_normalize
 
 
 @pytest.fixture
