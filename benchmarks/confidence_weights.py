@@ -17,10 +17,9 @@ import argparse
 import json
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 
-from training.evaluation.metrics import auc
+from training.evaluation.metrics import auc, upper_half
 from training.pseudo_labels.confidence import combine
 
 FACTORS = ("dispersion", "history_consistency", "lm_confidence")
@@ -43,10 +42,7 @@ def halves(rows: pd.DataFrame, weights: tuple[float, ...], seed: int = 0) -> dic
     y = rows["truth"].to_numpy()
     label = rows["pseudo_label"].to_numpy()
     confidence = combine([rows[f].to_numpy() for f in FACTORS], list(weights), "geometric")
-    jitter = np.random.default_rng(seed).random(len(rows))
-    order = np.lexsort((jitter, confidence))
-    top = np.zeros(len(rows), bool)
-    top[order[len(rows) // 2 :]] = True
+    top = upper_half(confidence, seed)
     every = auc(y, label)
     upper = auc(y[top], label[top])
     return {

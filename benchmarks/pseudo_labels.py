@@ -47,7 +47,7 @@ from training.data.dataset import LoadedDataset
 from training.data.movielens import load_movielens_100k
 from training.data.simulator import SimulatorConfig, simulate_funnel
 from training.data.synthetic import SynthConfig, generate_synthetic
-from training.evaluation.metrics import auc, reliability_curve
+from training.evaluation.metrics import auc, reliability_curve, upper_half
 from training.features.stats import StatsConfig, compute_feature_tables
 from training.features.store import StoreSettings, apply_definitions, open_store
 from training.features.training_set import build_training_set
@@ -267,13 +267,9 @@ def run_dataset(
         columns = ["truth", "relevance", "pseudo_label", "teacher", *FACTORS]
         ok[columns].to_parquet(args.save_rows / f"{name}_seed{args.seed}.parquet", index=False)
     # Diagnostic: which factor carries the confidence's selection? The AUC of the top half of
-    # rows ranked by each factor alone (ties broken at random, so each half is exactly half).
-    rng = np.random.default_rng(args.seed)
-    jitter = rng.random(len(ok))
+    # rows ranked by each factor alone.
     for factor in FACTORS:
-        order = np.lexsort((jitter, ok[factor].to_numpy()))
-        upper = np.zeros(len(ok), bool)
-        upper[order[len(ok) // 2 :]] = True
+        upper = upper_half(ok[factor].to_numpy(), args.seed)
         figures[f"auc_top_half_by_{factor}"] = auc(y[upper], ok["pseudo_label"].to_numpy()[upper])
 
     fig, ax = plt.subplots(figsize=(4.5, 4.5))

@@ -46,6 +46,20 @@ def auc(labels: Array, scores: Array, weights: Array | None = None) -> float:
     return float(total / denom) if denom > 0 else float("nan")
 
 
+def upper_half(scores: Array, seed: int = 0) -> npt.NDArray[np.bool_]:
+    """Mask of the rows in the top half by ``scores``, exactly half of them.
+
+    Ties are broken at random (seeded), so a score with many equal values still splits the rows
+    evenly instead of putting every tied row on one side.
+    """
+    values = np.asarray(scores)
+    jitter = np.random.default_rng(seed).random(len(values))
+    order = np.lexsort((jitter, values))
+    mask = np.zeros(len(values), bool)
+    mask[order[len(values) // 2 :]] = True
+    return mask
+
+
 def grouped_auc(groups: npt.NDArray[np.object_], labels: Array, scores: Array) -> float:
     """GAUC: per-group AUC averaged with weights = group size, over groups with both classes."""
     order = np.argsort(groups, kind="mergesort")

@@ -3,7 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from training.evaluation.metrics import auc, grouped_auc, reliability_curve
+from training.evaluation.metrics import auc, grouped_auc, reliability_curve, upper_half
 
 
 def brute_auc(y, s, w=None):  # type: ignore[no-untyped-def]
@@ -46,3 +46,11 @@ def test_reliability_curve_of_a_calibrated_predictor() -> None:
     curve = reliability_curve(y, p, bins=10)
     assert curve.expected_calibration_error < 0.01
     assert curve.counts.sum() == 200_000
+
+
+def test_upper_half_splits_ties_evenly_and_keeps_the_top() -> None:
+    scores = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 0.5, 1.0])
+    mask = upper_half(scores, seed=3)
+    assert mask.sum() == 4 and mask[5] and not mask[0] and not mask[6]
+    assert np.array_equal(mask, upper_half(scores, seed=3))  # seeded
+    assert upper_half(np.ones(7)).sum() == 4  # odd count: the upper half takes the extra row
