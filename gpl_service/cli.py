@@ -508,8 +508,19 @@ def anchors_train(
         ),
     ] = None,
     epochs: Annotated[int | None, typer.Option(help="Most training epochs.")] = None,
+    ensemble_size: Annotated[
+        int | None,
+        typer.Option(
+            help="Train this many models (seeds seed, seed+1, ...) that generation decodes "
+            "together; k times the time, +3-8% HR@10 with 4 on Amazon Scientific."
+        ),
+    ] = None,
 ) -> None:
-    """Train the anchor LM on users' positive SID sequences: RUN_DIR/anchors/model/."""
+    """Train the anchor LM on users' positive SID sequences: RUN_DIR/anchors/model/.
+
+    With training.ensemble_size K > 1 (or --ensemble-size), members 2..K go to
+    RUN_DIR/anchors/model/members/ and `gpl anchors generate` decodes all of them together.
+    """
     from training.anchors.catalog import read_codebook_sizes
     from training.anchors.job import AnchorConfig, train_anchor_model
     from training.io import read_table
@@ -522,6 +533,8 @@ def anchors_train(
             raw.setdefault("model", {})["base_model_path"] = base_model
         if epochs is not None:
             raw.setdefault("training", {})["epochs"] = epochs
+        if ensemble_size is not None:
+            raw.setdefault("training", {})["ensemble_size"] = ensemble_size
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         sizes = read_codebook_sizes(run_dir / "sids", item_semantics)
@@ -529,7 +542,10 @@ def anchors_train(
             item_semantics, _positives(run_dir, until), sizes, cfg, run_dir / "anchors" / "model"
         )
         _say(f"anchor model -> {result.model_dir}")
-        _print_metrics("", result.metrics, ["eval_hr@10", "eval_ndcg@10", "best_epoch", "seconds"])
+        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "seconds"]
+        if cfg.training.ensemble_size > 1:
+            keys[2:2] = ["ensemble_eval_hr@10", "ensemble_eval_ndcg@10"]
+        _print_metrics("", result.metrics, keys)
 
 
 @anchors_app.command("generate")

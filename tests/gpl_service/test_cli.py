@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pyarrow as pa
@@ -124,3 +125,48 @@ def test_pipeline_verbs_end_to_end(tmp_path: Path) -> None:
     for manifest in ("data", "funnel", "features", "training_set"):
         assert (run / manifest / "manifest.json").exists(), manifest
     assert (run / "feature_store.yaml").exists()
+
+
+TINY_ANCHORS = """\
+model:
+  compact: {hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 32}
+training: {epochs: 1, batch_size: 32, eval_users: 8, progress: false, device: cpu}
+sequences: {max_history: 8}
+generation: {beam_width: 6, num_anchors: 4, device: cpu}
+"""
+
+
+def test_anchor_ensemble_from_the_command_line(tmp_path: Path) -> None:
+    """`gpl anchors train --ensemble-size 2` writes two members; `generate` decodes both."""
+    run = tmp_path / "run"
+    funnel, sids, anchors = (tmp_path / f"{n}.yaml" for n in ("funnel", "sids", "anchors"))
+    funnel.write_text(SMALL_FUNNEL)
+    sids.write_text("method: rkmeans\ncodebook_size: 16\nshow_progress: false\n")
+    anchors.write_text(TINY_ANCHORS)
+    steps = [
+        ("data", "synth", "--run-dir", str(run), "--n-items", "150", "--n-users", "40"),
+        ("data", "simulate", "--run-dir", str(run), "--config", str(funnel)),
+        ("sids", "train", "--run-dir", str(run), "--config", str(sids)),
+        (
+            "anchors",
+            "train",
+            "--run-dir",
+            str(run),
+            "--config",
+            str(anchors),
+            "--ensemble-size",
+            "2",
+        ),
+        ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors)),
+    ]
+    outputs = []
+    for step in steps:
+        code, out = gpl(*step)
+        assert code == 0, (step, out)
+        outputs.append(out)
+    assert "ensemble_eval_hr@10" in outputs[3]
+    model = run / "anchors" / "model"
+    assert (model / "members" / "1" / "anchor_model.json").exists()
+    manifest = json.loads((run / "anchors" / "manifest.json").read_text())
+    assert manifest["metrics"]["ensemble_members"] == 2
+    assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0

@@ -20,6 +20,10 @@ catalog). Both implementations compute exactly this; they return the same anchor
   level's SID rows (``[beams, size_l]`` logits instead of ``[beams, vocab]``: for Qwen2.5's 151k
   vocabulary that is most of the decode FLOPs saved).
 
+Ensembles. :func:`beam_search_fast` also takes several models trained on the same SIDs: each keeps
+its own KV cache and the members' per-step distributions are combined (:func:`combine_log_probs`)
+before the top-B selection, so the scores stay log-probabilities over real items.
+
 :func:`search_in_batches` runs either over many users, sorting them by history length to cut
 padding, and halves the batch on CUDA out-of-memory errors.
 """
@@ -27,6 +31,7 @@ padding, and halves the batch on CUDA out-of-memory errors.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal, cast
@@ -46,6 +51,10 @@ logger = logging.getLogger(__name__)
 
 INVALID_SCORE = -1e8
 """Scores at or below this mark padding beams (not enough valid items), never real anchors."""
+
+
+EnsembleCombine = Literal["geometric", "arithmetic"]
+"""How an ensemble's members' next-code distributions become one (see :func:`combine_log_probs`)."""
 
 
 class GenerateConfig(BaseModel):
@@ -75,6 +84,14 @@ class GenerateConfig(BaseModel):
         "a version for every user, from positives before that day's UTC midnight; history from "
         "earlier the same day is not seen (on MovieLens-100k, where users rate in one sitting, "
         "79% of the later unexposed candidates then got no anchors).",
+    )
+    ensemble_combine: EnsembleCombine = Field(
+        default="arithmetic",
+        description="With several anchor models (an ensemble), how their next-code "
+        "distributions are combined at each step: 'arithmetic' (their mean, a mixture: a code "
+        "likely under any member is kept) or 'geometric' (renormalized geometric mean: a code "
+        "must be likely under every member). On Amazon Scientific the two are within 0.002 "
+        "HR@10 of each other, 'arithmetic' ahead with 3-4 members.",
     )
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -212,9 +229,47 @@ def _reorder_generated(cache: DynamicCache, order: torch.Tensor, prompt_len: int
             tail.copy_(tail.index_select(0, order))
 
 
+def combine_log_probs(log_probs: Sequence[torch.Tensor], how: EnsembleCombine) -> torch.Tensor:
+    """One next-code distribution from each ensemble member's log-probabilities.
+
+    Args:
+        log_probs: Per member, log-probabilities over the same allowed codes (``-inf`` where the
+            trie forbids a code), each row summing to 1.
+        how: ``"geometric"``: the renormalized geometric mean, ``log_softmax(mean_m log p_m)``
+            (a product of experts: a code must be likely under every member); ``"arithmetic"``:
+            the mixture ``log(mean_m p_m)`` (a code likely under one member is kept).
+
+    Returns:
+        Log-probabilities of the same shape, each row summing to 1 over the allowed codes.
+    """
+    if len(log_probs) == 1:
+        return log_probs[0]
+    stacked = torch.stack(list(log_probs))
+    if how == "geometric":
+        return torch.log_softmax(stacked.mean(0), dim=-1)
+    return torch.logsumexp(stacked, 0) - math.log(len(log_probs))
+
+
+@dataclass
+class _Member:
+    """One ensemble member's decoder, level heads and KV cache during a search."""
+
+    model: PreTrainedModel
+    decoder: nn.Module
+    head: _LevelHead
+    cache: DynamicCache
+
+
+def _as_members(model: PreTrainedModel | Sequence[PreTrainedModel]) -> list[PreTrainedModel]:
+    models = list(model) if isinstance(model, Sequence) else [model]
+    if not models:
+        raise ValueError("beam search needs at least one model")
+    return models
+
+
 @torch.no_grad()
 def beam_search_fast(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Sequence[PreTrainedModel],
     prompts: Sequence[Sequence[int]],
     trie: SidTrie,
     vocab: SidVocab,
@@ -222,11 +277,15 @@ def beam_search_fast(
     num_anchors: int,
     mask_free: bool = True,
     shortcuts: bool = True,
+    combine: EnsembleCombine = "arithmetic",
 ) -> BeamOutput:
     """Trie-constrained beam search, batched over prompts, one prefill and a reused KV cache.
 
     Args:
-        model: A Hugging Face causal LM (decoder + LM head), in eval mode.
+        model: A Hugging Face causal LM (decoder + LM head), in eval mode; or several sharing one
+            SID vocabulary (an ensemble, e.g. the same model trained with different seeds): each
+            keeps its own KV cache, and every step scores the beams with their members' next-code
+            distributions combined by ``combine``.
         prompts: Token ids per user (:meth:`SidVocab.encode` of the history).
         trie: Valid SIDs.
         vocab: The SID vocabulary of ``model``.
@@ -242,32 +301,53 @@ def beam_search_fast(
             nearly all such). False runs the search like ``generate()`` does (kept for the
             throughput benchmark's comparison). Same anchors; log-probabilities equal up to
             the rounding of a smaller batch.
+        combine: How an ensemble's distributions are combined (:func:`combine_log_probs`);
+            unused with one model.
 
     Returns:
         The top ``num_anchors`` items per prompt and their sequence log-probabilities.
     """
-    device = next(model.parameters()).device
+    models = _as_members(model)
+    device = next(models[0].parameters()).device
     n_users, width = len(prompts), beam_width
     child, allowed = trie.tables(device)
-    head = _LevelHead(model, vocab, device)
-    decoder = model.get_decoder()
+    level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
 
     ids, mask = _left_pad(prompts, vocab.pad_id, device)
     unpadded = mask_free and len({len(p) for p in prompts}) == 1
     # Position ids count real tokens only, so a left-padded row sees the same positions as alone.
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    hidden = decoder(
-        input_ids=ids,
-        attention_mask=None if unpadded else mask,
-        position_ids=positions,
-        past_key_values=cache,
-        use_cache=True,
-    ).last_hidden_state[:, -1]
+    members: list[_Member] = []
+    prefill: list[torch.Tensor] = []
+    for m in models:
+        member = _Member(
+            model=m,
+            decoder=m.get_decoder(),
+            head=_LevelHead(m, vocab, device),
+            cache=DynamicCache(config=m.config),
+        )
+        members.append(member)
+        prefill.append(
+            member.decoder(
+                input_ids=ids,
+                attention_mask=None if unpadded else mask,
+                position_ids=positions,
+                past_key_values=member.cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1]
+        )
 
     # Level 0: one distribution per user (the empty prefix, id 0), top-B codes start the beams.
-    logits = head(hidden, 0).masked_fill(~allowed[0][0], float("-inf"))
-    logp = torch.log_softmax(logits, dim=-1)
+    logp = combine_log_probs(
+        [
+            torch.log_softmax(
+                member.head(hidden, 0).masked_fill(~allowed[0][0], float("-inf")), dim=-1
+            )
+            for member, hidden in zip(members, prefill, strict=True)
+        ],
+        combine,
+    )
+    del prefill
     k = min(width, logp.shape[1])
     scores, codes = logp.topk(k, dim=-1)
     if k < width:  # fewer codes than beams: pad with dead beams
@@ -278,9 +358,10 @@ def beam_search_fast(
     if n_levels == 1:
         return _finish(scores, node, num_anchors)
 
-    # Expand the prefill cache B-fold only now: B beams share one history.
-    cache.batch_repeat_interleave(width)
-    known_layout = _kv(cache) is not None
+    # Expand the prefill caches B-fold only now: B beams share one history.
+    for member in members:
+        member.cache.batch_repeat_interleave(width)
+    known_layout = all(_kv(member.cache) is not None for member in members)
     mask = mask.repeat_interleave(width, dim=0)
     next_pos = (positions[:, -1] + 1).repeat_interleave(width)
     base = (torch.arange(n_users, device=device) * width).unsqueeze(1)
@@ -288,7 +369,7 @@ def beam_search_fast(
     for level in range(1, n_levels):
         # Dead beams may sit on a non-existent prefix (-1): park them on prefix 0, keep -inf.
         node = node.clamp(min=0)
-        tokens = head.level_ids[level - 1][codes].reshape(-1, 1)
+        tokens = level_ids[level - 1][codes].reshape(-1, 1)
         mask = torch.cat([mask, ones], dim=1)
         flat_node = node.reshape(-1)
         allowed_rows = allowed[level][flat_node]  # [U*B, size_l]
@@ -303,26 +384,34 @@ def beam_search_fast(
             )
             pick = choice.nonzero().squeeze(1)
             if len(pick):
-                hidden = decoder(
-                    input_ids=tokens[pick],
-                    attention_mask=None if unpadded else mask[pick],
-                    position_ids=next_pos[pick].unsqueeze(1),
-                    past_key_values=_cache_rows(cache, pick, model),
+                picked: list[torch.Tensor] = []
+                for member in members:
+                    hidden = member.decoder(
+                        input_ids=tokens[pick],
+                        attention_mask=None if unpadded else mask[pick],
+                        position_ids=next_pos[pick].unsqueeze(1),
+                        past_key_values=_cache_rows(member.cache, pick, member.model),
+                        use_cache=True,
+                    ).last_hidden_state[:, -1]
+                    logits = member.head(hidden, level).masked_fill(
+                        ~allowed_rows[pick], float("-inf")
+                    )
+                    picked.append(torch.log_softmax(logits, dim=-1))
+                logp[pick] = combine_log_probs(picked, combine)
+        else:
+            stepped: list[torch.Tensor] = []
+            for member in members:
+                hidden = member.decoder(
+                    input_ids=tokens,
+                    attention_mask=None if unpadded else mask,
+                    position_ids=next_pos.unsqueeze(1),
+                    past_key_values=member.cache,
                     use_cache=True,
                 ).last_hidden_state[:, -1]
-                logits = head(hidden, level).masked_fill(~allowed_rows[pick], float("-inf"))
-                logp[pick] = torch.log_softmax(logits, dim=-1)
-        else:
-            hidden = decoder(
-                input_ids=tokens,
-                attention_mask=None if unpadded else mask,
-                position_ids=next_pos.unsqueeze(1),
-                past_key_values=cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+                logits = member.head(hidden, level).masked_fill(~allowed_rows, float("-inf"))
+                stepped.append(torch.log_softmax(logits, dim=-1))  # [U*B, size_l]
             next_pos = next_pos + 1
-            logits = head(hidden, level).masked_fill(~allowed_rows, float("-inf"))
-            logp = torch.log_softmax(logits, dim=-1)  # [U*B, size_l]
+            logp = combine_log_probs(stepped, combine)
         size = logp.shape[1]
         total = (scores.reshape(-1, 1) + logp).reshape(n_users, width * size)
         scores, flat_idx = total.topk(width, dim=-1)
@@ -330,10 +419,11 @@ def beam_search_fast(
         order = (base + beam).reshape(-1)  # rows of the surviving beams' parents
         node = child[level][flat_node[order], codes.reshape(-1)].long().reshape(n_users, width)
         if not last:
-            if shortcuts and known_layout:
-                _reorder_generated(cache, order, ids.shape[1])
-            else:
-                cache.reorder_cache(cast(torch.LongTensor, order))
+            for member in members:
+                if shortcuts and known_layout:
+                    _reorder_generated(member.cache, order, ids.shape[1])
+                else:
+                    member.cache.reorder_cache(cast(torch.LongTensor, order))
     return _finish(scores, node, num_anchors)
 
 

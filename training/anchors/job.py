@@ -22,6 +22,7 @@ history_length     int32                          history items fed to the model
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -33,6 +34,7 @@ from typing import Any, Final
 import numpy as np
 import pyarrow as pa
 from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
 from tqdm import tqdm
 
 from training.anchors.catalog import SidCatalog
@@ -49,13 +51,17 @@ from training.anchors.model import (
     ModelConfig,
     build_model,
     check_trained_sids,
+    ensemble_dirs,
     load_anchor_model,
+    member_dir,
     save_anchor_model,
     save_checkpoint,
+    update_info,
     write_trained_sids,
 )
 from training.anchors.sequences import (
     AnchorRequests,
+    EvalSet,
     ExampleSet,
     SequenceConfig,
     UserCutoffs,
@@ -66,11 +72,13 @@ from training.anchors.sequences import (
     user_sequences,
     with_reversed,
 )
-from training.anchors.train import TrainConfig, TrainHistory, train_loop
+from training.anchors.train import EVAL_K, TrainConfig, TrainHistory, hit_rate_ndcg, train_loop
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
 from training.data.contract import TIMESTAMP
 from training.io import write_manifest, write_table
+
+logger = logging.getLogger(__name__)
 
 ANCHORS_DIR: Final = "anchors"
 ANCHORS_FILE: Final = "user_interest_anchors.parquet"
@@ -167,7 +175,8 @@ def train_anchor_model(
     t0 = time.perf_counter()
     catalog = SidCatalog.from_table(item_semantics)
     _check_codebook(catalog, codebook_sizes)
-    model, vocab = build_model(cfg.model, codebook_sizes, seed=cfg.training.seed)
+    tc = cfg.training
+    model, vocab = build_model(cfg.model, codebook_sizes, seed=tc.seed)
     vocab.check_codes(catalog.codes)
     longest = _max_positions(vocab, cfg.sequences.max_history)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
@@ -179,7 +188,7 @@ def train_anchor_model(
     trie = SidTrie(catalog.codes, codebook_sizes)
     seqs = user_sequences(positives, catalog.item_ids)
     sc = cfg.sequences
-    train_seqs, eval_set = holdout_split(seqs, cfg.training.eval_users, sc.max_history, sc.seed)
+    train_seqs, eval_set = holdout_split(seqs, tc.eval_users, sc.max_history, sc.seed)
     freq_before = frequency_summary(train_seqs, catalog.n_items)
     if sc.downsample_threshold is not None:
         train_seqs = downsample(
@@ -189,19 +198,49 @@ def train_anchor_model(
     if sc.reverse_augmentation:
         # After the hold-out split: a held-out item never reaches training, not even backwards.
         train_seqs = with_reversed(train_seqs)
-    examples = ExampleSet.build(train_seqs, sc.max_history, cfg.training.loss_on)
+    examples = ExampleSet.build(train_seqs, sc.max_history, tc.loss_on)
 
     out_dir.mkdir(parents=True, exist_ok=True)
-    history = train_loop(
-        model,
-        vocab,
-        trie,
-        catalog.codes,
-        examples,
-        eval_set,
-        cfg.training,
-        on_best=lambda m, _metrics: save_checkpoint(m, vocab, out_dir),
-    )
+    member_paths = [member_dir(out_dir, k) for k in range(tc.ensemble_size)]
+    members: list[dict[str, Any]] = []
+    history: TrainHistory | None = None
+    for k, path in enumerate(member_paths):
+        member_cfg = tc.model_copy(update={"seed": tc.seed + k})
+        if k > 0:
+            # Same data, SIDs and held-out users; another initialization and batch order.
+            logger.info("anchor LM ensemble member %d of %d", k + 1, tc.ensemble_size)
+            model, _ = build_model(cfg.model, codebook_sizes, seed=member_cfg.seed)
+        member_history = train_loop(
+            model,
+            vocab,
+            trie,
+            catalog.codes,
+            examples,
+            eval_set,
+            member_cfg,
+            on_best=partial(_save_best, vocab=vocab, out_dir=path),
+        )
+        history = history or member_history
+        best = member_history.best
+        member_metrics = {
+            "seed": member_cfg.seed,
+            "eval_hr@10": best.hr_at_10,
+            "eval_ndcg@10": best.ndcg_at_10,
+            "eval_loss": None if best.eval_loss is None else round(best.eval_loss, 5),
+            "best_epoch": member_history.best_epoch,
+        }
+        members.append({**member_metrics, "train_loss": round(best.train_loss, 5)})
+        info: dict[str, Any] = {
+            "base_model_path": cfg.model.base_model_path,
+            "max_history": sc.max_history,
+            "metrics": {k2: member_metrics[k2] for k2 in member_metrics if k2 != "seed"},
+            "history": member_history.as_dict(),
+        }
+        if k == 0 and tc.ensemble_size > 1:
+            info["ensemble_members"] = [str(d.relative_to(out_dir)) for d in member_paths[1:]]
+        save_anchor_model(model, vocab, path, info)
+        write_trained_sids(path, catalog.item_ids.tolist(), catalog.sids.tolist())
+    assert history is not None
     best = history.best
     metrics: dict[str, Any] = {
         "users": seqs.n_users,
@@ -221,17 +260,15 @@ def train_anchor_model(
         "item_frequency_after_downsampling": freq_after,
         "parameters": sum(p.numel() for p in model.parameters()),
         "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "ensemble_size": tc.ensemble_size,
     }
-    info = {
-        "base_model_path": cfg.model.base_model_path,
-        "max_history": sc.max_history,
-        "metrics": {
-            k: metrics[k] for k in ("eval_hr@10", "eval_ndcg@10", "eval_loss", "best_epoch")
-        },
-        "history": history.as_dict(),
-    }
-    save_anchor_model(model, vocab, out_dir, info)
-    write_trained_sids(out_dir, catalog.item_ids.tolist(), catalog.sids.tolist())
+    if tc.ensemble_size > 1:
+        metrics["ensemble_members"] = members
+        if len(eval_set.targets):
+            hr, ndcg = _ensemble_eval(member_paths, catalog, trie, eval_set, cfg)
+            # The whole ensemble on the same held-out users as each member.
+            metrics["ensemble_eval_hr@10"], metrics["ensemble_eval_ndcg@10"] = hr, ndcg
+            update_info(out_dir, {"ensemble_metrics": {"eval_hr@10": hr, "eval_ndcg@10": ndcg}})
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_manifest(
         out_dir,
@@ -242,6 +279,41 @@ def train_anchor_model(
         metrics=metrics,
     )
     return TrainResult(model_dir=out_dir, history=history, metrics=metrics)
+
+
+def _save_best(model: nn.Module, _metrics: object, *, vocab: SidVocab, out_dir: Path) -> None:
+    save_checkpoint(model, vocab, out_dir)
+
+
+def _ensemble_eval(
+    member_paths: Sequence[Path],
+    catalog: SidCatalog,
+    trie: SidTrie,
+    eval_set: EvalSet,
+    cfg: AnchorConfig,
+) -> tuple[float, float]:
+    """HR@10 and NDCG@10 of the saved members decoding together on the held-out users."""
+    tc = cfg.training
+    device = resolve_device(tc.device)
+    dtype = resolve_dtype("auto", device)
+    loaded = [load_anchor_model(d, device=device, dtype=dtype) for d in member_paths]
+    vocab = loaded[0].vocab
+    item_tokens = vocab.item_tokens(catalog.codes)
+    prompts = [vocab.encode(item_tokens[h]) for h in eval_set.histories]
+    out = search_in_batches(
+        partial(
+            beam_search_fast,
+            [m.model for m in loaded],
+            trie=trie,
+            vocab=vocab,
+            beam_width=tc.eval_beam_width,
+            num_anchors=EVAL_K,
+            combine=cfg.generation.ensemble_combine,
+        ),
+        prompts,
+        tc.eval_batch_size,
+    )
+    return hit_rate_ndcg(out.items, eval_set.targets)
 
 
 def anchors_table(catalog: SidCatalog, requests: AnchorRequests, beams: BeamOutput) -> pa.Table:
@@ -272,7 +344,7 @@ def generate_anchors(
     item_semantics: pa.Table,
     positives: pa.Table,
     cutoffs: Sequence[datetime] | UserCutoffs,
-    model_dir: Path,
+    model_dir: Path | Sequence[Path],
     cfg: AnchorConfig,
     out_dir: Path,
     *,
@@ -287,7 +359,9 @@ def generate_anchors(
             :func:`training.anchors.sequences.day_cutoffs` of the request log) or each user's own
             (:func:`training.anchors.sequences.request_cutoffs`); each set uses positives
             strictly before its cutoff.
-        model_dir: A directory written by :func:`train_anchor_model`.
+        model_dir: A directory written by :func:`train_anchor_model`, or several trained on the
+            same SIDs (an ensemble: their next-code distributions are combined at every step of
+            one beam search, ``generation.ensemble_combine``).
         cfg: Stage configuration (``sequences.max_history`` and ``generation`` are used).
         out_dir: Output folder, ``RUN_DIR/anchors``.
         users: Only these users (those with no positive before the first cutoff are counted as
@@ -302,26 +376,49 @@ def generate_anchors(
     catalog = SidCatalog.from_table(item_semantics)
     device = resolve_device(gc.device)
     dtype = resolve_dtype(gc.dtype, device)
-    loaded = load_anchor_model(model_dir, device=device, dtype=dtype)
+    given = [model_dir] if isinstance(model_dir, Path) else list(model_dir)
+    model_dirs = [d for g in given for d in ensemble_dirs(g)]
+    if not model_dirs:
+        raise ValueError("generate_anchors needs at least one model directory")
+    members = [load_anchor_model(d, device=device, dtype=dtype) for d in model_dirs]
+    loaded = members[0]
     vocab = loaded.vocab
+    for d, member in zip(model_dirs[1:], members[1:], strict=True):
+        if not member.vocab.same_sequences(vocab):
+            raise SidVocabularyError(
+                f"anchor models {model_dirs[0]} and {d} tokenize SIDs differently (another "
+                "codebook, base checkpoint or text prefix): an ensemble needs models trained on "
+                "the same SIDs from the same base"
+            )
     vocab.check_codes(catalog.codes)
-    check_trained_sids(model_dir, catalog.item_ids.tolist(), catalog.sids.tolist())
+    for d in model_dirs:
+        check_trained_sids(d, catalog.item_ids.tolist(), catalog.sids.tolist())
     longest = vocab.items_offset + cfg.sequences.max_history * vocab.n_levels + vocab.n_levels
-    limit = getattr(loaded.model.config, "max_position_embeddings", None)
-    if isinstance(limit, int) and longest > limit:
+    for d, member in zip(model_dirs, members, strict=True):
+        limit = getattr(member.model.config, "max_position_embeddings", None)
+        if isinstance(limit, int) and longest > limit:
+            raise ValueError(
+                f"histories of {cfg.sequences.max_history} items need {longest} positions; the "
+                f"model {d} has {limit}: lower sequences.max_history"
+            )
+    if len(members) > 1 and gc.implementation != "fast":
         raise ValueError(
-            f"histories of {cfg.sequences.max_history} items need {longest} positions; the model "
-            f"has {limit}: lower sequences.max_history"
+            "an ensemble of anchor models decodes with generation.implementation 'fast' only "
+            "(Hugging Face generate() runs one model)"
         )
     trie = SidTrie(catalog.codes, vocab.codebook_sizes)
     seqs = user_sequences(positives, catalog.item_ids)
     requests = anchor_requests(seqs, cutoffs, cfg.sequences.max_history, users)
     item_tokens = vocab.item_tokens(catalog.codes)
     prompts = [vocab.encode(item_tokens[h]) for h in requests.histories]
-    impl = beam_search_fast if gc.implementation == "fast" else beam_search_reference
+    impl: Any = (
+        partial(beam_search_fast, combine=gc.ensemble_combine)
+        if gc.implementation == "fast"
+        else beam_search_reference
+    )
     search = partial(
         impl,
-        loaded.model,
+        loaded.model if len(members) == 1 else [m.model for m in members],
         trie=trie,
         vocab=vocab,
         beam_width=gc.beam_width,
@@ -358,7 +455,10 @@ def generate_anchors(
         "device": str(device),
         "dtype": str(dtype).removeprefix("torch."),
         "implementation": gc.implementation,
-        "eval_hr@10": loaded.info.get("metrics", {}).get("eval_hr@10"),
+        "ensemble_members": len(members),
+        "eval_hr@10": loaded.info.get("ensemble_metrics", loaded.info.get("metrics", {})).get(
+            "eval_hr@10"
+        ),
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_manifest(
@@ -367,7 +467,7 @@ def generate_anchors(
         inputs={
             "item_semantics": "sids/item_semantics.parquet",
             "positives": "positives",
-            "model_dir": str(model_dir),
+            "model_dir": ", ".join(str(d) for d in model_dirs),
         },
         outputs={"user_interest_anchors": ANCHORS_FILE},
         config=cfg.model_dump(mode="json"),

@@ -439,6 +439,38 @@ def load_lora_adapter(model_dir: Path) -> nn.Module:
 TRAINED_SIDS_FILE: Final = "trained_sids.parquet"
 
 
+MEMBERS_SUBDIR: Final = "members"
+"""Where an ensemble's further members live inside the first member's model directory."""
+
+
+def member_dir(model_dir: Path, k: int) -> Path:
+    """Directory of ensemble member ``k`` (member 0 is ``model_dir`` itself)."""
+    return model_dir if k == 0 else model_dir / MEMBERS_SUBDIR / str(k)
+
+
+def ensemble_dirs(model_dir: Path) -> list[Path]:
+    """Every member's model directory: ``model_dir``, then those its ``anchor_model.json`` lists.
+
+    Raises:
+        FileNotFoundError: when ``model_dir`` is not an anchor model or a listed member is gone.
+    """
+    members = [model_dir / rel for rel in read_info(model_dir).get("ensemble_members", [])]
+    for d in members:
+        if not (d / INFO_FILE).exists():
+            raise FileNotFoundError(
+                f"{d}: ensemble member listed in {model_dir / INFO_FILE} is missing; copy the "
+                "whole model directory, or retrain"
+            )
+    return [model_dir, *members]
+
+
+def update_info(model_dir: Path, entries: dict[str, Any]) -> None:
+    """Add ``entries`` to a saved model's ``anchor_model.json``."""
+    info = read_info(model_dir)
+    info.update(entries)
+    (model_dir / INFO_FILE).write_text(json.dumps(info, indent=2, default=str) + "\n")
+
+
 def write_trained_sids(model_dir: Path, item_ids: Sequence[str], sids: Sequence[str]) -> None:
     """Record which SID each item had when the model was trained."""
     import pyarrow as pa

@@ -197,6 +197,22 @@ class SidVocab:
             prefix_ids=prefix,
         )
 
+    def same_sequences(self, other: SidVocab) -> bool:
+        """Whether ``other`` encodes every history and SID with the same token ids.
+
+        Models that share this can decode together (an ensemble) from one set of prompts.
+        """
+        return (
+            self.codebook_sizes == other.codebook_sizes
+            and self.bos_id == other.bos_id
+            and self.pad_id == other.pad_id
+            and self.prefix_ids == other.prefix_ids
+            and all(
+                np.array_equal(a, b)
+                for a, b in zip(self.level_token_ids, other.level_token_ids, strict=True)
+            )
+        )
+
     @property
     def n_levels(self) -> int:
         """Tokens per item."""

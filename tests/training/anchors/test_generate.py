@@ -148,3 +148,85 @@ def test_shortcuts_change_nothing(toy, unique_prefixes: bool) -> None:
     ref = beam_search_reference(model, prompts, trie, vocab, 8, 5)
     assert (fast.items == plain.items).all() and (fast.items == ref.items).all()
     np.testing.assert_allclose(fast.log_probs, plain.log_probs, rtol=0, atol=1e-5)
+
+
+def _next_code_log_probs(model, prompt, prefix, trie, vocab) -> dict[int, float]:
+    """Teacher-forced ``prefix`` after ``prompt``: each next code's trie-normalized log-prob."""
+    level = len(prefix)
+    tokens = [int(vocab.level_token_ids[lvl][c]) for lvl, c in enumerate(prefix)]
+    with torch.no_grad():
+        logits = model(input_ids=torch.as_tensor([[*prompt, *tokens]])).logits[0, -1]
+    allowed = sorted(trie.allowed_codes(tuple(prefix)))
+    row = logits[torch.as_tensor(vocab.level_token_ids[level][allowed])]
+    return dict(zip(allowed, torch.log_softmax(row, -1).tolist(), strict=True))
+
+
+@pytest.fixture(scope="module")
+def second_model(toy):
+    _, vocab, _, _ = toy
+    lm, other_vocab = build_model(
+        ModelConfig(compact=CompactSettings.model_validate(TINY)), vocab.codebook_sizes, seed=7
+    )
+    assert other_vocab.same_sequences(vocab)
+    return causal_lm(lm).eval()
+
+
+@pytest.mark.parametrize("combine", ["geometric", "arithmetic"])
+def test_ensemble_of_one_model_twice_is_that_model(toy, combine) -> None:
+    model, vocab, trie, prompts = toy
+    alone = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    twice = beam_search_fast([model, model], prompts, trie, vocab, 8, 5, combine=combine)
+    assert (alone.items == twice.items).all()
+    np.testing.assert_allclose(alone.log_probs, twice.log_probs, atol=1e-5)
+
+
+@pytest.mark.parametrize("combine", ["geometric", "arithmetic"])
+def test_ensemble_scores_are_the_combined_distributions(toy, second_model, combine) -> None:
+    """Exhaustive search (beams >= items): every item's score is the sum over levels of the two
+    models' trie-normalized next-code distributions combined by the rule, computed here by
+    teacher forcing each item, one model at a time."""
+    model, vocab, trie, prompts = toy
+    out = beam_search_fast(
+        [model, second_model],
+        prompts[:2],
+        trie,
+        vocab,
+        beam_width=trie.n_items,
+        num_anchors=trie.n_items,
+        combine=combine,
+    )
+    codes = trie.codes
+    for row, prompt in enumerate(prompts[:2]):
+        combined: dict[tuple[int, ...], dict[int, float]] = {}
+        expected = np.zeros(trie.n_items)
+        for item in range(trie.n_items):
+            for lvl in range(trie.n_levels):
+                prefix = tuple(codes[item, :lvl].tolist())
+                if prefix not in combined:
+                    dists = [
+                        _next_code_log_probs(m, prompt, prefix, trie, vocab)
+                        for m in (model, second_model)
+                    ]
+                    per_code = np.array([[d[c] for c in dists[0]] for d in dists])  # [2, codes]
+                    if combine == "arithmetic":
+                        mixed = np.log(np.exp(per_code).mean(0))
+                    else:  # geometric mean, renormalized over the allowed codes
+                        mean = per_code.mean(0)
+                        mixed = mean - np.log(np.exp(mean).sum())
+                    combined[prefix] = dict(zip(dists[0], mixed.tolist(), strict=True))
+                expected[item] += combined[prefix][int(codes[item, lvl])]
+        got = dict(zip(out.items[row].tolist(), out.log_probs[row].tolist(), strict=True))
+        assert sorted(got) == list(range(trie.n_items))
+        np.testing.assert_allclose([got[i] for i in range(trie.n_items)], expected, atol=1e-4)
+        # Both rules give a distribution over the catalog.
+        np.testing.assert_allclose(np.exp(out.log_probs[row]).sum(), 1.0, atol=1e-4)
+
+
+def test_ensemble_shortcuts_change_nothing(toy, second_model) -> None:
+    model, vocab, trie, prompts = toy
+    fast = beam_search_fast([model, second_model], prompts, trie, vocab, 8, 5)
+    plain = beam_search_fast([model, second_model], prompts, trie, vocab, 8, 5, shortcuts=False)
+    assert (fast.items == plain.items).all()
+    np.testing.assert_allclose(fast.log_probs, plain.log_probs, rtol=0, atol=1e-5)
+    # And the ensemble is not simply one of its members.
+    assert not (fast.items == beam_search_fast(model, prompts, trie, vocab, 8, 5).items).all()

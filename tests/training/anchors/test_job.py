@@ -1,15 +1,19 @@
 from __future__ import annotations
 
 import json
+import shutil
 from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
+import torch
 
 from tests.training.anchors.conftest import T0, TS, tiny_config
 from training.anchors.catalog import derive_codebook_sizes, read_codebook_sizes
-from training.anchors.job import ANCHORS_FILE, ANCHORS_SCHEMA, generate_anchors
+from training.anchors.job import ANCHORS_FILE, ANCHORS_SCHEMA, generate_anchors, train_anchor_model
+from training.anchors.model import ensemble_dirs, load_anchor_model
 from training.anchors.sequences import cutoffs_of, day_cutoffs
 
 
@@ -199,3 +203,77 @@ def test_request_cutoffs_give_every_request_its_whole_earlier_history(
     # At most one set per distinct (user, request time), never one at a time without a request.
     asked = set(zip(users, times, strict=True))
     assert all((s["user_id"], s["event_timestamp"]) in asked for s in sets)
+
+
+def test_an_ensemble_of_models_decodes_together(tmp_path, toy_data, trained_compact) -> None:
+    """Two models trained on the same SIDs with different seeds decode as one ensemble: the
+    same rows and schema, anchors that are neither model's alone, the member count reported."""
+    semantics, positives, sizes = toy_data
+    other = train_anchor_model(
+        semantics, positives, sizes, tiny_config(epochs=2, seed=1), tmp_path / "m1"
+    )
+    cutoffs = [T0 + timedelta(days=2)]
+    dirs = [trained_compact.model_dir, other.model_dir]
+    single = [
+        generate_anchors(semantics, positives, cutoffs, d, tiny_config(), tmp_path / f"s{i}")
+        for i, d in enumerate(dirs)
+    ]
+    both = generate_anchors(semantics, positives, cutoffs, dirs, tiny_config(), tmp_path / "e")
+    assert both.table.schema.equals(ANCHORS_SCHEMA)
+    assert both.table.num_rows == single[0].table.num_rows > 0
+    assert both.metrics["ensemble_members"] == 2 and single[0].metrics["ensemble_members"] == 1
+    manifest = json.loads((tmp_path / "e" / "manifest.json").read_text())
+    assert str(other.model_dir) in manifest["inputs"]["model_dir"]
+    scores = [r.table.column("anchor_log_probs").to_pylist() for r in (*single, both)]
+    assert scores[2] != scores[0] and scores[2] != scores[1]
+    for row in scores[2]:  # still log-probabilities of distinct items, best first
+        assert row == sorted(row, reverse=True) and max(row) <= 0
+    # The reference implementation (Hugging Face generate) runs one model only.
+    cfg = tiny_config()
+    cfg.generation.implementation = "reference"
+    with pytest.raises(ValueError, match="ensemble"):
+        generate_anchors(semantics, positives, cutoffs, dirs, cfg, tmp_path / "r")
+    with pytest.raises(ValueError, match="at least one"):
+        generate_anchors(semantics, positives, cutoffs, [], tiny_config(), tmp_path / "n")
+
+
+def test_ensemble_training_saves_members_that_generation_decodes_together(
+    tmp_path, toy_data, trained_compact
+) -> None:
+    """``training.ensemble_size: 2`` trains member k exactly as a lone model with seed k, lists
+    the members in the first one's directory, and generation from that directory decodes the
+    two together, as if both directories had been given."""
+    semantics, positives, sizes = toy_data
+    out = tmp_path / "m"
+    result = train_anchor_model(
+        semantics, positives, sizes, tiny_config(epochs=2, ensemble_size=2), out
+    )
+    assert ensemble_dirs(out) == [out, out / "members" / "1"]
+    m = result.metrics
+    assert m["ensemble_size"] == 2 and [x["seed"] for x in m["ensemble_members"]] == [0, 1]
+    assert 0.0 <= m["ensemble_eval_hr@10"] <= 1.0
+    assert json.loads((out / "manifest.json").read_text())["metrics"]["ensemble_size"] == 2
+    alone = train_anchor_model(
+        semantics, positives, sizes, tiny_config(epochs=2, seed=1), tmp_path / "s1"
+    )
+    member, lone = (
+        load_anchor_model(d).model.state_dict() for d in (out / "members" / "1", alone.model_dir)
+    )
+    assert member.keys() == lone.keys() and all(torch.equal(member[k], lone[k]) for k in member)
+
+    cutoffs = [T0 + timedelta(days=2)]
+    from_dir = generate_anchors(semantics, positives, cutoffs, out, tiny_config(), tmp_path / "a")
+    given = generate_anchors(
+        semantics,
+        positives,
+        cutoffs,
+        [trained_compact.model_dir, alone.model_dir],
+        tiny_config(),
+        tmp_path / "b",
+    )
+    assert from_dir.metrics["ensemble_members"] == 2
+    assert from_dir.table.equals(given.table)
+
+    shutil.rmtree(out / "members" / "1")
+    with pytest.raises(FileNotFoundError, match="ensemble member"):
+        generate_anchors(semantics, positives, cutoffs, out, tiny_config(), tmp_path / "c")

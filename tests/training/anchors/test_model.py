@@ -20,7 +20,7 @@ from training.anchors.vocab import SidVocabularyError, add_sid_tokens, format_si
 
 
 @pytest.mark.parametrize("tie", [True, False])
-def test_lora_train_merge_and_reload(tmp_path, toy_data, tie: bool) -> None:
+def test_lora_train_merge_and_reload(tmp_path, toy_data, trained_compact, tie: bool) -> None:
     semantics, positives, sizes = toy_data
     base = save_tiny_pretrained(tmp_path / "base", tie=tie)
     base_weights = AutoModelForCausalLM.from_pretrained(base).state_dict()
@@ -70,6 +70,17 @@ def test_lora_train_merge_and_reload(tmp_path, toy_data, tie: bool) -> None:
     assert out.table.num_rows > 0
     valid = set(semantics.column("sid").to_pylist())
     assert all(s in valid for row in out.table.column("anchor_sids").to_pylist() for s in row)
+    # Its tokens are not the compact model's: the two cannot decode as an ensemble.
+    assert not merged.vocab.same_sequences(load_anchor_model(trained_compact.model_dir).vocab)
+    with pytest.raises(SidVocabularyError, match="tokenize SIDs differently"):
+        generate_anchors(
+            semantics,
+            positives,
+            cutoffs,
+            [trained_compact.model_dir, tmp_path / "m"],
+            cfg,
+            tmp_path / "mixed",
+        )
 
 
 def test_checkpoint_vocabulary_mismatch(tmp_path, toy_data, trained_compact) -> None:
