@@ -237,6 +237,75 @@ def fused_ranking(lists: list[list[list[int]]], k: int, c: float = 60.0) -> list
     return out
 
 
+def anchor_lists(
+    semantics: pa.Table,
+    positives: pa.Table,
+    model_dirs: list[Path],
+    cfg: AnchorConfig,
+    work_dir: Path,
+    test: list[tuple[str, list[int], int]],
+    index: dict[int, str],
+) -> tuple[list[list[int]], dict[str, Any]]:
+    """Each test user's anchors (catalog indices, best first) and the generation metrics."""
+    cutoff = T0 + timedelta(days=365)
+    gen = generate_anchors(semantics, positives, [cutoff], model_dirs, cfg, work_dir)
+    rows = {r["user_id"]: r["anchor_item_ids"] for r in gen.table.to_pylist()}
+    asin_index = {a: i for i, a in index.items()}
+    return [[asin_index[a] for a in rows.get(f"u{u}", [])] for u, _, _ in test], gen.metrics
+
+
+def ensemble_main(
+    args: argparse.Namespace,
+    cfg: AnchorConfig,
+    semantics: pa.Table,
+    positives: pa.Table,
+    test: list[tuple[str, list[int], int]],
+    index: dict[int, str],
+    codebook_sizes: list[int],
+) -> None:
+    """``--ensemble-models``: every prefix of the model list, decoded with both combine rules."""
+    targets = [t for _, _, t in test]
+    histories = [h for _, h, _ in test]
+    dirs = list(args.ensemble_models)
+    cooc = cooc_baseline(test, len(index), 10)
+    results: dict[str, Any] = {"cooccurrence": cooc}
+    for combine in ("geometric", "arithmetic"):
+        for k in range(1 if combine == "geometric" else 2, len(dirs) + 1):
+            run_cfg = cfg.model_copy(
+                update={
+                    "generation": cfg.generation.model_copy(update={"ensemble_combine": combine})
+                }
+            )
+            recs, gen_metrics = anchor_lists(
+                semantics, positives, dirs[:k], run_cfg, args.work_dir / "anchors", test, index
+            )
+            name = f"ensemble{k}_{combine}"
+            results[name] = {
+                **metrics([r[:10] for r in recs], targets),
+                "history_share@10": history_share(recs, histories, 10),
+                "hr@10_own_items_left_out": metrics(unseen(recs, histories, 10), targets)["hr@10"],
+                "members": [str(d) for d in dirs[:k]],
+                "generation_users_per_second": gen_metrics["users_per_second"],
+            }
+            print(name, {k2: v for k2, v in results[name].items() if k2 != "members"}, flush=True)
+    report = {
+        "benchmark": "anchors_quality_ensemble",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
+        "codebook_sizes": codebook_sizes,
+        "results": results,
+    }
+    report["params"]["ensemble_models"] = [str(d) for d in dirs]
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
+    print(f"{'method':<26}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
+    for name, r in results.items():
+        print(
+            f"{name:<26}{r['hr@5']:>9.4f}{r['ndcg@5']:>9.4f}{r['hr@10']:>9.4f}{r['ndcg@10']:>9.4f}"
+        )
+    print(f"\nwrote {args.out}")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA)
@@ -286,7 +355,24 @@ def main() -> None:
     p.add_argument("--beam-width", type=int, default=20)
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the SIDs, the split and the LM")
+    p.add_argument(
+        "--lm-seed",
+        type=int,
+        default=None,
+        help="seed of the LM's initialization and batch order only (training.seed; default "
+        "--seed), the SIDs and the held-out users staying those of --seed: how the members of "
+        "an ensemble (training.ensemble_size) differ",
+    )
+    p.add_argument(
+        "--ensemble-models",
+        type=Path,
+        nargs="+",
+        default=None,
+        help="skip training: decode with these trained model directories (runs of this "
+        "benchmark on the same SIDs, WORK_DIR/model) as an ensemble, every prefix of the list "
+        "with both --ensemble-combine rules",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/anchors_quality.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -366,7 +452,7 @@ def main() -> None:
                 "ema_decay": args.ema_decay or None,
                 "eval_users": args.eval_users,
                 "patience": args.patience,
-                "seed": args.seed,
+                "seed": args.seed if args.lm_seed is None else args.lm_seed,
                 "device": args.device,
                 "progress": False,
             },
@@ -379,18 +465,17 @@ def main() -> None:
             },
         }
     )
+    if args.ensemble_models:
+        ensemble_main(args, cfg, semantics, positives, test, index, sids.codebook_sizes)
+        return
     t0 = time.perf_counter()
     trained = train_anchor_model(
         semantics, positives, sids.codebook_sizes, cfg, args.work_dir / "model"
     )
     train_seconds = time.perf_counter() - t0
-    cutoff = T0 + timedelta(days=365)
-    gen = generate_anchors(
-        semantics, positives, [cutoff], args.work_dir / "model", cfg, args.work_dir / "anchors"
+    model_recs, gen_metrics = anchor_lists(
+        semantics, positives, [args.work_dir / "model"], cfg, args.work_dir / "anchors", test, index
     )
-    rows = {r["user_id"]: r["anchor_item_ids"] for r in gen.table.to_pylist()}
-    asin_index = {a: i for i, a in index.items()}
-    model_recs = [[asin_index[a] for a in rows.get(f"u{u}", [])] for u, _, _ in test]
 
     model_unseen = unseen(model_recs, histories, 10)
     pop = popular(histories, 10 + max(len(h) for h in histories))
@@ -405,7 +490,7 @@ def main() -> None:
             "best_epoch": trained.metrics["best_epoch"],
             "epochs_run": trained.metrics["epochs_run"],
             "train_seconds": round(train_seconds, 1),
-            "generation_users_per_second": gen.metrics["users_per_second"],
+            "generation_users_per_second": gen_metrics["users_per_second"],
             "parameters": trained.metrics["parameters"],
         },
         # The same three with the user's own history items left out of every list (none of
