@@ -220,7 +220,11 @@ def train_anchor_model(
             member_cfg,
             on_best=partial(_save_best, vocab=vocab, out_dir=path),
         )
-        history = history or member_history
+        if history is None:
+            history = member_history
+            # Counted before saving: saving merges a LoRA adapter into the base in place.
+            n_params = sum(p.numel() for p in model.parameters())
+            n_trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         best = member_history.best
         member_metrics = {
             "seed": member_cfg.seed,
@@ -258,8 +262,8 @@ def train_anchor_model(
         "eval_ndcg@10": best.ndcg_at_10,
         "item_frequency_before_downsampling": freq_before,
         "item_frequency_after_downsampling": freq_after,
-        "parameters": sum(p.numel() for p in model.parameters()),
-        "trainable_parameters": sum(p.numel() for p in model.parameters() if p.requires_grad),
+        "parameters": n_params,
+        "trainable_parameters": n_trainable,
         "ensemble_size": tc.ensemble_size,
     }
     if tc.ensemble_size > 1:
@@ -344,7 +348,7 @@ def generate_anchors(
     item_semantics: pa.Table,
     positives: pa.Table,
     cutoffs: Sequence[datetime] | UserCutoffs,
-    model_dir: Path | Sequence[Path],
+    model_dir: str | Path | Sequence[str | Path],
     cfg: AnchorConfig,
     out_dir: Path,
     *,
@@ -376,7 +380,7 @@ def generate_anchors(
     catalog = SidCatalog.from_table(item_semantics)
     device = resolve_device(gc.device)
     dtype = resolve_dtype(gc.dtype, device)
-    given = [model_dir] if isinstance(model_dir, Path) else list(model_dir)
+    given = [Path(model_dir)] if isinstance(model_dir, str | Path) else [Path(d) for d in model_dir]
     model_dirs = [d for g in given for d in ensemble_dirs(g)]
     if not model_dirs:
         raise ValueError("generate_anchors needs at least one model directory")

@@ -277,3 +277,15 @@ def test_ensemble_training_saves_members_that_generation_decodes_together(
     shutil.rmtree(out / "members" / "1")
     with pytest.raises(FileNotFoundError, match="ensemble member"):
         generate_anchors(semantics, positives, cutoffs, out, tiny_config(), tmp_path / "c")
+
+
+def test_model_directory_given_as_a_string(tmp_path, toy_data, trained_compact) -> None:
+    semantics, positives, _ = toy_data
+    cutoffs = [T0 + timedelta(days=2)]
+    as_path = generate_anchors(
+        semantics, positives, cutoffs, trained_compact.model_dir, tiny_config(), tmp_path / "p"
+    )
+    as_str = generate_anchors(
+        semantics, positives, cutoffs, str(trained_compact.model_dir), tiny_config(), tmp_path / "s"
+    )
+    assert as_str.metrics["ensemble_members"] == 1 and as_str.table.equals(as_path.table)
