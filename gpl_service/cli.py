@@ -512,7 +512,7 @@ def anchors_train(
         int | None,
         typer.Option(
             help="Train this many models (seeds seed, seed+1, ...) that generation decodes "
-            "together; k times the time, +3-8% HR@10 with 4 on Amazon Scientific."
+            "together; K times the time, +3-8% HR@10 with 3-4 on Amazon Scientific."
         ),
     ] = None,
 ) -> None:

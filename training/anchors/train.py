@@ -110,7 +110,7 @@ class TrainConfig(BaseModel):
         description="Models trained, member k with seed `seed + k` (same data, SIDs and "
         "held-out users); generation decodes them together as an ensemble "
         "(generation.ensemble_combine). Costs k times the training and decoding time; on "
-        "Amazon Scientific 4 members lifted HR@10 by 3-8% (docs/anchors.md).",
+        "Amazon Scientific 3-4 members lifted HR@10 by 3-8% (docs/anchors.md).",
     )
     device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
     bf16: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU).")
