@@ -219,6 +219,7 @@ def train_anchor_model(
             eval_set,
             member_cfg,
             on_best=partial(_save_best, vocab=vocab, out_dir=path),
+            label=f"member {k + 1}/{tc.ensemble_size} " if tc.ensemble_size > 1 else "",
         )
         if history is None:
             history = member_history

@@ -359,6 +359,7 @@ def train_loop(
     eval_set: EvalSet | None,
     cfg: TrainConfig,
     on_best: Callable[[nn.Module, EpochMetrics], None] | None = None,
+    label: str = "",
 ) -> TrainHistory:
     """Train ``model`` in place on ``train``; keep (restore) the best epoch.
 
@@ -371,6 +372,7 @@ def train_loop(
         eval_set: Held-out next items, or None (no evaluation, no early stopping).
         cfg: Optimization settings.
         on_best: Called after each epoch that improves on the best so far (e.g. to save it).
+        label: Put before the progress bar's text (e.g. which ensemble member this is).
     """
     if len(train) == 0:
         raise ValueError("no training examples: users need at least 2 positives")
@@ -411,7 +413,7 @@ def train_loop(
         loss_sum, token_count = 0.0, 0
         bar = tqdm(
             _batches(lengths, cfg.batch_size, rng),
-            desc=f"anchors epoch {epoch}/{cfg.epochs}",
+            desc=f"{label}anchors epoch {epoch}/{cfg.epochs}",
             unit="batch",
             disable=not cfg.progress,
             leave=False,
