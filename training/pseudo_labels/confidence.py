@@ -85,3 +85,39 @@ def combine(
         return np.exp(np.asarray(logs) / total).astype(np.float32)
     mixed = sum(w * np.clip(f, 0.0, 1.0) for f, w in zip(factors, weights, strict=True))
     return (np.asarray(mixed) / total).astype(np.float32)
+
+
+def history_factors(
+    anchors: npt.NDArray[np.float32],
+    mask: npt.NDArray[np.bool_],
+    items: npt.NDArray[np.float32],
+    history: npt.NDArray[np.int64],
+    chunk: int = 256,
+) -> npt.NDArray[np.float32]:
+    """:func:`history_factor` of every set at once: ``(S, N, D), (S, N), (I, D), (S, H) -> (S, N)``.
+
+    Args:
+        anchors: Unit anchor embeddings per set.
+        mask: Which anchor slots are real (padded slots get 0).
+        items: Unit item embeddings.
+        history: Rows of ``items`` of each set's history, -1 for none.
+        chunk: Sets per batched matrix product (bounds the gathered history's memory).
+    """
+    n_sets, n_anchors = mask.shape
+    out = np.zeros((n_sets, n_anchors), np.float32)
+    for start in range(0, n_sets, chunk):
+        rows = slice(start, start + chunk)
+        hist = history[rows]
+        known = hist >= 0
+        # Histories are right-aligned: drop the leading columns no set of the chunk uses.
+        used = known.any(axis=0)
+        if not used.any():
+            continue
+        first = int(np.argmax(used))
+        hist, known = hist[:, first:], known[:, first:]
+        gathered = items[np.where(known, hist, 0)]  # (C, H, D)
+        sims = np.matmul(anchors[rows], gathered.transpose(0, 2, 1))  # (C, N, H)
+        sims = np.where(known[:, None, :], sims, -np.inf).max(axis=2)
+        best = np.where(np.isfinite(sims), np.clip(sims, 0.0, 1.0), 0.0)
+        out[rows] = np.where(mask[rows], best, 0.0)
+    return out

@@ -57,10 +57,10 @@ from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
     combine,
     dispersion_factor,
-    history_factor,
+    history_factors,
     lm_factor,
 )
-from training.pseudo_labels.lookup import AnchorSetLookup, positions_in
+from training.pseudo_labels.lookup import AnchorSetLookup, latest_before, positions_in
 from training.pseudo_labels.relevance import max_cosine
 from training.vectors import l2_normalize
 
@@ -230,7 +230,7 @@ class ItemIndex:
         if len(lengths) != 1:
             raise PseudoLabelInputError(f"item_semantics embeddings have mixed lengths {lengths}")
         dim = int(lengths[0])
-        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32)
+        flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         return cls(
             item_ids=table.column("item_id").combine_chunks(),
             embeddings=l2_normalize(flat.reshape(-1, dim)),
@@ -272,49 +272,39 @@ def load_anchor_bank(
             "embedding size); were the anchors built from another item_semantics?"
         )
     num_sets = anchors.num_rows
-    emb = np.zeros((num_sets, n_max, dim), np.float32)
-    mask = np.zeros((num_sets, n_max), bool)
-    logp = np.full((num_sets, n_max), -np.inf, np.float32)
     lp_flat = (
         anchors.column("anchor_log_probs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     )
-    # Scatter the ragged sets into the padded (S, N) layout in one step: anchor j overall is
-    # set ``set_of[j]``'s slot ``slot[j]``.
-    set_of = np.repeat(np.arange(num_sets), counts)
-    slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-    emb[set_of, slot] = flat.reshape(-1, dim)
-    mask[set_of, slot] = True
-    logp[set_of, slot] = lp_flat
-    emb = l2_normalize(emb)
+    if (counts == n_max).all():
+        # Every set full (the usual case): the flat values already are the (S, N, D) layout.
+        emb = l2_normalize(flat.reshape(num_sets, n_max, dim))
+        mask = np.ones((num_sets, n_max), bool)
+        logp = lp_flat.astype(np.float32).reshape(num_sets, n_max)
+    else:
+        emb = np.zeros((num_sets, n_max, dim), np.float32)
+        mask = np.zeros((num_sets, n_max), bool)
+        logp = np.full((num_sets, n_max), -np.inf, np.float32)
+        # Scatter the ragged sets into the padded (S, N) layout in one step: anchor j overall
+        # is set ``set_of[j]``'s slot ``slot[j]``.
+        set_of = np.repeat(np.arange(num_sets), counts)
+        slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+        emb[set_of, slot] = flat.reshape(-1, dim)
+        mask[set_of, slot] = True
+        logp[set_of, slot] = lp_flat
+        emb = l2_normalize(emb)
 
-    # Historical consistency needs each set's history: the user's positives before the cutoff.
-    pos = positives.select(["user_id", "item_id", "event_timestamp"]).sort_by(
-        [("user_id", "ascending"), ("event_timestamp", "ascending")]
+    # Historical consistency needs each set's history: the user's latest positives before the
+    # cutoff, found for all sets at once.
+    events = latest_before(
+        positives.column("user_id"),
+        positives.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy(),
+        anchors.column("user_id"),
+        anchors.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy(),
+        history_items,
     )
-    pos_users = pos.column("user_id").to_numpy(zero_copy_only=False)
-    pos_ts = pos.column("event_timestamp").cast(pa.int64()).to_numpy()
-    pos_items = items.lookup(pos.column("item_id"))
-    user_start: dict[str, int] = {}
-    user_end: dict[str, int] = {}
-    if len(pos_users):
-        change = np.flatnonzero(pos_users[1:] != pos_users[:-1]) + 1
-        starts = np.concatenate([[0], change])
-        ends = np.concatenate([change, [len(pos_users)]])
-        for a, b in zip(starts.tolist(), ends.tolist(), strict=True):
-            user_start[pos_users[a]] = a
-            user_end[pos_users[a]] = b
-    set_users = anchors.column("user_id").to_pylist()
-    set_cutoffs = anchors.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy()
-    hist = np.zeros((num_sets, n_max), np.float32)
-    for s in range(num_sets):
-        user = set_users[s]
-        if user not in user_start:
-            continue
-        a, b = user_start[user], user_end[user]
-        cut = a + int(np.searchsorted(pos_ts[a:b], set_cutoffs[s], side="left"))
-        idx = pos_items[max(a, cut - history_items) : cut]
-        idx = idx[idx >= 0]
-        hist[s, : counts[s]] = history_factor(emb[s, : counts[s]], items.embeddings[idx])
+    pos_items = items.lookup(positives.column("item_id"))
+    history = np.where(events >= 0, pos_items[np.maximum(events, 0)], -1)
+    hist = history_factors(emb, mask, items.embeddings, history)
     keys = pa.table(
         {
             "user_id": anchors.column("user_id"),

@@ -114,3 +114,65 @@ class AnchorSetLookup:
             active = lo < hi
         found = lo > first
         return np.where(found, self.rows[np.maximum(lo - 1, 0)] if len(self.rows) else -1, -1)
+
+
+def latest_before(
+    event_users: Column,
+    event_times: I64,
+    set_users: Column,
+    set_cutoffs: I64,
+    count: int,
+) -> I64:
+    """For each set, the positions of its user's latest ``count`` events strictly before its cutoff.
+
+    Args:
+        event_users: User of each event (e.g. each positive interaction).
+        event_times: Event times, int64 microseconds.
+        set_users: User of each set.
+        set_cutoffs: Set cutoffs, int64 microseconds.
+        count: Events kept per set (the most recent ones).
+
+    Returns:
+        ``[sets, count]`` positions into the event arrays, oldest first and right-aligned: a set
+        with fewer earlier events has -1 in its leading slots. Events at exactly the cutoff are
+        not before it.
+
+    One sort of events and sets together by (user, time), sets ahead of events at equal times:
+    the events counted before a set in that order are its user's events before its cutoff, so
+    no per-set binary search (or Python loop) is needed.
+    """
+    n_events, n_sets = len(event_times), len(set_cutoffs)
+    out = np.full((n_sets, count), -1, np.int64)
+    if n_sets == 0 or count == 0:
+        return out
+    ids = pa.chunked_array(
+        [
+            *_chunks(event_users.cast(pa.string())),
+            *_chunks(set_users.cast(pa.string())),
+        ],
+        type=pa.string(),
+    )
+    codes = pc.fill_null(ids.combine_chunks().dictionary_encode().indices, -1)
+    user = codes.to_numpy(zero_copy_only=False).astype(np.int64)
+    times = np.concatenate([event_times, set_cutoffs]).astype(np.int64)
+    is_event = np.concatenate([np.ones(n_events, np.int8), np.zeros(n_sets, np.int8)])
+    order = np.lexsort((is_event, times, user))
+    merged_is_event = is_event[order]
+    events_before = np.cumsum(merged_is_event) - merged_is_event  # events strictly before
+    set_pos = np.empty(n_sets, np.int64)
+    rank_of_set = order[merged_is_event == 0] - n_events  # which set sits at each set slot
+    set_pos[rank_of_set] = events_before[merged_is_event == 0]
+    # The events in merged order are sorted by (user, time): their k-th is event ``ev_order[k]``.
+    ev_order = order[merged_is_event == 1]
+    ev_user = user[ev_order]
+    user_first = np.searchsorted(ev_user, user[n_events:], side="left")
+    window = set_pos[:, None] - count + np.arange(count)[None, :]
+    valid = window >= user_first[:, None]
+    # Null users match nobody (not even other null users).
+    valid &= (user[n_events:] >= 0)[:, None]
+    out[valid] = ev_order[window[valid]]
+    return out
+
+
+def _chunks(column: Column) -> list[pa.Array]:
+    return list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]

@@ -14,7 +14,13 @@ import pytest
 from tests.factories import T0, make_requests
 from training.io import read_manifest, write_table
 from training.pseudo_labels.calibration import CalibrationError, fit_platt
-from training.pseudo_labels.confidence import combine, dispersion_factor, lm_factor
+from training.pseudo_labels.confidence import (
+    combine,
+    dispersion_factor,
+    history_factor,
+    history_factors,
+    lm_factor,
+)
 from training.pseudo_labels.job import (
     OUTPUT_SCHEMA,
     ConfidenceWeights,
@@ -287,6 +293,28 @@ def test_confidence_factors() -> None:
     geo = combine([np.array([1.0]), np.array([0.25])], [1, 1])
     assert geo[0] == pytest.approx(0.5)
     assert combine([np.array([1.0]), np.array([0.0])], [1, 1])[0] < 1e-2
+
+
+@pytest.mark.parametrize("chunk", [1, 3, 256])
+def test_history_factors_equal_the_per_set_factor(chunk: int) -> None:
+    rng = np.random.default_rng(chunk)
+    items = _unit(rng.standard_normal((40, DIM))).astype(np.float32)
+    counts = rng.integers(0, N_ANCHORS + 1, 9)
+    anchors = np.zeros((9, N_ANCHORS, DIM), np.float32)
+    mask = np.arange(N_ANCHORS)[None, :] < counts[:, None]
+    anchors[mask] = _unit(rng.standard_normal((int(counts.sum()), DIM)))
+    history = np.full((9, 6), -1, np.int64)
+    for s, n in enumerate(rng.integers(0, 7, 9)):  # right-aligned, some with unknown items
+        if n:
+            history[s, 6 - n :] = np.where(rng.random(n) < 0.2, -1, rng.integers(0, 40, n))
+    history[0] = -1  # one set without any history
+    got = history_factors(anchors, mask, items, history, chunk=chunk)
+    for s in range(9):
+        rows = history[s][history[s] >= 0]
+        expected = np.zeros(N_ANCHORS, np.float32)
+        expected[: counts[s]] = history_factor(anchors[s, : counts[s]], items[rows])
+        np.testing.assert_allclose(got[s], expected, atol=1e-6)
+    assert (got[0] == 0).all() and (got[~mask] == 0).all()
 
 
 def test_default_confidence_is_the_dispersion_and_the_weights_are_configurable(

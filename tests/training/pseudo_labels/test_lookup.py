@@ -11,7 +11,7 @@ import pytest
 
 from training.data.contract import TIMESTAMP
 from training.features.offline_store import match_rows
-from training.pseudo_labels.lookup import AnchorSetLookup, positions_in
+from training.pseudo_labels.lookup import AnchorSetLookup, latest_before, positions_in
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -87,3 +87,46 @@ def test_positions_in_plain_and_dictionary_ids_with_nulls_and_unknowns() -> None
     )
     np.testing.assert_array_equal(positions_in(mixed, value_set), want)
     assert positions_in(pa.chunked_array([], pa.string()), value_set).shape == (0,)
+
+
+def _latest_reference(users, times, set_users, cutoffs, count) -> np.ndarray:  # type: ignore[no-untyped-def]
+    """Per set: its user's events strictly before the cutoff by (time, position), the last few."""
+    out = np.full((len(set_users), count), -1, np.int64)
+    for s, (user, cut) in enumerate(zip(set_users, cutoffs, strict=True)):
+        if user is None:
+            continue
+        before = [i for i in range(len(users)) if users[i] == user and times[i] < cut]
+        before.sort(key=lambda i: (times[i], i))
+        kept = before[-count:] if count else []
+        if kept:
+            out[s, count - len(kept) :] = kept
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("count", [1, 3, 8])
+def test_latest_before_equals_a_per_set_search(seed: int, count: int) -> None:
+    rng = np.random.default_rng(seed)
+    pool = [f"u{i}" for i in range(12)]
+    users = [None if rng.random() < 0.05 else pool[i] for i in rng.integers(0, 10, 300)]
+    times = rng.integers(0, 40, 300).astype(np.int64)  # many equal times
+    set_users = [None if rng.random() < 0.05 else pool[i] for i in rng.integers(0, 12, 60)]
+    cutoffs = rng.integers(-2, 45, 60).astype(np.int64)  # some before every event, some at one
+    got = latest_before(
+        pa.chunked_array([pa.array(users[:100]), pa.array(users[100:])]),
+        times,
+        pa.array(set_users).dictionary_encode(),
+        cutoffs,
+        count,
+    )
+    np.testing.assert_array_equal(got, _latest_reference(users, times, set_users, cutoffs, count))
+
+
+def test_latest_before_without_sets_or_events() -> None:
+    none = np.zeros(0, np.int64)
+    assert latest_before(
+        pa.array([], pa.string()), none, pa.array(["u"]), np.array([5]), 3
+    ).tolist() == [[-1, -1, -1]]
+    assert latest_before(
+        pa.array(["u"]), np.array([1]), pa.array([], pa.string()), none, 3
+    ).shape == (0, 3)
