@@ -241,8 +241,6 @@ def train_anchor_model(
             "metrics": {k2: member_metrics[k2] for k2 in member_metrics if k2 != "seed"},
             "history": member_history.as_dict(),
         }
-        if k == 0 and tc.ensemble_size > 1:
-            info["ensemble_members"] = [str(d.relative_to(out_dir)) for d in member_paths[1:]]
         save_anchor_model(model, vocab, path, info)
         write_trained_sids(path, catalog.item_ids.tolist(), catalog.sids.tolist())
     assert history is not None
@@ -268,6 +266,11 @@ def train_anchor_model(
         "ensemble_size": tc.ensemble_size,
     }
     if tc.ensemble_size > 1:
+        # Listed only now that every member is saved: an interrupted run leaves the first member
+        # a complete single model, never an ensemble with a missing or stale member.
+        update_info(
+            out_dir, {"ensemble_members": [str(d.relative_to(out_dir)) for d in member_paths[1:]]}
+        )
         metrics["ensemble_members"] = members
         if len(eval_set.targets):
             hr, ndcg = _ensemble_eval(member_paths, catalog, trie, eval_set, cfg)

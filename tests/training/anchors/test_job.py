@@ -289,3 +289,31 @@ def test_model_directory_given_as_a_string(tmp_path, toy_data, trained_compact) 
         semantics, positives, cutoffs, str(trained_compact.model_dir), tiny_config(), tmp_path / "s"
     )
     assert as_str.metrics["ensemble_members"] == 1 and as_str.table.equals(as_path.table)
+
+
+def test_an_interrupted_ensemble_leaves_a_complete_single_model(
+    tmp_path, toy_data, monkeypatch
+) -> None:
+    """Members are listed only once all are saved: a failure while training the second leaves
+    the first a usable single model, not an ensemble pointing at a missing member."""
+    import training.anchors.job as job
+
+    semantics, positives, sizes = toy_data
+    calls = {"n": 0}
+    real_build = job.build_model
+
+    def failing_second(*args, **kwargs):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real_build(*args, **kwargs)
+
+    monkeypatch.setattr(job, "build_model", failing_second)
+    out = tmp_path / "m"
+    with pytest.raises(KeyboardInterrupt):
+        train_anchor_model(semantics, positives, sizes, tiny_config(epochs=1, ensemble_size=2), out)
+    assert ensemble_dirs(out) == [out]
+    got = generate_anchors(
+        semantics, positives, [T0 + timedelta(days=2)], out, tiny_config(), tmp_path / "a"
+    )
+    assert got.metrics["ensemble_members"] == 1 and got.table.num_rows > 0
