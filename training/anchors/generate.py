@@ -259,6 +259,26 @@ class _Member:
     head: _LevelHead
     cache: DynamicCache
 
+    def next_log_probs(
+        self,
+        level: int,
+        allowed: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        **inputs: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """Decode ``inputs`` and return the trie-normalized log-probs of the next ``level`` code.
+
+        Args:
+            level: SID level of the next code.
+            allowed: Which codes the trie allows, ``[rows, size_l]`` (or ``[size_l]``).
+            rows: Decode on copies of only these rows of the cache (the cache itself when None).
+            inputs: ``input_ids``, ``attention_mask``, ``position_ids`` for the decoder.
+        """
+        cache = self.cache if rows is None else _cache_rows(self.cache, rows, self.model)
+        hidden = self.decoder(**inputs, past_key_values=cache, use_cache=True).last_hidden_state
+        logits = self.head(hidden[:, -1], level).masked_fill(~allowed, float("-inf"))
+        return torch.log_softmax(logits, dim=-1)
+
 
 def _as_members(model: PreTrainedModel | Sequence[PreTrainedModel]) -> list[PreTrainedModel]:
     models = list(model) if isinstance(model, Sequence) else [model]
@@ -311,43 +331,35 @@ def beam_search_fast(
     device = next(models[0].parameters()).device
     n_users, width = len(prompts), beam_width
     child, allowed = trie.tables(device)
-    level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
-
-    ids, mask = _left_pad(prompts, vocab.pad_id, device)
-    unpadded = mask_free and len({len(p) for p in prompts}) == 1
-    # Position ids count real tokens only, so a left-padded row sees the same positions as alone.
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    members: list[_Member] = []
-    prefill: list[torch.Tensor] = []
-    for m in models:
-        member = _Member(
+    members = [
+        _Member(
             model=m,
             decoder=m.get_decoder(),
             head=_LevelHead(m, vocab, device),
             cache=DynamicCache(config=m.config),
         )
-        members.append(member)
-        prefill.append(
-            member.decoder(
-                input_ids=ids,
-                attention_mask=None if unpadded else mask,
-                position_ids=positions,
-                past_key_values=member.cache,
-                use_cache=True,
-            ).last_hidden_state[:, -1]
+        for m in models
+    ]
+    level_ids = members[0].head.level_ids
+
+    def step(level: int, allowed_rows: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
+        """Every member's next-code distribution, combined into one."""
+        return combine_log_probs(
+            [member.next_log_probs(level, allowed_rows, **inputs) for member in members], combine
         )
 
+    ids, mask = _left_pad(prompts, vocab.pad_id, device)
+    unpadded = mask_free and len({len(p) for p in prompts}) == 1
+    # Position ids count real tokens only, so a left-padded row sees the same positions as alone.
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # Level 0: one distribution per user (the empty prefix, id 0), top-B codes start the beams.
-    logp = combine_log_probs(
-        [
-            torch.log_softmax(
-                member.head(hidden, 0).masked_fill(~allowed[0][0], float("-inf")), dim=-1
-            )
-            for member, hidden in zip(members, prefill, strict=True)
-        ],
-        combine,
+    logp = step(
+        0,
+        allowed[0][0],
+        input_ids=ids,
+        attention_mask=None if unpadded else mask,
+        position_ids=positions,
     )
-    del prefill
     k = min(width, logp.shape[1])
     scores, codes = logp.topk(k, dim=-1)
     if k < width:  # fewer codes than beams: pad with dead beams
@@ -384,34 +396,23 @@ def beam_search_fast(
             )
             pick = choice.nonzero().squeeze(1)
             if len(pick):
-                picked: list[torch.Tensor] = []
-                for member in members:
-                    hidden = member.decoder(
-                        input_ids=tokens[pick],
-                        attention_mask=None if unpadded else mask[pick],
-                        position_ids=next_pos[pick].unsqueeze(1),
-                        past_key_values=_cache_rows(member.cache, pick, member.model),
-                        use_cache=True,
-                    ).last_hidden_state[:, -1]
-                    logits = member.head(hidden, level).masked_fill(
-                        ~allowed_rows[pick], float("-inf")
-                    )
-                    picked.append(torch.log_softmax(logits, dim=-1))
-                logp[pick] = combine_log_probs(picked, combine)
+                logp[pick] = step(
+                    level,
+                    allowed_rows[pick],
+                    rows=pick,
+                    input_ids=tokens[pick],
+                    attention_mask=None if unpadded else mask[pick],
+                    position_ids=next_pos[pick].unsqueeze(1),
+                )
         else:
-            stepped: list[torch.Tensor] = []
-            for member in members:
-                hidden = member.decoder(
-                    input_ids=tokens,
-                    attention_mask=None if unpadded else mask,
-                    position_ids=next_pos.unsqueeze(1),
-                    past_key_values=member.cache,
-                    use_cache=True,
-                ).last_hidden_state[:, -1]
-                logits = member.head(hidden, level).masked_fill(~allowed_rows, float("-inf"))
-                stepped.append(torch.log_softmax(logits, dim=-1))  # [U*B, size_l]
+            logp = step(  # [U*B, size_l]
+                level,
+                allowed_rows,
+                input_ids=tokens,
+                attention_mask=None if unpadded else mask,
+                position_ids=next_pos.unsqueeze(1),
+            )
             next_pos = next_pos + 1
-            logp = combine_log_probs(stepped, combine)
         size = logp.shape[1]
         total = (scores.reshape(-1, 1) + logp).reshape(n_users, width * size)
         scores, flat_idx = total.topk(width, dim=-1)

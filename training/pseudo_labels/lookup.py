@@ -29,9 +29,8 @@ def positions_in(column: Column, value_set: pa.Array) -> I64:
     distinct value, then spread by their indices: hashing a few thousand dictionary strings
     instead of every row's string.
     """
-    chunks = column.chunks if isinstance(column, pa.ChunkedArray) else [column]
     out: list[I64] = []
-    for chunk in chunks:
+    for chunk in _chunks(column):
         if pa.types.is_dictionary(chunk.type):
             known = _positions(chunk.dictionary, value_set)
             indices = pc.fill_null(chunk.indices, -1).to_numpy(zero_copy_only=False)
@@ -40,6 +39,10 @@ def positions_in(column: Column, value_set: pa.Array) -> I64:
         else:
             out.append(_positions(chunk, value_set))
     return np.concatenate(out) if out else np.zeros(0, np.int64)
+
+
+def _chunks(column: Column) -> list[pa.Array]:
+    return list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]
 
 
 def _positions(values: pa.Array, value_set: pa.Array) -> I64:
@@ -172,7 +175,3 @@ def latest_before(
     valid &= (user[n_events:] >= 0)[:, None]
     out[valid] = ev_order[window[valid]]
     return out
-
-
-def _chunks(column: Column) -> list[pa.Array]:
-    return list(column.chunks) if isinstance(column, pa.ChunkedArray) else [column]
