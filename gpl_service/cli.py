@@ -152,17 +152,31 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
     )
 
 
+def _raw_config(path: Path | None) -> dict[str, Any]:
+    """A config file's settings, not yet validated (empty without a file)."""
+    if path is None:
+        return {}
+    if not path.exists():
+        raise FileNotFoundError(f"config file {path} does not exist")
+    loaded = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(loaded, dict):
+        raise UsageError(f"config file {path} must hold a mapping of settings")
+    return loaded
+
+
 def _load_config(model: type[M], path: Path | None, **overrides: Any) -> M:
-    raw: dict[str, Any] = {}
-    if path is not None:
-        if not path.exists():
-            raise FileNotFoundError(f"config file {path} does not exist")
-        loaded = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(loaded, dict):
-            raise UsageError(f"config file {path} must hold a mapping of settings")
-        raw.update(loaded)
+    raw = _raw_config(path)
     raw.update({k: v for k, v in overrides.items() if v is not None})
     return model.model_validate(raw)
+
+
+def _set(raw: dict[str, Any], section: str, key: str, value: Any) -> None:
+    """Override ``raw[section][key]`` with a command-line value (when given)."""
+    if value is not None:
+        node = raw.setdefault(section, {})
+        if not isinstance(node, dict):
+            raise UsageError(f"config: {section} must be a mapping of settings")
+        node[key] = value
 
 
 def _say(message: str) -> None:
@@ -526,15 +540,12 @@ def anchors_train(
     from training.io import read_table
 
     with _user_errors():
-        raw: dict[str, Any] = {}
-        if config is not None:
-            raw = _load_config(AnchorConfig, config).model_dump()
-        if base_model is not None:
-            raw.setdefault("model", {})["base_model_path"] = base_model
-        if epochs is not None:
-            raw.setdefault("training", {})["epochs"] = epochs
-        if ensemble_size is not None:
-            raw.setdefault("training", {})["ensemble_size"] = ensemble_size
+        # Command-line values join the file's before validation: a file may rely on them (a
+        # text_prefix with the checkpoint given as --base-model).
+        raw = _raw_config(config)
+        _set(raw, "model", "base_model_path", base_model)
+        _set(raw, "training", "epochs", epochs)
+        _set(raw, "training", "ensemble_size", ensemble_size)
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         sizes = read_codebook_sizes(run_dir / "sids", item_semantics)
@@ -567,11 +578,12 @@ def anchors_generate(
     from training.io import read_table
 
     with _user_errors():
-        raw: dict[str, Any] = {}
-        if config is not None:
-            raw = _load_config(AnchorConfig, config).model_dump()
-        if implementation is not None:
-            raw.setdefault("generation", {})["implementation"] = implementation
+        raw = _raw_config(config)
+        # Generation loads the trained model directory, which holds its own model settings: the
+        # file's `model` section (shared with `train`, perhaps with --base-model given there) is
+        # not read, so it is not validated either.
+        raw.pop("model", None)
+        _set(raw, "generation", "implementation", implementation)
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")

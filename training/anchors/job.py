@@ -478,7 +478,9 @@ def generate_anchors(
             "model_dir": ", ".join(str(d) for d in model_dirs),
         },
         outputs={"user_interest_anchors": ANCHORS_FILE},
-        config=cfg.model_dump(mode="json"),
+        # The model's own settings are in its anchor_model.json: `model` here would only repeat
+        # the defaults (or a training file's settings) that generation never reads.
+        config=cfg.model_dump(mode="json", exclude={"model"}),
         metrics=metrics,
     )
     return AnchorResult(path=path, table=table, metrics=metrics)

@@ -103,6 +103,7 @@ def test_artifact_contract(tmp_path, toy_data, trained_compact) -> None:
     manifest = json.loads((tmp_path / "manifest.json").read_text())
     m = manifest["metrics"]
     assert manifest["stage"] == "anchors" and manifest["config"]["generation"]["beam_width"] == 8
+    assert "model" not in manifest["config"]  # the model directory records its own
     assert m["anchor_sets"] == table.num_rows and m["users"] == len({u for u, _, _ in expected})
     # u* users start at the first cutoff's day with history? those without it and "nobody" count.
     first = cutoffs[0]
