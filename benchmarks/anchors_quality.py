@@ -335,6 +335,22 @@ def main() -> None:
         action="store_true",
         help="also train on every sequence backwards (sequences.reverse_augmentation)",
     )
+    p.add_argument(
+        "--base-model",
+        type=Path,
+        default=None,
+        help="LoRA path: a local checkpoint directory to tune (model.base_model_path); the "
+        "compact-model flags (--hidden, --layers, --heads, dropouts) are then unused",
+    )
+    p.add_argument(
+        "--random-base",
+        choices=["tiny", "qwen2.5-0.5b"],
+        default=None,
+        help="LoRA path on a random-weight Qwen2 checkpoint of this shape, written to "
+        "WORK_DIR/base (training/anchors/base_checkpoint.py; no pretrained knowledge)",
+    )
+    p.add_argument("--lora-rank", type=int, default=16)
+    p.add_argument("--text-prefix", default="", help="model.text_prefix (LoRA path only)")
     p.add_argument("--hidden", type=int, default=128)
     p.add_argument("--layers", type=int, default=2)
     p.add_argument("--heads", type=int, default=4)
@@ -423,6 +439,11 @@ def main() -> None:
     )
 
     positives = positives_table(test, index)
+    base_model = args.base_model
+    if args.random_base is not None:
+        from training.anchors.base_checkpoint import save_random_checkpoint
+
+        base_model = save_random_checkpoint(args.work_dir / "base", args.random_base)
     cfg = AnchorConfig.model_validate(
         {
             "sequences": {
@@ -432,6 +453,9 @@ def main() -> None:
                 "seed": args.seed,
             },
             "model": {
+                "base_model_path": None if base_model is None else str(base_model),
+                "text_prefix": args.text_prefix,
+                "lora": {"rank": args.lora_rank, "alpha": 2 * args.lora_rank},
                 "compact": {
                     "hidden_size": args.hidden,
                     "num_layers": args.layers,
@@ -440,7 +464,7 @@ def main() -> None:
                     "intermediate_size": 3 * args.hidden,
                     "attention_dropout": args.attention_dropout,
                     "hidden_dropout": args.hidden_dropout,
-                }
+                },
             },
             "training": {
                 "epochs": args.epochs,

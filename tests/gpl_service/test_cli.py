@@ -170,3 +170,41 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path) -> None:
     manifest = json.loads((run / "anchors" / "manifest.json").read_text())
     assert manifest["metrics"]["ensemble_members"] == 2
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
+
+
+def test_lora_anchor_model_from_the_command_line(tmp_path: Path) -> None:
+    """`gpl anchors train --base-model DIR` tunes a local checkpoint; `generate` uses it."""
+    from training.anchors.base_checkpoint import main as make_base
+
+    run = tmp_path / "run"
+    funnel, sids, anchors = (tmp_path / f"{n}.yaml" for n in ("funnel", "sids", "anchors"))
+    funnel.write_text(SMALL_FUNNEL)
+    sids.write_text("method: rkmeans\ncodebook_size: 16\nshow_progress: false\n")
+    anchors.write_text(
+        "model: {text_prefix: 'Items the user liked:', lora: {rank: 4}}\n"
+        + TINY_ANCHORS.split("\n", 2)[2]
+    )
+    make_base([str(tmp_path / "base")])
+    steps = [
+        ("data", "synth", "--run-dir", str(run), "--n-items", "150", "--n-users", "40"),
+        ("data", "simulate", "--run-dir", str(run), "--config", str(funnel)),
+        ("sids", "train", "--run-dir", str(run), "--config", str(sids)),
+        (
+            "anchors",
+            "train",
+            "--run-dir",
+            str(run),
+            "--config",
+            str(anchors),
+            "--base-model",
+            str(tmp_path / "base"),
+        ),
+        ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors)),
+    ]
+    for step in steps:
+        code, out = gpl(*step)
+        assert code == 0, (step, out)
+    info = json.loads((run / "anchors" / "model" / "anchor_model.json").read_text())
+    assert info["kind"] == "lora" and info["base_model_path"] == str(tmp_path / "base")
+    assert (run / "anchors" / "model" / "adapter").is_dir()
+    assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0

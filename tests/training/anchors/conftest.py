@@ -10,6 +10,7 @@ import numpy as np
 import pyarrow as pa
 import pytest
 
+from training.anchors.base_checkpoint import save_random_checkpoint
 from training.anchors.job import AnchorConfig, TrainResult, train_anchor_model
 from training.anchors.vocab import format_sid
 
@@ -124,32 +125,4 @@ def trained_compact(
 
 def save_tiny_pretrained(path: Path, tie: bool = True) -> Path:
     """A tiny Qwen2 checkpoint with a byte-level BPE tokenizer, as if downloaded."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=300,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(["items the user liked are listed here"] * 5, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>")
-    fast.save_pretrained(path)
-    config = Qwen2Config(
-        vocab_size=len(fast),
-        hidden_size=32,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=2,
-        intermediate_size=64,
-        tie_word_embeddings=tie,
-        eos_token_id=fast.eos_token_id,
-    )
-    import torch
-
-    torch.manual_seed(0)
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    return path
+    return save_random_checkpoint(path, "tiny", tie_word_embeddings=tie)
