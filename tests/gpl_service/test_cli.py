@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pyarrow as pa
@@ -130,41 +131,52 @@ def test_pipeline_verbs_end_to_end(tmp_path: Path) -> None:
 TINY_ANCHORS = """\
 model:
   compact: {hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1, intermediate_size: 32}
+"""
+TINY_TRAINING = """\
 training: {epochs: 1, batch_size: 32, eval_users: 8, progress: false, device: cpu}
 sequences: {max_history: 8}
 generation: {beam_width: 6, num_anchors: 4, device: cpu}
 """
 
 
-def test_anchor_ensemble_from_the_command_line(tmp_path: Path) -> None:
-    """`gpl anchors train --ensemble-size 2` writes two members; `generate` decodes both."""
-    run = tmp_path / "run"
-    funnel, sids, anchors = (tmp_path / f"{n}.yaml" for n in ("funnel", "sids", "anchors"))
+@pytest.fixture(scope="module")
+def sids_run(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small synthetic run up to its SIDs (copied by each test that trains anchors on it)."""
+    root = tmp_path_factory.mktemp("sids_run")
+    run = root / "run"
+    funnel, sids = root / "funnel.yaml", root / "sids.yaml"
     funnel.write_text(SMALL_FUNNEL)
     sids.write_text("method: rkmeans\ncodebook_size: 16\nshow_progress: false\n")
-    anchors.write_text(TINY_ANCHORS)
     steps = [
         ("data", "synth", "--run-dir", str(run), "--n-items", "150", "--n-users", "40"),
         ("data", "simulate", "--run-dir", str(run), "--config", str(funnel)),
         ("sids", "train", "--run-dir", str(run), "--config", str(sids)),
-        (
-            "anchors",
-            "train",
-            "--run-dir",
-            str(run),
-            "--config",
-            str(anchors),
-            "--ensemble-size",
-            "2",
-        ),
-        ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors)),
     ]
-    outputs = []
     for step in steps:
         code, out = gpl(*step)
         assert code == 0, (step, out)
+    return run
+
+
+def _train_and_generate(run: Path, anchors: Path, *train_flags: str) -> list[str]:
+    outputs = []
+    for step in (
+        ("anchors", "train", "--run-dir", str(run), "--config", str(anchors), *train_flags),
+        ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors)),
+    ):
+        code, out = gpl(*step)
+        assert code == 0, (step, out)
         outputs.append(out)
-    assert "ensemble_eval_hr@10" in outputs[3]
+    return outputs
+
+
+def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
+    """`gpl anchors train --ensemble-size 2` writes two members; `generate` decodes both."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
+    train_out, _ = _train_and_generate(run, anchors, "--ensemble-size", "2")
+    assert "ensemble_eval_hr@10" in train_out
     model = run / "anchors" / "model"
     assert (model / "members" / "1" / "anchor_model.json").exists()
     manifest = json.loads((run / "anchors" / "manifest.json").read_text())
@@ -172,39 +184,22 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path) -> None:
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
 
 
-def test_lora_anchor_model_from_the_command_line(tmp_path: Path) -> None:
-    """`gpl anchors train --base-model DIR` tunes a local checkpoint; `generate` uses it."""
+def test_lora_anchor_model_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
+    """`gpl anchors train --base-model DIR` tunes a local checkpoint; `generate` uses it.
+
+    The file holds a text prefix, valid only with a checkpoint, which comes from the command line.
+    """
     from training.anchors.base_checkpoint import main as make_base
 
-    run = tmp_path / "run"
-    funnel, sids, anchors = (tmp_path / f"{n}.yaml" for n in ("funnel", "sids", "anchors"))
-    funnel.write_text(SMALL_FUNNEL)
-    sids.write_text("method: rkmeans\ncodebook_size: 16\nshow_progress: false\n")
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
     anchors.write_text(
-        "model: {text_prefix: 'Items the user liked:', lora: {rank: 4}}\n"
-        + TINY_ANCHORS.split("\n", 2)[2]
+        "model: {text_prefix: 'Items the user liked:', lora: {rank: 4}}\n" + TINY_TRAINING
     )
-    make_base([str(tmp_path / "base")])
-    steps = [
-        ("data", "synth", "--run-dir", str(run), "--n-items", "150", "--n-users", "40"),
-        ("data", "simulate", "--run-dir", str(run), "--config", str(funnel)),
-        ("sids", "train", "--run-dir", str(run), "--config", str(sids)),
-        (
-            "anchors",
-            "train",
-            "--run-dir",
-            str(run),
-            "--config",
-            str(anchors),
-            "--base-model",
-            str(tmp_path / "base"),
-        ),
-        ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors)),
-    ]
-    for step in steps:
-        code, out = gpl(*step)
-        assert code == 0, (step, out)
+    base = tmp_path / "base"
+    make_base([str(base)])
+    _train_and_generate(run, anchors, "--base-model", str(base))
     info = json.loads((run / "anchors" / "model" / "anchor_model.json").read_text())
-    assert info["kind"] == "lora" and info["base_model_path"] == str(tmp_path / "base")
+    assert info["kind"] == "lora" and info["base_model_path"] == str(base)
     assert (run / "anchors" / "model" / "adapter").is_dir()
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
