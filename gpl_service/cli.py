@@ -998,6 +998,13 @@ def demo(
     n_items: Annotated[int, typer.Option(help="Synthetic catalog size.")] = 2000,
     n_users: Annotated[int, typer.Option(help="Synthetic users.")] = 500,
     lm_epochs: Annotated[int, typer.Option(help="Anchor LM training epochs.")] = 4,
+    base_model: Annotated[
+        str | None,
+        typer.Option(
+            help="Local checkpoint to tune with LoRA instead of the demo's compact anchor LM "
+            "(e.g. one written by `python -m training.anchors.base_checkpoint`)."
+        ),
+    ] = None,
 ) -> None:
     """Run the whole pipeline on a synthetic catalog, printing row counts and timings.
 
@@ -1038,9 +1045,10 @@ def demo(
             lambda: anchors_train(
                 run_dir=run_dir,
                 config=anchors_config,
-                base_model=None,
+                base_model=base_model,
                 until=None,
                 epochs=lm_epochs,
+                ensemble_size=None,
             ),
         ),
         (

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -203,3 +204,24 @@ def test_lora_anchor_model_from_the_command_line(tmp_path: Path, sids_run: Path)
     assert info["kind"] == "lora" and info["base_model_path"] == str(base)
     assert (run / "anchors" / "model" / "adapter").is_dir()
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
+
+
+@pytest.mark.slow
+def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
+    """The main job at a small size, its anchor stage tuning a local checkpoint with LoRA."""
+    from training.anchors.base_checkpoint import main as make_base
+
+    base, run = tmp_path / "base", tmp_path / "run"
+    make_base([str(base)])
+    code, out = gpl(
+        "demo", "--run-dir", str(run), "--n-items", "300", "--n-users", "40", "--lm-epochs", "1",
+        "--base-model", str(base),
+    )  # fmt: skip
+    assert code == 0, out
+    info = json.loads((run / "anchors" / "model" / "anchor_model.json").read_text())
+    assert info["kind"] == "lora" and info["base_model_path"] == str(base)
+    for stage in ("sids", "anchors", "pseudo_labels", "training_set", "preranker", "bundle"):
+        assert (run / stage).is_dir(), stage
+    assert pq.read_table(run / "pseudo_labels" / "pseudo_labels.parquet").num_rows > 0
+    # It ended by serving a request from the exported bundle, then printed the timings.
+    assert "service stopped" in out and re.search(r"^total\s+\d+\.\d+$", out, re.M)
