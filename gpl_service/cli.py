@@ -1010,7 +1010,8 @@ def demo(
 
     synth -> simulate -> sids -> anchors (train, generate) -> pseudo-labels -> Feast features
     (build, apply, materialize) -> point-in-time training set -> pre-ranker train -> evaluation
-    report (one seed; `gpl evaluate` defaults to three).
+    report (one seed; `gpl evaluate` defaults to three) -> ONNX export (parity-checked) -> the
+    service started on the bundle, one request scored from online features, stopped.
     """
     timings: dict[str, float] = {}
     # The demo's anchor LM is a small one (2 layers, 128 wide, 20-item histories, beam 10) trained
