@@ -84,6 +84,23 @@ def test_bad_config_is_refused_before_any_work(tmp_path: Path) -> None:
     assert not (tmp_path / "run" / "data").exists()
 
 
+def test_anchor_config_errors_name_the_setting(tmp_path: Path) -> None:
+    """The file and the command-line values are validated together, before any data is read."""
+    cfg = tmp_path / "anchors.yaml"
+    run = str(tmp_path / "run")  # holds nothing: validation comes first
+    cfg.write_text("training: 5\n")
+    code, out = gpl("anchors", "train", "--run-dir", run, "--config", str(cfg), "--epochs", "2")
+    assert code == 2 and "training must be a mapping" in out
+    cfg.write_text("training: {epochs: 0}\nmodel: {text_prefix: 'Liked:'}\n")
+    code, out = gpl("anchors", "train", "--run-dir", run, "--config", str(cfg))
+    assert code == 2 and "epochs" in out and "text_prefix needs base_model_path" in out
+    # With the checkpoint on the command line the prefix is fine; the epochs still are not.
+    code, out = gpl(
+        "anchors", "train", "--run-dir", run, "--config", str(cfg), "--base-model", "/nowhere"
+    )
+    assert code == 2 and "epochs" in out and "text_prefix" not in out
+
+
 def test_bad_input_leaves_no_partial_output(tmp_path: Path) -> None:
     run = tmp_path / "run"
     assert (
