@@ -373,6 +373,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--seed", type=int, default=0, help="seed of the SIDs, the split and the LM")
     p.add_argument(
+        "--split-seed",
+        type=int,
+        default=None,
+        help="seed of the held-out validation users (sequences.seed, which also draws the "
+        "downsampling when it is on; default --seed): fixed across --seed values, the runs' "
+        "validation HR@10 compare SID trainings on the same users",
+    )
+    p.add_argument(
         "--lm-seed",
         type=int,
         default=None,
@@ -450,7 +458,7 @@ def main() -> None:
                 "max_history": args.max_history,
                 "downsample_threshold": args.downsample,
                 "reverse_augmentation": args.reverse_augmentation,
-                "seed": args.seed,
+                "seed": args.seed if args.split_seed is None else args.split_seed,
             },
             "model": {
                 "base_model_path": None if base_model is None else str(base_model),
