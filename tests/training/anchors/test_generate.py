@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from tests.training.anchors.conftest import TINY
+from training.anchors.base_checkpoint import save_random_checkpoint
 from training.anchors.generate import (
     BeamOutput,
     beam_search_fast,
@@ -48,6 +49,30 @@ def test_fast_path_equals_generate_reference(toy, beams: int, anchors: int) -> N
     assert (np.diff(fast.log_probs, axis=1) <= 0).all()
     for row in fast.items:
         assert len(set(row.tolist())) == anchors
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fast_path_equals_generate_on_a_checkpoint_with_a_text_prefix(tmp_path, tie: bool) -> None:
+    """The pretrained path's prompts: a text prefix before <bos>, a vocabulary of ordinary tokens
+    beside the SID tokens (never allowed by the trie), and left padding before the prefix."""
+    rng = np.random.default_rng(3)
+    sizes = [4, 5, 3]
+    codes = np.array(sorted({tuple(int(rng.integers(s)) for s in sizes) for _ in range(40)}))
+    base = save_random_checkpoint(tmp_path / "base", "tiny", tie_word_embeddings=tie, seed=2)
+    cfg = ModelConfig(base_model_path=str(base), text_prefix="Items the user liked:")
+    wrapped, vocab = build_model(cfg, sizes, seed=2)
+    model = wrapped.merge_and_unload().eval()
+    assert len(vocab.prefix_ids) > 1 and len(vocab.tokenizer) > 250
+    trie = SidTrie(codes, sizes)
+    tokens = vocab.item_tokens(codes)
+    prompts = [
+        vocab.encode(tokens[rng.integers(len(codes), size=rng.integers(1, 7))]) for _ in range(5)
+    ]
+    fast = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    ref = beam_search_reference(model, prompts, trie, vocab, 8, 5)
+    assert (fast.items == ref.items).all()
+    np.testing.assert_allclose(fast.log_probs, ref.log_probs, atol=1e-4)
+    assert (fast.items >= 0).all() and (fast.items < trie.n_items).all()
 
 
 def test_scores_are_a_distribution_over_real_items(toy) -> None:
