@@ -41,13 +41,14 @@ from typing import Any
 import numpy as np
 import torch
 import transformers
-from transformers import PreTrainedModel, Qwen2Config, Qwen2ForCausalLM
+from transformers import PreTrainedModel, Qwen2ForCausalLM
 
 # The package cannot be pip-installed everywhere the benchmark runs (pyproject pins Python 3.11 and
 # pulls feast/duckdb); the anchor modules need only torch, transformers, numpy and pydantic, so
 # import them from this checkout.
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from training.anchors.base_checkpoint import SHAPES
 from training.anchors.generate import (
     BeamOutput,
     beam_search_fast,
@@ -59,7 +60,6 @@ from training.anchors.model import CompactSettings, build_compact_model
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, build_compact_tokenizer
 
-QWEN_VOCAB = 151_936
 DEFAULT_REFERENCE_USERS = 256
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -84,16 +84,9 @@ def build(model_name: str, vocab: SidVocab) -> PreTrainedModel:
     if model_name == "compact":
         return build_compact_model(CompactSettings(), vocab)
     tok = vocab.tokenizer
-    config = Qwen2Config(
-        vocab_size=QWEN_VOCAB + 64 * ((len(tok) + 63) // 64),
-        hidden_size=896,
-        intermediate_size=4864,
-        num_hidden_layers=24,
-        num_attention_heads=14,
-        num_key_value_heads=2,
-        max_position_embeddings=32768,
-        rope_parameters={"rope_theta": 1_000_000.0, "rope_type": "default"},
-        tie_word_embeddings=True,
+    shape = SHAPES["qwen2.5-0.5b"]
+    config = shape.config(
+        shape.embedding_rows + 64 * ((len(tok) + 63) // 64),
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         pad_token_id=tok.pad_token_id,

@@ -23,9 +23,12 @@ import argparse
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 import torch
+
+if TYPE_CHECKING:
+    from transformers import Qwen2Config
 
 EOS: Final = "<|endoftext|>"
 # A few sentences for the BPE merges: the tokenizer only has to encode a text prefix.
@@ -48,6 +51,32 @@ class QwenShape:
     embedding_rows: int
     rope_theta: float = 10000.0
     max_position_embeddings: int = 4096
+
+    def config(
+        self,
+        vocab_size: int,
+        tie_word_embeddings: bool = True,
+        bos_token_id: int | None = None,
+        eos_token_id: int | None = None,
+        pad_token_id: int | None = None,
+    ) -> Qwen2Config:
+        """A ``Qwen2Config`` of this shape with ``vocab_size`` embedding rows and these tokens."""
+        from transformers import Qwen2Config
+
+        return Qwen2Config(
+            vocab_size=vocab_size,
+            hidden_size=self.hidden_size,
+            num_hidden_layers=self.num_layers,
+            num_attention_heads=self.num_heads,
+            num_key_value_heads=self.num_kv_heads,
+            intermediate_size=self.intermediate_size,
+            max_position_embeddings=self.max_position_embeddings,
+            rope_parameters={"rope_theta": self.rope_theta, "rope_type": "default"},
+            tie_word_embeddings=tie_word_embeddings,
+            bos_token_id=bos_token_id,
+            eos_token_id=eos_token_id,
+            pad_token_id=pad_token_id,
+        )
 
 
 SHAPES: Final[dict[str, QwenShape]] = {
@@ -81,7 +110,7 @@ def save_random_checkpoint(
         ``path``.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+    from transformers import PreTrainedTokenizerFast, Qwen2ForCausalLM
 
     dims = SHAPES[shape] if isinstance(shape, str) else shape
     tok = Tokenizer(models.BPE())
@@ -97,19 +126,10 @@ def save_random_checkpoint(
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=EOS)
     path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(path)
-    config = Qwen2Config(
-        # Like Qwen's own checkpoints, the embedding may hold more rows than the tokenizer has
-        # tokens (151,936 rows for ~151.6k tokens): the SID tokens then fit without a resize.
-        vocab_size=max(len(fast), dims.embedding_rows),
-        hidden_size=dims.hidden_size,
-        num_hidden_layers=dims.num_layers,
-        num_attention_heads=dims.num_heads,
-        num_key_value_heads=dims.num_kv_heads,
-        intermediate_size=dims.intermediate_size,
-        max_position_embeddings=dims.max_position_embeddings,
-        rope_parameters={"rope_theta": dims.rope_theta, "rope_type": "default"},
-        tie_word_embeddings=tie_word_embeddings,
-        eos_token_id=fast.eos_token_id,
+    # Like Qwen's own checkpoints, the embedding may hold more rows than the tokenizer has
+    # tokens (151,936 rows for ~151.6k tokens): the SID tokens then fit without a resize.
+    config = dims.config(
+        max(len(fast), dims.embedding_rows), tie_word_embeddings, eos_token_id=fast.eos_token_id
     )
     torch.manual_seed(seed)
     Qwen2ForCausalLM(config).save_pretrained(path)

@@ -4,13 +4,11 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pytest
 
-from training.anchors.base_checkpoint import save_random_checkpoint
 from training.anchors.job import AnchorConfig, TrainResult, train_anchor_model
 from training.anchors.vocab import format_sid
 
@@ -121,8 +119,3 @@ def trained_compact(
         return train_anchor_model(semantics, positives, sizes, tiny_config(epochs=2), out)
     finally:
         torch.set_num_threads(before)
-
-
-def save_tiny_pretrained(path: Path, tie: bool = True) -> Path:
-    """A tiny Qwen2 checkpoint with a byte-level BPE tokenizer, as if downloaded."""
-    return save_random_checkpoint(path, "tiny", tie_word_embeddings=tie)

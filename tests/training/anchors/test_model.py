@@ -8,7 +8,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from tests.training.anchors.conftest import save_tiny_pretrained, tiny_config, toy_codes
+from tests.training.anchors.conftest import tiny_config, toy_codes
+from training.anchors.base_checkpoint import save_random_checkpoint
 from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
 from training.anchors.model import (
     ModelConfig,
@@ -22,7 +23,7 @@ from training.anchors.vocab import SidVocabularyError, add_sid_tokens, format_si
 @pytest.mark.parametrize("tie", [True, False])
 def test_lora_train_merge_and_reload(tmp_path, toy_data, trained_compact, tie: bool) -> None:
     semantics, positives, sizes = toy_data
-    base = save_tiny_pretrained(tmp_path / "base", tie=tie)
+    base = save_random_checkpoint(tmp_path / "base", "tiny", tie_word_embeddings=tie)
     base_weights = AutoModelForCausalLM.from_pretrained(base).state_dict()
     cfg = tiny_config(epochs=2, learning_rate=5e-3)
     cfg = cfg.model_copy(
@@ -114,7 +115,7 @@ def test_checkpoint_vocabulary_mismatch(tmp_path, toy_data, trained_compact) -> 
     with pytest.raises(SidVocabularyError, match="re-trained"):
         generate_anchors(shuffled, positives, cutoffs, model_dir, tiny_config(), tmp_path / "a")
     # A pretrained checkpoint whose tokenizer already holds another SID codebook.
-    base = save_tiny_pretrained(tmp_path / "base")
+    base = save_random_checkpoint(tmp_path / "base", "tiny")
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(base)
