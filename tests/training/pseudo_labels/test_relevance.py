@@ -1,12 +1,16 @@
-"""The relevance kernel: max-pooled cosine per row, the same on any number of threads."""
+"""The relevance kernels: max-pooled cosine per row, the same on any number of threads."""
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import numpy as np
 import pytest
 
-from training.pseudo_labels.relevance import max_cosine
+from training.pseudo_labels.relevance import max_cosine, max_cosine_blas
 from training.vectors import l2_normalize
+
+KERNELS = [max_cosine, max_cosine_blas]
 
 
 @pytest.fixture
@@ -24,27 +28,81 @@ def case() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     return emb, item_index, anchors, mask, set_index
 
 
-def test_max_cosine_is_the_best_unmasked_anchor(case) -> None:  # type: ignore[no-untyped-def]
-    emb, item_index, anchors, mask, set_index = case
-    relevance, matched = max_cosine(emb, item_index, anchors, mask, set_index, workers=1)
+def _reference(emb, item_index, anchors, mask, set_index):  # type: ignore[no-untyped-def]
     cos = np.einsum("rd,rnd->rn", emb[item_index], anchors[set_index])
     cos[~mask[set_index]] = -np.inf
+    return cos
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_max_cosine_is_the_best_unmasked_anchor(case, kernel: Callable) -> None:  # type: ignore[no-untyped-def,type-arg]
+    emb, item_index, anchors, mask, set_index = case
+    relevance, matched = kernel(emb, item_index, anchors, mask, set_index, workers=1)
+    cos = _reference(emb, item_index, anchors, mask, set_index)
     np.testing.assert_allclose(relevance, cos.max(axis=1), atol=1e-6)
     np.testing.assert_array_equal(matched, cos.argmax(axis=1))
     assert mask[set_index, matched].all()
 
 
+@pytest.mark.parametrize("kernel", KERNELS)
 @pytest.mark.parametrize("workers", [2, 3, 16])
-def test_threads_change_nothing(case, workers: int) -> None:  # type: ignore[no-untyped-def]
+def test_threads_change_nothing(case, kernel: Callable, workers: int) -> None:  # type: ignore[no-untyped-def,type-arg]
     emb, item_index, anchors, mask, set_index = case
-    one = max_cosine(emb, item_index, anchors, mask, set_index, workers=1)
-    many = max_cosine(emb, item_index, anchors, mask, set_index, workers=workers)
+    one = kernel(emb, item_index, anchors, mask, set_index, workers=1)
+    many = kernel(emb, item_index, anchors, mask, set_index, workers=workers)
     np.testing.assert_array_equal(one[0], many[0])
     np.testing.assert_array_equal(one[1], many[1])
 
 
-def test_no_rows() -> None:
-    relevance, matched = max_cosine(
+@pytest.mark.parametrize("width", [1, 2, 7, 10])
+def test_fused_kernel_equals_the_blas_kernel(width: int) -> None:
+    """Every block tail: groups of 1-9 rows (blocks of four), odd and even anchor counts."""
+    rng = np.random.default_rng(width)
+    emb = l2_normalize(rng.standard_normal((500, 384)).astype(np.float32))
+    sets = 40
+    counts = rng.integers(1, width + 1, sets)
+    counts[0] = width
+    mask = np.arange(width)[None] < counts[:, None]
+    anchors = l2_normalize(rng.standard_normal((sets, width, 384)).astype(np.float32))
+    set_index = np.repeat(np.arange(sets), rng.integers(1, 10, sets))
+    rng.shuffle(set_index)
+    item_index = rng.integers(0, 500, len(set_index))
+    fused = max_cosine(emb, item_index, anchors, mask, set_index)
+    blas = max_cosine_blas(emb, item_index, anchors, mask, set_index)
+    np.testing.assert_allclose(fused[0], blas[0], atol=2e-6)
+    cos = _reference(emb, item_index, anchors, mask, set_index)
+    # The winner is the best slot up to float rounding (different summation orders).
+    chosen = np.take_along_axis(cos, fused[1][:, None], axis=1)[:, 0]
+    np.testing.assert_allclose(chosen, cos.max(axis=1), atol=2e-6)
+    assert mask[set_index, fused[1]].all()
+
+
+def test_a_set_without_anchors_scores_minus_infinity() -> None:
+    emb = l2_normalize(np.random.default_rng(0).standard_normal((5, 8)).astype(np.float32))
+    anchors = np.zeros((2, 3, 8), np.float32)
+    anchors[0] = emb[:3]
+    mask = np.array([[True, True, True], [False, False, False]])
+    relevance, matched = max_cosine(emb, np.array([0, 1, 2]), anchors, mask, np.array([0, 1, 0]))
+    assert relevance[1] == -np.inf and matched[1] == 0
+    np.testing.assert_allclose(relevance[[0, 2]], 1.0, atol=1e-6)
+    np.testing.assert_array_equal(matched[[0, 2]], [0, 2])
+
+
+def test_anchor_mask_must_list_real_anchors_first() -> None:
+    mask = np.array([[True, False, True]])
+    with pytest.raises(ValueError, match="real anchors first"):
+        max_cosine(
+            np.eye(3, dtype=np.float32),
+            np.array([0]),
+            np.eye(3, dtype=np.float32)[None],
+            mask,
+            np.array([0]),
+        )
+
+
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_no_rows(kernel: Callable) -> None:  # type: ignore[type-arg]
+    relevance, matched = kernel(
         np.zeros((3, 4), np.float32),
         np.zeros(0, np.int64),
         np.zeros((1, 2, 4), np.float32),
