@@ -73,8 +73,8 @@ def _fused_groups(
         while r <= last:
             # Four rows at a time; past the group's end the last row is repeated (same answer
             # written twice) so the block needs no tail loop. The 4 x 2 block is written out by
-            # hand on purpose: named scalars stay in registers, while the same block as loops
-            # over a small local accumulator array ran ~7x slower (0.5M vs 3.6M scorings/s).
+            # hand on purpose: named scalars stay in registers, while a row against all anchors
+            # accumulated in a small local array ran at 0.5M scorings/s (this block: 3.6M).
             p0 = r
             p1 = min(r + 1, last)
             p2 = min(r + 2, last)
