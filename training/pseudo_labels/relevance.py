@@ -26,6 +26,7 @@ import os
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
+from typing import Any, TypeVar, cast
 
 import numba
 import numpy as np
@@ -34,6 +35,7 @@ from threadpoolctl import ThreadpoolController
 
 FloatMatrix = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 @cache
@@ -52,7 +54,23 @@ def default_workers() -> int:
 
 # Only reassociation and contraction are allowed (to vectorize the sums into fused multiply-adds);
 # "no infinities" must not be, since a running maximum starts at -inf.
-@numba.njit(nogil=True, cache=True, fastmath={"reassoc", "contract"})
+_JIT_OPTIONS: dict[str, Any] = {"nogil": True, "fastmath": {"reassoc", "contract"}}
+
+
+def _compiled(func: F) -> F:
+    """``func`` compiled by numba, its machine code cached on disk where numba can write.
+
+    numba caches next to the module (``__pycache__``) or under the user's cache directory
+    (``NUMBA_CACHE_DIR`` sets it). A read-only install without a writable home has neither, and
+    ``cache=True`` then fails at import; such a process compiles once in memory instead.
+    """
+    try:
+        return cast(F, numba.njit(cache=True, **_JIT_OPTIONS)(func))
+    except RuntimeError:  # "cannot cache function ...: no locator available"
+        return cast(F, numba.njit(cache=False, **_JIT_OPTIONS)(func))
+
+
+@_compiled
 def _fused_groups(
     table: FloatMatrix,
     sorted_items: IntArray,

@@ -6,8 +6,9 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
+from numba.core.caching import NullCache
 
-from training.pseudo_labels.relevance import max_cosine, max_cosine_blas
+from training.pseudo_labels.relevance import _compiled, _fused_groups, max_cosine, max_cosine_blas
 from training.vectors import l2_normalize
 
 KERNELS = [max_cosine, max_cosine_blas]
@@ -110,3 +111,17 @@ def test_no_rows(kernel: Callable) -> None:  # type: ignore[type-arg]
         np.zeros(0, np.int64),
     )
     assert relevance.shape == matched.shape == (0,)
+
+
+def test_kernels_compile_where_numba_cannot_cache() -> None:
+    """A function numba has no cache location for (here: no source file) still compiles."""
+    namespace: dict[str, object] = {}
+    # Defined from a string: no source file, so numba has nowhere to cache it.
+    exec("def plus_one(x):\n    return x + 1\n", namespace)
+    compiled = _compiled(namespace["plus_one"])  # type: ignore[arg-type]
+    assert compiled(41) == 42
+    assert isinstance(compiled._cache, NullCache)  # compiled in memory only
+
+
+def test_the_kernel_is_cached_on_disk_where_numba_can_write() -> None:
+    assert not isinstance(_fused_groups._cache, NullCache)
