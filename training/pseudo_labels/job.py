@@ -10,7 +10,8 @@ is ``<=`` the request time) gives:
 
 The requests are streamed in batches, so memory is bounded by the batch size, the catalog's
 embeddings and the anchor sets, not by the number of requests. Every unexposed input row appears
-exactly once in the output; a row whose item has no embedding or whose user has no anchor set yet
+exactly once in the output; a row whose item has no embedding (missing from ``item_semantics``, or
+with NaN/infinite values there, which are counted and logged) or whose user has no anchor set yet
 keeps a null ``pseudo_label`` and says why in ``status`` (never a silent zero).
 
 Output ``RUN_DIR/pseudo_labels/pseudo_labels.parquet``:
@@ -36,6 +37,7 @@ status                 string                  ``ok``, ``no_anchors`` or ``no_it
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -63,6 +65,8 @@ from training.pseudo_labels.confidence import (
 from training.pseudo_labels.lookup import AnchorSetLookup, latest_before, positions_in
 from training.pseudo_labels.relevance import max_cosine
 from training.vectors import l2_normalize
+
+logger = logging.getLogger(__name__)
 
 PSEUDO_LABELS_DIR = "pseudo_labels"
 OUTPUT_NAME = "pseudo_labels.parquet"
@@ -223,6 +227,9 @@ class ItemIndex:
 
     item_ids: pa.Array
     embeddings: npt.NDArray[np.float32]
+    #: Items left out because their embedding holds NaN or infinite values (their candidates get
+    #: status ``no_item_embedding``, like items missing from the table).
+    non_finite: list[str] = field(default_factory=list)
 
     @classmethod
     def from_item_semantics(cls, table: pa.Table) -> ItemIndex:
@@ -236,9 +243,25 @@ class ItemIndex:
             raise PseudoLabelInputError(f"item_semantics embeddings have mixed lengths {lengths}")
         dim = int(lengths[0])
         flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
+        vectors = flat.reshape(-1, dim)
+        item_ids = table.column("item_id").combine_chunks()
+        # A NaN would make every cosine with it NaN, which the relevance kernel's maximum skips:
+        # such items are treated as having no embedding rather than scored as garbage.
+        finite = np.isfinite(vectors).all(axis=1)
+        if finite.all():
+            return cls(item_ids=item_ids, embeddings=l2_normalize(vectors))
+        keep = pa.array(finite)
+        bad = item_ids.filter(pc.invert(keep)).to_pylist()
+        logger.warning(
+            "%d item(s) have NaN or infinite content embeddings and get no pseudo-labels "
+            "(status no_item_embedding), e.g. %s",
+            len(bad),
+            bad[:5],
+        )
         return cls(
-            item_ids=table.column("item_id").combine_chunks(),
-            embeddings=l2_normalize(flat.reshape(-1, dim)),
+            item_ids=item_ids.filter(keep),
+            embeddings=l2_normalize(vectors[finite]),
+            non_finite=[str(i) for i in bad],
         )
 
     def lookup(self, item_ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
@@ -275,6 +298,12 @@ def load_anchor_bank(
         raise PseudoLabelInputError(
             f"anchor_embeddings hold {flat.size} values, expected num_anchors x {dim} (the item "
             "embedding size); were the anchors built from another item_semantics?"
+        )
+    if not np.isfinite(flat).all():
+        rows = np.unique(np.flatnonzero(~np.isfinite(flat)) // dim)
+        raise PseudoLabelInputError(
+            f"anchor_embeddings hold NaN or infinite values ({len(rows)} of {flat.size // dim} "
+            "anchors); regenerate the anchors (`gpl anchors generate`)"
         )
     num_sets = anchors.num_rows
     lp_flat = (
@@ -573,6 +602,7 @@ def generate_pseudo_labels(
         "seconds": round(seconds, 3),
         "scoring_seconds": round(scoring_seconds, 3),
         **stats.summary(),
+        "items_with_non_finite_embedding": len(items.non_finite),
     }
     if (
         metrics["ok_rows"] + metrics["no_anchors_rows"] + metrics["no_item_embedding_rows"]

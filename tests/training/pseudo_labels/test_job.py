@@ -25,6 +25,7 @@ from training.pseudo_labels.job import (
     OUTPUT_SCHEMA,
     ConfidenceWeights,
     PseudoLabelConfig,
+    PseudoLabelInputError,
     generate_pseudo_labels,
 )
 
@@ -173,6 +174,44 @@ def test_statuses_are_explicit_never_a_silent_zero(inputs, tmp_path: Path) -> No
     assert good["pseudo_label"].between(0, 1).all()
     for col in ("dispersion", "history_consistency", "lm_confidence", "confidence"):
         assert good[col].between(0, 1).all(), col
+
+
+def test_items_with_non_finite_embeddings_count_as_having_none(  # type: ignore[no-untyped-def]
+    inputs, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    requests, items, anchors, positives = inputs
+    emb = items.column("content_embedding").to_pylist()
+    ids = items.column("item_id").to_pylist()
+    emb[ids.index("i3")][0] = float("nan")
+    emb[ids.index("i7")][2] = float("inf")
+    broken = items.set_column(1, "content_embedding", pa.array(emb, pa.list_(pa.float32())))
+    result = generate_pseudo_labels(
+        requests, broken, anchors, positives, PseudoLabelConfig(progress=False), tmp_path
+    )
+    out = pq.read_table(result.path).to_pandas()
+    mine = out[out["item_id"].isin(["i3", "i7"]) & (out["user_id"] != "u9")]
+    assert len(mine) > 0
+    assert (mine["status"] == "no_item_embedding").all()
+    assert mine["pseudo_label"].isna().all() and mine["relevance"].isna().all()
+    ok = out[out["status"] == "ok"]
+    assert np.isfinite(ok["relevance"]).all()
+    assert result.metrics["items_with_non_finite_embedding"] == 2
+    assert "2 item(s) have NaN or infinite content embeddings" in caplog.text
+
+
+def test_anchors_with_non_finite_embeddings_fail_loudly(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    emb = anchors.column("anchor_embeddings").to_pylist()
+    emb[4][7] = float("nan")
+    broken = anchors.set_column(
+        anchors.schema.get_field_index("anchor_embeddings"),
+        "anchor_embeddings",
+        pa.array(emb, pa.list_(pa.float32())),
+    )
+    with pytest.raises(PseudoLabelInputError, match="NaN or infinite values \\(1 of"):
+        generate_pseudo_labels(
+            requests, items, broken, positives, PseudoLabelConfig(progress=False), tmp_path
+        )
 
 
 def test_relevance_is_max_cosine_to_the_point_in_time_anchor_set(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
