@@ -194,13 +194,20 @@ def max_cosine(
         without anchors gives ``-inf`` and slot 0.
 
     Raises:
-        ValueError: When a set's real anchors do not come first in ``anchor_mask``.
+        ValueError: When a set's real anchors do not come first in ``anchor_mask``, or an item or
+            set index is out of range (the compiled loop does not check bounds).
     """
     rows = len(item_index)
     relevance = np.empty(rows, np.float32)
     matched = np.empty(rows, np.int64)
     if rows == 0:
         return relevance, matched
+    for name, index, size in (
+        ("item_index", item_index, len(item_embeddings)),
+        ("set_index", set_index, len(anchors)),
+    ):
+        if index.min() < 0 or index.max() >= size:
+            raise ValueError(f"{name} holds values outside [0, {size})")
     counts = anchor_mask.sum(axis=1).astype(np.int64)
     if not np.array_equal(anchor_mask, np.arange(anchor_mask.shape[1]) < counts[:, None]):
         raise ValueError("anchor_mask must list each set's real anchors first")

@@ -101,6 +101,21 @@ def test_anchor_mask_must_list_real_anchors_first() -> None:
         )
 
 
+@pytest.mark.parametrize(
+    ("item", "anchor_set", "name"),
+    [(-1, 0, "item_index"), (3, 0, "item_index"), (0, 1, "set_index")],
+)
+def test_out_of_range_indices_are_refused(item: int, anchor_set: int, name: str) -> None:
+    with pytest.raises(ValueError, match=f"{name} holds values outside"):
+        max_cosine(
+            np.eye(3, dtype=np.float32),
+            np.array([0, item]),
+            np.eye(3, dtype=np.float32)[None],
+            np.ones((1, 3), bool),
+            np.array([0, anchor_set]),
+        )
+
+
 @pytest.mark.parametrize("kernel", KERNELS)
 def test_no_rows(kernel: Callable) -> None:  # type: ignore[type-arg]
     relevance, matched = kernel(
