@@ -8,7 +8,17 @@ import numpy as np
 import pytest
 from numba.core.caching import NullCache
 
-from training.pseudo_labels.relevance import _compiled, _fused_groups, max_cosine, max_cosine_blas
+from training.pseudo_labels.relevance import (
+    MIN_GROUP_ROWS,
+    _compiled,
+    _fused_groups,
+    _sliced_groups,
+    _split_slices,
+    default_slice_bytes,
+    last_level_cache_bytes,
+    max_cosine,
+    max_cosine_blas,
+)
 from training.vectors import l2_normalize
 
 KERNELS = [max_cosine, max_cosine_blas]
@@ -76,6 +86,78 @@ def test_fused_kernel_equals_the_blas_kernel(width: int) -> None:
     chosen = np.take_along_axis(cos, fused[1][:, None], axis=1)[:, 0]
     np.testing.assert_allclose(chosen, cos.max(axis=1), atol=2e-6)
     assert mask[set_index, fused[1]].all()
+
+
+@pytest.fixture
+def sliceable() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Enough rows per set for a batch to be cut into slices of the item table."""
+    rng = np.random.default_rng(11)
+    emb = l2_normalize(rng.standard_normal((500, 384)).astype(np.float32))
+    anchors = l2_normalize(rng.standard_normal((6, 10, 384)).astype(np.float32))
+    mask = np.arange(10)[None] < np.array([10, 3, 10, 1, 7, 10])[:, None]
+    set_index = rng.integers(0, 5, 4000)  # set 5 unused
+    return emb, rng.integers(0, 500, 4000), anchors, mask, set_index
+
+
+@pytest.mark.parametrize("slice_bytes", [1536, 40_000, 10**9])
+@pytest.mark.parametrize("workers", [1, 2, 3])
+def test_slices_of_the_item_table_change_nothing(sliceable, slice_bytes: int, workers: int) -> None:  # type: ignore[no-untyped-def]
+    emb, item_index, anchors, mask, set_index = sliceable
+    whole = max_cosine(emb, item_index, anchors, mask, set_index, workers=1, slice_bytes=10**9)
+    sliced = max_cosine(
+        emb, item_index, anchors, mask, set_index, workers=workers, slice_bytes=slice_bytes
+    )
+    np.testing.assert_array_equal(sliced[0], whole[0])
+    np.testing.assert_array_equal(sliced[1], whole[1])
+    blas = max_cosine_blas(emb, item_index, anchors, mask, set_index)
+    np.testing.assert_allclose(sliced[0], blas[0], atol=2e-6)
+
+
+def test_sliced_groups_hold_every_row_once_by_slice_then_set(sliceable) -> None:  # type: ignore[no-untyped-def]
+    _, item_index, _, _, set_index = sliceable
+    order, starts, ends, sets, slices = _sliced_groups(item_index, set_index, 500, 6, 64)
+    np.testing.assert_array_equal(np.sort(order), np.arange(len(item_index)))
+    assert starts[0] == 0 and ends[-1] == len(order)
+    np.testing.assert_array_equal(starts[1:], ends[:-1])
+    assert (np.diff(slices) >= 0).all() and slices.max() == 499 // 64
+    for start, end, s, sl in zip(starts, ends, sets, slices, strict=True):
+        rows = order[start:end]
+        assert (set_index[rows] == s).all()
+        assert (item_index[rows] // 64 == sl).all()
+        assert (np.diff(rows) > 0).all()  # stable: request order kept within a group
+    # One group per (slice, used set) pair that has rows, none for the unused set 5.
+    assert len(starts) == len(np.unique((item_index // 64) * 6 + set_index))
+
+
+@pytest.mark.parametrize("workers", [2, 3])
+def test_every_thread_works_in_every_slice(workers: int) -> None:
+    rng = np.random.default_rng(workers)
+    item_index = rng.integers(0, 500, 20_000)
+    set_index = rng.integers(0, 60, 20_000)
+    _, starts, ends, _, slices = _sliced_groups(item_index, set_index, 500, 60, 100)
+    parts = _split_slices(starts, ends, slices, workers)
+    np.testing.assert_array_equal(np.sort(np.concatenate(parts)), np.arange(len(starts)))
+    for part in parts:
+        np.testing.assert_array_equal(np.unique(slices[part]), np.unique(slices))
+        rows = (ends[part] - starts[part]).sum()
+        assert abs(rows - len(item_index) / workers) < 0.1 * len(item_index)
+
+
+def test_small_batches_are_not_cut_into_tiny_groups() -> None:
+    """Fewer rows than MIN_GROUP_ROWS per set: one slice, groups by set alone."""
+    rng = np.random.default_rng(2)
+    emb = l2_normalize(rng.standard_normal((1000, 8)).astype(np.float32))
+    anchors = l2_normalize(rng.standard_normal((50, 2, 8)).astype(np.float32))
+    set_index = np.repeat(np.arange(50), MIN_GROUP_ROWS - 1)
+    item_index = rng.integers(0, 1000, len(set_index))
+    one = max_cosine(emb, item_index, anchors, np.ones((50, 2), bool), set_index, slice_bytes=32)
+    ref = max_cosine_blas(emb, item_index, anchors, np.ones((50, 2), bool), set_index)
+    np.testing.assert_allclose(one[0], ref[0], atol=1e-6)
+
+
+def test_cache_size_is_read_or_falls_back() -> None:
+    assert last_level_cache_bytes() >= 2**20
+    assert default_slice_bytes() == last_level_cache_bytes() // 3
 
 
 def test_a_set_without_anchors_scores_minus_infinity() -> None:
