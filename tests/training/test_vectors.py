@@ -16,3 +16,21 @@ def test_l2_normalize_unit_rows_zero_rows_and_any_leading_shape() -> None:
     assert not out[1, 2].any()  # an all-zero vector stays zero, no NaN
     # Direction is kept: each output is a positive multiple of its input.
     np.testing.assert_allclose(out[0, 0] * np.linalg.norm(x[0, 0]), x[0, 0], rtol=1e-5)
+
+
+def test_threads_change_no_bit(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Large inputs are split over threads; every vector comes out exactly as on one thread."""
+    import training.vectors as vectors
+
+    monkeypatch.setattr(vectors, "THREADED_FROM_VALUES", 1)
+    rng = np.random.default_rng(1)
+    for x in (
+        rng.standard_normal((101, 7, 16)).astype(np.float32),
+        rng.standard_normal((257, 16)),  # float64 in, float32 out
+        np.zeros((5, 4), np.float32),
+    ):
+        one = l2_normalize(x, workers=1)
+        for workers in (2, 3, 8):
+            many = l2_normalize(x, workers=workers)
+            assert many.dtype == np.float32 and many.shape == x.shape
+            np.testing.assert_array_equal(many, one)

@@ -388,11 +388,20 @@ def _batches(
 
 
 def _read_ahead(batches: Iterator[pa.Table], pool: ThreadPoolExecutor) -> Iterator[pa.Table]:
-    """Yield ``batches`` while ``pool`` reads and decodes the next one (one batch ahead)."""
+    """``batches``, read and decoded by ``pool`` one batch ahead of the consumer.
+
+    The first batch is submitted now, not at the first ``next()``: a caller starts the read, does
+    other work (loading the catalog and the anchor bank), and finds the batch decoded.
+    """
     pending = pool.submit(next, batches, None)
-    while (batch := pending.result()) is not None:
-        pending = pool.submit(next, batches, None)
-        yield batch
+
+    def drain() -> Iterator[pa.Table]:
+        nonlocal pending
+        while (batch := pending.result()) is not None:
+            pending = pool.submit(next, batches, None)
+            yield batch
+
+    return drain()
 
 
 def _num_rows(requests: pa.Table | Path) -> int:
@@ -492,13 +501,10 @@ def generate_pseudo_labels(
         The output path and the metrics written to the manifest.
     """
     began = time.perf_counter()
-    items = ItemIndex.from_item_semantics(item_semantics)
-    bank = load_anchor_bank(anchors, items, positives, cfg.history_items)
     targets = ["prerank_negative", "rank_negative"] + (
         ["global_negative"] if cfg.include_global_negatives else []
     )
     target_set = pa.array(targets)
-    out_dir.mkdir(parents=True, exist_ok=True)
     total = _num_rows(requests)
 
     # Pass 1, exposed rows only (a few percent of the log): fit the relevance -> click mapping
@@ -506,7 +512,13 @@ def generate_pseudo_labels(
     exposed_rel: list[npt.NDArray[np.float32]] = []
     exposed_lab: list[npt.NDArray[np.int8]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="pseudo-labels-read") as reader:
-        for batch in _read_ahead(_batches(requests, cfg.batch_rows, _EXPOSED_PASS_COLUMNS), reader):
+        # The log's first batch is read while the catalog and the anchor bank load.
+        exposed_batches = _read_ahead(
+            _batches(requests, cfg.batch_rows, _EXPOSED_PASS_COLUMNS), reader
+        )
+        items = ItemIndex.from_item_semantics(item_semantics)
+        bank = load_anchor_bank(anchors, items, positives, cfg.history_items)
+        for batch in exposed_batches:
             exposed = batch.filter(_member_mask(batch.column("stage"), _EXPOSED))
             if exposed.num_rows:
                 scored = _score(exposed, items, bank, cfg)
@@ -518,6 +530,7 @@ def generate_pseudo_labels(
     scaler: PlattScaler | None = fit_platt(rel, lab) if cfg.calibration == "platt" else None
 
     # Pass 2: every unexposed target row, streamed, written once.
+    out_dir.mkdir(parents=True, exist_ok=True)
     rows_in = 0
     target_rows = 0
     scoring_seconds = 0.0
@@ -577,6 +590,7 @@ def generate_pseudo_labels(
                 written.result()  # batches reach the file in order, one write at a time
             written = io.submit(writer.write_table, table)
             bar.update(batch.num_rows)
+        summary = stats.summary()  # while the last batch is written
         if written is not None:
             written.result()
 
@@ -601,7 +615,7 @@ def generate_pseudo_labels(
         "combination": cfg.combination,
         "seconds": round(seconds, 3),
         "scoring_seconds": round(scoring_seconds, 3),
-        **stats.summary(),
+        **summary,
         "items_with_non_finite_embedding": len(items.non_finite),
     }
     if (
