@@ -410,8 +410,24 @@ def _num_rows(requests: pa.Table | Path) -> int:
     return int(requests.num_rows)
 
 
+def _confidence_table(bank: AnchorBank, cfg: PseudoLabelConfig) -> npt.NDArray[np.float32]:
+    """Combined confidence of every (set, anchor slot), ``(S, N)``: a row's is its matched slot's.
+
+    The factors depend only on the set and the matched anchor, so they are combined once per
+    slot here instead of once per candidate row (the same values, bit for bit).
+    """
+    w = cfg.weights
+    dispersion = np.broadcast_to(bank.dispersion[:, None], bank.history.shape)
+    return combine(
+        [dispersion, bank.history, bank.lm], [w.dispersion, w.history, w.lm], cfg.combination
+    )
+
+
 def _score(
-    batch: pa.Table, items: ItemIndex, bank: AnchorBank, cfg: PseudoLabelConfig
+    batch: pa.Table,
+    items: ItemIndex,
+    bank: AnchorBank,
+    confidence_table: npt.NDArray[np.float32],
 ) -> dict[str, Any]:
     """Relevance and confidence of every row of ``batch`` (status tells which rows are usable)."""
     set_idx = bank.lookup(batch.column("user_id"), batch.column("event_timestamp"))
@@ -429,10 +445,7 @@ def _score(
     dispersion = bank.dispersion[safe_sets]
     history = bank.history[safe_sets, matched]
     lm = bank.lm[safe_sets, matched]
-    w = cfg.weights
-    confidence = combine(
-        [dispersion, history, lm], [w.dispersion, w.history, w.lm], cfg.combination
-    )
+    confidence = confidence_table[safe_sets, matched]
     codes = np.where(set_idx < 0, 1, np.where(item_idx < 0, 2, 0))
     status = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), _STATUS_VALUES)
     cutoff_idx = pa.array(np.where(set_idx >= 0, set_idx, 0))
@@ -518,10 +531,11 @@ def generate_pseudo_labels(
         )
         items = ItemIndex.from_item_semantics(item_semantics)
         bank = load_anchor_bank(anchors, items, positives, cfg.history_items)
+        confidence_table = _confidence_table(bank, cfg)
         for batch in exposed_batches:
             exposed = batch.filter(_member_mask(batch.column("stage"), _EXPOSED))
             if exposed.num_rows:
-                scored = _score(exposed, items, bank, cfg)
+                scored = _score(exposed, items, bank, confidence_table)
                 exposed_rel.append(scored["relevance"][scored["ok"]])
                 labels = exposed.column("label").to_numpy(zero_copy_only=False)
                 exposed_lab.append(labels[scored["ok"]].astype(np.int8))
@@ -562,7 +576,7 @@ def generate_pseudo_labels(
             t = batch.filter(_member_mask(batch.column("group"), target_set))
             target_rows += t.num_rows
             t0 = time.perf_counter()
-            scored = _score(t, items, bank, cfg)
+            scored = _score(t, items, bank, confidence_table)
             scoring_seconds += time.perf_counter() - t0
             relevance = scored["relevance"]
             if scaler is not None:

@@ -3,7 +3,7 @@
 The same answer as :func:`training.features.offline_store.match_rows` on ``(user_id,
 event_timestamp)`` (equal cutoffs: the last row wins), without a DuckDB join per batch: the sets
 are sorted once by (user, cutoff), and each batch is one hashed id lookup (Arrow) plus a
-vectorized binary search within each row's user range (about log2(sets per user) numpy passes).
+compiled binary search within each row's user range.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training.data.contract import TIMESTAMP
+from training.jit import compiled
 
 I64 = npt.NDArray[np.int64]
 Column: TypeAlias = pa.Array | pa.ChunkedArray
@@ -99,24 +100,42 @@ class AnchorSetLookup:
 
     def __call__(self, user_ids: Column, timestamps: Column) -> I64:
         """Set index of each row (-1: unknown user, no set at or before its time, or nulls)."""
-        code_np = positions_in(user_ids, self.users)
+        codes = positions_in(user_ids, self.users)
         t, present = _micros(timestamps)
-        known = (code_np >= 0) & present
-        safe = np.where(known, code_np, 0)
-        lo = np.where(known, self.start[safe] if len(self.start) else 0, 0)
-        hi = np.where(known, self.end[safe] if len(self.end) else 0, 0)
-        first = lo.copy()
-        # Binary search for the first position whose cutoff is after t, all rows at once.
-        active = lo < hi
-        while active.any():
+        out = np.empty(len(codes), np.int64)
+        _search(codes, t, present, self.start, self.end, self.cutoffs, self.rows, out)
+        return out
+
+
+@compiled
+def _search(
+    codes: I64,
+    t: I64,
+    present: npt.NDArray[np.bool_],
+    start: I64,
+    end: I64,
+    cutoffs: I64,
+    rows: I64,
+    out: I64,
+) -> None:  # pragma: no cover - compiled; covered through AnchorSetLookup
+    # A binary search per row within its user's sets for the first cutoff after t; the set just
+    # before it is the latest at or before t (one compiled loop: the same search as whole-array
+    # numpy passes took ~6 passes per halving, 17 ms for 500k rows with one set per user).
+    for r in range(codes.shape[0]):
+        code = codes[r]
+        if code < 0 or not present[r]:
+            out[r] = -1
+            continue
+        lo = start[code]
+        hi = end[code]
+        first = lo
+        while lo < hi:
             mid = (lo + hi) // 2
-            after = np.zeros(len(mid), np.bool_)
-            after[active] = self.cutoffs[mid[active]] > t[active]
-            hi = np.where(active & after, mid, hi)
-            lo = np.where(active & ~after, mid + 1, lo)
-            active = lo < hi
-        found = lo > first
-        return np.where(found, self.rows[np.maximum(lo - 1, 0)] if len(self.rows) else -1, -1)
+            if cutoffs[mid] > t[r]:
+                hi = mid
+            else:
+                lo = mid + 1
+        out[r] = rows[lo - 1] if lo > first else -1
 
 
 def latest_before(

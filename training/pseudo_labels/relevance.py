@@ -36,16 +36,15 @@ from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from functools import cache
 from pathlib import Path
-from typing import Any, TypeVar, cast
 
-import numba
 import numpy as np
 import numpy.typing as npt
 from threadpoolctl import ThreadpoolController
 
+from training.jit import compiled
+
 FloatMatrix = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
-F = TypeVar("F", bound=Callable[..., Any])
 
 
 @cache
@@ -109,25 +108,7 @@ def default_workers() -> int:
         return max(1, os.cpu_count() or 1)
 
 
-# Only reassociation and contraction are allowed (to vectorize the sums into fused multiply-adds);
-# "no infinities" must not be, since a running maximum starts at -inf.
-_JIT_OPTIONS: dict[str, Any] = {"nogil": True, "fastmath": {"reassoc", "contract"}}
-
-
-def _compiled(func: F) -> F:
-    """``func`` compiled by numba, its machine code cached on disk where numba can write.
-
-    numba caches next to the module (``__pycache__``) or under the user's cache directory
-    (``NUMBA_CACHE_DIR`` sets it). A read-only install without a writable home has neither, and
-    ``cache=True`` then fails at import; such a process compiles once in memory instead.
-    """
-    try:
-        return cast(F, numba.njit(cache=True, **_JIT_OPTIONS)(func))
-    except RuntimeError:  # "cannot cache function ...: no locator available"
-        return cast(F, numba.njit(cache=False, **_JIT_OPTIONS)(func))
-
-
-@_compiled
+@compiled
 def _fused_groups(
     table: FloatMatrix,
     sorted_items: IntArray,
@@ -203,7 +184,7 @@ def _fused_groups(
             r += 4
 
 
-@_compiled
+@compiled
 def _bucket_rows(keys: IntArray, n_keys: int) -> tuple[IntArray, IntArray]:  # pragma: no cover
     """Stable counting sort: rows by key; key k's rows are ``order[bounds[k]:bounds[k + 1]]``."""
     bounds = np.zeros(n_keys + 1, np.int64)

@@ -10,7 +10,6 @@ from numba.core.caching import NullCache
 
 from training.pseudo_labels.relevance import (
     MIN_GROUP_ROWS,
-    _compiled,
     _fused_groups,
     _sliced_groups,
     _split_slices,
@@ -208,16 +207,6 @@ def test_no_rows(kernel: Callable) -> None:  # type: ignore[type-arg]
         np.zeros(0, np.int64),
     )
     assert relevance.shape == matched.shape == (0,)
-
-
-def test_kernels_compile_where_numba_cannot_cache() -> None:
-    """A function numba has no cache location for (here: no source file) still compiles."""
-    namespace: dict[str, object] = {}
-    # Defined from a string: no source file, so numba has nowhere to cache it.
-    exec("def plus_one(x):\n    return x + 1\n", namespace)
-    compiled = _compiled(namespace["plus_one"])  # type: ignore[arg-type]
-    assert compiled(41) == 42
-    assert isinstance(compiled._cache, NullCache)  # compiled in memory only
 
 
 def test_the_kernel_is_cached_on_disk_where_numba_can_write() -> None:
