@@ -112,6 +112,12 @@ _WRITE_SCHEMA = pa.schema(
         for f in OUTPUT_SCHEMA
     ]
 )
+#: Columns written with parquet min/max statistics: all but the id strings. Ids are not sorted,
+#: so every row group spans nearly their whole range and their min/max would prune nothing, while
+#: computing them took 27% of writing the output (130 of 490 ms for 2M rows, measured).
+_STATISTICS_COLUMNS = [
+    f.name for f in OUTPUT_SCHEMA if f.name not in ("request_id", "user_id", "item_id")
+]
 #: What the calibration pass reads (no request ids: strings it would decode for nothing).
 _EXPOSED_PASS_COLUMNS = ["user_id", "item_id", "event_timestamp", "stage", "label"]
 _REQUEST_COLUMNS = [
@@ -566,6 +572,7 @@ def generate_pseudo_labels(
             # without it they read OUTPUT_SCHEMA's strings (types, nullability and the UTC
             # timestamps all come from the parquet schema itself).
             store_schema=False,
+            write_statistics=_STATISTICS_COLUMNS,
         ) as writer,
         ThreadPoolExecutor(2, thread_name_prefix="pseudo-labels-io") as io,
         tqdm(total=total, unit="rows", desc="pseudo-labels", disable=not cfg.progress) as bar,
