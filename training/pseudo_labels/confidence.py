@@ -18,10 +18,13 @@ near 0 vetoes trust, which an arithmetic mean would not do.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from typing import Literal
 
 import numpy as np
 import numpy.typing as npt
+
+from training.pseudo_labels.relevance import default_workers
 
 FLOOR = 1e-6
 """Factors are floored here before the geometric mean so that log(0) cannot occur."""
@@ -93,6 +96,7 @@ def history_factors(
     items: npt.NDArray[np.float32],
     history: npt.NDArray[np.int64],
     chunk: int = 256,
+    workers: int | None = None,
 ) -> npt.NDArray[np.float32]:
     """:func:`history_factor` of every set at once: ``(S, N, D), (S, N), (I, D), (S, H) -> (S, N)``.
 
@@ -102,22 +106,34 @@ def history_factors(
         items: Unit item embeddings.
         history: Rows of ``items`` of each set's history, -1 for none.
         chunk: Sets per batched matrix product (bounds the gathered history's memory).
+        workers: Threads the chunks are spread over (default: one per core); numpy's gathers
+            and products release the GIL, and each chunk's result does not depend on it.
     """
     n_sets, n_anchors = mask.shape
     out = np.zeros((n_sets, n_anchors), np.float32)
-    for start in range(0, n_sets, chunk):
+
+    def one(start: int) -> None:
         rows = slice(start, start + chunk)
         hist = history[rows]
         known = hist >= 0
         # Histories are right-aligned: drop the leading columns no set of the chunk uses.
         used = known.any(axis=0)
         if not used.any():
-            continue
+            return
         first = int(np.argmax(used))
         hist, known = hist[:, first:], known[:, first:]
         gathered = items[np.where(known, hist, 0)]  # (C, H, D)
         sims = np.matmul(anchors[rows], gathered.transpose(0, 2, 1))  # (C, N, H)
         sims = np.where(known[:, None, :], sims, -np.inf).max(axis=2)
         best = np.where(np.isfinite(sims), np.clip(sims, 0.0, 1.0), 0.0)
-        out[rows] = np.where(mask[rows], best, 0.0)
+        out[rows] = np.where(mask[rows], best, 0.0)  # chunks write disjoint rows
+
+    starts = range(0, n_sets, chunk)
+    workers = min(workers or default_workers(), len(starts))
+    if workers <= 1:
+        for start in starts:
+            one(start)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(one, starts))
     return out

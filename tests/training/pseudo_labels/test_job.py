@@ -343,8 +343,9 @@ def test_confidence_factors() -> None:
     assert combine([np.array([1.0]), np.array([0.0])], [1, 1])[0] < 1e-2
 
 
+@pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("chunk", [1, 3, 256])
-def test_history_factors_equal_the_per_set_factor(chunk: int) -> None:
+def test_history_factors_equal_the_per_set_factor(chunk: int, workers: int) -> None:
     rng = np.random.default_rng(chunk)
     items = _unit(rng.standard_normal((40, DIM))).astype(np.float32)
     counts = rng.integers(0, N_ANCHORS + 1, 9)
@@ -356,7 +357,7 @@ def test_history_factors_equal_the_per_set_factor(chunk: int) -> None:
         if n:
             history[s, 6 - n :] = np.where(rng.random(n) < 0.2, -1, rng.integers(0, 40, n))
     history[0] = -1  # one set without any history
-    got = history_factors(anchors, mask, items, history, chunk=chunk)
+    got = history_factors(anchors, mask, items, history, chunk=chunk, workers=workers)
     for s in range(9):
         rows = history[s][history[s] >= 0]
         expected = np.zeros(N_ANCHORS, np.float32)
