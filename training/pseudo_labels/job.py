@@ -62,7 +62,12 @@ from training.pseudo_labels.confidence import (
     history_factors,
     lm_factor,
 )
-from training.pseudo_labels.lookup import AnchorSetLookup, latest_before, positions_in
+from training.pseudo_labels.lookup import (
+    AnchorSetLookup,
+    DictionaryCache,
+    latest_before,
+    positions_in,
+)
 from training.pseudo_labels.relevance import max_cosine
 from training.vectors import l2_normalize
 
@@ -236,6 +241,8 @@ class ItemIndex:
     #: Items left out because their embedding holds NaN or infinite values (their candidates get
     #: status ``no_item_embedding``, like items missing from the table).
     non_finite: list[str] = field(default_factory=list)
+    #: Positions of recently looked-up id dictionaries (each parquet row group brings one).
+    cache: DictionaryCache = field(default_factory=DictionaryCache, compare=False, repr=False)
 
     @classmethod
     def from_item_semantics(cls, table: pa.Table) -> ItemIndex:
@@ -272,7 +279,7 @@ class ItemIndex:
 
     def lookup(self, item_ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
         """Row of each id in the embedding matrix, -1 when unknown (plain or dictionary ids)."""
-        return positions_in(item_ids, self.item_ids)
+        return positions_in(item_ids, self.item_ids, self.cache)
 
 
 def load_anchor_bank(

@@ -11,7 +11,12 @@ import pytest
 
 from training.data.contract import TIMESTAMP
 from training.features.offline_store import match_rows
-from training.pseudo_labels.lookup import AnchorSetLookup, latest_before, positions_in
+from training.pseudo_labels.lookup import (
+    AnchorSetLookup,
+    DictionaryCache,
+    latest_before,
+    positions_in,
+)
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 
@@ -87,6 +92,39 @@ def test_positions_in_plain_and_dictionary_ids_with_nulls_and_unknowns() -> None
     )
     np.testing.assert_array_equal(positions_in(mixed, value_set), want)
     assert positions_in(pa.chunked_array([], pa.string()), value_set).shape == (0,)
+
+
+def test_a_dictionary_seen_before_is_not_looked_up_again(monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    import training.pseudo_labels.lookup as lookup
+
+    hashed: list[int] = []
+    real = lookup._positions
+
+    def counting(values: pa.Array, value_set: pa.Array) -> np.ndarray:
+        hashed.append(len(values))
+        return real(values, value_set)
+
+    monkeypatch.setattr(lookup, "_positions", counting)
+    value_set = pa.array(["x", "y", "z"])
+    cache = DictionaryCache(size=2)
+    first = pa.DictionaryArray.from_arrays(pa.array([0, 1, None, 1]), pa.array(["y", "w"]))
+    # Equal dictionary, other buffers and indices (as in the next batch of the row group).
+    again = pa.DictionaryArray.from_arrays(pa.array([1, 0]), pa.array(["y", "w"]))
+    other = pa.DictionaryArray.from_arrays(pa.array([0, 1]), pa.array(["z", "x"]))
+    third = pa.DictionaryArray.from_arrays(pa.array([0]), pa.array(["x"]))
+    np.testing.assert_array_equal(positions_in(first, value_set, cache), [1, -1, -1, -1])
+    np.testing.assert_array_equal(positions_in(again, value_set, cache), [-1, 1])
+    assert hashed == [2]
+    np.testing.assert_array_equal(positions_in(other, value_set, cache), [2, 0])
+    np.testing.assert_array_equal(positions_in(third, value_set, cache), [0])
+    assert hashed == [2, 2, 1]
+    # Size 2: the first dictionary was dropped to make room for the third.
+    np.testing.assert_array_equal(positions_in(again, value_set, cache), [-1, 1])
+    assert hashed == [2, 2, 1, 2]
+    # Without a cache nothing is remembered.
+    positions_in(other, value_set)
+    positions_in(other, value_set)
+    assert hashed[-2:] == [2, 2]
 
 
 def _latest_reference(users, times, set_users, cutoffs, count) -> np.ndarray:  # type: ignore[no-untyped-def]
