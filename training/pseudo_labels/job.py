@@ -436,6 +436,15 @@ def _confidence_table(bank: AnchorBank, cfg: PseudoLabelConfig) -> npt.NDArray[n
     )
 
 
+def _spread(
+    values: npt.NDArray[Any], where: npt.NDArray[np.bool_], fill: float
+) -> npt.NDArray[Any]:
+    """``values`` placed at the True positions of ``where``, ``fill`` elsewhere."""
+    out = np.full(len(where), fill, values.dtype)
+    out[where] = values
+    return out
+
+
 def _score(
     batch: pa.Table,
     items: ItemIndex,
@@ -445,35 +454,40 @@ def _score(
     """Relevance and confidence of every row of ``batch`` (status tells which rows are usable)."""
     set_idx = bank.lookup(batch.column("user_id"), batch.column("event_timestamp"))
     item_idx = items.lookup(batch.column("item_id"))
-    ok = (set_idx >= 0) & (item_idx >= 0)
-    n = batch.num_rows
-    relevance = np.full(n, np.nan, np.float32)
-    matched = np.zeros(n, np.int64)
-    rel_ok, matched_ok = max_cosine(
-        items.embeddings, item_idx[ok], bank.anchors, bank.mask, set_idx[ok]
+    has_set = set_idx >= 0
+    ok = has_set & (item_idx >= 0)
+    # Usually every row is usable: then no row is masked and no array copied for it.
+    every = bool(ok.all())
+    relevance, matched = max_cosine(
+        items.embeddings,
+        item_idx if every else item_idx[ok],
+        bank.anchors,
+        bank.mask,
+        set_idx if every else set_idx[ok],
     )
-    relevance[ok] = rel_ok
-    matched[ok] = matched_ok
-    safe_sets = np.where(ok, set_idx, 0)
-    dispersion = bank.dispersion[safe_sets]
-    history = bank.history[safe_sets, matched]
-    lm = bank.lm[safe_sets, matched]
-    confidence = confidence_table[safe_sets, matched]
-    codes = np.where(set_idx < 0, 1, np.where(item_idx < 0, 2, 0))
+    safe_sets = set_idx if every else np.where(ok, set_idx, 0)
+    if not every:
+        relevance = _spread(relevance, ok, np.nan)
+        matched = _spread(matched, ok, 0)
+    # Per-(set, slot) tables read through one flat index instead of two fancy indices.
+    slot = safe_sets * confidence_table.shape[1] + matched
+    factors = {
+        "dispersion": bank.dispersion.take(safe_sets),
+        "history_consistency": bank.history.ravel().take(slot),
+        "lm_confidence": bank.lm.ravel().take(slot),
+        "confidence": confidence_table.ravel().take(slot),
+    }
+    if not every:
+        factors = {name: np.where(ok, v, np.nan).astype(np.float32) for name, v in factors.items()}
+    codes = np.where(has_set, np.where(item_idx < 0, 2, 0), 1)
     status = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), _STATUS_VALUES)
-    cutoff_idx = pa.array(np.where(set_idx >= 0, set_idx, 0))
-    cutoffs = pc.if_else(
-        pa.array(set_idx >= 0),
-        bank.keys.column("event_timestamp").take(cutoff_idx),
-        pa.scalar(None, TIMESTAMP),
-    )
+    cutoffs = bank.keys.column("event_timestamp").take(pa.array(np.where(has_set, set_idx, 0)))
+    if not has_set.all():
+        cutoffs = pc.if_else(pa.array(has_set), cutoffs, pa.scalar(None, TIMESTAMP))
     return {
         "ok": ok,
         "relevance": relevance,
-        "dispersion": np.where(ok, dispersion, np.nan).astype(np.float32),
-        "history_consistency": np.where(ok, history, np.nan).astype(np.float32),
-        "lm_confidence": np.where(ok, lm, np.nan).astype(np.float32),
-        "confidence": np.where(ok, confidence, np.nan).astype(np.float32),
+        **factors,
         "status": status,
         "status_codes": codes,
         "anchor_cutoff": cutoffs,
