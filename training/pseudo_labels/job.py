@@ -68,7 +68,7 @@ from training.pseudo_labels.lookup import (
     latest_before,
     positions_in,
 )
-from training.pseudo_labels.relevance import max_cosine
+from training.pseudo_labels.relevance import max_cosine, warm_up
 from training.vectors import l2_normalize
 
 logger = logging.getLogger(__name__)
@@ -551,14 +551,17 @@ def generate_pseudo_labels(
     # first, so that pass 2 writes final labels in one go instead of rewriting its output.
     exposed_rel: list[npt.NDArray[np.float32]] = []
     exposed_lab: list[npt.NDArray[np.int8]] = []
-    with ThreadPoolExecutor(1, thread_name_prefix="pseudo-labels-read") as reader:
-        # The log's first batch is read while the catalog and the anchor bank load.
+    with ThreadPoolExecutor(2, thread_name_prefix="pseudo-labels-read") as reader:
+        # The log's first batch is read, and the compiled kernels loaded, while the catalog and
+        # the anchor bank load.
+        warm = reader.submit(warm_up)
         exposed_batches = _read_ahead(
             _batches(requests, cfg.batch_rows, _EXPOSED_PASS_COLUMNS), reader
         )
         items = ItemIndex.from_item_semantics(item_semantics)
         bank = load_anchor_bank(anchors, items, positives, cfg.history_items)
         confidence_table = _confidence_table(bank, cfg)
+        warm.result()
         for batch in exposed_batches:
             exposed = batch.filter(_member_mask(batch.column("stage"), _EXPOSED))
             if exposed.num_rows:

@@ -362,6 +362,16 @@ def max_cosine(
     return relevance, matched
 
 
+def warm_up() -> None:
+    """Load the compiled kernels now (numba's first call in a process costs ~0.35 s).
+
+    The job calls this on a spare thread while it loads the catalog and the anchor bank, so that
+    the first batch does not wait for it.
+    """
+    unit = np.eye(2, dtype=np.float32)
+    max_cosine(unit, np.array([0, 1]), unit[None], np.ones((1, 2), bool), np.array([0, 0]), 1)
+
+
 def max_cosine_blas(
     item_embeddings: FloatMatrix,
     item_index: IntArray,
