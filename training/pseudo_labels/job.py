@@ -125,15 +125,9 @@ _STATISTICS_COLUMNS = [
 ]
 #: What the calibration pass reads (no request ids: strings it would decode for nothing).
 _EXPOSED_PASS_COLUMNS = ["user_id", "item_id", "event_timestamp", "stage", "label"]
-_REQUEST_COLUMNS = [
-    "request_id",
-    "user_id",
-    "item_id",
-    "event_timestamp",
-    "stage",
-    "label",
-    "group",
-]
+#: What the labelling pass reads (the group says which rows it labels; stage and label are the
+#: calibration pass's business).
+_REQUEST_COLUMNS = ["request_id", "user_id", "item_id", "event_timestamp", "group"]
 
 
 class ConfidenceWeights(BaseModel):
