@@ -34,3 +34,24 @@ def test_threads_change_no_bit(monkeypatch) -> None:  # type: ignore[no-untyped-
             many = l2_normalize(x, workers=workers)
             assert many.dtype == np.float32 and many.shape == x.shape
             np.testing.assert_array_equal(many, one)
+
+
+def test_as_unit_keeps_unit_vectors_in_place_and_normalizes_the_rest() -> None:
+    from training.vectors import as_unit
+
+    rng = np.random.default_rng(3)
+    unit = l2_normalize(rng.standard_normal((6, 5, 8)))
+    unit[2, 1] = 0.0  # an all-zero vector counts as normalized (it stays zero either way)
+    unit.flags.writeable = False  # e.g. a view of an Arrow buffer
+    assert as_unit(unit) is unit
+    scaled = unit * np.float32(3.0)
+    np.testing.assert_allclose(as_unit(scaled), unit, atol=1e-6)
+    one_off = unit.copy()
+    one_off[4, 4] *= 1.001  # one vector a little too long is enough to normalize them all
+    assert as_unit(one_off) is not one_off
+    np.testing.assert_allclose(np.linalg.norm(as_unit(one_off)[4, 4]), 1.0, atol=1e-6)
+    as64 = unit.astype(np.float64)  # other dtypes and layouts come back normalized float32
+    assert as_unit(as64).dtype == np.float32
+    strided = unit[:, ::2]
+    assert as_unit(strided).flags.c_contiguous
+    np.testing.assert_allclose(as_unit(strided), strided, atol=1e-6)

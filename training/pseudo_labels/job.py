@@ -69,7 +69,7 @@ from training.pseudo_labels.lookup import (
     positions_in,
 )
 from training.pseudo_labels.relevance import max_cosine, warm_up
-from training.vectors import l2_normalize
+from training.vectors import as_unit
 
 logger = logging.getLogger(__name__)
 
@@ -256,7 +256,7 @@ class ItemIndex:
         # such items are treated as having no embedding rather than scored as garbage.
         finite = np.isfinite(vectors).all(axis=1)
         if finite.all():
-            return cls(item_ids=item_ids, embeddings=l2_normalize(vectors))
+            return cls(item_ids=item_ids, embeddings=as_unit(vectors))
         keep = pa.array(finite)
         bad = item_ids.filter(pc.invert(keep)).to_pylist()
         logger.warning(
@@ -267,7 +267,7 @@ class ItemIndex:
         )
         return cls(
             item_ids=item_ids.filter(keep),
-            embeddings=l2_normalize(vectors[finite]),
+            embeddings=as_unit(vectors[finite]),
             non_finite=[str(i) for i in bad],
         )
 
@@ -318,7 +318,7 @@ def load_anchor_bank(
     )
     if (counts == n_max).all():
         # Every set full (the usual case): the flat values already are the (S, N, D) layout.
-        emb = l2_normalize(flat.reshape(num_sets, n_max, dim))
+        emb = as_unit(flat.reshape(num_sets, n_max, dim))
         mask = np.ones((num_sets, n_max), bool)
         logp = lp_flat.astype(np.float32).reshape(num_sets, n_max)
     else:
@@ -332,7 +332,7 @@ def load_anchor_bank(
         emb[set_of, slot] = flat.reshape(-1, dim)
         mask[set_of, slot] = True
         logp[set_of, slot] = lp_flat
-        emb = l2_normalize(emb)
+        emb = as_unit(emb)
 
     # Historical consistency needs each set's history: the user's latest positives before the
     # cutoff, found for all sets at once.

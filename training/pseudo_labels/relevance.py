@@ -368,8 +368,12 @@ def warm_up() -> None:
     The job calls this on a spare thread while it loads the catalog and the anchor bank, so that
     the first batch does not wait for it.
     """
+    # Read-only, like the catalog and anchors the job reads in place from Arrow's buffers (numba
+    # compiles read-only and writable arrays separately).
     unit = np.eye(2, dtype=np.float32)
-    max_cosine(unit, np.array([0, 1]), unit[None], np.ones((1, 2), bool), np.array([0, 0]), 1)
+    unit.flags.writeable = False
+    anchors = unit[None]
+    max_cosine(unit, np.array([0, 1]), anchors, np.ones((1, 2), bool), np.array([0, 0]), 1)
 
 
 def max_cosine_blas(

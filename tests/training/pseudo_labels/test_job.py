@@ -249,6 +249,40 @@ def test_relevance_is_max_cosine_to_the_point_in_time_anchor_set(inputs, tmp_pat
         assert row["relevance"] == pytest.approx(expected, abs=1e-5)
 
 
+def test_embeddings_not_of_unit_length_are_normalized(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Unit vectors are used in place; any other length gives the same labels after normalizing."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    unit = pq.read_table(
+        generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path / "a").path
+    )
+
+    def scaled(table: pa.Table, column: str, factor: float) -> pa.Table:
+        values = pc.multiply(table.column(column).combine_chunks().flatten(), factor)
+        lists = pa.ListArray.from_arrays(table.column(column).combine_chunks().offsets, values)
+        return table.set_column(table.column_names.index(column), column, lists)
+
+    other = pq.read_table(
+        generate_pseudo_labels(
+            requests,
+            scaled(items, "content_embedding", 3.0),
+            scaled(anchors, "anchor_embeddings", 0.5),
+            positives,
+            cfg,
+            tmp_path / "b",
+        ).path
+    )
+    for column in unit.column_names:
+        if unit.schema.field(column).type == pa.float32():
+            np.testing.assert_allclose(
+                other.column(column).to_numpy(zero_copy_only=False),
+                unit.column(column).to_numpy(zero_copy_only=False),
+                atol=1e-6,
+            )
+        else:
+            assert other.column(column).equals(unit.column(column))
+
+
 def test_streaming_from_parquet_in_small_batches_matches(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
     whole = generate_pseudo_labels(
