@@ -93,6 +93,17 @@ def default_slice_bytes() -> int:
     return max(1, last_level_cache_bytes() // 3)
 
 
+def slice_count(table_bytes: int, rows: int, used_sets: int, slice_bytes: int) -> int:
+    """How many slices of the item table a batch is worked through in.
+
+    Enough for each slice to fit ``slice_bytes``, but no more than keep the (slice, set) groups at
+    :data:`MIN_GROUP_ROWS` rows on average; at least one.
+    """
+    by_cache = -(-table_bytes // slice_bytes)
+    by_rows = rows // max(1, used_sets * MIN_GROUP_ROWS)
+    return max(1, min(by_cache, by_rows))
+
+
 @cache
 def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     # One pool per process and size, kept: starting two threads per call cost ~4 ms a batch. The
@@ -316,13 +327,7 @@ def max_cosine(
     bank = np.ascontiguousarray(anchors, np.float32)
     n_items, n_sets = len(table), len(bank)
     used_sets = int(np.count_nonzero(np.bincount(set_index, minlength=n_sets)))
-    n_slices = max(
-        1,
-        min(
-            -(-table.nbytes // (slice_bytes or default_slice_bytes())),
-            rows // (used_sets * MIN_GROUP_ROWS),
-        ),
-    )
+    n_slices = slice_count(table.nbytes, rows, used_sets, slice_bytes or default_slice_bytes())
     order, starts, ends, sets, slices = _sliced_groups(
         np.asarray(item_index, np.int64),
         np.asarray(set_index, np.int64),

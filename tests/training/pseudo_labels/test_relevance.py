@@ -17,6 +17,7 @@ from training.pseudo_labels.relevance import (
     last_level_cache_bytes,
     max_cosine,
     max_cosine_blas,
+    slice_count,
 )
 from training.vectors import l2_normalize
 
@@ -142,16 +143,16 @@ def test_every_thread_works_in_every_slice(workers: int) -> None:
         assert abs(rows - len(item_index) / workers) < 0.1 * len(item_index)
 
 
-def test_small_batches_are_not_cut_into_tiny_groups() -> None:
-    """Fewer rows than MIN_GROUP_ROWS per set: one slice, groups by set alone."""
-    rng = np.random.default_rng(2)
-    emb = l2_normalize(rng.standard_normal((1000, 8)).astype(np.float32))
-    anchors = l2_normalize(rng.standard_normal((50, 2, 8)).astype(np.float32))
-    set_index = np.repeat(np.arange(50), MIN_GROUP_ROWS - 1)
-    item_index = rng.integers(0, 1000, len(set_index))
-    one = max_cosine(emb, item_index, anchors, np.ones((50, 2), bool), set_index, slice_bytes=32)
-    ref = max_cosine_blas(emb, item_index, anchors, np.ones((50, 2), bool), set_index)
-    np.testing.assert_allclose(one[0], ref[0], atol=1e-6)
+def test_slice_count_is_bounded_by_the_cache_and_by_the_rows_per_group() -> None:
+    mb = 2**20
+    # 77 MB table, 12 MB slices: 7 slices when the batch has rows enough for them.
+    assert slice_count(77 * mb, 524_288, 1_000, 12 * mb) == 7
+    # Rows for only 3 groups of MIN_GROUP_ROWS per used set: 3 slices.
+    assert slice_count(77 * mb, 3 * 1_000 * MIN_GROUP_ROWS + 5, 1_000, 12 * mb) == 3
+    # Fewer rows than MIN_GROUP_ROWS per set, or a table that fits one slice: one slice.
+    assert slice_count(77 * mb, 1_000 * (MIN_GROUP_ROWS - 1), 1_000, 12 * mb) == 1
+    assert slice_count(5 * mb, 10**7, 10, 12 * mb) == 1
+    assert slice_count(77 * mb, 0, 0, 12 * mb) == 1
 
 
 def test_cache_size_is_read_or_falls_back() -> None:
