@@ -645,7 +645,9 @@ def pseudo_labels(
         if not requests_path.exists():
             raise FileNotFoundError(f"{requests_path}: run `gpl data simulate` first")
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
-        anchors = read_table(run_dir / "anchors" / "user_interest_anchors.parquet")
+        anchors = run_dir / "anchors" / "user_interest_anchors.parquet"
+        if not anchors.exists():
+            raise FileNotFoundError(f"{anchors}: run `gpl anchors generate` first")
         positives = read_table(run_dir / "data" / "interactions.parquet", "interactions")
         try:
             result = generate_pseudo_labels(

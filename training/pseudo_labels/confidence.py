@@ -19,6 +19,7 @@ near 0 vetoes trust, which an arithmetic mean would not do.
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -28,6 +29,48 @@ from training.pseudo_labels.relevance import default_workers
 
 FLOOR = 1e-6
 """Factors are floored here before the geometric mean so that log(0) cannot occur."""
+
+
+@dataclass(frozen=True)
+class AnchorVectors:
+    """Every set's anchor vectors as rows of one matrix: slot ``(s, k)`` is ``vectors[rows[s, k]]``.
+
+    The anchors are catalog items, so ``vectors`` can be the catalog's own table and a set then
+    costs ``N`` integers instead of ``N x D`` floats; :meth:`of` wraps a plain ``(S, N, D)`` array.
+    """
+
+    vectors: npt.NDArray[np.float32]
+    """``(M, D)`` unit vectors."""
+    rows: npt.NDArray[np.int64]
+    """``(S, N)`` row of ``vectors`` per set and slot (any valid row in padded slots)."""
+
+    @classmethod
+    def of(cls, anchors: npt.NDArray[np.float32]) -> AnchorVectors:
+        """Wrap an ``(S, N, D)`` array (no copy when it is contiguous)."""
+        n_sets, n_slots, dim = anchors.shape
+        return cls(
+            vectors=np.ascontiguousarray(anchors, np.float32).reshape(n_sets * n_slots, dim),
+            rows=np.arange(n_sets * n_slots, dtype=np.int64).reshape(n_sets, n_slots),
+        )
+
+    def take(self, sets: slice) -> npt.NDArray[np.float32]:
+        """The ``(C, N, D)`` vectors of a range of sets (a gathered copy)."""
+        return self.vectors[self.rows[sets]]
+
+
+def dispersion_factors(
+    anchors: AnchorVectors,
+    mask: npt.NDArray[np.bool_],
+    log_probs: npt.NDArray[np.float32],
+    chunk: int = 4096,
+) -> npt.NDArray[np.float32]:
+    """:func:`dispersion_factor` of every set, gathering ``chunk`` sets' vectors at a time."""
+    n_sets = len(mask)
+    out = np.zeros(n_sets, np.float32)
+    for start in range(0, n_sets, chunk):
+        rows = slice(start, start + chunk)
+        out[rows] = dispersion_factor(anchors.take(rows), mask[rows], log_probs[rows])
+    return out
 
 
 def dispersion_factor(
@@ -91,14 +134,14 @@ def combine(
 
 
 def history_factors(
-    anchors: npt.NDArray[np.float32],
+    anchors: AnchorVectors,
     mask: npt.NDArray[np.bool_],
     items: npt.NDArray[np.float32],
     history: npt.NDArray[np.int64],
     chunk: int = 256,
     workers: int | None = None,
 ) -> npt.NDArray[np.float32]:
-    """:func:`history_factor` of every set at once: ``(S, N, D), (S, N), (I, D), (S, H) -> (S, N)``.
+    """:func:`history_factor` of every set at once: ``(S, N), (I, D), (S, H) -> (S, N)``.
 
     Args:
         anchors: Unit anchor embeddings per set.
@@ -123,7 +166,7 @@ def history_factors(
         first = int(np.argmax(used))
         hist, known = hist[:, first:], known[:, first:]
         gathered = items[np.where(known, hist, 0)]  # (C, H, D)
-        sims = np.matmul(anchors[rows], gathered.transpose(0, 2, 1))  # (C, N, H)
+        sims = np.matmul(anchors.take(rows), gathered.transpose(0, 2, 1))  # (C, N, H)
         sims = np.where(known[:, None, :], sims, -np.inf).max(axis=2)
         best = np.where(np.isfinite(sims), np.clip(sims, 0.0, 1.0), 0.0)
         out[rows] = np.where(mask[rows], best, 0.0)  # chunks write disjoint rows

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -57,8 +57,9 @@ from training.data.contract import TIMESTAMP
 from training.io import atomic_path, write_manifest
 from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
+    AnchorVectors,
     combine,
-    dispersion_factor,
+    dispersion_factors,
     history_factors,
     lm_factor,
 )
@@ -68,7 +69,7 @@ from training.pseudo_labels.lookup import (
     latest_before,
     positions_in,
 )
-from training.pseudo_labels.relevance import max_cosine, warm_up
+from training.pseudo_labels.relevance import max_cosine_rows, warm_up
 from training.vectors import as_unit
 
 logger = logging.getLogger(__name__)
@@ -214,7 +215,10 @@ class AnchorBank:
     """user_id and event_timestamp (cutoff) of each set, for the point-in-time lookup."""
     lookup: AnchorSetLookup
     """Each request row's set: latest cutoff <= its time (built from ``keys``)."""
-    anchors: npt.NDArray[np.float32]
+    anchors: AnchorVectors
+    """Each set's anchor vectors: rows of the catalog's table, or of the anchors' own vectors."""
+    source: Literal["catalog", "anchor_embeddings"]
+    """Where the anchor vectors come from (see :func:`load_anchor_bank`)."""
     mask: npt.NDArray[np.bool_]
     dispersion: npt.NDArray[np.float32]
     history: npt.NDArray[np.float32]
@@ -223,7 +227,7 @@ class AnchorBank:
     @property
     def num_sets(self) -> int:
         """Number of anchor sets (user x cutoff)."""
-        return int(self.anchors.shape[0])
+        return int(self.mask.shape[0])
 
 
 @dataclass
@@ -277,62 +281,71 @@ class ItemIndex:
 
 
 def load_anchor_bank(
-    anchors: pa.Table, items: ItemIndex, positives: pa.Table, history_items: int
+    anchors: pa.Table,
+    items: ItemIndex,
+    positives: pa.Table,
+    history_items: int,
+    read_embeddings: Callable[[], pa.ChunkedArray] | None = None,
 ) -> AnchorBank:
     """Load every anchor set once and precompute its confidence factors.
 
+    Anchors are catalog items: when the table names them (``anchor_item_ids``) and every one is
+    in the catalog, a set keeps only their catalog rows (``N`` integers instead of ``N x D``
+    floats: 80 bytes against 15 KB for 10 anchors of 384 dimensions) and the vectors are the
+    catalog's. Otherwise the anchors' own ``anchor_embeddings`` are used.
+
     Args:
-        anchors: ``user_interest_anchors`` table (user_id, event_timestamp, anchor_embeddings
-            flattened N*D, anchor_log_probs, num_anchors).
-        items: The catalog's embeddings (for the users' history positives).
+        anchors: ``user_interest_anchors`` table (user_id, event_timestamp, anchor_item_ids
+            and/or anchor_embeddings flattened N*D, anchor_log_probs, num_anchors).
+        items: The catalog's embeddings (for the anchors and the users' history positives).
         positives: The users' positive interactions (user_id, item_id, event_timestamp).
         history_items: How many of the latest positives before a cutoff to compare against.
+        read_embeddings: Reads ``anchor_embeddings`` when ``anchors`` was read without them
+            and they turn out to be needed.
     """
-    needed = ["user_id", "event_timestamp", "anchor_embeddings", "anchor_log_probs", "num_anchors"]
+    needed = ["user_id", "event_timestamp", "anchor_log_probs", "num_anchors"]
     missing = [c for c in needed if c not in anchors.column_names]
+    if not {"anchor_item_ids", "anchor_embeddings"} & set(anchors.column_names):
+        missing.append("anchor_item_ids or anchor_embeddings")
     if missing:
         raise PseudoLabelInputError(f"user_interest_anchors lacks columns {missing}")
-    dim = items.embeddings.shape[1]
     counts = anchors.column("num_anchors").to_numpy().astype(np.int64)
     n_max = int(counts.max()) if len(counts) else 0
-    flat = (
-        anchors.column("anchor_embeddings")
-        .combine_chunks()
-        .flatten()
-        .to_numpy(zero_copy_only=False)
-    )
-    if flat.size != counts.sum() * dim:
-        raise PseudoLabelInputError(
-            f"anchor_embeddings hold {flat.size} values, expected num_anchors x {dim} (the item "
-            "embedding size); were the anchors built from another item_semantics?"
-        )
-    if not np.isfinite(flat).all():
-        rows = np.unique(np.flatnonzero(~np.isfinite(flat)) // dim)
-        raise PseudoLabelInputError(
-            f"anchor_embeddings hold NaN or infinite values ({len(rows)} of {flat.size // dim} "
-            "anchors); regenerate the anchors (`gpl anchors generate`)"
-        )
     num_sets = anchors.num_rows
+    full = bool((counts == n_max).all())
+    # Ragged sets are scattered into the padded (S, N) layout in one step: anchor j overall is
+    # set ``set_of[j]``'s slot ``slot[j]``.
+    set_of = np.repeat(np.arange(num_sets), counts)
+    slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+    mask = np.zeros((num_sets, n_max), bool)
+    mask[set_of, slot] = True
     lp_flat = (
         anchors.column("anchor_log_probs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
     )
-    if (counts == n_max).all():
-        # Every set full (the usual case): the flat values already are the (S, N, D) layout.
-        emb = as_unit(flat.reshape(num_sets, n_max, dim))
-        mask = np.ones((num_sets, n_max), bool)
-        logp = lp_flat.astype(np.float32).reshape(num_sets, n_max)
+    logp = np.full((num_sets, n_max), -np.inf, np.float32)
+    logp[set_of, slot] = lp_flat
+    rows = _catalog_rows(anchors, items, counts)
+    source: Literal["catalog", "anchor_embeddings"]
+    if rows is not None:
+        slots = np.zeros((num_sets, n_max), np.int64)
+        slots[set_of, slot] = rows
+        vectors = AnchorVectors(vectors=items.embeddings, rows=slots)
+        source = "catalog"
     else:
-        emb = np.zeros((num_sets, n_max, dim), np.float32)
-        mask = np.zeros((num_sets, n_max), bool)
-        logp = np.full((num_sets, n_max), -np.inf, np.float32)
-        # Scatter the ragged sets into the padded (S, N) layout in one step: anchor j overall
-        # is set ``set_of[j]``'s slot ``slot[j]``.
-        set_of = np.repeat(np.arange(num_sets), counts)
-        slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-        emb[set_of, slot] = flat.reshape(-1, dim)
-        mask[set_of, slot] = True
-        logp[set_of, slot] = lp_flat
-        emb = as_unit(emb)
+        column = (
+            anchors.column("anchor_embeddings")
+            if "anchor_embeddings" in anchors.column_names
+            else read_embeddings()
+            if read_embeddings is not None
+            else None
+        )
+        if column is None:
+            raise PseudoLabelInputError(
+                "user_interest_anchors: anchor_item_ids name items missing from item_semantics "
+                "and there are no anchor_embeddings to fall back on"
+            )
+        vectors = _own_vectors(column, counts, n_max, full, set_of, slot, items)
+        source = "anchor_embeddings"
 
     # Historical consistency needs each set's history: the user's latest positives before the
     # cutoff, found for all sets at once.
@@ -345,7 +358,7 @@ def load_anchor_bank(
     )
     pos_items = items.lookup(positives.column("item_id"))
     history = np.where(events >= 0, pos_items[np.maximum(events, 0)], -1)
-    hist = history_factors(emb, mask, items.embeddings, history)
+    hist = history_factors(vectors, mask, items.embeddings, history)
     keys = pa.table(
         {
             "user_id": anchors.column("user_id"),
@@ -355,12 +368,72 @@ def load_anchor_bank(
     return AnchorBank(
         keys=keys,
         lookup=AnchorSetLookup.of(keys),
-        anchors=emb,
+        anchors=vectors,
+        source=source,
         mask=mask,
-        dispersion=dispersion_factor(emb, mask, logp),
+        dispersion=dispersion_factors(vectors, mask, logp),
         history=hist,
         lm=lm_factor(logp, mask),
     )
+
+
+def _catalog_rows(
+    anchors: pa.Table, items: ItemIndex, counts: npt.NDArray[np.int64]
+) -> npt.NDArray[np.int64] | None:
+    """Every anchor's catalog row (flat, set by set), or None when some anchor is not in it."""
+    if "anchor_item_ids" not in anchors.column_names:
+        return None
+    ids = anchors.column("anchor_item_ids").combine_chunks()
+    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, counts):
+        raise PseudoLabelInputError(
+            "user_interest_anchors: anchor_item_ids lengths differ from num_anchors "
+            f"({int((lengths != counts).sum())} sets)"
+        )
+    rows = items.lookup(ids.flatten())
+    unknown = int((rows < 0).sum())
+    if unknown:
+        logger.warning(
+            "%d anchor(s) name items missing from item_semantics (or with non-finite "
+            "embeddings there); using the anchors' own embeddings instead",
+            unknown,
+        )
+        return None
+    return rows
+
+
+def _own_vectors(
+    column: pa.ChunkedArray | pa.Array,
+    counts: npt.NDArray[np.int64],
+    n_max: int,
+    full: bool,
+    set_of: npt.NDArray[np.int64],
+    slot: npt.NDArray[np.int64],
+    items: ItemIndex,
+) -> AnchorVectors:
+    """The anchors' own ``anchor_embeddings`` as an ``(S, N, D)`` bank, checked and normalized."""
+    dim = items.embeddings.shape[1]
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    flat = column.flatten().to_numpy(zero_copy_only=False)
+    if flat.size != counts.sum() * dim:
+        raise PseudoLabelInputError(
+            f"anchor_embeddings hold {flat.size} values, expected num_anchors x {dim} (the item "
+            "embedding size); were the anchors built from another item_semantics?"
+        )
+    if not np.isfinite(flat).all():
+        rows = np.unique(np.flatnonzero(~np.isfinite(flat)) // dim)
+        raise PseudoLabelInputError(
+            f"anchor_embeddings hold NaN or infinite values ({len(rows)} of {flat.size // dim} "
+            "anchors); regenerate the anchors (`gpl anchors generate`)"
+        )
+    num_sets = len(counts)
+    if full:
+        # Every set full (the usual case): the flat values already are the (S, N, D) layout.
+        return AnchorVectors.of(as_unit(flat.reshape(num_sets, n_max, dim)))
+    emb = np.zeros((num_sets, n_max, dim), np.float32)
+    emb[set_of, slot] = flat.reshape(-1, dim)
+    return AnchorVectors.of(as_unit(emb))
 
 
 @dataclass
@@ -452,10 +525,11 @@ def _score(
     ok = has_set & (item_idx >= 0)
     # Usually every row is usable: then no row is masked and no array copied for it.
     every = bool(ok.all())
-    relevance, matched = max_cosine(
+    relevance, matched = max_cosine_rows(
         items.embeddings,
         item_idx if every else item_idx[ok],
-        bank.anchors,
+        bank.anchors.vectors,
+        bank.anchors.rows,
         bank.mask,
         set_idx if every else set_idx[ok],
     )
@@ -513,10 +587,27 @@ def _nullable(values: npt.NDArray[np.float32]) -> pa.Array:
     return pa.array(values, pa.float32(), mask=np.isnan(values))
 
 
+def _read_anchors(
+    anchors: pa.Table | Path,
+) -> tuple[pa.Table, Callable[[], pa.ChunkedArray] | None]:
+    """The anchors table, read without ``anchor_embeddings`` when they may not be needed.
+
+    From a file that names the anchors' items, the vectors (15 KB a set) are read only if some
+    anchor turns out to be missing from the catalog; the returned callable reads them then.
+    """
+    if not isinstance(anchors, Path):
+        return anchors, None
+    names = pq.read_schema(anchors).names
+    if "anchor_item_ids" in names and "anchor_embeddings" in names:
+        table = pq.read_table(anchors, columns=[n for n in names if n != "anchor_embeddings"])
+        return table, lambda: pq.read_table(anchors, columns=["anchor_embeddings"]).column(0)
+    return pq.read_table(anchors), None
+
+
 def generate_pseudo_labels(
     requests: pa.Table | Path,
     item_semantics: pa.Table,
-    anchors: pa.Table,
+    anchors: pa.Table | Path,
     positives: pa.Table,
     cfg: PseudoLabelConfig,
     out_dir: Path,
@@ -526,7 +617,8 @@ def generate_pseudo_labels(
     Args:
         requests: The request log (contract ``requests``), as a table or a parquet path (streamed).
         item_semantics: item_id + content_embedding of the catalog.
-        anchors: ``user_interest_anchors`` (one row per user and cutoff).
+        anchors: ``user_interest_anchors`` (one row per user and cutoff), as a table or a
+            parquet path (then read without the anchor vectors when the catalog has them).
         positives: Positive interactions, for the historical-consistency factor.
         cfg: Job settings.
         out_dir: Output directory (``RUN_DIR/pseudo_labels``).
@@ -553,7 +645,8 @@ def generate_pseudo_labels(
             _batches(requests, cfg.batch_rows, _EXPOSED_PASS_COLUMNS), reader
         )
         items = ItemIndex.from_item_semantics(item_semantics)
-        bank = load_anchor_bank(anchors, items, positives, cfg.history_items)
+        anchor_table, read_embeddings = _read_anchors(anchors)
+        bank = load_anchor_bank(anchor_table, items, positives, cfg.history_items, read_embeddings)
         confidence_table = _confidence_table(bank, cfg)
         warm.result()
         for batch in exposed_batches:
@@ -639,6 +732,7 @@ def generate_pseudo_labels(
         "unexposed_rows": target_rows,
         "target_groups": targets,
         "anchor_sets": bank.num_sets,
+        "anchor_vectors": bank.source,
         "calibration": (
             {
                 "method": "platt",

@@ -123,7 +123,8 @@ def default_workers() -> int:
 def _fused_groups(
     table: FloatMatrix,
     sorted_items: IntArray,
-    anchors: npt.NDArray[np.float32],
+    anchor_vectors: FloatMatrix,
+    anchor_rows: IntArray,
     counts: IntArray,
     starts: IntArray,
     ends: IntArray,
@@ -133,7 +134,7 @@ def _fused_groups(
 ) -> None:  # pragma: no cover - compiled; covered through max_cosine
     dim = table.shape[1]
     for g in range(starts.shape[0]):
-        chosen = anchors[sets[g]]
+        chosen = anchor_rows[sets[g]]
         n = counts[sets[g]]
         last = ends[g] - 1
         r = starts[g]
@@ -155,8 +156,8 @@ def _fused_groups(
             for k in range(0, n, 2):
                 # An odd last anchor is paired with itself: the tie keeps the lower slot.
                 j = min(k + 1, n - 1)
-                a = chosen[k]
-                c = chosen[j]
+                a = anchor_vectors[chosen[k]]
+                c = anchor_vectors[chosen[j]]
                 s0a = s1a = s2a = s3a = s0c = s1c = s2c = s3c = np.float32(0.0)
                 for d in range(dim):
                     s0a += v0[d] * a[d]
@@ -309,6 +310,53 @@ def max_cosine(
         ValueError: When a set's real anchors do not come first in ``anchor_mask``, or an item or
             set index is out of range (the compiled loop does not check bounds).
     """
+    bank = np.ascontiguousarray(anchors, np.float32)
+    n_sets, n_slots, dim = bank.shape
+    return max_cosine_rows(
+        item_embeddings,
+        item_index,
+        bank.reshape(n_sets * n_slots, dim),
+        np.arange(n_sets * n_slots, dtype=np.int64).reshape(n_sets, n_slots),
+        anchor_mask,
+        set_index,
+        workers,
+        slice_bytes,
+    )
+
+
+def max_cosine_rows(
+    item_embeddings: FloatMatrix,
+    item_index: IntArray,
+    anchor_vectors: FloatMatrix,
+    anchor_rows: IntArray,
+    anchor_mask: npt.NDArray[np.bool_],
+    set_index: IntArray,
+    workers: int | None = None,
+    slice_bytes: int | None = None,
+) -> tuple[npt.NDArray[np.float32], IntArray]:
+    """:func:`max_cosine` with each anchor given as a row of ``anchor_vectors``.
+
+    Anchor slot ``k`` of set ``s`` is ``anchor_vectors[anchor_rows[s, k]]``. With the catalog's
+    own table as ``anchor_vectors`` (anchors are catalog items), a set costs ``N`` integers instead
+    of ``N x D`` floats.
+
+    Args:
+        item_embeddings: ``(n_items, D)`` normalized item content embeddings.
+        item_index: ``(R,)`` row -> item row in ``item_embeddings`` (all valid).
+        anchor_vectors: ``(M, D)`` normalized anchor embeddings.
+        anchor_rows: ``(S, N)`` row of ``anchor_vectors`` per set and slot (any value in masked
+            slots).
+        anchor_mask: ``(S, N)`` which anchor slots are real, real anchors first.
+        set_index: ``(R,)`` row -> anchor set.
+        workers: Threads (default: one per available core; results do not depend on it).
+        slice_bytes: As in :func:`max_cosine`.
+
+    Returns:
+        As :func:`max_cosine`.
+
+    Raises:
+        ValueError: As :func:`max_cosine`, and when a real slot's row is out of range.
+    """
     rows = len(item_index)
     relevance = np.empty(rows, np.float32)
     matched = np.empty(rows, np.int64)
@@ -316,16 +364,18 @@ def max_cosine(
         return relevance, matched
     for name, index, size in (
         ("item_index", item_index, len(item_embeddings)),
-        ("set_index", set_index, len(anchors)),
+        ("set_index", set_index, len(anchor_rows)),
+        ("anchor_rows", anchor_rows[anchor_mask], len(anchor_vectors)),
     ):
-        if index.min() < 0 or index.max() >= size:
+        if len(index) and (index.min() < 0 or index.max() >= size):
             raise ValueError(f"{name} holds values outside [0, {size})")
     counts = anchor_mask.sum(axis=1).astype(np.int64)
     if not np.array_equal(anchor_mask, np.arange(anchor_mask.shape[1]) < counts[:, None]):
         raise ValueError("anchor_mask must list each set's real anchors first")
     table = np.ascontiguousarray(item_embeddings, np.float32)
-    bank = np.ascontiguousarray(anchors, np.float32)
-    n_items, n_sets = len(table), len(bank)
+    vectors = np.ascontiguousarray(anchor_vectors, np.float32)
+    slots = np.ascontiguousarray(anchor_rows, np.int64)
+    n_items, n_sets = len(table), len(slots)
     used_sets = int(np.count_nonzero(np.bincount(set_index, minlength=n_sets)))
     n_slices = slice_count(table.nbytes, rows, used_sets, slice_bytes or default_slice_bytes())
     order, starts, ends, sets, slices = _sliced_groups(
@@ -346,7 +396,8 @@ def max_cosine(
         _fused_groups(
             table,
             sorted_items,
-            bank,
+            vectors,
+            slots,
             counts,
             starts[groups],
             ends[groups],

@@ -15,6 +15,7 @@ from tests.factories import T0, make_requests
 from training.io import read_manifest, write_table
 from training.pseudo_labels.calibration import CalibrationError, fit_platt
 from training.pseudo_labels.confidence import (
+    AnchorVectors,
     combine,
     dispersion_factor,
     history_factor,
@@ -209,6 +210,7 @@ def test_items_with_non_finite_embeddings_count_as_having_none(  # type: ignore[
 
 
 def test_anchors_with_non_finite_embeddings_fail_loudly(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """When the anchors' own vectors are used (here: no anchor_item_ids), NaN stops the job."""
     requests, items, anchors, positives = inputs
     emb = anchors.column("anchor_embeddings").to_pylist()
     emb[4][7] = float("nan")
@@ -216,8 +218,80 @@ def test_anchors_with_non_finite_embeddings_fail_loudly(inputs, tmp_path: Path) 
         anchors.schema.get_field_index("anchor_embeddings"),
         "anchor_embeddings",
         pa.array(emb, pa.list_(pa.float32())),
-    )
+    ).drop_columns(["anchor_item_ids"])
     with pytest.raises(PseudoLabelInputError, match="NaN or infinite values \\(1 of"):
+        generate_pseudo_labels(
+            requests, items, broken, positives, PseudoLabelConfig(progress=False), tmp_path
+        )
+
+
+def test_anchors_are_catalog_rows_when_the_catalog_has_their_items(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Catalog rows and the anchors' own vectors give the same labels; the manifest says which."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    rows = generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path / "a")
+    own = generate_pseudo_labels(
+        requests, items, anchors.drop_columns(["anchor_item_ids"]), positives, cfg, tmp_path / "b"
+    )
+    assert rows.metrics["anchor_vectors"] == "catalog"
+    assert own.metrics["anchor_vectors"] == "anchor_embeddings"
+    assert pq.read_table(rows.path).equals(pq.read_table(own.path))
+    # An anchor whose item the catalog lacks (i39 has no embedding): the anchors' own vectors.
+    ids = anchors.column("anchor_item_ids").to_pylist()
+    ids[3][1] = "i39"
+    emb = anchors.column("anchor_embeddings").to_pylist()
+    emb[3][DIM : 2 * DIM] = make_item_semantics().column("content_embedding")[39].as_py()
+    stray = anchors.set_column(
+        anchors.schema.get_field_index("anchor_item_ids"),
+        "anchor_item_ids",
+        pa.array(ids, pa.list_(pa.string())),
+    ).set_column(
+        anchors.schema.get_field_index("anchor_embeddings"),
+        "anchor_embeddings",
+        pa.array(emb, pa.list_(pa.float32())),
+    )
+    fallback = generate_pseudo_labels(requests, items, stray, positives, cfg, tmp_path / "c")
+    assert fallback.metrics["anchor_vectors"] == "anchor_embeddings"
+    assert fallback.metrics["ok_rows"] == rows.metrics["ok_rows"]
+
+
+def test_anchors_from_a_file_are_read_without_their_vectors_unless_needed(  # type: ignore[no-untyped-def]
+    inputs, tmp_path: Path, monkeypatch
+) -> None:
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    path = write_table(anchors, tmp_path / "anchors.parquet")
+    read_columns: list[list[str] | None] = []
+    real = pq.read_table
+
+    def recording(source, *args, columns=None, **kwargs):  # type: ignore[no-untyped-def]
+        if Path(str(source)) == path:
+            read_columns.append(columns)
+        return real(source, *args, columns=columns, **kwargs)
+
+    monkeypatch.setattr(pq, "read_table", recording)
+    from_file = generate_pseudo_labels(requests, items, path, positives, cfg, tmp_path / "a")
+    assert read_columns == [[c for c in anchors.column_names if c != "anchor_embeddings"]]
+    in_memory = generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path / "b")
+    assert pq.read_table(from_file.path).equals(pq.read_table(in_memory.path))
+    # A catalog without one anchor's item: the vectors are read after all.
+    read_columns.clear()
+    smaller = items.filter(pc.not_equal(items.column("item_id"), anchors["anchor_item_ids"][0][0]))
+    fallback = generate_pseudo_labels(requests, smaller, path, positives, cfg, tmp_path / "c")
+    assert fallback.metrics["anchor_vectors"] == "anchor_embeddings"
+    assert read_columns[-1] == ["anchor_embeddings"]
+
+
+def test_anchor_item_ids_must_match_num_anchors(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    requests, items, anchors, positives = inputs
+    ids = anchors.column("anchor_item_ids").to_pylist()
+    ids[2] = ids[2][:-1]
+    broken = anchors.set_column(
+        anchors.schema.get_field_index("anchor_item_ids"),
+        "anchor_item_ids",
+        pa.array(ids, pa.list_(pa.string())),
+    )
+    with pytest.raises(PseudoLabelInputError, match="lengths differ from num_anchors \\(1 sets"):
         generate_pseudo_labels(
             requests, items, broken, positives, PseudoLabelConfig(progress=False), tmp_path
         )
@@ -266,7 +340,8 @@ def test_embeddings_not_of_unit_length_are_normalized(inputs, tmp_path: Path) ->
         generate_pseudo_labels(
             requests,
             scaled(items, "content_embedding", 3.0),
-            scaled(anchors, "anchor_embeddings", 0.5),
+            # Without item ids the anchors' own (here non-unit) vectors are used.
+            scaled(anchors, "anchor_embeddings", 0.5).drop_columns(["anchor_item_ids"]),
             positives,
             cfg,
             tmp_path / "b",
@@ -391,7 +466,9 @@ def test_history_factors_equal_the_per_set_factor(chunk: int, workers: int) -> N
         if n:
             history[s, 6 - n :] = np.where(rng.random(n) < 0.2, -1, rng.integers(0, 40, n))
     history[0] = -1  # one set without any history
-    got = history_factors(anchors, mask, items, history, chunk=chunk, workers=workers)
+    got = history_factors(
+        AnchorVectors.of(anchors), mask, items, history, chunk=chunk, workers=workers
+    )
     for s in range(9):
         rows = history[s][history[s] >= 0]
         expected = np.zeros(N_ANCHORS, np.float32)

@@ -17,6 +17,7 @@ from training.pseudo_labels.relevance import (
     last_level_cache_bytes,
     max_cosine,
     max_cosine_blas,
+    max_cosine_rows,
     slice_count,
 )
 from training.vectors import l2_normalize
@@ -158,6 +159,27 @@ def test_slice_count_is_bounded_by_the_cache_and_by_the_rows_per_group() -> None
 def test_cache_size_is_read_or_falls_back() -> None:
     assert last_level_cache_bytes() >= 2**20
     assert default_slice_bytes() == last_level_cache_bytes() // 3
+
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_anchors_as_rows_of_a_shared_table(sliceable, workers: int) -> None:  # type: ignore[no-untyped-def]
+    """Anchors given as catalog rows (repeats across sets allowed) score as their vectors do."""
+    emb, item_index, _, mask, set_index = sliceable
+    rows = np.random.default_rng(5).integers(0, len(emb), mask.shape)
+    rows[~mask] = 0  # padded slots: any valid row
+    by_rows = max_cosine_rows(emb, item_index, emb, rows, mask, set_index, workers=workers)
+    by_vectors = max_cosine(emb, item_index, emb[rows], mask, set_index, workers=workers)
+    np.testing.assert_array_equal(by_rows[0], by_vectors[0])
+    np.testing.assert_array_equal(by_rows[1], by_vectors[1])
+
+
+def test_anchor_rows_out_of_range_are_refused() -> None:
+    table = np.eye(3, dtype=np.float32)
+    mask = np.array([[True, False]])
+    # A padded slot may hold anything; a real one must be a row of the table.
+    max_cosine_rows(table, np.array([0]), table, np.array([[2, 99]]), mask, np.array([0]))
+    with pytest.raises(ValueError, match="anchor_rows holds values outside"):
+        max_cosine_rows(table, np.array([0]), table, np.array([[3, 0]]), mask, np.array([0]))
 
 
 def test_a_set_without_anchors_scores_minus_infinity() -> None:
