@@ -46,12 +46,8 @@ from training.pseudo_labels.job import (
     generate_pseudo_labels,
     load_anchor_bank,
 )
-from training.pseudo_labels.relevance import (
-    default_workers,
-    max_cosine,
-    max_cosine_blas,
-    max_cosine_rows,
-)
+from training.pseudo_labels.relevance import max_cosine, max_cosine_blas, max_cosine_rows
+from training.threads import default_workers
 from training.vectors import l2_normalize
 
 T0 = datetime(2024, 1, 1, tzinfo=UTC)

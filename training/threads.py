@@ -1,4 +1,7 @@
-"""Scoped torch CPU thread counts.
+"""Thread counts: the cores this process may use, and scoped torch CPU thread counts.
+
+:func:`default_workers` sizes the numpy/numba thread pools of the pseudo-label job (torch is
+imported only by :func:`torch_threads`, so those stages do not pay for loading it).
 
 Multi-threaded CPU matrix products (MKL's GEMM under torch) are not bit-for-bit reproducible from
 run to run: how the work is split between threads changes the order of the floating-point sums,
@@ -15,10 +18,17 @@ cores pay most, so it keeps them (GPU runs are the intended path there).
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-import torch
+
+def default_workers() -> int:
+    """Cores this process may run on."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not on Linux
+        return max(1, os.cpu_count() or 1)
 
 
 @contextmanager
@@ -32,6 +42,8 @@ def torch_threads(count: int | None) -> Iterator[None]:
         return
     if count < 1:
         raise ValueError(f"thread count must be >= 1, got {count}")
+    import torch  # here, not at the top: most users of this module need no torch
+
     before = torch.get_num_threads()
     torch.set_num_threads(count)
     try:

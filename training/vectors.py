@@ -3,22 +3,16 @@
 from __future__ import annotations
 
 import itertools
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import numpy.typing as npt
 
+from training.threads import default_workers
+
 #: Fewest values for which :func:`l2_normalize` splits the rows over threads: below it, starting
 #: threads costs more than it saves (a 77 MB item table took 36 ms on one thread, 21 ms on two).
 THREADED_FROM_VALUES = 1 << 22
-
-
-def _cores() -> int:
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 def l2_normalize(
@@ -34,7 +28,7 @@ def l2_normalize(
         workers: Threads for large inputs (default: one per core). Each vector is normalized the
             same way whichever thread does it, so the result does not depend on this.
     """
-    workers = workers or _cores()
+    workers = workers or default_workers()
     if x.size < THREADED_FROM_VALUES or workers == 1 or x.ndim == 0:
         norms = np.linalg.norm(x, axis=-1, keepdims=True)
         return (x / np.where(norms > 0, norms, 1.0)).astype(np.float32, copy=False)

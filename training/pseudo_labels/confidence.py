@@ -25,7 +25,7 @@ from typing import Literal
 import numpy as np
 import numpy.typing as npt
 
-from training.pseudo_labels.relevance import default_workers
+from training.threads import default_workers
 
 FLOOR = 1e-6
 """Factors are floored here before the geometric mean so that log(0) cannot occur."""

@@ -312,7 +312,6 @@ def load_anchor_bank(
     counts = anchors.column("num_anchors").to_numpy().astype(np.int64)
     n_max = int(counts.max()) if len(counts) else 0
     num_sets = anchors.num_rows
-    full = bool((counts == n_max).all())
     # Ragged sets are scattered into the padded (S, N) layout in one step: anchor j overall is
     # set ``set_of[j]``'s slot ``slot[j]``.
     set_of = np.repeat(np.arange(num_sets), counts)
@@ -332,19 +331,16 @@ def load_anchor_bank(
         vectors = AnchorVectors(vectors=items.embeddings, rows=slots)
         source = "catalog"
     else:
-        column = (
-            anchors.column("anchor_embeddings")
-            if "anchor_embeddings" in anchors.column_names
-            else read_embeddings()
-            if read_embeddings is not None
-            else None
-        )
-        if column is None:
+        if "anchor_embeddings" in anchors.column_names:
+            column = anchors.column("anchor_embeddings")
+        elif read_embeddings is not None:
+            column = read_embeddings()
+        else:
             raise PseudoLabelInputError(
                 "user_interest_anchors: anchor_item_ids name items missing from item_semantics "
                 "and there are no anchor_embeddings to fall back on"
             )
-        vectors = _own_vectors(column, counts, n_max, full, set_of, slot, items)
+        vectors = _own_vectors(column, counts, set_of, slot, items.embeddings.shape[1])
         source = "anchor_embeddings"
 
     # Historical consistency needs each set's history: the user's latest positives before the
@@ -405,14 +401,14 @@ def _catalog_rows(
 def _own_vectors(
     column: pa.ChunkedArray | pa.Array,
     counts: npt.NDArray[np.int64],
-    n_max: int,
-    full: bool,
     set_of: npt.NDArray[np.int64],
     slot: npt.NDArray[np.int64],
-    items: ItemIndex,
+    dim: int,
 ) -> AnchorVectors:
-    """The anchors' own ``anchor_embeddings`` as an ``(S, N, D)`` bank, checked and normalized."""
-    dim = items.embeddings.shape[1]
+    """The anchors' own ``anchor_embeddings`` as an ``(S, N, D)`` bank, checked and normalized.
+
+    ``set_of`` and ``slot`` place each flat anchor in the padded layout (see the caller).
+    """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
     flat = column.flatten().to_numpy(zero_copy_only=False)
@@ -428,7 +424,8 @@ def _own_vectors(
             "anchors); regenerate the anchors (`gpl anchors generate`)"
         )
     num_sets = len(counts)
-    if full:
+    n_max = int(counts.max()) if num_sets else 0
+    if (counts == n_max).all():
         # Every set full (the usual case): the flat values already are the (S, N, D) layout.
         return AnchorVectors.of(as_unit(flat.reshape(num_sets, n_max, dim)))
     emb = np.zeros((num_sets, n_max, dim), np.float32)

@@ -42,6 +42,7 @@ import numpy.typing as npt
 from threadpoolctl import ThreadpoolController
 
 from training.jit import compiled
+from training.threads import default_workers
 
 FloatMatrix = npt.NDArray[np.float32]
 IntArray = npt.NDArray[np.int64]
@@ -109,14 +110,6 @@ def _pool(workers: int, pid: int) -> ThreadPoolExecutor:
     # One pool per process and size, kept: starting two threads per call cost ~4 ms a batch. The
     # pid is part of the key because a forked child inherits the pool without its threads.
     return ThreadPoolExecutor(workers, thread_name_prefix="relevance")
-
-
-def default_workers() -> int:
-    """Cores this process may run on."""
-    try:
-        return max(1, len(os.sched_getaffinity(0)))
-    except AttributeError:  # not on Linux
-        return max(1, os.cpu_count() or 1)
 
 
 @compiled
