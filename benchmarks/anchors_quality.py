@@ -12,8 +12,9 @@ Protocol (leave-one-out, the UniSRec split of the dataset, read directly from it
   real next item (``test.inter`` target) among the top K anchors. No filtering of consumed items
   for any method (0.6% of test targets are in the history).
 * baselines, on the same users and training data: most-popular, and item-to-item co-occurrence
-  (directed, within a window of the sequence, recency-weighted over the user's last items; its
-  window and decay are tuned on the validation targets, then refit on the full histories).
+  (pairs within a window of the sequence, weighted 1/distance, counted forward only or both
+  ways, recency-weighted over the user's last items; window, direction and decay are tuned on the
+  validation targets, then refit on the full histories).
 
 Prints a table and writes ``benchmarks/results/anchors_quality.json``.
 
@@ -126,7 +127,14 @@ def history_share(recs: list[list[int]], histories: list[list[int]], k: int) -> 
     return round(seen / max(1, sum(len(rec[:k]) for rec in recs)), 5)
 
 
-def cooc_matrix(histories: list[list[int]], n_items: int, window: int) -> sp.csr_matrix:
+def cooc_matrix(
+    histories: list[list[int]], n_items: int, window: int, symmetric: bool = False
+) -> sp.csr_matrix:
+    """Item-to-item counts of pairs within ``window`` positions, weighted 1 / distance.
+
+    ``symmetric`` also counts each pair backwards ("b then a" for "a then b"): on Amazon
+    Scientific the better choice (baskets have no meaningful order), picked by the tuning.
+    """
     rows, cols, vals = [], [], []
     for h in histories:
         for a in range(len(h)):
@@ -135,7 +143,8 @@ def cooc_matrix(histories: list[list[int]], n_items: int, window: int) -> sp.csr
                     rows.append(h[a])
                     cols.append(h[a + d])
                     vals.append(1.0 / d)
-    return sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
+    forward = sp.csr_matrix((vals, (rows, cols)), shape=(n_items, n_items))
+    return (forward + forward.T).tocsr() if symmetric else forward
 
 
 def cooc_recs(
@@ -166,8 +175,8 @@ def cooc_recs(
 def cooc_lists(
     histories: list[list[int]], n_items: int, tuned: dict[str, Any], k: int
 ) -> list[list[int]]:
-    """Top-``k`` co-occurrence lists with the window and decay ``cooc_baseline`` tuned."""
-    matrix = cooc_matrix(histories, n_items, tuned["window"])
+    """Top-``k`` co-occurrence lists with the settings ``cooc_baseline`` tuned."""
+    matrix = cooc_matrix(histories, n_items, tuned["window"], tuned["symmetric"])
     return cooc_recs(histories, matrix, tuned["decay"], k, popular(histories, 2 * k))
 
 
@@ -177,22 +186,24 @@ def cooc_baseline(
     # Tune on validation: the history without its last item predicts that item.
     val_hist = [h[:-1] for _, h, _ in test if len(h) >= 2]
     val_target = [h[-1] for _, h, _ in test if len(h) >= 2]
-    best: tuple[float, int, float] | None = None
+    best: tuple[float, int, bool, float] | None = None
+    fill = popular(val_hist, 2 * k)
     for window in (1, 2, 3, 5):
-        matrix = cooc_matrix(val_hist, n_items, window)
-        fill = popular(val_hist, 2 * k)
-        for decay in (0.3, 0.6, 1.0):
-            recs = cooc_recs(val_hist, matrix, decay, k, fill, exclude_history)
-            score = metrics(recs, val_target)["ndcg@10"]
-            if best is None or score > best[0]:
-                best = (score, window, decay)
+        for symmetric in (False, True):
+            matrix = cooc_matrix(val_hist, n_items, window, symmetric)
+            for decay in (0.3, 0.6, 1.0):
+                recs = cooc_recs(val_hist, matrix, decay, k, fill, exclude_history)
+                score = metrics(recs, val_target)["ndcg@10"]
+                if best is None or score > best[0]:
+                    best = (score, window, symmetric, decay)
     assert best is not None
-    _, window, decay = best
+    _, window, symmetric, decay = best
     histories = [h for _, h, _ in test]
-    matrix = cooc_matrix(histories, n_items, window)
+    matrix = cooc_matrix(histories, n_items, window, symmetric)
     recs = cooc_recs(histories, matrix, decay, k, popular(histories, 2 * k), exclude_history)
     return {
         "window": window,
+        "symmetric": symmetric,
         "decay": decay,
         "validation_ndcg@10": best[0],
         "history_share@10": history_share(recs, histories, k),
@@ -254,6 +265,31 @@ def anchor_lists(
     return [[asin_index[a] for a in rows.get(f"u{u}", [])] for u, _, _ in test], gen.metrics
 
 
+def baselines_main(test: list[tuple[str, list[int], int]], n_items: int) -> None:
+    """``--baselines-only``: most popular and co-occurrence (every tuning cell), no file written."""
+    targets = [t for _, _, t in test]
+    histories = [h for _, h, _ in test]
+    pop = popular(histories, 10)
+    print(f"{'method':<40}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
+    rows: dict[str, dict[str, Any]] = {"most popular": metrics([pop] * len(test), targets)}
+    fill = popular(histories, 20)
+    for window in (1, 2, 3, 5):
+        for symmetric in (False, True):
+            matrix = cooc_matrix(histories, n_items, window, symmetric)
+            for decay in (0.3, 0.6, 1.0):
+                name = f"co-occurrence w={window} {'both' if symmetric else 'fwd'} decay={decay}"
+                rows[name] = metrics(cooc_recs(histories, matrix, decay, 10, fill), targets)
+    tuned = cooc_baseline(test, n_items, 10)
+    rows[
+        f"co-occurrence tuned (w={tuned['window']} "
+        f"{'both' if tuned['symmetric'] else 'fwd'} decay={tuned['decay']})"
+    ] = tuned
+    for name, r in rows.items():
+        print(
+            f"{name:<40}{r['hr@5']:>9.4f}{r['ndcg@5']:>9.4f}{r['hr@10']:>9.4f}{r['ndcg@10']:>9.4f}"
+        )
+
+
 def ensemble_main(
     args: argparse.Namespace,
     cfg: AnchorConfig,
@@ -288,7 +324,7 @@ def ensemble_main(
                 "generation_users_per_second": gen_metrics["users_per_second"],
             }
             print(name, {k2: v for k2, v in results[name].items() if k2 != "members"}, flush=True)
-    report = {
+    report: dict[str, Any] = {
         "benchmark": "anchors_quality_ensemble",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
         "params": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
@@ -349,6 +385,13 @@ def main() -> None:
         help="LoRA path on a random-weight Qwen2 checkpoint of this shape, written to "
         "WORK_DIR/base (training/anchors/base_checkpoint.py; no pretrained knowledge)",
     )
+    p.add_argument(
+        "--skip-copies",
+        type=int,
+        default=0,
+        help="thinned copies of every training sequence (sequences.skip_copies)",
+    )
+    p.add_argument("--skip-rate", type=float, default=0.3, help="sequences.skip_rate")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--text-prefix", default="", help="model.text_prefix (LoRA path only)")
     p.add_argument("--hidden", type=int, default=128)
@@ -397,6 +440,12 @@ def main() -> None:
         "benchmark on the same SIDs, WORK_DIR/model) as an ensemble, every prefix of the list "
         "with both --ensemble-combine rules",
     )
+    p.add_argument(
+        "--baselines-only",
+        action="store_true",
+        help="skip SIDs and the LM: print the two baselines (co-occurrence with its tuning "
+        "grid) in seconds",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/anchors_quality.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -409,6 +458,9 @@ def main() -> None:
     n_items = len(index)
     targets = [t for _, _, t in test]
     histories = [h for _, h, _ in test]
+    if args.baselines_only:
+        baselines_main(test, n_items)
+        return
 
     from training.sids.config import SidConfig
     from training.sids.encoder import EncoderConfig
@@ -458,6 +510,8 @@ def main() -> None:
                 "max_history": args.max_history,
                 "downsample_threshold": args.downsample,
                 "reverse_augmentation": args.reverse_augmentation,
+                "skip_copies": args.skip_copies,
+                "skip_rate": args.skip_rate,
                 "seed": args.seed if args.split_seed is None else args.split_seed,
             },
             "model": {
