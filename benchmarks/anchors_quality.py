@@ -385,13 +385,6 @@ def main() -> None:
         help="LoRA path on a random-weight Qwen2 checkpoint of this shape, written to "
         "WORK_DIR/base (training/anchors/base_checkpoint.py; no pretrained knowledge)",
     )
-    p.add_argument(
-        "--skip-copies",
-        type=int,
-        default=0,
-        help="thinned copies of every training sequence (sequences.skip_copies)",
-    )
-    p.add_argument("--skip-rate", type=float, default=0.3, help="sequences.skip_rate")
     p.add_argument("--lora-rank", type=int, default=16)
     p.add_argument("--text-prefix", default="", help="model.text_prefix (LoRA path only)")
     p.add_argument("--hidden", type=int, default=128)
@@ -510,8 +503,6 @@ def main() -> None:
                 "max_history": args.max_history,
                 "downsample_threshold": args.downsample,
                 "reverse_augmentation": args.reverse_augmentation,
-                "skip_copies": args.skip_copies,
-                "skip_rate": args.skip_rate,
                 "seed": args.seed if args.split_seed is None else args.split_seed,
             },
             "model": {

@@ -71,7 +71,6 @@ from training.anchors.sequences import (
     holdout_split,
     user_sequences,
     with_reversed,
-    with_skips,
 )
 from training.anchors.train import EVAL_K, TrainConfig, TrainHistory, hit_rate_ndcg, train_loop
 from training.anchors.trie import SidTrie
@@ -199,8 +198,6 @@ def train_anchor_model(
     if sc.reverse_augmentation:
         # After the hold-out split: a held-out item never reaches training, not even backwards.
         train_seqs = with_reversed(train_seqs)
-    if sc.skip_copies:
-        train_seqs = with_skips(train_seqs, sc.skip_copies, sc.skip_rate, sc.seed)
     examples = ExampleSet.build(train_seqs, sc.max_history, tc.loss_on)
 
     out_dir.mkdir(parents=True, exist_ok=True)

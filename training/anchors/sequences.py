@@ -12,8 +12,6 @@
   share of all occurrences (word2vec's subsampling rule, ``alpha = 0.5`` being its square root).
 * :func:`with_reversed`: optionally, every training sequence also backwards (symmetric
   co-occurrence as extra training signal).
-* :func:`with_skips`: optionally, copies of every training sequence with items dropped at
-  random, so the LM also trains on transitions that skip an item ("a then c" from "a, b, c").
 * :func:`holdout_split` and :class:`ExampleSet`: held-out last items for evaluation, and teacher
   forcing examples as index ranges (no per-example Python objects, so millions of users fit).
 """
@@ -65,20 +63,6 @@ class SequenceConfig(BaseModel):
         "engagement is about symmetric (items bought together, whose order within a basket is "
         "arbitrary): on Amazon Scientific it lifted the anchors' HR@10 from 0.083 to 0.098 "
         "(docs/anchors.md). Doubles the training examples; generation is unchanged.",
-    )
-    skip_copies: int = Field(
-        default=0,
-        ge=0,
-        description="Copies of every training sequence (after reverse_augmentation) with each "
-        "item dropped with probability skip_rate, so the LM also learns transitions that skip "
-        "items, as a windowed co-occurrence count does. 0 disables it; each copy adds up to one "
-        "more pass of training examples.",
-    )
-    skip_rate: float = Field(
-        default=0.3,
-        gt=0,
-        lt=1,
-        description="Probability of dropping an item from a skip_copies copy.",
     )
     seed: int = Field(default=0, ge=0, description="Seed of downsampling and the evaluation split.")
 
@@ -414,28 +398,6 @@ def with_reversed(sequences: Sequence[IntArray]) -> list[IntArray]:
     training on short sequences sees only one way.
     """
     return [*sequences, *(s[::-1].copy() for s in sequences if len(s) >= 2)]
-
-
-def with_skips(
-    sequences: Sequence[IntArray], copies: int, rate: float, seed: int
-) -> list[IntArray]:
-    """The training sequences followed by ``copies`` thinned copies of each one.
-
-    Each item of a copy is dropped with probability ``rate``; a copy is kept only when it has two
-    or more items and differs from its original (a copy equal to it would only reweight it).
-    Every pair of a thinned copy is a pair of the original in the same order, so no transition
-    is invented, only ones that skip items are added.
-    """
-    rng = np.random.default_rng(seed)
-    out = list(sequences)
-    for _ in range(copies):
-        for s in sequences:
-            if len(s) < 3:
-                continue
-            keep = rng.random(len(s)) >= rate
-            if 2 <= keep.sum() < len(s):
-                out.append(s[keep])
-    return out
 
 
 def frequency_summary(sequences: Sequence[IntArray], n_items: int) -> dict[str, float]:

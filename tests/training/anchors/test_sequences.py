@@ -18,7 +18,6 @@ from training.anchors.sequences import (
     request_cutoffs,
     user_sequences,
     with_reversed,
-    with_skips,
 )
 from training.data.contract import ContractError
 
@@ -211,21 +210,3 @@ def test_reverse_augmentation_appends_each_sequence_backwards() -> None:
     assert [s.tolist() for s in out] == [[0, 1, 2], [5], [3, 4], [2, 1, 0], [4, 3]]
     out[3][0] = 9  # copies, not views of the originals
     assert seqs[0].tolist() == [0, 1, 2]
-
-
-def test_skip_copies_add_thinned_subsequences_and_keep_the_originals() -> None:
-    seqs = [np.arange(10, dtype=np.int64), np.array([3, 4], np.int64), np.array([7], np.int64)]
-    out = with_skips(seqs, copies=3, rate=0.3, seed=0)
-    assert all(a is b for a, b in zip(out[:3], seqs, strict=True))
-    copies = out[3:]
-    assert copies, "ten-item sequences are thinned"
-    for c in copies:
-        # An ordered, strictly shorter subsequence of the ten-item original with >= 2 items:
-        # every transition it teaches skips items of a real sequence, none is invented.
-        assert 2 <= len(c) < 10
-        assert np.all(np.diff(c) > 0)
-    # Sequences too short to thin (one or two items) get no copies.
-    assert len(copies) <= 3
-    again = with_skips(seqs, copies=3, rate=0.3, seed=0)
-    assert len(again) == len(out)
-    assert all(np.array_equal(a, b) for a, b in zip(again, out, strict=True))
