@@ -45,6 +45,11 @@ DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "amazon-sci
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
 TS = pa.timestamp("us", tz="UTC")
 KS = (5, 10)
+#: The co-occurrence baseline's tuning grid: pair window, both directions or forward only, and
+#: the recency decay over the user's last items.
+COOC_WINDOWS = (1, 2, 3, 5)
+COOC_SYMMETRIC = (False, True)
+COOC_DECAYS = (0.3, 0.6, 1.0)
 
 
 def read_inter(path: Path) -> list[tuple[str, list[int], int]]:
@@ -188,10 +193,10 @@ def cooc_baseline(
     val_target = [h[-1] for _, h, _ in test if len(h) >= 2]
     best: tuple[float, int, bool, float] | None = None
     fill = popular(val_hist, 2 * k)
-    for window in (1, 2, 3, 5):
-        for symmetric in (False, True):
+    for window in COOC_WINDOWS:
+        for symmetric in COOC_SYMMETRIC:
             matrix = cooc_matrix(val_hist, n_items, window, symmetric)
-            for decay in (0.3, 0.6, 1.0):
+            for decay in COOC_DECAYS:
                 recs = cooc_recs(val_hist, matrix, decay, k, fill, exclude_history)
                 score = metrics(recs, val_target)["ndcg@10"]
                 if best is None or score > best[0]:
@@ -273,10 +278,10 @@ def baselines_main(test: list[tuple[str, list[int], int]], n_items: int) -> None
     print(f"{'method':<40}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
     rows: dict[str, dict[str, Any]] = {"most popular": metrics([pop] * len(test), targets)}
     fill = popular(histories, 20)
-    for window in (1, 2, 3, 5):
-        for symmetric in (False, True):
+    for window in COOC_WINDOWS:
+        for symmetric in COOC_SYMMETRIC:
             matrix = cooc_matrix(histories, n_items, window, symmetric)
-            for decay in (0.3, 0.6, 1.0):
+            for decay in COOC_DECAYS:
                 name = f"co-occurrence w={window} {'both' if symmetric else 'fwd'} decay={decay}"
                 rows[name] = metrics(cooc_recs(histories, matrix, decay, 10, fill), targets)
     tuned = cooc_baseline(test, n_items, 10)
