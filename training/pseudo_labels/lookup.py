@@ -8,6 +8,7 @@ compiled binary search within each row's user range.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass, field
 from typing import TypeAlias
 
@@ -56,8 +57,7 @@ class DictionaryCache:
     """
 
     def __init__(self, size: int = 4) -> None:
-        self.size = size
-        self._entries: list[tuple[pa.Array, I64]] = []
+        self._entries: deque[tuple[pa.Array, I64]] = deque(maxlen=size)
 
     def get(self, dictionary: pa.Array) -> I64 | None:
         """The positions of an equal dictionary seen before, else None."""
@@ -68,8 +68,7 @@ class DictionaryCache:
 
     def put(self, dictionary: pa.Array, positions: I64) -> None:
         """Remember ``positions`` for ``dictionary`` (the oldest entry goes when full)."""
-        kept = self._entries[max(0, len(self._entries) - self.size + 1) :]
-        self._entries = [*kept, (dictionary, positions)]
+        self._entries.append((dictionary, positions))
 
 
 def _chunks(column: Column) -> list[pa.Array]:
