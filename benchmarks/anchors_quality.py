@@ -29,6 +29,7 @@ import logging
 import platform
 import time
 from collections import Counter
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -152,6 +153,20 @@ def cooc_matrix(
     return (forward + forward.T).tocsr() if symmetric else forward
 
 
+def cooc_grid(
+    histories: list[list[int]], n_items: int
+) -> Iterator[tuple[int, bool, float, sp.csr_matrix]]:
+    """Every cell of the tuning grid: window, direction, decay and the cell's pair matrix.
+
+    A matrix is built once per (window, direction) and shared by that pair's decays.
+    """
+    for window in COOC_WINDOWS:
+        for symmetric in COOC_SYMMETRIC:
+            matrix = cooc_matrix(histories, n_items, window, symmetric)
+            for decay in COOC_DECAYS:
+                yield window, symmetric, decay, matrix
+
+
 def cooc_recs(
     histories: list[list[int]],
     matrix: sp.csr_matrix,
@@ -193,14 +208,11 @@ def cooc_baseline(
     val_target = [h[-1] for _, h, _ in test if len(h) >= 2]
     best: tuple[float, int, bool, float] | None = None
     fill = popular(val_hist, 2 * k)
-    for window in COOC_WINDOWS:
-        for symmetric in COOC_SYMMETRIC:
-            matrix = cooc_matrix(val_hist, n_items, window, symmetric)
-            for decay in COOC_DECAYS:
-                recs = cooc_recs(val_hist, matrix, decay, k, fill, exclude_history)
-                score = metrics(recs, val_target)["ndcg@10"]
-                if best is None or score > best[0]:
-                    best = (score, window, symmetric, decay)
+    for window, symmetric, decay, matrix in cooc_grid(val_hist, n_items):
+        recs = cooc_recs(val_hist, matrix, decay, k, fill, exclude_history)
+        score = metrics(recs, val_target)["ndcg@10"]
+        if best is None or score > best[0]:
+            best = (score, window, symmetric, decay)
     assert best is not None
     _, window, symmetric, decay = best
     histories = [h for _, h, _ in test]
@@ -278,12 +290,9 @@ def baselines_main(test: list[tuple[str, list[int], int]], n_items: int) -> None
     print(f"{'method':<40}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
     rows: dict[str, dict[str, Any]] = {"most popular": metrics([pop] * len(test), targets)}
     fill = popular(histories, 20)
-    for window in COOC_WINDOWS:
-        for symmetric in COOC_SYMMETRIC:
-            matrix = cooc_matrix(histories, n_items, window, symmetric)
-            for decay in COOC_DECAYS:
-                name = f"co-occurrence w={window} {'both' if symmetric else 'fwd'} decay={decay}"
-                rows[name] = metrics(cooc_recs(histories, matrix, decay, 10, fill), targets)
+    for window, symmetric, decay, matrix in cooc_grid(histories, n_items):
+        name = f"co-occurrence w={window} {'both' if symmetric else 'fwd'} decay={decay}"
+        rows[name] = metrics(cooc_recs(histories, matrix, decay, 10, fill), targets)
     tuned = cooc_baseline(test, n_items, 10)
     rows[
         f"co-occurrence tuned (w={tuned['window']} "
