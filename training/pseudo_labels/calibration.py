@@ -41,8 +41,14 @@ def fit_platt(
     """Fit Platt scaling by Newton's method (tiny L2 penalty keeps separable data finite).
 
     Raises:
-        CalibrationError: when fewer than ``min_per_class`` positives or negatives are given.
+        CalibrationError: when fewer than ``min_per_class`` positives or negatives are given, when
+            a relevance value is not finite, or when the fit does not converge to finite values.
     """
+    if not np.isfinite(relevance).all():
+        raise CalibrationError(
+            f"Platt scaling got {int((~np.isfinite(relevance)).sum())} non-finite relevance "
+            "values; every exposed row it is fitted on must have a finite relevance"
+        )
     y = labels.astype(np.float64)
     positives = int(y.sum())
     negatives = len(y) - positives
@@ -62,4 +68,6 @@ def fit_platt(
         w -= step
         if np.abs(step).max() < 1e-8:
             break
+    if not np.isfinite(w).all():
+        raise CalibrationError(f"Platt scaling diverged (a, b = {w[0]}, {w[1]})")
     return PlattScaler(a=float(w[0]), b=float(w[1]))

@@ -89,7 +89,7 @@ def beam_probabilities(
 ) -> npt.NDArray[np.float32]:
     """Softmax of each set's sequence log-probabilities over its real anchors: ``(S, N)``."""
     masked = np.where(mask, log_probs, -np.inf)
-    top = masked.max(axis=1, keepdims=True)
+    top = masked.max(axis=1, keepdims=True, initial=-np.inf)  # zero slots: -inf
     top = np.where(np.isfinite(top), top, 0.0)
     expd = np.where(mask, np.exp(masked - top), 0.0)
     total = expd.sum(axis=1, keepdims=True)
@@ -101,7 +101,7 @@ def lm_factor(
 ) -> npt.NDArray[np.float32]:
     """Per-anchor ``p_k / max_j p_j`` within the set: ``(S, N)``, 0 for padded slots."""
     masked = np.where(mask, log_probs, -np.inf)
-    top = masked.max(axis=1, keepdims=True)
+    top = masked.max(axis=1, keepdims=True, initial=-np.inf)  # zero slots: -inf
     top = np.where(np.isfinite(top), top, 0.0)
     return np.where(mask, np.exp(masked - top), 0.0).astype(np.float32)
 

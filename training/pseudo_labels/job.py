@@ -102,6 +102,7 @@ _FLOAT_OUTPUTS = (
     "confidence",
     "pseudo_label",
 )
+_FACTOR_OUTPUTS = ("dispersion", "history_consistency", "lm_confidence", "confidence")
 _STATUS_VALUES = pa.array(["ok", "no_anchors", "no_item_embedding"])
 #: String columns read dictionary-encoded: ids repeat across a batch's rows (a request's
 #: candidates, a user's requests, popular items), so lookups and filters hash each distinct value
@@ -142,7 +143,8 @@ class ConfidenceWeights(BaseModel):
     for the paper's equal combination.
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # An infinite weight would pass ``ge=0`` and turn every confidence into NaN.
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     dispersion: float = Field(default=1.0, ge=0, description="Weight of semantic dispersion.")
     history: float = Field(
@@ -223,11 +225,24 @@ class AnchorBank:
     dispersion: npt.NDArray[np.float32]
     history: npt.NDArray[np.float32]
     lm: npt.NDArray[np.float32]
+    empty: npt.NDArray[np.bool_]
+    """Sets that hold no anchor (every beam of that cutoff was invalid). They stay in the lookup,
+    so a request whose latest set is empty is not matched to an older one, and its rows get
+    status ``no_anchors``."""
 
     @property
     def num_sets(self) -> int:
         """Number of anchor sets (user x cutoff)."""
         return int(self.mask.shape[0])
+
+    def sets_of(
+        self, user_ids: pa.Array | pa.ChunkedArray, timestamps: pa.Array | pa.ChunkedArray
+    ) -> npt.NDArray[np.int64]:
+        """Each row's anchor set (latest cutoff <= its time), -1 when none or an empty one."""
+        set_idx = self.lookup(user_ids, timestamps)
+        if self.empty.any():
+            set_idx = np.where(self.empty.take(np.maximum(set_idx, 0)), -1, set_idx)
+        return set_idx
 
 
 @dataclass
@@ -236,9 +251,9 @@ class ItemIndex:
 
     item_ids: pa.Array
     embeddings: npt.NDArray[np.float32]
-    #: Items left out because their embedding holds NaN or infinite values (their candidates get
-    #: status ``no_item_embedding``, like items missing from the table).
-    non_finite: list[str] = field(default_factory=list)
+    #: Items left out because their embedding is null, holds NaN or infinite values, or is all
+    #: zeros (their candidates get status ``no_item_embedding``, like items missing from the table).
+    unusable: list[str] = field(default_factory=list)
     #: Positions of recently looked-up id dictionaries (each parquet row group brings one).
     cache: DictionaryCache = field(default_factory=DictionaryCache, compare=False, repr=False)
 
@@ -249,30 +264,41 @@ class ItemIndex:
             if col not in table.column_names:
                 raise PseudoLabelInputError(f"item_semantics lacks column {col!r}")
         emb = table.column("content_embedding").combine_chunks()
+        item_ids = table.column("item_id").combine_chunks()
+        if emb.null_count:
+            present = emb.is_valid()
+            # A null list has no values: dropped before the flat values are cut into rows.
+            null_ids = item_ids.filter(pc.invert(present))
+            emb, item_ids = emb.filter(present), item_ids.filter(present)
+        else:
+            null_ids = item_ids.slice(0, 0)
         lengths = pc.unique(pc.list_value_length(emb)).to_pylist()
-        if len(lengths) != 1:
+        if len(lengths) > 1:
             raise PseudoLabelInputError(f"item_semantics embeddings have mixed lengths {lengths}")
-        dim = int(lengths[0])
+        dim = int(lengths[0]) if lengths else 0
+        if dim == 0:
+            raise PseudoLabelInputError("item_semantics holds no usable content embedding")
         flat = emb.flatten().to_numpy(zero_copy_only=False).astype(np.float32, copy=False)
         vectors = flat.reshape(-1, dim)
-        item_ids = table.column("item_id").combine_chunks()
-        # A NaN would make every cosine with it NaN, which the relevance kernel's maximum skips:
-        # such items are treated as having no embedding rather than scored as garbage.
-        finite = np.isfinite(vectors).all(axis=1)
-        if finite.all():
+        # A NaN would make every cosine with it NaN, which the relevance kernel's maximum skips,
+        # and a zero vector has no direction (its "cosine" would be a silent 0): such items are
+        # treated as having no embedding rather than scored as garbage.
+        usable = np.isfinite(vectors).all(axis=1)
+        usable[usable] = np.abs(vectors[usable]).max(axis=1) > 0
+        if usable.all() and not len(null_ids):
             return cls(item_ids=item_ids, embeddings=as_unit(vectors))
-        keep = pa.array(finite)
-        bad = item_ids.filter(pc.invert(keep)).to_pylist()
+        keep = pa.array(usable)
+        bad = null_ids.to_pylist() + item_ids.filter(pc.invert(keep)).to_pylist()
         logger.warning(
-            "%d item(s) have NaN or infinite content embeddings and get no pseudo-labels "
-            "(status no_item_embedding), e.g. %s",
+            "%d item(s) have a null, NaN, infinite or all-zero content embedding and get no "
+            "pseudo-labels (status no_item_embedding), e.g. %s",
             len(bad),
             bad[:5],
         )
         return cls(
             item_ids=item_ids.filter(keep),
-            embeddings=as_unit(vectors[finite]),
-            non_finite=[str(i) for i in bad],
+            embeddings=as_unit(vectors[usable]),
+            unusable=[str(i) for i in bad],
         )
 
     def lookup(self, item_ids: pa.Array | pa.ChunkedArray) -> npt.NDArray[np.int64]:
@@ -309,7 +335,11 @@ def load_anchor_bank(
         missing.append("anchor_item_ids or anchor_embeddings")
     if missing:
         raise PseudoLabelInputError(f"user_interest_anchors lacks columns {missing}")
-    counts = anchors.column("num_anchors").to_numpy().astype(np.int64)
+    counts = anchors.column("num_anchors").to_numpy(zero_copy_only=False).astype(np.int64)
+    if (counts < 0).any():
+        raise PseudoLabelInputError(
+            f"user_interest_anchors: {int((counts < 0).sum())} sets have a negative num_anchors"
+        )
     n_max = int(counts.max()) if len(counts) else 0
     num_sets = anchors.num_rows
     # Ragged sets are scattered into the padded (S, N) layout in one step: anchor j overall is
@@ -318,9 +348,7 @@ def load_anchor_bank(
     slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
     mask = np.zeros((num_sets, n_max), bool)
     mask[set_of, slot] = True
-    lp_flat = (
-        anchors.column("anchor_log_probs").combine_chunks().flatten().to_numpy(zero_copy_only=False)
-    )
+    lp_flat = _log_probs(anchors.column("anchor_log_probs"), counts)
     logp = np.full((num_sets, n_max), -np.inf, np.float32)
     logp[set_of, slot] = lp_flat
     rows = _catalog_rows(anchors, items, counts)
@@ -370,7 +398,31 @@ def load_anchor_bank(
         dispersion=dispersion_factors(vectors, mask, logp),
         history=hist,
         lm=lm_factor(logp, mask),
+        empty=counts == 0,
     )
+
+
+def _log_probs(column: pa.ChunkedArray, counts: npt.NDArray[np.int64]) -> npt.NDArray[np.float32]:
+    """The anchors' log-probabilities, flat set by set, checked against ``num_anchors``.
+
+    ``-inf`` (a beam the model found impossible) is a probability of 0 and is kept; NaN and
+    ``+inf`` are not probabilities and would turn every factor of their set into NaN.
+    """
+    lists = column.combine_chunks()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, counts):
+        raise PseudoLabelInputError(
+            "user_interest_anchors: anchor_log_probs lengths differ from num_anchors "
+            f"({int((lengths != counts).sum())} sets)"
+        )
+    flat = np.asarray(lists.flatten().to_numpy(zero_copy_only=False), np.float32)
+    bad = np.isnan(flat) | (flat == np.inf)
+    if bad.any():
+        raise PseudoLabelInputError(
+            f"user_interest_anchors: {int(bad.sum())} anchor_log_probs are NaN or +inf (log "
+            "probabilities are <= 0); regenerate the anchors (`gpl anchors generate`)"
+        )
+    return flat
 
 
 def _catalog_rows(
@@ -390,8 +442,8 @@ def _catalog_rows(
     unknown = int((rows < 0).sum())
     if unknown:
         logger.warning(
-            "%d anchor(s) name items missing from item_semantics (or with non-finite "
-            "embeddings there); using the anchors' own embeddings instead",
+            "%d anchor(s) name items missing from item_semantics (or without a usable "
+            "embedding there); using the anchors' own embeddings instead",
             unknown,
         )
         return None
@@ -516,10 +568,13 @@ def _score(
     confidence_table: npt.NDArray[np.float32],
 ) -> dict[str, Any]:
     """Relevance and confidence of every row of ``batch`` (status tells which rows are usable)."""
-    set_idx = bank.lookup(batch.column("user_id"), batch.column("event_timestamp"))
+    set_idx = bank.sets_of(batch.column("user_id"), batch.column("event_timestamp"))
     item_idx = items.lookup(batch.column("item_id"))
     has_set = set_idx >= 0
     ok = has_set & (item_idx >= 0)
+    if not ok.any():
+        # Also the case of a bank without any anchor: nothing to score or to look up.
+        return _unscored(bank, set_idx, item_idx)
     # Usually every row is usable: then no row is masked and no array copied for it.
     every = bool(ok.all())
     relevance, matched = max_cosine_rows(
@@ -544,19 +599,36 @@ def _score(
     }
     if not every:
         factors = {name: np.where(ok, v, np.nan).astype(np.float32) for name, v in factors.items()}
+    return {"ok": ok, "relevance": relevance, **factors, **_status(bank, set_idx, item_idx)}
+
+
+def _unscored(
+    bank: AnchorBank, set_idx: npt.NDArray[np.int64], item_idx: npt.NDArray[np.int64]
+) -> dict[str, Any]:
+    """:func:`_score`'s result for a batch without a single usable row."""
+    nan = np.full(len(set_idx), np.nan, np.float32)
+    return {
+        "ok": np.zeros(len(set_idx), bool),
+        "relevance": nan,
+        **{name: nan for name in _FACTOR_OUTPUTS},
+        **_status(bank, set_idx, item_idx),
+    }
+
+
+def _status(
+    bank: AnchorBank, set_idx: npt.NDArray[np.int64], item_idx: npt.NDArray[np.int64]
+) -> dict[str, Any]:
+    """Each row's status (codes index ``_STATUS_VALUES``) and the cutoff of its anchor set."""
+    has_set = set_idx >= 0
     codes = np.where(has_set, np.where(item_idx < 0, 2, 0), 1)
     status = pa.DictionaryArray.from_arrays(pa.array(codes.astype(np.int32)), _STATUS_VALUES)
-    cutoffs = bank.keys.column("event_timestamp").take(pa.array(np.where(has_set, set_idx, 0)))
-    if not has_set.all():
-        cutoffs = pc.if_else(pa.array(has_set), cutoffs, pa.scalar(None, TIMESTAMP))
-    return {
-        "ok": ok,
-        "relevance": relevance,
-        **factors,
-        "status": status,
-        "status_codes": codes,
-        "anchor_cutoff": cutoffs,
-    }
+    if not has_set.any():
+        cutoffs = pa.nulls(len(set_idx), TIMESTAMP)
+    else:
+        cutoffs = bank.keys.column("event_timestamp").take(pa.array(np.where(has_set, set_idx, 0)))
+        if not has_set.all():
+            cutoffs = pc.if_else(pa.array(has_set), cutoffs, pa.scalar(None, TIMESTAMP))
+    return {"status": status, "status_codes": codes, "anchor_cutoff": cutoffs}
 
 
 _EXPOSED = pa.array(["exposed"])
@@ -746,7 +818,7 @@ def generate_pseudo_labels(
         "seconds": round(seconds, 3),
         "scoring_seconds": round(scoring_seconds, 3),
         **summary,
-        "items_with_non_finite_embedding": len(items.non_finite),
+        "items_with_unusable_embedding": len(items.unusable),
     }
     if (
         metrics["ok_rows"] + metrics["no_anchors_rows"] + metrics["no_item_embedding_rows"]

@@ -205,8 +205,122 @@ def test_items_with_non_finite_embeddings_count_as_having_none(  # type: ignore[
     assert mine["pseudo_label"].isna().all() and mine["relevance"].isna().all()
     ok = out[out["status"] == "ok"]
     assert np.isfinite(ok["relevance"]).all()
-    assert result.metrics["items_with_non_finite_embedding"] == 2
-    assert "2 item(s) have NaN or infinite content embeddings" in caplog.text
+    assert result.metrics["items_with_unusable_embedding"] == 2
+    assert "2 item(s) have a null, NaN, infinite or all-zero content embedding" in caplog.text
+
+
+def test_items_with_null_or_zero_embeddings_count_as_having_none(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A zero vector has no direction (its cosine would be a silent 0); a null one no values."""
+    requests, items, anchors, positives = inputs
+    emb = items.column("content_embedding").to_pylist()
+    ids = items.column("item_id").to_pylist()
+    emb[ids.index("i5")] = [0.0] * DIM
+    emb[ids.index("i6")] = None
+    broken = items.set_column(1, "content_embedding", pa.array(emb, pa.list_(pa.float32())))
+    result = generate_pseudo_labels(
+        requests, broken, anchors, positives, PseudoLabelConfig(progress=False), tmp_path
+    )
+    out = pq.read_table(result.path).to_pandas()
+    mine = out[out["item_id"].isin(["i5", "i6"]) & (out["status"] != "no_anchors")]
+    assert len(mine) > 0
+    assert (mine["status"] == "no_item_embedding").all()
+    assert result.metrics["items_with_unusable_embedding"] == 2
+    others = out[~out["item_id"].isin(["i5", "i6", "i39"]) & (out["status"] != "no_anchors")]
+    assert len(others) > 0 and (others["status"] == "ok").all()
+
+
+def _with_sets(anchors: pa.Table, change: dict[int, dict[str, object]]) -> pa.Table:
+    """``anchors`` with the given rows' fields replaced."""
+    rows = anchors.to_pylist()
+    for k, fields in change.items():
+        rows[k].update(fields)
+    return pa.Table.from_pylist(rows, schema=anchors.schema)
+
+
+_EMPTY_SET = {
+    "anchor_sids": [],
+    "anchor_item_ids": [],
+    "anchor_embeddings": [],
+    "anchor_log_probs": [],
+    "num_anchors": 0,
+}
+
+
+@pytest.mark.parametrize("calibration", ["platt", "none"])
+def test_an_empty_anchor_set_means_no_anchors(inputs, tmp_path: Path, calibration: str) -> None:  # type: ignore[no-untyped-def]
+    """Rows whose latest set is empty (every beam invalid) get no label, not an older set's.
+
+    Before, such rows were scored against nothing (relevance -inf) with status ok, and the -inf
+    made the Platt fit NaN for every user.
+    """
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False, calibration=calibration)
+    full = generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path / "a")
+    users = anchors.column("user_id").to_pylist()
+    days = [(t - T0).days for t in anchors.column("event_timestamp").to_pylist()]
+    # u0 loses every set; u1 only its latest (day 20).
+    empty = {
+        k: _EMPTY_SET
+        for k, (u, d) in enumerate(zip(users, days, strict=True))
+        if u == "u0" or (u, d) == ("u1", 20)
+    }
+    result = generate_pseudo_labels(
+        requests, items, _with_sets(anchors, empty), positives, cfg, tmp_path / "b"
+    )
+    before = pq.read_table(full.path).to_pandas()
+    out = pq.read_table(result.path).to_pandas()
+    assert len(out) == len(before)
+    u1_late = (out["user_id"] == "u1") & (out["event_timestamp"] >= T0 + timedelta(days=20))
+    hit = (out["user_id"] == "u0") | u1_late
+    assert hit.sum() > 0 and (out.loc[hit, "status"] == "no_anchors").all()
+    assert out.loc[hit, ["relevance", "pseudo_label", "confidence"]].isna().all().all()
+    assert out.loc[hit, "anchor_cutoff"].isna().all()
+    # Every other row is labelled exactly as before, from finite relevance.
+    keep = ~hit & (before["status"] == "ok")
+    assert (out.loc[keep, "status"] == "ok").all()
+    np.testing.assert_array_equal(out.loc[keep, "relevance"], before.loc[keep, "relevance"])
+    assert np.isfinite(out.loc[keep, ["relevance", "pseudo_label"]].to_numpy()).all()
+    assert result.metrics["no_anchors_rows"] == full.metrics["no_anchors_rows"] + int(
+        (hit & (before["status"] != "no_anchors")).sum()
+    )
+
+
+def test_a_bank_without_any_anchor_labels_nothing(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An empty anchors table, or one whose sets are all empty: every row no_anchors, no crash."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False, calibration="none")
+    all_empty = _with_sets(anchors, dict.fromkeys(range(anchors.num_rows), _EMPTY_SET))
+    for k, table in enumerate([anchors.slice(0, 0), all_empty]):
+        result = generate_pseudo_labels(requests, items, table, positives, cfg, tmp_path / f"{k}")
+        out = pq.read_table(result.path)
+        assert out.num_rows == result.metrics["unexposed_rows"] > 0
+        assert set(out.column("status").to_pylist()) == {"no_anchors"}
+        assert out.column("pseudo_label").null_count == out.num_rows
+    with pytest.raises(CalibrationError, match="needs at least 5 clicked"):
+        generate_pseudo_labels(
+            requests, items, all_empty, positives, PseudoLabelConfig(progress=False), tmp_path
+        )
+
+
+def test_anchor_log_probs_are_checked(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Lists must match num_anchors (also when the total matches); NaN and +inf stop the job."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    lp = anchors.column("anchor_log_probs").to_pylist()
+    moved = {0: {"anchor_log_probs": lp[0][:-1]}, 1: {"anchor_log_probs": [*lp[1], lp[0][-1]]}}
+    with pytest.raises(PseudoLabelInputError, match=r"anchor_log_probs lengths differ .*2 sets"):
+        generate_pseudo_labels(
+            requests, items, _with_sets(anchors, moved), positives, cfg, tmp_path
+        )
+    for bad in (float("nan"), float("inf")):
+        broken = _with_sets(anchors, {3: {"anchor_log_probs": [bad, *lp[3][1:]]}})
+        with pytest.raises(PseudoLabelInputError, match="1 anchor_log_probs are NaN or \\+inf"):
+            generate_pseudo_labels(requests, items, broken, positives, cfg, tmp_path)
+    # -inf is a probability of 0: kept, and its anchor simply earns no LM confidence.
+    impossible = _with_sets(anchors, {3: {"anchor_log_probs": [*lp[3][:-1], float("-inf")]}})
+    result = generate_pseudo_labels(requests, items, impossible, positives, cfg, tmp_path)
+    out = pq.read_table(result.path).filter(pc.equal(pc.field("status"), "ok")).to_pandas()
+    assert np.isfinite(out[["relevance", "confidence", "lm_confidence"]].to_numpy()).all()
 
 
 def test_anchors_with_non_finite_embeddings_fail_loudly(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
@@ -434,6 +548,8 @@ def test_platt_scaling_is_monotone_and_fails_loudly() -> None:
     assert scaler.a == pytest.approx(4, abs=0.7) and scaler.b == pytest.approx(-1, abs=0.3)
     with pytest.raises(CalibrationError, match="clicked"):
         fit_platt(rel[:50], np.zeros(50, np.int8))
+    with pytest.raises(CalibrationError, match="1 non-finite relevance"):
+        fit_platt(np.append(rel, -np.inf).astype(np.float32), np.append(labels, 0).astype(np.int8))
 
 
 def test_confidence_factors() -> None:
@@ -508,3 +624,6 @@ def test_default_confidence_is_the_dispersion_and_the_weights_are_configurable(
     np.testing.assert_allclose(got.column("confidence").to_numpy(), want, rtol=1e-6)
     with pytest.raises(ValueError, match="at least one must be positive"):
         ConfidenceWeights(dispersion=0, history=0, lm=0)
+    for bad in (float("inf"), float("nan")):
+        with pytest.raises(ValueError, match="finite number"):
+            ConfidenceWeights(dispersion=bad)
