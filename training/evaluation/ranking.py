@@ -38,6 +38,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from training.arrow import string_array
 from training.data.contract import STAGES, validate
 from training.evaluation.metrics import auc
 
@@ -452,7 +453,7 @@ def _check_duplicates(req_code: IntArray, item_code: IntArray, scored: pa.Table)
 
 
 def _item_index(item_dict: pa.Array, items: ItemInfo) -> IntArray:
-    index = pc.index_in(item_dict, value_set=pa.array(items.item_ids, pa.string()))
+    index = pc.index_in(item_dict, value_set=string_array(items.item_ids))
     missing = index.null_count
     if missing:
         examples = item_dict.filter(pc.is_null(index)).slice(0, 3).to_pylist()
