@@ -126,10 +126,11 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
     from export.bundle import BundleError, ExportError
     from export.parity import ExportParityError
     from gpl_service.app import ServiceStartError
-    from training.anchors.vocab import SidVocabularyError
+    from training.anchors.errors import AnchorInputError
     from training.evaluation.ranking import EvaluationError
     from training.features.training_set import RowsLostError
     from training.preranker.data import PrerankerDataError
+    from training.pseudo_labels.calibration import CalibrationError
     from training.pseudo_labels.job import PseudoLabelInputError
     from training.sids.encoder import EncoderError
     from training.sids.job import SidInputError
@@ -143,8 +144,9 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
         ServiceStartError,
         EncoderError,
         CodebookFormatError,
-        SidVocabularyError,
+        AnchorInputError,  # incl. SidVocabularyError and ItemSemanticsError
         PseudoLabelInputError,
+        CalibrationError,
         PrerankerDataError,
         EvaluationError,
         RowsLostError,

@@ -202,6 +202,21 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
 
 
+def test_anchor_input_errors_are_one_line_not_a_traceback(tmp_path: Path, sids_run: Path) -> None:
+    """Errors the stage finds in its inputs (here: histories too long for the model's positions)
+    print as one line with exit code 2."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(
+        "model:\n  compact: {hidden_size: 16, num_layers: 1, num_heads: 2, num_kv_heads: 1,"
+        " intermediate_size: 32, max_position_embeddings: 16}\n" + TINY_TRAINING
+    )
+    code, out = gpl("anchors", "train", "--run-dir", str(run), "--config", str(anchors))
+    assert code == 2, out
+    assert "error: AnchorInputError: sequences of up to" in out and "Traceback" not in out
+    assert not (run / "anchors" / "model").exists()
+
+
 def test_lora_anchor_model_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
     """`gpl anchors train --base-model DIR` tunes a local checkpoint; `generate` uses it.
 

@@ -127,7 +127,9 @@ def save_random_checkpoint(
     path.mkdir(parents=True, exist_ok=True)
     fast.save_pretrained(path)
     # Like Qwen's own checkpoints, the embedding may hold more rows than the tokenizer has
-    # tokens (151,936 rows for ~151.6k tokens): the SID tokens then fit without a resize.
+    # tokens (151,936 rows for ~151.6k tokens). Here the tokenizer is tiny, so the SID tokens fit
+    # in spare rows; the real checkpoint's 271 spare rows are too few for a default codebook, and
+    # the loader resizes.
     config = dims.config(
         max(len(fast), dims.embedding_rows), tie_word_embeddings, eos_token_id=fast.eos_token_id
     )

@@ -21,12 +21,14 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from training.anchors.errors import AnchorInputError
+
 SIDS_DIR: Final = "sids"
 ITEM_SEMANTICS_FILE: Final = "item_semantics.parquet"
 REQUIRED_COLUMNS: Final = ("item_id", "event_timestamp", "sid_codes", "sid", "content_embedding")
 
 
-class ItemSemanticsError(ValueError):
+class ItemSemanticsError(AnchorInputError):
     """The item semantics table cannot be used (missing columns, ragged codes, duplicates)."""
 
 

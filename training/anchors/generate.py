@@ -34,15 +34,16 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Annotated, Literal, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
+from training.anchors.model import causal_lm
 from training.anchors.sequences import CutoffGranularity
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
@@ -93,7 +94,7 @@ class GenerateConfig(BaseModel):
         "must be likely under every member). On Amazon Scientific the two are within 0.002 "
         "HR@10 of each other, 'arithmetic' ahead with 3-4 members.",
     )
-    device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
+    device: DeviceName = "auto"
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Model dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
     )
@@ -103,6 +104,26 @@ class GenerateConfig(BaseModel):
         if self.num_anchors > self.beam_width:
             raise ValueError("num_anchors must be <= beam_width (anchors are the final beams)")
         return self
+
+
+def _check_device(name: str) -> str:
+    if name != "auto":
+        try:
+            torch.device(name)
+        except RuntimeError:
+            raise ValueError(
+                f"device {name!r}: expected 'auto' or a torch device such as 'cpu', 'cuda' or "
+                "'cuda:1'"
+            ) from None
+    return name
+
+
+DeviceName = Annotated[
+    str,
+    AfterValidator(_check_device),
+    Field(description="'auto' (cuda when available), 'cpu', 'cuda' or 'cuda:N'."),
+]
+"""A torch device name or ``auto``, checked when the configuration is loaded."""
 
 
 def resolve_device(name: str) -> torch.device:
@@ -461,7 +482,9 @@ def beam_search_reference(
         return allowed_cache[prefix]
 
     # A fresh config: a checkpoint's own generation_config (sampling, repetition penalty) must
-    # not leak into the search.
+    # not leak into the search. Passing one is not enough: generate() fills every field left
+    # unset from the model's own config (an instruct checkpoint's repetition_penalty 1.1 moved
+    # every log-probability), so that one is swapped for the library defaults during the call.
     gen_config = GenerationConfig(
         num_beams=beam_width,
         num_return_sequences=num_anchors,
@@ -476,12 +499,18 @@ def beam_search_reference(
         bos_token_id=vocab.bos_id,
         eos_token_id=vocab.tokenizer.eos_token_id,
     )
-    out = model.generate(  # type: ignore[operator]
-        input_ids=ids,
-        attention_mask=mask,
-        generation_config=gen_config,
-        prefix_allowed_tokens_fn=allowed_tokens,
-    )
+    lm = causal_lm(model)
+    own_config = lm.generation_config
+    lm.generation_config = GenerationConfig()
+    try:
+        out = model.generate(  # type: ignore[operator]
+            input_ids=ids,
+            attention_mask=mask,
+            generation_config=gen_config,
+            prefix_allowed_tokens_fn=allowed_tokens,
+        )
+    finally:
+        lm.generation_config = own_config
     generated = out.sequences[:, prompt_len:].reshape(len(prompts), num_anchors, -1).cpu()
     items = torch.tensor(
         [

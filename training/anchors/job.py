@@ -38,6 +38,7 @@ from torch import nn
 from tqdm import tqdm
 
 from training.anchors.catalog import SidCatalog
+from training.anchors.errors import AnchorInputError
 from training.anchors.generate import (
     BeamOutput,
     GenerateConfig,
@@ -48,6 +49,7 @@ from training.anchors.generate import (
     search_in_batches,
 )
 from training.anchors.model import (
+    LoadedAnchorModel,
     ModelConfig,
     build_model,
     check_trained_sids,
@@ -75,6 +77,7 @@ from training.anchors.sequences import (
 from training.anchors.train import EVAL_K, TrainConfig, TrainHistory, hit_rate_ndcg, train_loop
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
+from training.arrow import string_array
 from training.data.contract import TIMESTAMP
 from training.io import write_manifest, write_table
 
@@ -181,7 +184,7 @@ def train_anchor_model(
     longest = _max_positions(vocab, cfg.sequences.max_history)
     limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
     if isinstance(limit, int) and longest > limit:
-        raise ValueError(
+        raise AnchorInputError(
             f"sequences of up to {longest} tokens exceed the model's max_position_embeddings "
             f"{limit}: lower sequences.max_history or raise compact.max_position_embeddings"
         )
@@ -199,6 +202,14 @@ def train_anchor_model(
         # After the hold-out split: a held-out item never reaches training, not even backwards.
         train_seqs = with_reversed(train_seqs)
     examples = ExampleSet.build(train_seqs, sc.max_history, tc.loss_on)
+    if len(examples) == 0:
+        usable = int((np.diff(seqs.offsets) >= 2).sum())
+        raise AnchorInputError(
+            "no training examples: a user needs 2 positives left after the evaluation hold-out "
+            f"(training.eval_users {tc.eval_users} held out the last item of "
+            f"{len(eval_set.targets)} users; {usable} of {seqs.n_users} users have 2 or more "
+            "positives). Lower training.eval_users, or give users longer histories"
+        )
 
     out_dir.mkdir(parents=True, exist_ok=True)
     member_paths = [member_dir(out_dir, k) for k in range(tc.ensemble_size)]
@@ -324,28 +335,93 @@ def _ensemble_eval(
     return hit_rate_ndcg(out.items, eval_set.targets)
 
 
+def _generation_history(
+    sc: SequenceConfig, model_dirs: Sequence[Path], members: Sequence[LoadedAnchorModel]
+) -> int:
+    """How many history items generation feeds: by default what the model was trained with.
+
+    ``anchor_model.json`` records the training ``max_history``. A generation config that does
+    not set ``sequences.max_history`` uses it (the class default, 50, would silently feed a model
+    trained on 10 items contexts five times longer than any it saw); one that sets it wins, with a
+    warning when it exceeds the training length.
+    """
+    trained = {int(m.info["max_history"]) for m in members if "max_history" in m.info}
+    if "max_history" in sc.model_fields_set or not trained:
+        if trained and sc.max_history > min(trained):
+            logger.warning(
+                "generating from histories of up to %d items, but the anchor model %s was trained "
+                "on at most %d: the model never saw contexts that long",
+                sc.max_history,
+                model_dirs[0],
+                min(trained),
+            )
+        return sc.max_history
+    if len(trained) > 1:
+        logger.warning(
+            "the ensemble's members were trained on histories of %s items; generating from %d",
+            sorted(trained),
+            min(trained),
+        )
+    return min(trained)
+
+
+#: Rows per record batch of the anchors table. Arrow's list and string arrays address their
+#: values with int32 offsets: one array over every set overflowed past 2**31 embedding values
+#: (559,241 sets of 10 anchors x 384 dimensions), after the whole decode. A million sets keep the
+#: string columns far under 2 GiB; the embedding column bounds the rows further (below).
+ANCHOR_ROWS_PER_BATCH = 1 << 20
+_INT32_MAX = 2**31 - 1
+
+
 def anchors_table(catalog: SidCatalog, requests: AnchorRequests, beams: BeamOutput) -> pa.Table:
-    """The ``user_interest_anchors`` table from decoded beams (one row per request)."""
-    valid = beams.items >= 0
+    """The ``user_interest_anchors`` table from decoded beams (one row per request).
+
+    Built as record batches small enough for Arrow's int32 offsets, however many sets there are.
+    """
+    n_rows = len(requests.user_ids)
+    values_per_row = max(1, beams.items.shape[1]) * catalog.embeddings.shape[1]
+    step = max(1, min(ANCHOR_ROWS_PER_BATCH, _INT32_MAX // values_per_row))
+    # The catalog's strings converted once, then gathered per batch.
+    strings = (string_array(catalog.sids), string_array(catalog.item_ids))
+    batches = [
+        _anchors_batch(catalog, strings, requests, beams, start, min(start + step, n_rows))
+        for start in range(0, n_rows, step)
+    ]
+    return pa.Table.from_batches(batches, schema=ANCHORS_SCHEMA)
+
+
+def _anchors_batch(
+    catalog: SidCatalog,
+    strings: tuple[pa.StringArray, pa.StringArray],
+    requests: AnchorRequests,
+    beams: BeamOutput,
+    start: int,
+    stop: int,
+) -> pa.RecordBatch:
+    """Rows ``start:stop`` of :func:`anchors_table` (``strings``: the catalog's SIDs and ids)."""
+    items = beams.items[start:stop]
+    valid = items >= 0
     counts = valid.sum(axis=1).astype(np.int32)
-    flat = beams.items[valid]  # row-major: each row's valid anchors, best first
-    offsets = pa.array(np.concatenate([[0], np.cumsum(counts)]).astype(np.int32))
+    flat = items[valid]  # row-major: each row's valid anchors, best first
+    ends = np.concatenate([[0], np.cumsum(counts, dtype=np.int64)])
+    offsets = pa.array(ends.astype(np.int32))
     dim = catalog.embeddings.shape[1]
     emb = catalog.embeddings[flat].reshape(-1)
     arrays = [
-        pa.array(requests.user_ids, pa.string()),
-        pa.array(requests.cutoffs, pa.int64()).cast(TIMESTAMP),
-        pa.ListArray.from_arrays(offsets, pa.array(catalog.sids[flat], pa.string())),
-        pa.ListArray.from_arrays(offsets, pa.array(catalog.item_ids[flat], pa.string())),
+        pa.array(requests.user_ids[start:stop], pa.string()),
+        pa.array(requests.cutoffs[start:stop], pa.int64()).cast(TIMESTAMP),
+        pa.ListArray.from_arrays(offsets, strings[0].take(pa.array(flat))),
+        pa.ListArray.from_arrays(offsets, strings[1].take(pa.array(flat))),
         pa.ListArray.from_arrays(
-            pa.array((np.concatenate([[0], np.cumsum(counts)]) * dim).astype(np.int32)),
-            pa.array(emb, pa.float32()),
+            pa.array((ends * dim).astype(np.int32)), pa.array(emb, pa.float32())
         ),
-        pa.ListArray.from_arrays(offsets, pa.array(beams.log_probs[valid], pa.float32())),
+        pa.ListArray.from_arrays(
+            offsets, pa.array(beams.log_probs[start:stop][valid], pa.float32())
+        ),
         pa.array(counts, pa.int32()),
-        pa.array([len(h) for h in requests.histories], pa.int32()),
+        pa.array([len(h) for h in requests.histories[start:stop]], pa.int32()),
     ]
-    return pa.Table.from_arrays(arrays, schema=ANCHORS_SCHEMA)
+    return pa.RecordBatch.from_arrays(arrays, schema=ANCHORS_SCHEMA)
 
 
 def generate_anchors(
@@ -387,7 +463,7 @@ def generate_anchors(
     given = [Path(model_dir)] if isinstance(model_dir, str | Path) else [Path(d) for d in model_dir]
     model_dirs = [d for g in given for d in ensemble_dirs(g)]
     if not model_dirs:
-        raise ValueError("generate_anchors needs at least one model directory")
+        raise AnchorInputError("generate_anchors needs at least one model directory")
     members = [load_anchor_model(d, device=device, dtype=dtype) for d in model_dirs]
     loaded = members[0]
     vocab = loaded.vocab
@@ -401,22 +477,23 @@ def generate_anchors(
     vocab.check_codes(catalog.codes)
     for d in model_dirs:
         check_trained_sids(d, catalog.item_ids.tolist(), catalog.sids.tolist())
-    longest = vocab.items_offset + cfg.sequences.max_history * vocab.n_levels + vocab.n_levels
+    max_history = _generation_history(cfg.sequences, model_dirs, members)
+    longest = vocab.items_offset + max_history * vocab.n_levels + vocab.n_levels
     for d, member in zip(model_dirs, members, strict=True):
         limit = getattr(member.model.config, "max_position_embeddings", None)
         if isinstance(limit, int) and longest > limit:
-            raise ValueError(
-                f"histories of {cfg.sequences.max_history} items need {longest} positions; the "
+            raise AnchorInputError(
+                f"histories of {max_history} items need {longest} positions; the "
                 f"model {d} has {limit}: lower sequences.max_history"
             )
     if len(members) > 1 and gc.implementation != "fast":
-        raise ValueError(
+        raise AnchorInputError(
             "an ensemble of anchor models decodes with generation.implementation 'fast' only "
             "(Hugging Face generate() runs one model)"
         )
     trie = SidTrie(catalog.codes, vocab.codebook_sizes)
     seqs = user_sequences(positives, catalog.item_ids)
-    requests = anchor_requests(seqs, cutoffs, cfg.sequences.max_history, users)
+    requests = anchor_requests(seqs, cutoffs, max_history, users)
     item_tokens = vocab.item_tokens(catalog.codes)
     prompts = [vocab.encode(item_tokens[h]) for h in requests.histories]
     impl: Any = (

@@ -41,6 +41,7 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
+from training.anchors.errors import AnchorInputError
 from training.anchors.vocab import (
     SidVocab,
     SidVocabularyError,
@@ -113,6 +114,12 @@ class CompactSettings(BaseModel):
         if self.hidden_size % self.num_heads or self.num_heads % self.num_kv_heads:
             raise ValueError(
                 "hidden_size must be a multiple of num_heads, num_heads of num_kv_heads"
+            )
+        if (self.hidden_size // self.num_heads) % 2:
+            # Rotary position embeddings rotate pairs of dimensions.
+            raise ValueError(
+                f"hidden_size / num_heads = {self.hidden_size // self.num_heads}: the head size "
+                "must be even (rotary position embeddings rotate pairs of dimensions)"
             )
         return self
 
@@ -428,7 +435,7 @@ def load_lora_adapter(model_dir: Path) -> nn.Module:
 
     info = read_info(model_dir)
     if info.get("kind") != "lora":
-        raise ValueError(f"{model_dir} holds a compact model, not a LoRA adapter")
+        raise AnchorInputError(f"{model_dir} holds a compact model, not a LoRA adapter")
     tokenizer = _load_tokenizer(model_dir / MODEL_SUBDIR, info)
     base = AutoModelForCausalLM.from_pretrained(info["base_model_path"], dtype=torch.float32)
     if len(tokenizer) > embedding_rows(base):

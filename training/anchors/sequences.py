@@ -29,6 +29,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.arrow import string_array
 from training.data.contract import TIMESTAMP, conform
 
 IntArray = npt.NDArray[np.int64]
@@ -115,7 +116,7 @@ def user_sequences(positives: pa.Table, catalog_item_ids: npt.NDArray[np.str_]) 
         training.data.contract.ContractError: when the positives break the contract.
     """
     table = conform(positives.select(["user_id", "item_id", "event_timestamp"]), "interactions")
-    rows = pc.index_in(table.column("item_id"), value_set=pa.array(catalog_item_ids, pa.string()))
+    rows = pc.index_in(table.column("item_id"), value_set=string_array(catalog_item_ids))
     known = pc.is_valid(rows)
     dropped = table.num_rows - (pc.sum(known).as_py() or 0)
     table = table.filter(known)
@@ -313,11 +314,12 @@ def _per_user_requests(seqs: UserSequences, uc: UserCutoffs, max_history: int) -
     counts, for every positive, its user's cutoffs at or before it.
     """
     # Users with cutoffs but no positives at all: skipped, like users without early history.
-    row = np.searchsorted(seqs.user_ids, uc.user_ids) if seqs.n_users else np.zeros(0, np.int64)
+    if not seqs.n_users:
+        return AnchorRequests([], np.zeros(0, np.int64), [], len(uc.user_ids))
+    row = np.searchsorted(seqs.user_ids, uc.user_ids)
     known = np.zeros(len(uc.user_ids), bool)
-    if seqs.n_users:
-        inside = row < seqs.n_users
-        known[inside] = seqs.user_ids[row[inside]] == uc.user_ids[inside]
+    inside = row < seqs.n_users
+    known[inside] = seqs.user_ids[row[inside]] == uc.user_ids[inside]
     unknown_users = int((~known).sum())
     uc = _subset(uc, known)
     row = row[known]

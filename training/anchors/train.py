@@ -35,7 +35,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
 
-from training.anchors.generate import beam_search_fast, resolve_device, search_in_batches
+from training.anchors.errors import AnchorInputError
+from training.anchors.generate import (
+    DeviceName,
+    beam_search_fast,
+    resolve_device,
+    search_in_batches,
+)
 from training.anchors.model import causal_lm
 from training.anchors.sequences import EvalSet, ExampleSet, LossOn
 from training.anchors.trie import SidTrie
@@ -112,7 +118,7 @@ class TrainConfig(BaseModel):
         "(generation.ensemble_combine). Costs k times the training and decoding time; on "
         "Amazon Scientific 3-4 members lifted HR@10 by 3-8% (docs/anchors.md).",
     )
-    device: str = Field(default="auto", description="'auto' (cuda when available), 'cpu', 'cuda'.")
+    device: DeviceName = "auto"
     bf16: bool = Field(default=True, description="bf16 autocast on CUDA (ignored on CPU).")
     progress: bool = Field(default=True, description="Show a tqdm progress bar per epoch.")
 
@@ -375,7 +381,7 @@ def train_loop(
         label: Put before the progress bar's text (e.g. which ensemble member this is).
     """
     if len(train) == 0:
-        raise ValueError("no training examples: users need at least 2 positives")
+        raise AnchorInputError("no training examples: users need at least 2 positives")
     device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)

@@ -21,6 +21,8 @@ import numpy as np
 import numpy.typing as npt
 import torch
 
+from training.anchors.catalog import ItemSemanticsError
+
 
 class SidTrie:
     """Valid SID code tuples of a catalog as per-level ``child`` / ``allowed`` tables.
@@ -37,12 +39,12 @@ class SidTrie:
     def __init__(self, codes: npt.NDArray[np.int64], codebook_sizes: Sequence[int]) -> None:
         codes = np.asarray(codes, dtype=np.int64)
         if codes.ndim != 2 or codes.shape[1] != len(codebook_sizes):
-            raise ValueError(
+            raise ItemSemanticsError(
                 f"codes have shape {codes.shape}, expected [n_items, {len(codebook_sizes)}]"
             )
         sizes = np.asarray(codebook_sizes, dtype=np.int64)
         if codes.size and ((codes < 0).any() or (codes >= sizes[None, :]).any()):
-            raise ValueError("SID codes outside the codebook sizes")
+            raise ItemSemanticsError("SID codes outside the codebook sizes")
         self.codebook_sizes = tuple(int(s) for s in codebook_sizes)
         self.codes = codes
         n_items, n_levels = codes.shape
@@ -57,7 +59,7 @@ class SidTrie:
                 unique, counts = np.unique(key, return_counts=True)
                 if (counts > 1).any():
                     dup = int(np.flatnonzero(key == unique[counts > 1][0])[0])
-                    raise ValueError(
+                    raise ItemSemanticsError(
                         f"{int((counts > 1).sum())} SID code tuples are shared by several items, "
                         f"e.g. {codes[dup].tolist()}: the last level must disambiguate them"
                     )

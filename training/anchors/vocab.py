@@ -31,6 +31,8 @@ import numpy as np
 import numpy.typing as npt
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
+from training.anchors.errors import AnchorInputError
+
 LEVEL_LETTERS: Final = string.ascii_lowercase
 SID_TOKEN_RE: Final = re.compile(r"^<([a-z])_(\d+)>$")
 PAD: Final = "<pad>"
@@ -39,7 +41,7 @@ EOS: Final = "<eos>"
 UNK: Final = "<unk>"
 
 
-class SidVocabularyError(ValueError):
+class SidVocabularyError(AnchorInputError):
     """A tokenizer or checkpoint does not match the SID codebook it is used with."""
 
 

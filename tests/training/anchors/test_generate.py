@@ -51,6 +51,25 @@ def test_fast_path_equals_generate_reference(toy, beams: int, anchors: int) -> N
         assert len(set(row.tolist())) == anchors
 
 
+def test_the_checkpoint_s_own_generation_config_never_reaches_the_reference(toy) -> None:
+    """An instruct checkpoint ships sampling and a repetition penalty in generation_config.json;
+    generate() fills every field its caller left unset from it, which shifted every log-prob."""
+    from transformers import GenerationConfig
+
+    model, vocab, trie, prompts = toy
+    own = GenerationConfig(do_sample=True, repetition_penalty=1.5, top_k=2, temperature=0.3)
+    saved = model.generation_config
+    model.generation_config = own
+    try:
+        ref = beam_search_reference(model, prompts, trie, vocab, 5, 3)
+        assert model.generation_config is own  # put back after the call
+    finally:
+        model.generation_config = saved
+    fast = beam_search_fast(model, prompts, trie, vocab, 5, 3)
+    assert (fast.items == ref.items).all()
+    np.testing.assert_allclose(fast.log_probs, ref.log_probs, atol=1e-4)
+
+
 @pytest.mark.parametrize("tie", [True, False])
 def test_fast_path_equals_generate_on_a_checkpoint_with_a_text_prefix(tmp_path, tie: bool) -> None:
     """The pretrained path's prompts: a text prefix before <bos>, a vocabulary of ordinary tokens

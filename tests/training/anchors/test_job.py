@@ -6,15 +6,26 @@ from datetime import timedelta
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 import torch
 
+import training.anchors.job as anchors_job
 from tests.training.anchors.conftest import T0, TS, tiny_config
-from training.anchors.catalog import derive_codebook_sizes, read_codebook_sizes
-from training.anchors.job import ANCHORS_FILE, ANCHORS_SCHEMA, generate_anchors, train_anchor_model
+from training.anchors.catalog import SidCatalog, derive_codebook_sizes, read_codebook_sizes
+from training.anchors.errors import AnchorInputError
+from training.anchors.generate import BeamOutput
+from training.anchors.job import (
+    ANCHORS_FILE,
+    ANCHORS_SCHEMA,
+    AnchorConfig,
+    anchors_table,
+    generate_anchors,
+    train_anchor_model,
+)
 from training.anchors.model import ensemble_dirs, load_anchor_model
-from training.anchors.sequences import cutoffs_of, day_cutoffs
+from training.anchors.sequences import AnchorRequests, SequenceConfig, cutoffs_of, day_cutoffs
 
 
 def expected_sets(positives: pa.Table, cutoffs, users=None):
@@ -150,6 +161,95 @@ def test_no_positives_before_any_cutoff(tmp_path, toy_data, trained_compact) -> 
     )
     assert result.table.num_rows == 0 and result.table.schema.equals(ANCHORS_SCHEMA)
     assert result.metrics["skipped_empty_history"] == 30
+
+
+def test_request_cutoffs_without_any_known_positive(tmp_path, toy_data, trained_compact) -> None:
+    """No requested user has a positive (a new period, or items without SIDs): 0 sets, counted."""
+    semantics, positives, _ = toy_data
+    requests = pa.table({"user_id": ["new1", "new2"], "event_timestamp": pa.array([T0, T0], TS)})
+    for known in (positives.slice(0, 0), positives):
+        result = generate_anchors(
+            semantics,
+            known,
+            cutoffs_of(requests, "request"),
+            trained_compact.model_dir,
+            tiny_config(),
+            tmp_path,
+        )
+        assert result.table.num_rows == 0
+        assert result.metrics["skipped_empty_history"] == 2
+
+
+def test_generation_feeds_the_history_length_the_model_was_trained_on(
+    tmp_path, toy_data, trained_compact, caplog
+) -> None:
+    """The model was trained on 6-item histories (users have 10 positives). A config that does
+    not set sequences.max_history must not feed it the class default's 50."""
+    semantics, positives, _ = toy_data
+    assert (
+        json.loads((trained_compact.model_dir / "anchor_model.json").read_text())["max_history"]
+        == 6
+    )
+    cutoff = [T0 + timedelta(days=30)]
+    unset = AnchorConfig.model_validate(
+        {"generation": {"beam_width": 8, "num_anchors": 5, "device": "cpu"}}
+    )
+    assert "max_history" not in unset.sequences.model_fields_set
+    result = generate_anchors(
+        semantics, positives, cutoff, trained_compact.model_dir, unset, tmp_path / "a"
+    )
+    assert max(result.table.column("history_length").to_pylist()) == 6
+    assert "trained on at most" not in caplog.text
+    # Set explicitly, a longer history wins, with a warning.
+    longer = unset.model_copy(update={"sequences": SequenceConfig(max_history=8)})
+    result = generate_anchors(
+        semantics, positives, cutoff, trained_compact.model_dir, longer, tmp_path / "b"
+    )
+    assert max(result.table.column("history_length").to_pylist()) == 8
+    assert "trained on at most 6" in caplog.text
+
+
+def test_no_training_examples_names_the_evaluation_hold_out(tmp_path, toy_data) -> None:
+    semantics, positives, sizes = toy_data
+    two_each = positives.filter(
+        pc.less(positives.column("event_timestamp"), T0 + timedelta(hours=12))
+    )
+    with pytest.raises(AnchorInputError, match=r"training\.eval_users 100 held out"):
+        train_anchor_model(semantics, two_each, sizes, tiny_config(eval_users=100), tmp_path / "m")
+
+
+def test_anchors_table_is_built_in_batches_that_fit_arrow_offsets(monkeypatch) -> None:
+    """One array over every set overflowed Arrow's int32 offsets past 2**31 embedding values
+    (559,241 sets of 10 x 384), or past ~1.7M SID strings; batches of any size give one table."""
+    n_items, dim, n_sets = 7, 3, 11
+    catalog = SidCatalog(
+        item_ids=np.array([f"i{i}" for i in range(n_items)]),
+        codes=np.arange(n_items)[:, None],
+        sids=np.array([f"<a_{i}>" for i in range(n_items)]),
+        embeddings=np.arange(n_items * dim, dtype=np.float32).reshape(n_items, dim),
+    )
+    rng = np.random.default_rng(0)
+    items = rng.integers(-1, n_items, (n_sets, 4))
+    beams = BeamOutput(
+        items=items, log_probs=np.where(items >= 0, -1.0, -np.inf).astype(np.float32)
+    )
+    requests = AnchorRequests(
+        user_ids=[f"u{k}" for k in range(n_sets)],
+        cutoffs=np.arange(n_sets, dtype=np.int64),
+        histories=[np.arange(k % 3 + 1) for k in range(n_sets)],
+        skipped_empty_history=0,
+    )
+    whole = anchors_table(catalog, requests, beams)
+    assert whole.column("anchor_embeddings").num_chunks == 1
+    monkeypatch.setattr(anchors_job, "ANCHOR_ROWS_PER_BATCH", 3)
+    batched = anchors_table(catalog, requests, beams)
+    assert batched.column("anchor_embeddings").num_chunks == 4
+    assert batched.equals(whole) and batched.schema.equals(ANCHORS_SCHEMA)
+    for k, row in enumerate(batched.to_pylist()):
+        valid = items[k][items[k] >= 0]
+        assert row["anchor_item_ids"] == [f"i{i}" for i in valid]
+        assert row["anchor_embeddings"] == catalog.embeddings[valid].ravel().tolist()
+        assert row["num_anchors"] == len(valid)
 
 
 def test_codebook_sizes_from_manifest_or_table(tmp_path, toy_data) -> None:

@@ -132,6 +132,15 @@ def test_config_rejects_unknown_fields_and_bad_combinations() -> None:
         ModelConfig(text_prefix="hello")
     with pytest.raises(ValueError, match="num_anchors"):
         AnchorConfig.model_validate({"generation": {"beam_width": 5, "num_anchors": 10}})
+    # Head size 9: divides, but rotary embeddings rotate pairs (it crashed at the first forward).
+    with pytest.raises(ValueError, match="head size must be even"):
+        AnchorConfig.model_validate(
+            {"model": {"compact": {"hidden_size": 36, "num_heads": 4, "num_kv_heads": 4}}}
+        )
+    for section in ("training", "generation"):
+        with pytest.raises(ValueError, match="device 'gpu': expected 'auto' or a torch device"):
+            AnchorConfig.model_validate({section: {"device": "gpu"}})
+        assert AnchorConfig.model_validate({section: {"device": "cuda:1"}})
     cfg = AnchorConfig()
     assert cfg.generation.beam_width == 20 and cfg.generation.num_anchors == 10
     assert all(f.description for f in AnchorConfig.model_fields.values())
