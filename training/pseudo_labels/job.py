@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from training.data.contract import TIMESTAMP
+from training.data.contract import TIMESTAMP, ContractError, validate
 from training.io import atomic_path, write_manifest
 from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
@@ -533,6 +533,33 @@ def _read_ahead(batches: Iterator[pa.Table], pool: ThreadPoolExecutor) -> Iterat
     return drain()
 
 
+def _check_requests_schema(requests: pa.Table | Path) -> None:
+    """The request log's columns, types and UTC timestamps, checked before anything is read.
+
+    The log is streamed, so the row-level rules of the ``requests`` contract are not re-checked
+    here (``gpl data validate`` does that); a timezone-naive or mistyped column would otherwise be
+    cast silently. Exposed rows' labels are checked batch by batch in the calibration pass.
+    """
+    schema = pq.read_schema(requests) if isinstance(requests, Path) else requests.schema
+    problems = validate(schema.empty_table(), "requests")
+    if problems:
+        raise ContractError("requests", problems)
+
+
+def _exposed_labels(exposed: pa.Table) -> npt.NDArray[np.int8]:
+    """The exposed rows' click labels, refused when one is null or not 0/1."""
+    labels = exposed.column("label")
+    if labels.null_count:
+        raise PseudoLabelInputError(
+            f"requests: {labels.null_count} exposed rows have no label (the calibration is "
+            "fitted on exposed rows' clicks)"
+        )
+    values = labels.to_numpy(zero_copy_only=False)
+    if not np.isin(values, (0, 1)).all():
+        raise PseudoLabelInputError("requests: exposed rows' labels must be 0 or 1")
+    return values.astype(np.int8)
+
+
 def _num_rows(requests: pa.Table | Path) -> int:
     if isinstance(requests, Path):
         return int(pq.ParquetFile(requests).metadata.num_rows)
@@ -700,6 +727,7 @@ def generate_pseudo_labels(
         ["global_negative"] if cfg.include_global_negatives else []
     )
     target_set = pa.array(targets)
+    _check_requests_schema(requests)
     total = _num_rows(requests)
 
     # Pass 1, exposed rows only (a few percent of the log): fit the relevance -> click mapping
@@ -723,8 +751,7 @@ def generate_pseudo_labels(
             if exposed.num_rows:
                 scored = _score(exposed, items, bank, confidence_table)
                 exposed_rel.append(scored["relevance"][scored["ok"]])
-                labels = exposed.column("label").to_numpy(zero_copy_only=False)
-                exposed_lab.append(labels[scored["ok"]].astype(np.int8))
+                exposed_lab.append(_exposed_labels(exposed)[scored["ok"]])
     rel = np.concatenate(exposed_rel) if exposed_rel else np.zeros(0, np.float32)
     lab = np.concatenate(exposed_lab) if exposed_lab else np.zeros(0, np.int8)
     scaler: PlattScaler | None = fit_platt(rel, lab) if cfg.calibration == "platt" else None

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from tests.factories import T0, make_requests
+from training.data.contract import ContractError
 from training.io import read_manifest, write_table
 from training.pseudo_labels.calibration import CalibrationError, fit_platt
 from training.pseudo_labels.confidence import (
@@ -300,6 +301,26 @@ def test_a_bank_without_any_anchor_labels_nothing(inputs, tmp_path: Path) -> Non
         generate_pseudo_labels(
             requests, items, all_empty, positives, PseudoLabelConfig(progress=False), tmp_path
         )
+
+
+def test_the_request_log_is_checked_before_it_is_streamed(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """Its schema (a naive timestamp would be cast to UTC silently) and exposed rows' labels."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    ts = requests.schema.get_field_index("event_timestamp")
+    naive = requests.set_column(ts, "event_timestamp", requests.column(ts).cast(pa.timestamp("us")))
+    path = write_table(naive, tmp_path / "naive.parquet")
+    with pytest.raises(ContractError, match="timezone-naive"):
+        generate_pseudo_labels(path, items, anchors, positives, cfg, tmp_path / "a")
+    assert not (tmp_path / "a").exists()
+    labels = requests.column("label").to_pylist()
+    exposed = requests.column("stage").to_pylist().index("exposed")
+    labels[exposed] = None
+    unlabelled = requests.set_column(
+        requests.schema.get_field_index("label"), "label", pa.array(labels, pa.int8())
+    )
+    with pytest.raises(PseudoLabelInputError, match="1 exposed rows have no label"):
+        generate_pseudo_labels(unlabelled, items, anchors, positives, cfg, tmp_path / "b")
 
 
 def test_anchor_log_probs_are_checked(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
