@@ -16,7 +16,7 @@ in one round trip; :class:`ContractError` carries the list and the CLI prints on
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
@@ -176,13 +176,7 @@ def validate(table: pa.Table, name: str) -> list[str]:
     if "event_timestamp" in usable and pa.types.is_timestamp(
         table.schema.field("event_timestamp").type
     ):
-        ts_type = table.schema.field("event_timestamp").type
-        if ts_type.tz is None:
-            problems.append(
-                "column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware"
-            )
-        elif ts_type.tz not in ("UTC", "+00:00", "Etc/UTC"):
-            problems.append(f"column 'event_timestamp' has time zone {ts_type.tz!r}, expected UTC")
+        problems += _zone_problems(table.schema.field("event_timestamp").type)
 
     for col in id_columns:
         if col in usable:
@@ -200,6 +194,35 @@ def validate(table: pa.Table, name: str) -> list[str]:
         problems += _check_requests(table, usable)
     if name in ("truth",) and "label" in usable:
         problems += _check_binary(table, "label")
+    return problems
+
+
+def _zone_problems(ts_type: pa.TimestampType) -> list[str]:
+    if ts_type.tz is None:
+        return ["column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware"]
+    if ts_type.tz not in ("UTC", "+00:00", "Etc/UTC"):
+        return [f"column 'event_timestamp' has time zone {ts_type.tz!r}, expected UTC"]
+    return []
+
+
+def check_columns(schema: pa.Schema, name: str, columns: Sequence[str]) -> list[str]:
+    """Check only ``columns`` of a table's ``schema`` (presence, type, UTC timestamps).
+
+    For a job that streams a large table and reads a few of its columns: the rules that need
+    the rows (nulls, duplicates, allowed values) are :func:`validate`'s.
+    """
+    contract, optional, _ = TABLES[name]
+    expected = {f.name: f.type for f in contract} | dict(optional)
+    problems: list[str] = []
+    for col in columns:
+        if col not in schema.names:
+            problems.append(f"missing column {col!r} (expected {expected[col]})")
+            continue
+        actual = schema.field(col).type
+        if not _type_matches(actual, expected[col]):
+            problems.append(f"column {col!r} has type {actual}, expected {expected[col]}")
+        elif col == "event_timestamp":
+            problems += _zone_problems(actual)
     return problems
 
 

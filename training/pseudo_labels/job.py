@@ -53,7 +53,7 @@ import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
-from training.data.contract import TIMESTAMP, ContractError, validate
+from training.data.contract import TIMESTAMP, ContractError, check_columns
 from training.io import atomic_path, write_manifest
 from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
@@ -283,8 +283,10 @@ class ItemIndex:
         # A NaN would make every cosine with it NaN, which the relevance kernel's maximum skips,
         # and a zero vector has no direction (its "cosine" would be a silent 0): such items are
         # treated as having no embedding rather than scored as garbage.
-        usable = np.isfinite(vectors).all(axis=1)
-        usable[usable] = np.abs(vectors[usable]).max(axis=1) > 0
+        # One float per item (not a table-sized temporary): the squared length is NaN or inf
+        # for a row holding NaN or inf (or too large to normalize), 0 for an all-zero row.
+        squared = np.einsum("ij,ij->i", vectors, vectors)
+        usable = np.isfinite(squared) & (squared > 0)
         if usable.all() and not len(null_ids):
             return cls(item_ids=item_ids, embeddings=as_unit(vectors))
         keep = pa.array(usable)
@@ -534,14 +536,15 @@ def _read_ahead(batches: Iterator[pa.Table], pool: ThreadPoolExecutor) -> Iterat
 
 
 def _check_requests_schema(requests: pa.Table | Path) -> None:
-    """The request log's columns, types and UTC timestamps, checked before anything is read.
+    """The columns the job reads (presence, types, UTC timestamps), checked before any row is.
 
     The log is streamed, so the row-level rules of the ``requests`` contract are not re-checked
     here (``gpl data validate`` does that); a timezone-naive or mistyped column would otherwise be
     cast silently. Exposed rows' labels are checked batch by batch in the calibration pass.
     """
     schema = pq.read_schema(requests) if isinstance(requests, Path) else requests.schema
-    problems = validate(schema.empty_table(), "requests")
+    columns = dict.fromkeys(_REQUEST_COLUMNS + _EXPOSED_PASS_COLUMNS)  # the ones read, in order
+    problems = check_columns(schema, "requests", list(columns))
     if problems:
         raise ContractError("requests", problems)
 
