@@ -8,7 +8,13 @@ import pyarrow as pa
 import pytest
 
 from tests.factories import make_items, make_requests
-from training.data.contract import REQUESTS_SCHEMA, ContractError, conform, validate
+from training.data.contract import (
+    REQUESTS_SCHEMA,
+    ContractError,
+    check_columns,
+    conform,
+    validate,
+)
 
 
 def test_valid_tables_pass() -> None:
@@ -90,3 +96,21 @@ def test_group_stage_consistency() -> None:
     rows[0]["label"] = None
     problems = validate(pa.Table.from_pylist(rows, schema=REQUESTS_SCHEMA), "requests")
     assert any("have a stage other than 'exposed'" in p for p in problems)
+
+
+def test_check_columns_looks_at_the_named_columns_only() -> None:
+    """For jobs that stream a table: presence, type and UTC of the columns they read."""
+    requests = make_requests(n_requests=3, n_users=2, n_items=20)
+    read = ["request_id", "item_id", "event_timestamp", "label"]
+    assert check_columns(requests.drop_columns(["rank_position"]).schema, "requests", read) == []
+    naive = requests.schema.set(
+        requests.schema.get_field_index("event_timestamp"),
+        pa.field("event_timestamp", pa.timestamp("us")),
+    )
+    broken = naive.remove(naive.get_field_index("item_id"))
+    broken = broken.set(broken.get_field_index("label"), pa.field("label", pa.string()))
+    assert check_columns(broken, "requests", read) == [
+        "missing column 'item_id' (expected string)",
+        "column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware",
+        "column 'label' has type string, expected int8",
+    ]
