@@ -23,6 +23,8 @@ class PlattScaler:
 
     a: float
     b: float
+    clamped: bool = False
+    """The fit's slope came out negative and was set to 0 (see :func:`fit_platt`)."""
 
     def __call__(self, relevance: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
         """Calibrated click probability of each relevance value."""
@@ -39,6 +41,9 @@ def fit_platt(
     iterations: int = 50,
 ) -> PlattScaler:
     """Fit Platt scaling by Newton's method (tiny L2 penalty keeps separable data finite).
+
+    The mapping is kept non-decreasing: a negative fitted slope is replaced by 0 (every value
+    mapped to the click base rate) and the result marked ``clamped``.
 
     Raises:
         CalibrationError: when fewer than ``min_per_class`` positives or negatives are given, when
@@ -70,4 +75,10 @@ def fit_platt(
             break
     if not np.isfinite(w).all():
         raise CalibrationError(f"Platt scaling diverged (a, b = {w[0]}, {w[1]})")
+    if w[0] < 0:
+        # Clicks fall as relevance rises on the exposed rows: a negative slope would turn every
+        # pseudo-label upside down (the closest candidates labelled least likely). Relevance is
+        # GPL's claim of interest, so the mapping is kept non-decreasing: slope 0, every label
+        # the click base rate, and the caller is told.
+        return PlattScaler(a=0.0, b=float(np.log(positives / negatives)), clamped=True)
     return PlattScaler(a=float(w[0]), b=float(w[1]))

@@ -758,6 +758,14 @@ def generate_pseudo_labels(
     rel = np.concatenate(exposed_rel) if exposed_rel else np.zeros(0, np.float32)
     lab = np.concatenate(exposed_lab) if exposed_lab else np.zeros(0, np.int8)
     scaler: PlattScaler | None = fit_platt(rel, lab) if cfg.calibration == "platt" else None
+    if scaler is not None and scaler.clamped:
+        logger.warning(
+            "on the %d exposed rows, clicks fall as relevance rises (the Platt slope came out "
+            "negative): the anchors do not predict clicks here, and every pseudo-label is the "
+            "click base rate %.4f instead of an inverted relevance",
+            len(rel),
+            1.0 / (1.0 + np.exp(-scaler.b)),
+        )
 
     # Pass 2: every unexposed target row, streamed, written once.
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -837,6 +845,7 @@ def generate_pseudo_labels(
                 "method": "platt",
                 "a": scaler.a,
                 "b": scaler.b,
+                "slope_clamped_to_zero": scaler.clamped,
                 "exposed_rows": len(rel),
                 "clicks": int(lab.sum()),
             }

@@ -569,6 +569,11 @@ def test_platt_scaling_is_monotone_and_fails_loudly() -> None:
     assert scaler.a == pytest.approx(4, abs=0.7) and scaler.b == pytest.approx(-1, abs=0.3)
     with pytest.raises(CalibrationError, match="clicked"):
         fit_platt(rel[:50], np.zeros(50, np.int8))
+    assert not scaler.clamped
+    # Clicks falling with relevance: never an inverted mapping, the base rate instead.
+    inverted = fit_platt(-rel, labels)
+    assert inverted.clamped and inverted.a == 0.0
+    np.testing.assert_allclose(inverted(rel), labels.mean(), rtol=1e-6)
     with pytest.raises(CalibrationError, match="1 non-finite relevance"):
         fit_platt(np.append(rel, -np.inf).astype(np.float32), np.append(labels, 0).astype(np.int8))
 
