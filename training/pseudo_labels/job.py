@@ -282,9 +282,9 @@ class ItemIndex:
         vectors = flat.reshape(-1, dim)
         # A NaN would make every cosine with it NaN, which the relevance kernel's maximum skips,
         # and a zero vector has no direction (its "cosine" would be a silent 0): such items are
-        # treated as having no embedding rather than scored as garbage.
-        # One float per item (not a table-sized temporary): the squared length is NaN or inf
-        # for a row holding NaN or inf (or too large to normalize), 0 for an all-zero row.
+        # treated as having no embedding rather than scored as garbage. Found from one squared
+        # length per item, not a table-sized temporary: NaN or inf for a row holding NaN or inf
+        # (or too large to normalize), 0 for an all-zero row.
         squared = np.einsum("ij,ij->i", vectors, vectors)
         usable = np.isfinite(squared) & (squared > 0)
         if usable.all() and not len(null_ids):
