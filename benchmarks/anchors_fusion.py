@@ -38,10 +38,19 @@ K = 10
 def run_lists(
     run_dir: Path, test: list[tuple[str, list[int], int]], asin_index: dict[str, int]
 ) -> tuple[list[list[int]], list[list[float]]]:
-    """One run's anchors per test user (catalog indices, best first) and their log-probs."""
+    """One run's anchors per test user (catalog indices, best first) and their log-probs.
+
+    ``run_dir`` is the ``--work-dir`` of a single-model run, or one decode's folder of an
+    ``--ensemble-models`` run (``WORK_DIR/anchors/ensembleK_RULE``).
+    """
     path = run_dir / ANCHORS
+    if not path.exists() and (run_dir / ANCHORS.name).exists():
+        path = run_dir / ANCHORS.name
     if not path.exists():
-        raise SystemExit(f"{path} not found: pass the --work-dir of a finished anchors_quality run")
+        raise SystemExit(
+            f"{path} not found: pass the --work-dir of a finished anchors_quality run, or for an "
+            "--ensemble-models run the folder of one decode, WORK_DIR/anchors/ensembleK_RULE"
+        )
     table = pq.read_table(path, columns=["user_id", "anchor_item_ids", "anchor_log_probs"])
     rows = {r["user_id"]: (r["anchor_item_ids"], r["anchor_log_probs"]) for r in table.to_pylist()}
     missing = sum(f"u{u}" not in rows for u, _, _ in test)
@@ -72,7 +81,12 @@ def main() -> None:
     p.add_argument("runs", type=Path, nargs="+", help="--work-dir of anchors_quality runs")
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--max-users", type=int, default=None, help="as the runs were made")
-    p.add_argument("--seed", type=int, default=0, help="the runs' subsample seed (--max-users)")
+    p.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="the runs' subsample seed (their --subsample-seed, else their --seed; --max-users)",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/anchors_fusion.json"))
     args = p.parse_args()
 

@@ -326,10 +326,17 @@ def ensemble_main(
                     "generation": cfg.generation.model_copy(update={"ensemble_combine": combine})
                 }
             )
-            recs, gen_metrics = anchor_lists(
-                semantics, positives, dirs[:k], run_cfg, args.work_dir / "anchors", test, index
-            )
             name = f"ensemble{k}_{combine}"
+            # Each decode in its own folder (anchors_fusion.py reads one by its path).
+            recs, gen_metrics = anchor_lists(
+                semantics,
+                positives,
+                dirs[:k],
+                run_cfg,
+                args.work_dir / "anchors" / name,
+                test,
+                index,
+            )
             results[name] = {
                 **metrics([r[:10] for r in recs], targets),
                 "history_share@10": history_share(recs, histories, 10),
@@ -361,6 +368,13 @@ def main() -> None:
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_anchors"))
     p.add_argument("--max-users", type=int, default=None, help="subsample users (quick runs)")
+    p.add_argument(
+        "--subsample-seed",
+        type=int,
+        default=None,
+        help="seed of the --max-users subsample (default --seed): fix it to compare SID seeds on "
+        "the same users in quick runs",
+    )
     p.add_argument("--sid-method", choices=["rqvae", "rkmeans"], default="rqvae")
     p.add_argument("--sid-levels", type=int, default=3)
     p.add_argument("--codebook-size", type=int, default=256)
@@ -460,7 +474,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
 
     t_start = time.perf_counter()
-    data = load(args.data, args.max_users, args.seed)
+    data = load(
+        args.data, args.max_users, args.seed if args.subsample_seed is None else args.subsample_seed
+    )
     test, index = data["test"], data["index"]
     n_items = len(index)
     targets = [t for _, _, t in test]
