@@ -567,17 +567,22 @@ def search_in_batches(
     done, size = 0, batch_size
     while done < len(order):
         chunk = order[done : done + size]
+        out_of_memory = False
         try:
             parts.append(search([prompts[i] for i in chunk]))
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc) or len(chunk) == 1:
                 raise
+            out_of_memory = True
+        if out_of_memory:
             size = (len(chunk) + 1) // 2  # the first half; the rest follows at the same size
             logger.warning(
                 "out of memory on a batch of %d users; splitting in half and retrying with %d",
                 len(chunk),
                 size,
             )
+            # Only here, after the except clause: until then the exception's traceback holds the
+            # failed batch's tensors, and the cache could not give their memory back.
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             continue
