@@ -96,6 +96,9 @@ def reliability_curve(labels: Array, predicted: Array, bins: int = 10) -> Reliab
     p = np.asarray(predicted, np.float64)
     y = np.asarray(labels, np.float64)
     edges = np.unique(np.quantile(p, np.linspace(0, 1, bins + 1)))
+    if len(edges) == 1:
+        # Every prediction equal (e.g. pseudo-labels at the click base rate): one bin.
+        edges = np.repeat(edges, 2)
     idx = np.clip(np.searchsorted(edges, p, side="right") - 1, 0, len(edges) - 2)
     n = len(edges) - 1
     counts = np.bincount(idx, minlength=n)

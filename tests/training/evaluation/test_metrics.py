@@ -48,6 +48,15 @@ def test_reliability_curve_of_a_calibrated_predictor() -> None:
     assert curve.counts.sum() == 200_000
 
 
+def test_reliability_curve_of_a_constant_predictor_is_one_bin() -> None:
+    """Pseudo-labels all at the click base rate (a clamped Platt slope) once crashed it."""
+    y = np.array([0, 1, 0, 0])
+    curve = reliability_curve(y, np.full(4, 0.25), bins=10)
+    assert curve.counts.tolist() == [4]
+    assert curve.mean_predicted.tolist() == [0.25] and curve.observed_rate.tolist() == [0.25]
+    assert curve.expected_calibration_error == 0.0
+
+
 def test_upper_half_splits_ties_evenly_and_keeps_the_top() -> None:
     scores = np.array([0.0, 1.0, 1.0, 1.0, 1.0, 2.0, 0.5, 1.0])
     mask = upper_half(scores, seed=3)
