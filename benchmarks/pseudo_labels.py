@@ -60,9 +60,9 @@ SHARED = Path(__file__).resolve().parents[2] / "shared" / "datasets"
 
 
 FACTORS = ("dispersion", "history_consistency", "lm_confidence", "confidence")
-#: Distillation teachers trained per run (different initializations); their mean AUC is reported.
-TEACHER_SEEDS = 5
 """The confidence's three factors and their combination, as the job writes them."""
+TEACHER_SEEDS = 5
+"""Distillation teachers trained per run (different initializations); their mean AUC is reported."""
 
 
 def _history_similarity(
@@ -248,10 +248,10 @@ def run_dataset(
     ev["teacher"] = teachers[0]
     tick("distillation teacher", t)
 
-    ok = ev[ev["status"] == "ok"].copy()
+    ok_rows = (ev["status"] == "ok").to_numpy()
+    ok = ev[ok_rows].copy()
     y = ok["truth"].to_numpy()
     conf = ok["confidence"].to_numpy()
-    ok_rows = (ev["status"] == "ok").to_numpy()
     teacher_aucs = [auc(y, scores[ok_rows]) for scores in teachers]
     # Exactly half each (ties at the median broken at random): confidence is shared by all of a
     # request's rows, so ">= median" could move whole requests to one side.

@@ -94,15 +94,8 @@ OUTPUT_SCHEMA = pa.schema(
         pa.field("status", pa.string(), nullable=False),
     ]
 )
-_FLOAT_OUTPUTS = (
-    "relevance",
-    "dispersion",
-    "history_consistency",
-    "lm_confidence",
-    "confidence",
-    "pseudo_label",
-)
 _FACTOR_OUTPUTS = ("dispersion", "history_consistency", "lm_confidence", "confidence")
+_FLOAT_OUTPUTS = ("relevance", *_FACTOR_OUTPUTS, "pseudo_label")
 _STATUS_VALUES = pa.array(["ok", "no_anchors", "no_item_embedding"])
 #: String columns read dictionary-encoded: ids repeat across a batch's rows (a request's
 #: candidates, a user's requests, popular items), so lookups and filters hash each distinct value
@@ -410,13 +403,7 @@ def _log_probs(column: pa.ChunkedArray, counts: npt.NDArray[np.int64]) -> npt.ND
     ``-inf`` (a beam the model found impossible) is a probability of 0 and is kept; NaN and
     ``+inf`` are not probabilities and would turn every factor of their set into NaN.
     """
-    lists = column.combine_chunks()
-    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
-    if not np.array_equal(lengths, counts):
-        raise PseudoLabelInputError(
-            "user_interest_anchors: anchor_log_probs lengths differ from num_anchors "
-            f"({int((lengths != counts).sum())} sets)"
-        )
+    lists = _check_lengths(column, counts, "anchor_log_probs")
     flat = np.asarray(lists.flatten().to_numpy(zero_copy_only=False), np.float32)
     bad = np.isnan(flat) | (flat == np.inf)
     if bad.any():
@@ -427,19 +414,27 @@ def _log_probs(column: pa.ChunkedArray, counts: npt.NDArray[np.int64]) -> npt.ND
     return flat
 
 
+def _check_lengths(
+    column: pa.ChunkedArray, counts: npt.NDArray[np.int64], name: str
+) -> pa.ListArray:
+    """``column`` as one list array whose every list holds its set's ``num_anchors`` values."""
+    lists = column.combine_chunks()
+    lengths = pc.list_value_length(lists).to_numpy(zero_copy_only=False)
+    if not np.array_equal(lengths, counts):
+        raise PseudoLabelInputError(
+            f"user_interest_anchors: {name} lengths differ from num_anchors "
+            f"({int((lengths != counts).sum())} sets)"
+        )
+    return lists
+
+
 def _catalog_rows(
     anchors: pa.Table, items: ItemIndex, counts: npt.NDArray[np.int64]
 ) -> npt.NDArray[np.int64] | None:
     """Every anchor's catalog row (flat, set by set), or None when some anchor is not in it."""
     if "anchor_item_ids" not in anchors.column_names:
         return None
-    ids = anchors.column("anchor_item_ids").combine_chunks()
-    lengths = pc.list_value_length(ids).to_numpy(zero_copy_only=False)
-    if not np.array_equal(lengths, counts):
-        raise PseudoLabelInputError(
-            "user_interest_anchors: anchor_item_ids lengths differ from num_anchors "
-            f"({int((lengths != counts).sum())} sets)"
-        )
+    ids = _check_lengths(anchors.column("anchor_item_ids"), counts, "anchor_item_ids")
     rows = items.lookup(ids.flatten())
     unknown = int((rows < 0).sum())
     if unknown:
@@ -764,7 +759,7 @@ def generate_pseudo_labels(
             "negative): the anchors do not predict clicks here, and every pseudo-label is the "
             "click base rate %.4f instead of an inverted relevance",
             len(rel),
-            1.0 / (1.0 + np.exp(-scaler.b)),
+            float(lab.mean()),
         )
 
     # Pass 2: every unexposed target row, streamed, written once.
