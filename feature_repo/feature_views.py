@@ -70,7 +70,7 @@ item_popularity = FeatureView(
         Field(
             name="clicks",
             dtype=Int64,
-            description="Clicks on the item before the snapshot.",
+            description="Clicks on the item known before the snapshot (by label_timestamp).",
             tags={"default": "0"},
         ),
         Field(
@@ -120,7 +120,7 @@ user_activity = FeatureView(
         Field(
             name="clicks",
             dtype=Int64,
-            description="Clicks by the user before the snapshot.",
+            description="Clicks by the user known before the snapshot (by label_timestamp).",
             tags={"default": "0"},
         ),
         Field(

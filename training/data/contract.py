@@ -7,7 +7,8 @@ Tables (all timestamps are timezone-aware UTC):
   ``category`` (string, the item's main category, used by diversity metrics).
 * ``interactions``: a plain engagement log (what public datasets provide). ``user_id``,
   ``item_id``, ``event_timestamp``; the funnel simulator turns it into ``requests`` + ``truth``.
-* ``requests``: one row per candidate that entered the funnel for a request.
+* ``requests``: one row per candidate that entered the funnel for a request; optional
+  ``label_timestamp``, when each click became known.
 * ``truth``: evaluation only, never read by training: the true outcome of candidates.
 
 The validator reports *every* violation at once (not just the first) so a user fixes a bad file
@@ -71,6 +72,12 @@ REQUESTS_SCHEMA: Final = pa.schema(
     ]
 )
 
+REQUESTS_OPTIONAL: Final = {"label_timestamp": TIMESTAMP}
+"""``label_timestamp``: when a click became known (its own time), at or after the request. Clicks
+often come later than the impression; the statistics count a click on the day it became known, so
+a late click never reaches the features of a request that came before it. Null on rows without a
+click (and on every row when the log does not know): the request's time is used."""
+
 TRUTH_SCHEMA: Final = pa.schema(
     [
         pa.field("user_id", pa.string(), nullable=False),
@@ -83,7 +90,7 @@ TRUTH_OPTIONAL: Final = {"request_id": pa.string()}
 TABLES: Final = {
     "items": (ITEMS_SCHEMA, ITEMS_OPTIONAL, ("item_id",)),
     "interactions": (INTERACTIONS_SCHEMA, INTERACTIONS_OPTIONAL, ("user_id", "item_id")),
-    "requests": (REQUESTS_SCHEMA, {}, ("request_id", "user_id", "item_id")),
+    "requests": (REQUESTS_SCHEMA, REQUESTS_OPTIONAL, ("request_id", "user_id", "item_id")),
     "truth": (TRUTH_SCHEMA, TRUTH_OPTIONAL, ("user_id", "item_id")),
 }
 """table name -> (required schema, optional columns, id columns that must be non-empty)."""
@@ -159,10 +166,15 @@ def validate(table: pa.Table, name: str) -> list[str]:
         if not fld.nullable and nulls:
             problems.append(f"column {fld.name!r} has {nulls} null values")
     for col, typ in optional.items():
-        if col in present and not _type_matches(table.schema.field(col).type, typ):
-            problems.append(
-                f"optional column {col!r} has type {table.schema.field(col).type}, expected {typ}"
-            )
+        if col not in present:
+            continue
+        actual = table.schema.field(col).type
+        if not _type_matches(actual, typ):
+            problems.append(f"optional column {col!r} has type {actual}, expected {typ}")
+            continue
+        usable.add(col)
+        if typ == TIMESTAMP:
+            problems += _zone_problems(actual, col)
 
     if "event_timestamp" in present and "event_timestamp" not in usable:
         ts_col = table.column("event_timestamp")
@@ -176,7 +188,7 @@ def validate(table: pa.Table, name: str) -> list[str]:
     if "event_timestamp" in usable and pa.types.is_timestamp(
         table.schema.field("event_timestamp").type
     ):
-        problems += _zone_problems(table.schema.field("event_timestamp").type)
+        problems += _zone_problems(table.schema.field("event_timestamp").type, "event_timestamp")
 
     for col in id_columns:
         if col in usable:
@@ -197,11 +209,11 @@ def validate(table: pa.Table, name: str) -> list[str]:
     return problems
 
 
-def _zone_problems(ts_type: pa.TimestampType) -> list[str]:
+def _zone_problems(ts_type: pa.TimestampType, column: str) -> list[str]:
     if ts_type.tz is None:
-        return ["column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware"]
+        return [f"column {column!r} is timezone-naive; timestamps must be UTC-aware"]
     if ts_type.tz not in ("UTC", "+00:00", "Etc/UTC"):
-        return [f"column 'event_timestamp' has time zone {ts_type.tz!r}, expected UTC"]
+        return [f"column {column!r} has time zone {ts_type.tz!r}, expected UTC"]
     return []
 
 
@@ -221,8 +233,8 @@ def check_columns(schema: pa.Schema, name: str, columns: Sequence[str]) -> list[
         actual = schema.field(col).type
         if not _type_matches(actual, expected[col]):
             problems.append(f"column {col!r} has type {actual}, expected {expected[col]}")
-        elif col == "event_timestamp":
-            problems += _zone_problems(actual)
+        elif expected[col] == TIMESTAMP:
+            problems += _zone_problems(actual, col)
     return problems
 
 
@@ -299,6 +311,8 @@ def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
         exposed_unlabelled = pc.sum(pc.and_(exposed, pc.invert(has_label))).as_py() or 0
         if exposed_unlabelled:
             problems.append(f"{exposed_unlabelled} exposed rows have no label")
+    if "label_timestamp" in usable:
+        problems += _check_label_timestamps(table, usable)
     if {"group", "stage", "label"} <= usable:
         expected_stage = {
             "exposed_positive": "exposed",
@@ -336,6 +350,32 @@ def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
             bad = pc.sum(mask).as_py() or 0
             if bad:
                 problems.append(f"{bad} {what}")
+    return problems
+
+
+def _check_label_timestamps(table: pa.Table, usable: set[str]) -> list[str]:
+    problems: list[str] = []
+    known = pc.is_valid(table.column("label_timestamp"))
+    if "label" in usable:
+        not_click = pc.fill_null(pc.not_equal(table.column("label"), 1), True)
+        bad = pc.sum(pc.and_(known, not_click)).as_py() or 0
+        if bad:
+            problems.append(
+                f"{bad} rows have a label_timestamp but no click (it is the time a click became "
+                "known; leave it null elsewhere)"
+            )
+    if "event_timestamp" in usable and pa.types.is_timestamp(
+        table.schema.field("event_timestamp").type
+    ):
+        # Compared as microseconds: the two columns may differ in unit.
+        label_us = pc.cast(table.column("label_timestamp"), TIMESTAMP, safe=False).cast(pa.int64())
+        event_us = pc.cast(table.column("event_timestamp"), TIMESTAMP, safe=False).cast(pa.int64())
+        early = pc.sum(pc.fill_null(pc.less(label_us, event_us), False)).as_py() or 0
+        if early:
+            problems.append(
+                f"{early} rows have a label_timestamp before their request's event_timestamp "
+                "(a click cannot come before the impression)"
+            )
     return problems
 
 

@@ -402,6 +402,7 @@ class _Rows:
     stage: npt.NDArray[np.int8]
     group: npt.NDArray[np.int8]
     label: npt.NDArray[np.int8]
+    label_ts: IntArray  # microseconds; meaningful only where label == 1
     truth: npt.NDArray[np.int8]
 
 
@@ -409,14 +410,16 @@ def _simulate_request(
     models: _FunnelModels,
     history: IntArray,
     future: IntArray,
+    future_ts: IntArray,
     rng: np.random.Generator,
     cfg: SimulatorConfig,
     counters: dict[str, int],
 ) -> _Rows | None:
     """Run one request through retrieval, pre-rank, rank and exposure; None if no candidates.
 
-    ``history`` and ``future`` are catalog indices in time order; ``counters`` accumulates the
-    clamps and the funnel-recall numerators and denominator.
+    ``history`` and ``future`` are catalog indices in time order, ``future_ts`` the times of the
+    ``future`` engagements (a click label becomes known at the item's first one); ``counters``
+    accumulates the clamps and the funnel-recall numerators and denominator.
     """
     n_items = models.n_items
     available = np.ones(n_items, dtype=bool)
@@ -478,6 +481,12 @@ def _simulate_request(
     stage[exposed] = _STAGE["exposed"]
     truth = future_mask[candidates].astype(np.int8)
     label = np.where(exposed, truth, _NULL).astype(np.int8)
+    # A click is the item's first engagement in the future window, often days after the
+    # impression: the statistics must not see it before then.
+    first_item, first_at = np.unique(future, return_index=True)
+    clicked = label == 1
+    label_ts = np.zeros(size, dtype=np.int64)
+    label_ts[clicked] = future_ts[first_at[np.searchsorted(first_item, candidates[clicked])]]
     group = np.full(size, _GROUP["prerank_negative"], dtype=np.int8)
     group[:n_pre] = _GROUP["rank_negative"]
     group[exposed] = np.where(
@@ -508,6 +517,7 @@ def _simulate_request(
         stage=pad(stage, _STAGE["retrieved"], np.int8),
         group=pad(group, _GROUP["global_negative"], np.int8),
         label=pad(label, _NULL, np.int8),
+        label_ts=pad(label_ts, 0, np.int64),
         truth=np.concatenate([truth, future_mask[negatives].astype(np.int8)]),
     )
 
@@ -557,9 +567,10 @@ def simulate_funnel(items: pa.Table, interactions: pa.Table, cfg: SimulatorConfi
         models.advance_to(bucket)
         p = int(log.pos[row])
         history = log.item[row - p : row]
-        future = log.item[row : min(row + cfg.future_horizon, int(user_end))]
+        future_end = min(row + cfg.future_horizon, int(user_end))
+        future, future_ts = log.item[row:future_end], log.ts[row:future_end]
         rng = np.random.default_rng([cfg.seed, _STREAM_REQUEST, int(log.user[row]), p])
-        result = _simulate_request(models, history, future, rng, cfg, counters)
+        result = _simulate_request(models, history, future, future_ts, rng, cfg, counters)
         if result is None:
             continue
         kept.append(int(row))
@@ -602,6 +613,8 @@ def _build_tables(
     timestamp = pa.array(log.ts[request_rows], type=pa.int64()).cast(TIMESTAMP).take(per_row)
     stage = pa.array(STAGES, type=pa.string()).take(pa.array(cat("stage")))
     group = pa.array(GROUPS, type=pa.string()).take(pa.array(cat("group")))
+    label = cat("label")
+    label_timestamp = pa.array(cat("label_ts"), type=pa.int64(), mask=label != 1).cast(TIMESTAMP)
     requests = pa.table(
         {
             "request_id": request_id,
@@ -611,8 +624,9 @@ def _build_tables(
             "stage": stage,
             "prerank_position": nullable(cat("prerank_position"), pa.int32()),
             "rank_position": nullable(cat("rank_position"), pa.int32()),
-            "label": nullable(cat("label"), pa.int8()),
+            "label": nullable(label, pa.int8()),
             "group": group,
+            "label_timestamp": label_timestamp,
         }
     )
     truth = pa.table(

@@ -1,11 +1,12 @@
 """Point-in-time correct user and item statistics computed from the request log.
 
 Each statistic table holds *daily snapshots*: the row stamped ``D + 1 day 00:00 UTC`` summarizes
-every event strictly before that instant (all of day ``D`` and earlier). A request at time ``t``
-is joined with the latest snapshot at or before ``t``, so it only ever sees events from earlier
-days: no label of its own request or of any later one can leak into its features. Rows are
-written only for days with activity; the point-in-time join carries the latest one forward
-(within the feature view's ``ttl``).
+every event strictly before that instant (all of day ``D`` and earlier); a click is an event of the
+day it became known (the request log's optional ``label_timestamp``, else the request's time). A
+request at time ``t`` is joined with the latest snapshot at or before ``t``, so it only ever sees
+events from earlier days: no label of its own request, nor any click known only later, can leak
+into its features. Rows are written only for days with activity; the point-in-time join carries
+the latest one forward (within the feature view's ``ttl``).
 
 Output tables (parquet, one row per entity and active day):
 
@@ -13,7 +14,7 @@ Output tables (parquet, one row per entity and active day):
 * ``item_popularity``: item_id, event_timestamp, candidate_count, impressions, clicks (int64),
   ctr_smoothed, exposure_rate, log_candidate_count (float32).
 * ``user_activity``: user_id, event_timestamp, requests, impressions, clicks, active_days
-  (int64), ctr_smoothed, clicked_popularity_mean (float32).
+  (int64; days with a request or a click), ctr_smoothed, clicked_popularity_mean (float32).
 * ``user_history``: user_id, event_timestamp, recent_item_ids (list<string>, oldest first, at
   most ``history_length``): the user's latest positives before the snapshot, from the
   engagement log (``interactions``) when there is one, else the clicks of the request log.
@@ -32,6 +33,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.data.contract import TIMESTAMP
 from training.io import write_manifest, write_table
 
 FEATURES_DIR = "features"
@@ -137,20 +139,32 @@ def compute_feature_tables(
 
     con = duckdb.connect()
     try:
-        con.register(
-            "req",
-            requests.select(
-                ["request_id", "user_id", "item_id", "event_timestamp", "stage", "label"]
-            ),
+        req = requests.select(
+            ["request_id", "user_id", "item_id", "event_timestamp", "stage", "label"]
         )
+        # A click counts on the day it became known (label_timestamp), which can be days after
+        # the impression: counted on the request's day, the next day's snapshot would hand the
+        # features of every request in between an engagement that has not happened yet.
+        known = (
+            requests.column("label_timestamp").cast(TIMESTAMP)
+            if "label_timestamp" in requests.column_names
+            else pa.nulls(requests.num_rows, TIMESTAMP)
+        )
+        con.register("req", req.append_column("label_timestamp", known))
         con.execute("SET TimeZone = 'UTC'")
         item_popularity = con.sql(
             f"""
-            WITH daily AS (
-                SELECT item_id, date_trunc('day', event_timestamp) AS day,
-                       count(*) AS n, sum(CASE WHEN stage = 'exposed' THEN 1 ELSE 0 END) AS imp,
-                       sum(CASE WHEN label = 1 THEN 1 ELSE 0 END) AS clk
-                FROM req GROUP BY ALL
+            WITH events AS (
+                SELECT item_id, date_trunc('day', event_timestamp) AS day, 1 AS n,
+                       CASE WHEN stage = 'exposed' THEN 1 ELSE 0 END AS imp, 0 AS clk
+                FROM req
+                UNION ALL
+                SELECT item_id, date_trunc('day', coalesce(label_timestamp, event_timestamp)),
+                       0, 0, 1
+                FROM req WHERE label = 1
+            ), daily AS (
+                SELECT item_id, day, sum(n) AS n, sum(imp) AS imp, sum(clk) AS clk
+                FROM events GROUP BY ALL
             ), cum AS (
                 SELECT item_id, day + INTERVAL 1 DAY AS event_timestamp,
                        sum(n) OVER w AS candidate_count,
@@ -172,37 +186,45 @@ def compute_feature_tables(
         user_activity = con.sql(
             f"""
             WITH clicks AS (
-                -- Popularity of each clicked item as known before the click (as-of join on the
-                -- snapshots, which only count earlier days).
-                SELECT r.user_id, date_trunc('day', r.event_timestamp) AS day,
+                -- Popularity of each clicked item as known at the impression (as-of join on the
+                -- snapshots, which only count earlier days), counted on the click's day.
+                SELECT r.user_id,
+                       date_trunc('day', coalesce(r.label_timestamp, r.event_timestamp)) AS day,
                        coalesce(p.log_candidate_count, 0.0) AS pop
                 FROM req r ASOF LEFT JOIN ipop p
                   ON r.item_id = p.item_id AND r.event_timestamp >= p.event_timestamp
                 WHERE r.label = 1
             ), click_daily AS (
-                SELECT user_id, day, sum(pop) AS pop_sum, count(*) AS pop_n FROM clicks GROUP BY ALL
-            ), daily AS (
+                SELECT user_id, day, sum(pop) AS pop_sum, count(*) AS clk
+                FROM clicks GROUP BY ALL
+            ), request_daily AS (
                 SELECT user_id, date_trunc('day', event_timestamp) AS day,
                        count(DISTINCT request_id) AS nreq,
-                       sum(CASE WHEN stage = 'exposed' THEN 1 ELSE 0 END) AS imp,
-                       sum(CASE WHEN label = 1 THEN 1 ELSE 0 END) AS clk
+                       sum(CASE WHEN stage = 'exposed' THEN 1 ELSE 0 END) AS imp
                 FROM req GROUP BY ALL
+            ), daily AS (
+                -- A day with requests, clicks or both.
+                SELECT coalesce(q.user_id, c.user_id) AS user_id, coalesce(q.day, c.day) AS day,
+                       coalesce(q.nreq, 0) AS nreq, coalesce(q.imp, 0) AS imp,
+                       coalesce(c.clk, 0) AS clk, coalesce(c.pop_sum, 0.0) AS pop_sum
+                FROM request_daily q FULL OUTER JOIN click_daily c
+                  ON q.user_id = c.user_id AND q.day = c.day
             ), cum AS (
-                SELECT d.user_id, d.day + INTERVAL 1 DAY AS event_timestamp,
-                       sum(d.nreq) OVER w AS requests,
-                       sum(d.imp) OVER w AS impressions,
-                       sum(d.clk) OVER w AS clicks,
+                SELECT user_id, day + INTERVAL 1 DAY AS event_timestamp,
+                       sum(nreq) OVER w AS requests,
+                       sum(imp) OVER w AS impressions,
+                       sum(clk) OVER w AS clicks,
                        row_number() OVER w AS active_days,
-                       sum(coalesce(c.pop_sum, 0)) OVER w AS pop_sum,
-                       sum(coalesce(c.pop_n, 0)) OVER w AS pop_n
-                FROM daily d LEFT JOIN click_daily c ON d.user_id = c.user_id AND d.day = c.day
-                WINDOW w AS (PARTITION BY d.user_id ORDER BY d.day ROWS UNBOUNDED PRECEDING)
+                       sum(pop_sum) OVER w AS pop_sum
+                FROM daily
+                WINDOW w AS (PARTITION BY user_id ORDER BY day ROWS UNBOUNDED PRECEDING)
             )
             SELECT user_id, event_timestamp,
                    requests::BIGINT AS requests, impressions::BIGINT AS impressions,
                    clicks::BIGINT AS clicks, active_days::BIGINT AS active_days,
                    (clicks + {a}) / (impressions + {ab}) AS ctr_smoothed,
-                   CASE WHEN pop_n > 0 THEN pop_sum / pop_n ELSE 0.0 END AS clicked_popularity_mean
+                   CASE WHEN clicks > 0 THEN pop_sum / clicks ELSE 0.0 END
+                       AS clicked_popularity_mean
             FROM cum ORDER BY user_id, event_timestamp
             """
         ).to_arrow_table()

@@ -114,3 +114,37 @@ def test_check_columns_looks_at_the_named_columns_only() -> None:
         "column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware",
         "column 'label' has type string, expected int8",
     ]
+
+
+def _with_label_timestamps(requests: pa.Table, values: list[datetime | None]) -> pa.Table:
+    return requests.append_column("label_timestamp", pa.array(values, pa.timestamp("us", "UTC")))
+
+
+def test_label_timestamp_is_optional_and_checked() -> None:
+    """When a click became known: at or after its request, and only on clicked rows."""
+    requests = make_requests(n_requests=6, n_users=2, n_items=20, seed=1)
+    rows = requests.to_pylist()
+    clicked = [i for i, r in enumerate(rows) if r["label"] == 1]
+    unclicked = [i for i, r in enumerate(rows) if r["label"] != 1]
+    assert clicked and unclicked
+    late = [r["event_timestamp"].replace(year=2025) if r["label"] == 1 else None for r in rows]
+    good = _with_label_timestamps(requests, late)
+    assert validate(good, "requests") == []
+    assert conform(good, "requests").column_names[-1] == "label_timestamp"
+
+    bad = list(late)
+    bad[clicked[0]] = rows[clicked[0]]["event_timestamp"].replace(year=2000)  # before its request
+    bad[unclicked[0]] = rows[unclicked[0]]["event_timestamp"]  # on a row without a click
+    problems = validate(_with_label_timestamps(requests, bad), "requests")
+    assert problems == [
+        "1 rows have a label_timestamp but no click (it is the time a click became known; "
+        "leave it null elsewhere)",
+        "1 rows have a label_timestamp before their request's event_timestamp (a click cannot "
+        "come before the impression)",
+    ]
+    naive = requests.append_column(
+        "label_timestamp", pa.array([None] * requests.num_rows, pa.timestamp("us"))
+    )
+    assert validate(naive, "requests") == [
+        "column 'label_timestamp' is timezone-naive; timestamps must be UTC-aware"
+    ]

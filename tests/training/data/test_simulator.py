@@ -230,6 +230,22 @@ def test_truth_covers_rows_and_matches_clicks(
     assert merged["label_truth"].sum() > merged["label"].fillna(0).sum()  # unexposed positives
 
 
+def test_label_timestamp_is_the_clicks_own_time(log: pd.DataFrame, req: pd.DataFrame) -> None:
+    """A click becomes known at the item's first engagement in the future window, not before."""
+    assert req["label_timestamp"].notna().sum() == (req["label"] == 1).sum()
+    clicks = req[req["label"] == 1]
+    assert (clicks["label_timestamp"] >= clicks["event_timestamp"]).all()
+    by_user = {str(u): g.sort_values("ts", kind="stable") for u, g in log.groupby("user_id")}
+    for row in clicks.itertuples():
+        events = by_user[str(row.user_id)]
+        future = events[events["ts"] >= us(pd.Series([row.event_timestamp]))[0]].head(20)
+        first = future.loc[future["item_id"] == row.item_id, "ts"].min()
+        assert us(pd.Series([row.label_timestamp]))[0] == first, row.request_id
+    # In this log engagements are days apart: most clicks are known only on a later day.
+    later_day = clicks["label_timestamp"].dt.floor("D") > clicks["event_timestamp"].dt.floor("D")
+    assert later_day.mean() > 0.5
+
+
 def test_popularity_is_leak_free() -> None:
     # The item "late" becomes everyone's engagement only after every request bucket's data:
     # popularity-only retrieval must never surface it. Early, the same item is retrieved.
