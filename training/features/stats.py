@@ -253,11 +253,27 @@ def compute_feature_tables(
             "items": items.num_rows,
             "request_rows": requests.num_rows,
             "user_history_source": history_source,
+            # How much label_timestamp matters for this log: clicks a day-based count would
+            # otherwise have put before they happened.
+            "clicks_known_on_a_later_day": _later_day_clicks(requests),
         },
     )
 
 
 _DAY_US = 86_400_000_000
+
+
+def _later_day_clicks(requests: pa.Table) -> int:
+    """Clicks whose ``label_timestamp`` falls on a later UTC day than their request."""
+    if "label_timestamp" not in requests.column_names:
+        return 0
+    days = [
+        pc.cast(requests.column(c).cast(TIMESTAMP), pa.int64()).to_numpy(zero_copy_only=False)
+        // _DAY_US
+        for c in ("event_timestamp", "label_timestamp")
+    ]
+    known = pc.is_valid(requests.column("label_timestamp")).to_numpy(zero_copy_only=False)
+    return int(np.count_nonzero(known & (days[1] > days[0])))
 
 
 def user_history_snapshots(positives: pa.Table, history_length: int) -> pa.Table:

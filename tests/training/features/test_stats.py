@@ -53,6 +53,7 @@ def test_a_late_click_counts_on_the_day_it_became_known() -> None:
     item = _snapshots(tables.item_popularity, "item_id")
     user = _snapshots(tables.user_activity, "user_id")
     # Snapshot of day D (stamped D + 1): the impression on day 0, the click only from day 3 on.
+    assert tables.info["clicks_known_on_a_later_day"] == 1
     assert sorted(item) == [1, 4, 6]
     assert (item[1]["impressions"], item[1]["clicks"], item[1]["candidate_count"]) == (1, 0, 1)
     assert (item[4]["impressions"], item[4]["clicks"], item[4]["candidate_count"]) == (1, 1, 1)
@@ -68,6 +69,7 @@ def test_a_late_click_counts_on_the_day_it_became_known() -> None:
     # Without the column, the same click counts on its request's day (the old behaviour).
     tables = compute_feature_tables(make_items(1), requests.drop_columns(["label_timestamp"]))
     item = _snapshots(tables.item_popularity, "item_id")
+    assert tables.info["clicks_known_on_a_later_day"] == 0
     assert sorted(item) == [1, 6]
     assert item[1]["clicks"] == 1
 
@@ -88,7 +90,9 @@ def test_counts_match_a_recount_by_the_day_each_event_was_known(seed: int) -> No
     log = requests.to_pandas()
     log["day"] = log["event_timestamp"].dt.floor("D")
     log["click_day"] = log["label_timestamp"].dt.floor("D")
-    assert (log["click_day"] > log["day"]).sum() > 10  # many clicks known only days later
+    late = int((log["click_day"] > log["day"]).sum())
+    assert late > 10  # many clicks known only days later
+    assert tables.info["clicks_known_on_a_later_day"] == late
     for snap in tables.item_popularity.to_pandas().itertuples():
         rows = log[log["item_id"] == snap.item_id]
         assert snap.candidate_count == (rows["day"] < snap.event_timestamp).sum()
