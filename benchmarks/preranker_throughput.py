@@ -43,7 +43,7 @@ def main() -> None:
     )
     args = p.parse_args()
     requests = read_table(args.run_dir / "funnel" / "requests.parquet", "requests")
-    train, _ = split_at(requests, time_quantile(requests, 0.8))
+    train = split_at(requests, time_quantile(requests, 0.8)).before
     joined = join_features(open_store(args.run_dir), train)
     semantics = read_table(args.run_dir / "sids" / "item_semantics.parquet")
     cfg = PrerankerConfig.model_validate(

@@ -695,10 +695,15 @@ def _train_eval_split(run_dir: Path, cutoff: datetime | None, quantile: float) -
         cutoff = time_quantile(requests, quantile)
     elif cutoff.tzinfo is None:
         cutoff = cutoff.replace(tzinfo=UTC)
-    train, rest = split_at(requests, cutoff)
-    if train.num_rows == 0:
+    split = split_at(requests, cutoff)
+    if split.before.num_rows == 0:
         raise UsageError(f"no request before {cutoff}: choose a later cutoff")
-    return cutoff, train, rest
+    if split.clicks_known_later:
+        _say(
+            f"{split.clicks_known_later} clicks of requests before {cutoff} became known only "
+            "after it (label_timestamp): negatives for training, as the log stood then"
+        )
+    return cutoff, split.before, split.after
 
 
 @app.command("train")

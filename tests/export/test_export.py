@@ -72,7 +72,7 @@ def trained(run: Run) -> Trained:
     """A gpl_hap pre-ranker saved the way `gpl train` saves it, in a run with real rows."""
     cutoff = time_quantile(run.requests, 0.8)
     joined = join_features(run.store, run.requests)
-    early, later = split_at(joined, cutoff)
+    early, later, _ = split_at(joined, cutoff)
     cfg = small_config()
     prepared = prepare(early, run.semantics, cfg)
     fitted = fit(prepared, cfg, "gpl_hap")

@@ -81,7 +81,7 @@ def served(tmp_path_factory: pytest.TempPathFactory) -> Served:
     store = open_store(root, StoreSettings(project=PROJECT))
     apply_definitions(store)
     cutoff = time_quantile(requests, 0.8)
-    early, _ = split_at(join_features(store, requests), cutoff)
+    early = split_at(join_features(store, requests), cutoff).before
     cfg = small_config()
     prepared = prepare(early, semantics, cfg)
     model_dir = save_preranker(

@@ -255,5 +255,8 @@ def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
     for stage in ("sids", "anchors", "pseudo_labels", "training_set", "preranker", "bundle"):
         assert (run / stage).is_dir(), stage
     assert pq.read_table(run / "pseudo_labels" / "pseudo_labels.parquet").num_rows > 0
+    # The simulated clicks come days after their impressions: some before the training cutoff
+    # are known only after it, and training saw them as the negatives they were then.
+    assert re.search(r"^\d+ clicks of requests before .* became known only after it", out, re.M)
     # It ended by serving a request from the exported bundle, then printed the timings.
     assert "service stopped" in out and re.search(r"^total\s+\d+\.\d+$", out, re.M)

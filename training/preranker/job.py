@@ -15,7 +15,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 import numpy as np
 import numpy.typing as npt
@@ -89,14 +89,57 @@ def join_features(store: FeatureStore, requests: pa.Table) -> pa.Table:
     return joined
 
 
-def split_at(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, pa.Table]:
-    """Rows strictly before ``cutoff`` and the rest."""
+class Split(NamedTuple):
+    """A request log cut in time."""
+
+    before: pa.Table
+    """Rows strictly before the cutoff, as known at the cutoff (:func:`labels_known_at`)."""
+    after: pa.Table
+    """Rows at or after the cutoff, as they are."""
+    clicks_known_later: int
+    """Clicks of ``before`` known only at or after the cutoff: negatives there."""
+
+
+def split_at(requests: pa.Table, cutoff: Any) -> Split:
+    """Rows strictly before ``cutoff`` and the rest.
+
+    The first part is the log as it looked at ``cutoff``: a model trained at that time could
+    not have seen a click that came later.
+    """
     ts = requests.column("event_timestamp")
     bound = pa.scalar(cutoff, ts.type)
-    return (
-        requests.filter(pc.less(ts, bound)),
-        requests.filter(pc.greater_equal(ts, bound)),
-    )
+    before, withheld = labels_known_at(requests.filter(pc.less(ts, bound)), cutoff)
+    return Split(before, requests.filter(pc.greater_equal(ts, bound)), withheld)
+
+
+def labels_known_at(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, int]:
+    """The request log as known at ``cutoff``: clicks known only later are not clicks yet.
+
+    A row whose ``label_timestamp`` is at or after ``cutoff`` becomes what the log showed then,
+    an exposed negative (label 0, group ``exposed_negative``, no ``label_timestamp``). Without
+    this, training before a cutoff learns from engagements of the period after it, the very
+    period it is evaluated on (on the synthetic catalog clicks come a median 8.6 days after
+    their impression). A log without ``label_timestamp`` is returned as it is.
+
+    Returns:
+        The table and how many clicks were turned into negatives.
+    """
+    if "label_timestamp" not in requests.column_names:
+        return requests, 0
+    known_at = requests.column("label_timestamp")
+    later = pc.fill_null(pc.greater_equal(known_at, pa.scalar(cutoff, known_at.type)), False)
+    count = pc.sum(later).as_py() or 0
+    if not count:
+        return requests, 0
+    replaced = {
+        "label": pc.if_else(later, pa.scalar(0, pa.int8()), requests.column("label")),
+        "group": pc.if_else(later, "exposed_negative", requests.column("group")),
+        "label_timestamp": pc.if_else(later, pa.scalar(None, known_at.type), known_at),
+    }
+    for name, column in replaced.items():
+        index = requests.schema.get_field_index(name)
+        requests = requests.set_column(index, requests.schema.field(index), column)
+    return requests, int(count)
 
 
 def time_quantile(requests: pa.Table, q: float) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -10,7 +11,9 @@ import pyarrow.compute as pc
 import pytest
 import torch
 
+from tests.factories import make_requests
 from tests.training.preranker.conftest import Run, small_config
+from training.data.contract import validate
 from training.preranker.config import OBJECTIVES, PrerankerConfig
 from training.preranker.data import PrerankerDataError
 from training.preranker.job import (
@@ -108,7 +111,7 @@ def test_save_and_load_round_trip(joined: pa.Table, run: Run, tmp_path: Path) ->
 
 def test_preprocessing_is_fitted_on_training_rows_only(joined: pa.Table, run: Run) -> None:
     cutoff = time_quantile(run.requests, 0.5)
-    early, _ = split_at(joined, cutoff)
+    early = split_at(joined, cutoff).before
     prep_all = prepare(joined, run.semantics, small_config()).prep
     prep_early = prepare(early, run.semantics, small_config()).prep
     clicks = "user_activity__clicks"
@@ -116,6 +119,42 @@ def test_preprocessing_is_fitted_on_training_rows_only(joined: pa.Table, run: Ru
     mean_early = next(s.mean for s in prep_early.user_numeric if s.column == clicks)
     # Users accumulate clicks over time: statistics of the early half are smaller.
     assert mean_early < mean_all
+
+
+def test_training_part_holds_only_clicks_known_at_the_cutoff() -> None:
+    """A click known only after the cutoff is, for training, the negative the log showed then."""
+    requests = make_requests(n_requests=60, n_users=5, n_items=15, seed=3)
+    clicked = requests.column("label").to_numpy(zero_copy_only=False) == 1
+    delays = pa.array(
+        [timedelta(days=2 * (k % 4)) if c else None for k, c in enumerate(clicked)],
+        pa.duration("us"),
+    )
+    known_at = pc.add(requests.column("event_timestamp"), delays)
+    requests = requests.append_column("label_timestamp", known_at)
+    cutoff = time_quantile(requests, 0.6)
+    plain = split_at(requests.drop_columns(["label_timestamp"]), cutoff)
+    split = split_at(requests, cutoff)
+    assert plain.clicks_known_later == 0
+    assert split.after.equals(
+        requests.filter(pc.greater_equal(requests["event_timestamp"], cutoff))
+    )
+    before = split.before.to_pandas()
+    raw = plain.before.to_pandas()
+    later = (raw["label"] == 1) & (before["label"] == 0)
+    assert split.clicks_known_later == later.sum() > 0
+    # Exactly the clicks whose label_timestamp is at or after the cutoff changed, into exposed
+    # negatives, and the table still keeps the data contract.
+    known = requests.filter(pc.less(requests["event_timestamp"], cutoff)).to_pandas()
+    assert (later == (known["label_timestamp"] >= cutoff)).all()
+    assert (before.loc[later, "group"] == "exposed_negative").all()
+    assert before.loc[later, "label_timestamp"].isna().all()
+    unchanged = ~later
+    assert (
+        before[unchanged]
+        .drop(columns="label_timestamp")
+        .equals(known[unchanged].drop(columns="label_timestamp"))
+    )
+    assert validate(split.before, "requests") == []
 
 
 def test_errors_are_clear(joined: pa.Table, run: Run) -> None:
