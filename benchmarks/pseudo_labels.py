@@ -9,7 +9,11 @@ For each dataset (MovieLens-100k from ``../shared/datasets`` and the synthetic c
    anchors generated for every request day after it, then the pseudo-label job;
 3. baselines on the same rows: "unexposed = negative" (a constant 0), the distillation teacher (a
    model trained on exposed rows only, with the Feast statistics features plus the candidate's
-   content similarity to the user's history, scoring the unexposed rows), and raw popularity;
+   content similarity to the user's history, scoring the unexposed rows), and raw popularity.
+   The teacher learns from the log as it stood at the split (clicks known by then), in several
+   variants of which rows it trusts (all; rows, or only negatives, older than 7 / 14 / 28
+   days); the strongest of them on the evaluation rows is the baseline (optimistic for the
+   teacher). One trained with the clicks of the future too is reported as a reference only;
 4. AUCs against the truth, confidence-weighted AUC, AUC within the top- and bottom-confidence
    halves, calibration error, and a reliability diagram (PNG).
 
@@ -51,6 +55,7 @@ from training.evaluation.metrics import auc, reliability_curve, upper_half
 from training.features.stats import StatsConfig, compute_feature_tables
 from training.features.store import StoreSettings, apply_definitions, open_store
 from training.features.training_set import build_training_set
+from training.preranker.job import split_at
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
 from training.sids.config import SidConfig
 from training.sids.job import read_codebook_sizes, train_sids
@@ -63,6 +68,11 @@ FACTORS = ("dispersion", "history_consistency", "lm_confidence", "confidence")
 """The confidence's three factors and their combination, as the job writes them."""
 TEACHER_SEEDS = 5
 """Distillation teachers trained per run (different initializations); their mean AUC is reported."""
+TEACHER_MATURITY_DAYS = (7, 14, 28)
+"""Teachers trained only on rows (or negatives) older than this many days at the split, whose
+labels are more final."""
+ORACLE_TEACHER = "labels of the future (reference, not a baseline)"
+"""The teacher trained with every click, also those known only after the split."""
 
 
 def _history_similarity(
@@ -135,9 +145,13 @@ def run_dataset(
     ts = requests.column("event_timestamp")
     split = pc.quantile(ts.cast(pa.int64()), q=args.train_fraction).to_pylist()[0]
     split_ts = pa.scalar(int(split), pa.int64()).cast(ts.type)
-    before = pc.less(ts, split_ts)
-    train_requests = requests.filter(before)
-    eval_requests = requests.filter(pc.invert(before))
+    # The teacher learns from the log as it stood at the split: a click known only after it
+    # (label_timestamp) was still a negative then, and counting it would hand the teacher an
+    # engagement from the very period it is scored on.
+    train_requests, eval_requests, clicks_known_later = split_at(requests, split_ts.as_py())
+    if args.work is not None:
+        pq.write_table(eval_requests, work / "eval_requests.parquet")
+        pq.write_table(truth, work / "truth.parquet")
 
     t = time.perf_counter()
     sid_cfg = SidConfig(epochs=args.sid_epochs)
@@ -200,7 +214,8 @@ def run_dataset(
     compute_feature_tables(data.items, requests).write(work, StatsConfig())
     store = open_store(work, StoreSettings(project=f"bench_{name.replace('-', '_')}"))
     apply_definitions(store)
-    joined = build_training_set(store, requests).table.to_pandas()
+    log_as_known = pa.concat_tables([train_requests, eval_requests])
+    joined = build_training_set(store, log_as_known).table.to_pandas()
     # The teacher learns from exposed rows before the split, where no request has anchors yet
     # (they are generated for the later requests only): anchor columns would only tell it "this
     # row is after the split". Until 2026-12-03 `user_interest_anchors__missing` was among its
@@ -227,8 +242,32 @@ def run_dataset(
         (joined["stage"] == "exposed")
         & joined["request_id"].isin(set(train_requests.column("request_id").to_pylist()))
     ]
+    # Which labels may the teacher learn from? Trained at the split, it has the clicks known
+    # then (a click known later is the negative the log showed); a team aware of delayed clicks
+    # would rather drop the rows whose labels are not final yet. Each is measured; the
+    # strongest is the baseline. The labels of the future are measured too, as a reference.
+    oracle = requests.select(["request_id", "item_id", "label"]).to_pandas()
+    train_rows = train_rows.merge(
+        oracle.rename(columns={"label": "label_oracle"}),
+        on=["request_id", "item_id"],
+        how="left",
+        validate="one_to_one",
+    )
+    split_at_ts = pd.Timestamp(split_ts.as_py())
+    variants = {"labels known at the split": train_rows}
+    for days in TEACHER_MATURITY_DAYS:
+        old_enough = train_rows["event_timestamp"] < split_at_ts - pd.Timedelta(days=days)
+        variants[f"rows older than {days} days"] = train_rows[old_enough]
+        # A known click is final; only a recent negative may still turn into one.
+        final = old_enough | (train_rows["label"] == 1)
+        variants[f"clicks, and negatives older than {days} days"] = train_rows[final]
+    variants[ORACLE_TEACHER] = train_rows.assign(label=train_rows["label_oracle"])
+    candidates = [*numeric, "history_similarity"]
     # A feature constant on the teacher's rows carries nothing it could learn from.
-    features = [c for c in [*numeric, "history_similarity"] if train_rows[c].std() > 0]
+    variant_features = {
+        variant: [c for c in candidates if rows[c].std() > 0] for variant, rows in variants.items()
+    }
+    features = sorted({c for names in variant_features.values() for c in names})
     tick("teacher features", t)
 
     truth_df = truth.to_pandas()[["request_id", "item_id", "label"]].rename(
@@ -241,18 +280,32 @@ def run_dataset(
         joined[["request_id", "item_id", *features]], on=["request_id", "item_id"], how="left"
     )
     t = time.perf_counter()
+    ok_rows = (ev["status"] == "ok").to_numpy()
+    y = ev.loc[ok_rows, "truth"].to_numpy()
     # The teacher's AUC moves by ~0.01-0.04 with its initialization alone, as much as the gaps
-    # it is compared with: it is trained TEACHER_SEEDS times and its mean AUC reported.
+    # it is compared with: each is trained TEACHER_SEEDS times and its mean AUC reported.
     teacher_seeds = [args.seed * TEACHER_SEEDS + k for k in range(TEACHER_SEEDS)]
-    teachers = [_teacher_scores(train_rows, ev, features, s) for s in teacher_seeds]
-    ev["teacher"] = teachers[0]
+    by_variant: dict[str, dict[str, Any]] = {}
+    first_scores: dict[str, np.ndarray] = {}
+    for variant, rows in variants.items():
+        cols = variant_features[variant]
+        scores = [_teacher_scores(rows, ev, cols, s) for s in teacher_seeds]
+        aucs = [auc(y, sc[ok_rows]) for sc in scores]
+        first_scores[variant] = scores[0]
+        by_variant[variant] = {
+            "auc": float(np.mean(aucs)),
+            "auc_per_seed": [round(a, 5) for a in aucs],
+            "train_rows": len(rows),
+            "train_clicks": int((rows["label"] == 1).sum()),
+        }
+    honest = {k: v for k, v in by_variant.items() if k != ORACLE_TEACHER}
+    teacher = max(honest, key=lambda k: honest[k]["auc"])
+    ev["teacher"] = first_scores[teacher]
+    teacher_aucs = by_variant[teacher]["auc_per_seed"]
     tick("distillation teacher", t)
 
-    ok_rows = (ev["status"] == "ok").to_numpy()
     ok = ev[ok_rows].copy()
-    y = ok["truth"].to_numpy()
     conf = ok["confidence"].to_numpy()
-    teacher_aucs = [auc(y, scores[ok_rows]) for scores in teachers]
     # Exactly half each (ties at the median broken at random): confidence is shared by all of a
     # request's rows, so ">= median" could move whole requests to one side.
     top = upper_half(conf, args.seed)
@@ -269,9 +322,12 @@ def run_dataset(
         "auc_gpl_top_confidence_half": auc(y[top], ok["pseudo_label"].to_numpy()[top]),
         "auc_gpl_bottom_confidence_half": auc(y[bottom], ok["pseudo_label"].to_numpy()[bottom]),
         "auc_unexposed_as_negative": auc(y, np.zeros(len(y))),
-        "auc_distillation": float(np.mean(teacher_aucs)),
-        "auc_distillation_per_teacher_seed": [round(a, 5) for a in teacher_aucs],
-        "teacher_features": features,
+        "auc_distillation": by_variant[teacher]["auc"],
+        "auc_distillation_per_teacher_seed": teacher_aucs,
+        "distillation_teacher": teacher,
+        "distillation_by_training_labels": by_variant,
+        "teacher_features": variant_features[teacher],
+        "teacher_clicks_known_after_split": clicks_known_later,
         "auc_popularity": auc(y, ok["item_popularity__log_candidate_count"]),
         # Diagnostic: the teacher's content feature alone (cosine to the mean of the user's
         # history), i.e. what the content space gives without the LM's anchors.
@@ -344,6 +400,14 @@ def main() -> None:
         "pseudo-label, distillation teacher's score, factors, confidence) as parquet, for "
         "offline analysis (benchmarks/confidence_weights.py reads them)",
     )
+    parser.add_argument(
+        "--work",
+        type=Path,
+        default=None,
+        help="directory: keep each dataset's artifacts there (SIDs, anchors, pseudo-labels, the "
+        "evaluation requests and the simulator's truth, under <work>/<dataset>) instead of a "
+        "temporary directory, for offline analysis",
+    )
     parser.add_argument("--quick", action="store_true", help="few epochs: a smoke run, not figures")
     parser.add_argument("--out", type=Path, default=RESULTS / "pseudo_labels.json")
     args = parser.parse_args()
@@ -358,6 +422,10 @@ def main() -> None:
             if name == "ml-100k"
             else generate_synthetic(SynthConfig())
         )
+        if args.work is not None:
+            (args.work / name).mkdir(parents=True, exist_ok=True)
+            results[name] = run_dataset(name, data, args.work / name, args)
+            continue
         with tempfile.TemporaryDirectory() as tmp:
             results[name] = run_dataset(name, data, Path(tmp), args)
 
@@ -384,6 +452,10 @@ def main() -> None:
         )
         halves = ", ".join(f"{f} {r[f'auc_top_half_by_{f}']:.4f}" for f in FACTORS)
         print(f"{name}: top half by each factor alone: {halves}")
+        teachers = ", ".join(
+            f"{k} {v['auc']:.4f}" for k, v in r["distillation_by_training_labels"].items()
+        )
+        print(f"{name}: distillation teacher by training labels: {teachers}")
     out = {
         "benchmark": "pseudo_labels",
         "date": datetime.now(UTC).isoformat(timespec="seconds"),
