@@ -108,7 +108,7 @@ def main() -> None:
         gpl("sids", "train", *r)
         gpl("anchors", "train", *r, "--config", str(configs / "anchors.yaml"), "--until", cutoff)
         gpl("anchors", "generate", *r, "--config", str(configs / "anchors.yaml"))
-        gpl("pseudo-labels", *r)
+        gpl("pseudo-labels", *r, "--calibrate-until", cutoff)
         gpl("features", "build", *r)
         gpl("features", "apply", *r)
     cutoff = cutoff_of(run, 0.8)

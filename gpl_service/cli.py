@@ -621,6 +621,14 @@ def pseudo_labels(
             help="Also label global random negatives.",
         ),
     ] = None,
+    calibrate_until: Annotated[
+        datetime | None,
+        typer.Option(
+            help="Fit the relevance -> click calibration only on exposed rows before this time "
+            "(UTC), with the clicks known then. Set it to the training cutoff of any period you "
+            "will evaluate on, or that period's clicks will shape the training labels.",
+        ),
+    ] = None,
 ) -> None:
     """Pseudo-label unexposed candidates from the users' interest anchors.
 
@@ -640,8 +648,13 @@ def pseudo_labels(
     )
 
     with _user_errors():
+        if calibrate_until is not None and calibrate_until.tzinfo is None:
+            calibrate_until = calibrate_until.replace(tzinfo=UTC)
         cfg = _load_config(
-            PseudoLabelConfig, config, include_global_negatives=include_global_negatives
+            PseudoLabelConfig,
+            config,
+            include_global_negatives=include_global_negatives,
+            calibrate_until=calibrate_until,
         )
         requests_path = run_dir / "funnel" / "requests.parquet"
         if not requests_path.exists():
@@ -1034,6 +1047,20 @@ def demo(
     # short pre-ranker schedule keep the demo's training and evaluation to a few minutes.
     funnel_config = configs / "funnel.yaml"
     funnel_config.write_text(yaml.safe_dump(DEMO_FUNNEL_CONFIG, sort_keys=False))
+    # `gpl train` and `gpl evaluate` cut the request log at this quantile of its times; the
+    # anchor LM and the pseudo-labels' calibration are fitted before the same cutoff, or the
+    # report would score GPL on a period its anchors and labels had already seen.
+    split_quantile = 0.8
+
+    def cutoff() -> datetime:
+        import pyarrow.parquet as pq
+
+        from training.preranker.job import time_quantile
+
+        times = pq.read_table(run_dir / "funnel" / "requests.parquet", columns=["event_timestamp"])
+        moment: datetime = time_quantile(times, split_quantile)
+        return moment
+
     preranker_config = configs / "preranker.yaml"
     preranker_config.write_text(yaml.safe_dump(DEMO_PRERANKER_CONFIG, sort_keys=False))
     steps: list[tuple[str, Callable[[], None]]] = [
@@ -1056,7 +1083,7 @@ def demo(
                 run_dir=run_dir,
                 config=anchors_config,
                 base_model=base_model,
-                until=None,
+                until=cutoff(),
                 epochs=lm_epochs,
                 ensemble_size=None,
             ),
@@ -1067,7 +1094,12 @@ def demo(
         ),
         (
             "pseudo-labels",
-            lambda: pseudo_labels(run_dir=run_dir, config=None, include_global_negatives=None),
+            lambda: pseudo_labels(
+                run_dir=run_dir,
+                config=None,
+                include_global_negatives=None,
+                calibrate_until=cutoff(),
+            ),
         ),
         ("features build", lambda: features_build(run_dir=run_dir, config=None)),
         ("features apply", lambda: features_apply(run_dir=run_dir)),
@@ -1086,7 +1118,7 @@ def demo(
                 config=preranker_config,
                 objective=None,
                 until=None,
-                split_quantile=0.8,
+                split_quantile=split_quantile,
             ),
         ),
         (
@@ -1096,7 +1128,7 @@ def demo(
                 config=preranker_config,
                 truth=None,
                 since=None,
-                split_quantile=0.8,
+                split_quantile=split_quantile,
                 seeds=1,
                 objectives="exposed,gpl,hap,gpl_hap",
             ),

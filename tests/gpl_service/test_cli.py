@@ -8,12 +8,15 @@ import shutil
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
 from typer.testing import CliRunner
 
 from gpl_service.cli import app
 from tests.factories import make_requests, write_empty_anchors
+from training.io import read_manifest
+from training.preranker.job import time_quantile
 
 runner = CliRunner()
 
@@ -255,6 +258,16 @@ def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
     for stage in ("sids", "anchors", "pseudo_labels", "training_set", "preranker", "bundle"):
         assert (run / stage).is_dir(), stage
     assert pq.read_table(run / "pseudo_labels" / "pseudo_labels.parquet").num_rows > 0
+    # Everything fitted before the report's cutoff saw only what was known before it: the anchor
+    # LM its positives, the calibration its exposed rows and their clicks.
+    times = pq.read_table(run / "funnel" / "requests.parquet", columns=["event_timestamp"])
+    cutoff = time_quantile(times, 0.8)
+    calibration = read_manifest(run / "pseudo_labels")["metrics"]["calibration"]
+    assert calibration["until"] == cutoff.isoformat()
+    interactions = pq.read_table(run / "data" / "interactions.parquet")
+    before = pc.sum(pc.less(interactions["event_timestamp"], cutoff)).as_py()
+    assert 0 < before < interactions.num_rows
+    assert read_manifest(run / "anchors" / "model")["metrics"]["positives"] == before
     # The simulated clicks come days after their impressions: some before the training cutoff
     # are known only after it, and training saw them as the negatives they were then.
     assert re.search(r"^\d+ clicks of requests before .* became known only after it", out, re.M)

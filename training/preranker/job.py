@@ -26,6 +26,7 @@ from feast import FeatureStore
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from training.data.labels import labels_known_at
 from training.evaluation.ranking import LONG_TAIL_HEAD_SHARE, ItemInfo, evaluate_scores
 from training.evaluation.report import ReportPaths, write_report
 from training.features.training_set import build_training_set
@@ -110,36 +111,6 @@ def split_at(requests: pa.Table, cutoff: Any) -> Split:
     bound = pa.scalar(cutoff, ts.type)
     before, withheld = labels_known_at(requests.filter(pc.less(ts, bound)), cutoff)
     return Split(before, requests.filter(pc.greater_equal(ts, bound)), withheld)
-
-
-def labels_known_at(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, int]:
-    """The request log as known at ``cutoff``: clicks known only later are not clicks yet.
-
-    A row whose ``label_timestamp`` is at or after ``cutoff`` becomes what the log showed then,
-    an exposed negative (label 0, group ``exposed_negative``, no ``label_timestamp``). Without
-    this, training before a cutoff learns from engagements of the period after it, the very
-    period it is evaluated on (on the synthetic catalog clicks come a median 8.6 days after
-    their impression). A log without ``label_timestamp`` is returned as it is.
-
-    Returns:
-        The table and how many clicks were turned into negatives.
-    """
-    if "label_timestamp" not in requests.column_names:
-        return requests, 0
-    known_at = requests.column("label_timestamp")
-    later = pc.fill_null(pc.greater_equal(known_at, pa.scalar(cutoff, known_at.type)), False)
-    count = pc.sum(later).as_py() or 0
-    if not count:
-        return requests, 0
-    replaced = {
-        "label": pc.if_else(later, pa.scalar(0, pa.int8()), requests.column("label")),
-        "group": pc.if_else(later, "exposed_negative", requests.column("group")),
-        "label_timestamp": pc.if_else(later, pa.scalar(None, known_at.type), known_at),
-    }
-    for name, column in replaced.items():
-        index = requests.schema.get_field_index(name)
-        requests = requests.set_column(index, requests.schema.field(index), column)
-    return requests, int(count)
 
 
 def time_quantile(requests: pa.Table, q: float) -> Any:

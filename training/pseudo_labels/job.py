@@ -42,6 +42,7 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -50,10 +51,11 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validator
 from tqdm import tqdm
 
 from training.data.contract import TIMESTAMP, ContractError, check_columns
+from training.data.labels import labels_known_at
 from training.io import atomic_path, write_manifest
 from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
@@ -175,6 +177,13 @@ class PseudoLabelConfig(BaseModel):
         default="platt",
         description="'platt': relevance -> click probability fitted on exposed rows; "
         "'none': pseudo_label = relevance clipped to [0, 1].",
+    )
+    calibrate_until: AwareDatetime | None = Field(
+        default=None,
+        description="Fit the calibration only on exposed rows before this time, with the clicks "
+        "known then (label_timestamp): the training cutoff of an offline evaluation, whose "
+        "period's clicks must not shape the labels of the rows trained on. None: every exposed "
+        "row of the log, as a production job labelling yesterday's traffic would.",
     )
     hard_threshold: float | None = Field(
         default=None,
@@ -530,7 +539,14 @@ def _read_ahead(batches: Iterator[pa.Table], pool: ThreadPoolExecutor) -> Iterat
     return drain()
 
 
-def _check_requests_schema(requests: pa.Table | Path) -> None:
+def _as_known_at(exposed: pa.Table, until: datetime) -> tuple[pa.Table, int]:
+    """Exposed rows before ``until``, with only the clicks known by then (and how many were not)."""
+    ts = exposed.column("event_timestamp")
+    before = exposed.filter(pc.less(ts, pa.scalar(until, ts.type)))
+    return labels_known_at(before, until)
+
+
+def _check_requests_schema(requests: pa.Table | Path) -> pa.Schema:
     """The columns the job reads (presence, types, UTC timestamps), checked before any row is.
 
     The log is streamed, so the row-level rules of the ``requests`` contract are not re-checked
@@ -539,9 +555,12 @@ def _check_requests_schema(requests: pa.Table | Path) -> None:
     """
     schema = pq.read_schema(requests) if isinstance(requests, Path) else requests.schema
     columns = dict.fromkeys(_REQUEST_COLUMNS + _EXPOSED_PASS_COLUMNS)  # the ones read, in order
+    if "label_timestamp" in schema.names:
+        columns["label_timestamp"] = None
     problems = check_columns(schema, "requests", list(columns))
     if problems:
         raise ContractError("requests", problems)
+    return schema
 
 
 def _exposed_labels(exposed: pa.Table) -> npt.NDArray[np.int8]:
@@ -725,8 +744,14 @@ def generate_pseudo_labels(
         ["global_negative"] if cfg.include_global_negatives else []
     )
     target_set = pa.array(targets)
-    _check_requests_schema(requests)
+    schema = _check_requests_schema(requests)
     total = _num_rows(requests)
+    until = cfg.calibrate_until
+    # The clicks' own times matter only for a calibration cut at a time.
+    exposed_columns = _EXPOSED_PASS_COLUMNS + (
+        ["label_timestamp"] if until is not None and "label_timestamp" in schema.names else []
+    )
+    clicks_known_later = 0
 
     # Pass 1, exposed rows only (a few percent of the log): fit the relevance -> click mapping
     # first, so that pass 2 writes final labels in one go instead of rewriting its output.
@@ -736,9 +761,7 @@ def generate_pseudo_labels(
         # The log's first batch is read, and the compiled kernels loaded, while the catalog and
         # the anchor bank load.
         warm = reader.submit(warm_up)
-        exposed_batches = _read_ahead(
-            _batches(requests, cfg.batch_rows, _EXPOSED_PASS_COLUMNS), reader
-        )
+        exposed_batches = _read_ahead(_batches(requests, cfg.batch_rows, exposed_columns), reader)
         items = ItemIndex.from_item_semantics(item_semantics)
         anchor_table, read_embeddings = _read_anchors(anchors)
         bank = load_anchor_bank(anchor_table, items, positives, cfg.history_items, read_embeddings)
@@ -746,6 +769,9 @@ def generate_pseudo_labels(
         warm.result()
         for batch in exposed_batches:
             exposed = batch.filter(_member_mask(batch.column("stage"), _EXPOSED))
+            if until is not None:
+                exposed, later = _as_known_at(exposed, until)
+                clicks_known_later += later
             if exposed.num_rows:
                 scored = _score(exposed, items, bank, confidence_table)
                 exposed_rel.append(scored["relevance"][scored["ok"]])
@@ -843,6 +869,8 @@ def generate_pseudo_labels(
                 "slope_clamped_to_zero": scaler.clamped,
                 "exposed_rows": len(rel),
                 "clicks": int(lab.sum()),
+                "until": None if until is None else until.isoformat(),
+                "clicks_known_after_until": clicks_known_later,
             }
             if scaler
             else {"method": "none"}

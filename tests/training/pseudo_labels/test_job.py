@@ -551,6 +551,48 @@ def test_global_negatives_are_optional(inputs, tmp_path: Path) -> None:  # type:
     assert with_g.num_rows == without.num_rows + 1
 
 
+def test_calibration_cut_at_a_time_sees_only_the_clicks_known_then(  # type: ignore[no-untyped-def]
+    inputs, tmp_path: Path
+) -> None:
+    """calibrate_until: exposed rows before it, a click known only later counted as no click."""
+    requests, items, anchors, positives = inputs
+    clicked = requests.column("label").to_numpy(zero_copy_only=False) == 1
+    delays = [timedelta(days=3 * (k % 4)) if c else None for k, c in enumerate(clicked)]
+    known_at = pc.add(requests.column("event_timestamp"), pa.array(delays, pa.duration("us")))
+    requests = requests.append_column("label_timestamp", known_at)
+    times = requests.column("event_timestamp").to_pandas()
+    until = times.quantile(0.6).to_pydatetime()
+    cut = PseudoLabelConfig(progress=False, calibrate_until=until)
+    result = generate_pseudo_labels(requests, items, anchors, positives, cut, tmp_path / "cut")
+
+    # The same log written by hand as it stood at `until`: later exposed rows gone, later
+    # clicks negatives; calibrated on every exposed row, it must give the same labels.
+    log = requests.to_pandas()
+    exposed = log["stage"] == "exposed"
+    log = log[~exposed | (log["event_timestamp"] < until)].copy()
+    late = log["label_timestamp"] >= until
+    assert 0 < late.sum() < (log["label"] == 1).sum()
+    log.loc[late, ["label", "group"]] = [0, "exposed_negative"]
+    as_known = pa.Table.from_pandas(
+        log.drop(columns="label_timestamp"),
+        schema=requests.schema.remove(requests.schema.get_field_index("label_timestamp")),
+        preserve_index=False,
+    )
+    plain = PseudoLabelConfig(progress=False)
+    expected = generate_pseudo_labels(as_known, items, anchors, positives, plain, tmp_path / "hand")
+    got, want = result.metrics["calibration"], expected.metrics["calibration"]
+    assert got["until"] == until.isoformat() and want["until"] is None
+    assert got["clicks_known_after_until"] == late.sum() and want["clicks_known_after_until"] == 0
+    for key in ("a", "b", "exposed_rows", "clicks"):
+        assert got[key] == want[key], key
+    assert pq.read_table(result.path).equals(pq.read_table(expected.path))
+    # Without the cut the whole log's clicks shape the labels.
+    whole = generate_pseudo_labels(requests, items, anchors, positives, plain, tmp_path / "all")
+    assert whole.metrics["calibration"]["clicks"] > got["clicks"]
+    with pytest.raises(ValueError, match="timezone"):
+        PseudoLabelConfig(calibrate_until=until.replace(tzinfo=None))
+
+
 def test_hard_labels(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
     requests, items, anchors, positives = inputs
     cfg = PseudoLabelConfig(progress=False, hard_threshold=0.2)
