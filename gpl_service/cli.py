@@ -20,6 +20,7 @@ alone. Bad input exits with code 2 and one line per problem.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import time
@@ -179,6 +180,11 @@ def _set(raw: dict[str, Any], section: str, key: str, value: Any) -> None:
         if not isinstance(node, dict):
             raise UsageError(f"config: {section} must be a mapping of settings")
         node[key] = value
+
+
+def _as_utc(moment: datetime) -> datetime:
+    """A command-line time: one given without an offset is read as UTC."""
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
 
 
 def _say(message: str) -> None:
@@ -385,9 +391,7 @@ def features_materialize(
 
     with _user_errors():
         store = open_store(run_dir)
-        end_utc = (end.replace(tzinfo=UTC) if end and end.tzinfo is None else end) or datetime.now(
-            UTC
-        )
+        end_utc = _as_utc(end) if end else datetime.now(UTC)
         start = datetime(1970, 1, 1, tzinfo=UTC) if full else None
         report = materialize(store, end=end_utc, start=start)
         _say(
@@ -501,7 +505,7 @@ def _positives(run_dir: Path, until: datetime | None) -> Any:
 
     table = read_table(run_dir / "data" / "interactions.parquet", "interactions")
     if until is not None:
-        bound = pa.scalar(until if until.tzinfo else until.replace(tzinfo=UTC))
+        bound = pa.scalar(_as_utc(until))
         table = table.filter(pc.less(table.column("event_timestamp"), bound))
     return table
 
@@ -648,13 +652,11 @@ def pseudo_labels(
     )
 
     with _user_errors():
-        if calibrate_until is not None and calibrate_until.tzinfo is None:
-            calibrate_until = calibrate_until.replace(tzinfo=UTC)
         cfg = _load_config(
             PseudoLabelConfig,
             config,
             include_global_negatives=include_global_negatives,
-            calibrate_until=calibrate_until,
+            calibrate_until=_as_utc(calibrate_until) if calibrate_until else None,
         )
         requests_path = run_dir / "funnel" / "requests.parquet"
         if not requests_path.exists():
@@ -704,10 +706,7 @@ def _train_eval_split(run_dir: Path, cutoff: datetime | None, quantile: float) -
     from training.preranker.job import split_at, time_quantile
 
     requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
-    if cutoff is None:
-        cutoff = time_quantile(requests, quantile)
-    elif cutoff.tzinfo is None:
-        cutoff = cutoff.replace(tzinfo=UTC)
+    cutoff = time_quantile(requests, quantile) if cutoff is None else _as_utc(cutoff)
     split = split_at(requests, cutoff)
     if split.before.num_rows == 0:
         raise UsageError(f"no request before {cutoff}: choose a later cutoff")
@@ -928,7 +927,7 @@ def serve(
         if max_candidates is not None:
             overrides["max_candidates"] = max_candidates
         if as_of is not None:
-            overrides["as_of"] = as_of if as_of.tzinfo else as_of.replace(tzinfo=UTC)
+            overrides["as_of"] = _as_utc(as_of)
         settings = ServeSettings(**overrides)
         # Fail here, in one line, rather than in uvicorn's start-up traceback.
         open_service_store(settings.run_dir)
@@ -1052,6 +1051,7 @@ def demo(
     # report would score GPL on a period its anchors and labels had already seen.
     split_quantile = 0.8
 
+    @functools.cache  # read once, after `data simulate` wrote the log
     def cutoff() -> datetime:
         import pyarrow.parquet as pq
 

@@ -13,19 +13,21 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 
-def labels_known_at(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, int]:
-    """The request log as known at ``cutoff``: clicks known only later are not clicks yet.
+def log_as_of(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, int]:
+    """The request log as known at ``cutoff``: rows before it, later clicks not clicks yet.
 
-    A row whose ``label_timestamp`` is at or after ``cutoff`` becomes what the log showed then,
-    an exposed negative (label 0, group ``exposed_negative`` when the table has groups, no
-    ``label_timestamp``). Without this, whatever learns before a cutoff learns from engagements
-    of the period after it, the very period an offline evaluation scores (on the synthetic
-    catalog clicks come a median 8.6 days after their impression). A log without
-    ``label_timestamp`` is returned as it is.
+    Rows at or after ``cutoff`` are left out. A row whose ``label_timestamp`` is at or after
+    ``cutoff`` becomes what the log showed then, an exposed negative (label 0, group
+    ``exposed_negative`` when the table has groups, no ``label_timestamp``). Without this,
+    whatever learns before a cutoff learns from engagements of the period after it, the very
+    period an offline evaluation scores (on the synthetic catalog clicks come a median 8.6 days
+    after their impression). A log without ``label_timestamp`` keeps its labels.
 
     Returns:
         The table and how many clicks were turned into negatives.
     """
+    ts = requests.column("event_timestamp")
+    requests = requests.filter(pc.less(ts, pa.scalar(cutoff, ts.type)))
     if "label_timestamp" not in requests.column_names:
         return requests, 0
     known_at = requests.column("label_timestamp")

@@ -145,12 +145,10 @@ def compute_feature_tables(
         # A click counts on the day it became known (label_timestamp), which can be days after
         # the impression: counted on the request's day, the next day's snapshot would hand the
         # features of every request in between an engagement that has not happened yet.
-        known = (
-            requests.column("label_timestamp").cast(TIMESTAMP)
-            if "label_timestamp" in requests.column_names
-            else pa.nulls(requests.num_rows, TIMESTAMP)
-        )
-        con.register("req", req.append_column("label_timestamp", known))
+        known_at = req.column("event_timestamp").cast(TIMESTAMP)
+        if "label_timestamp" in requests.column_names:
+            known_at = pc.coalesce(requests.column("label_timestamp").cast(TIMESTAMP), known_at)
+        con.register("req", req.append_column("click_known_at", known_at))
         con.execute("SET TimeZone = 'UTC'")
         item_popularity = con.sql(
             f"""
@@ -159,8 +157,7 @@ def compute_feature_tables(
                        CASE WHEN stage = 'exposed' THEN 1 ELSE 0 END AS imp, 0 AS clk
                 FROM req
                 UNION ALL
-                SELECT item_id, date_trunc('day', coalesce(label_timestamp, event_timestamp)),
-                       0, 0, 1
+                SELECT item_id, date_trunc('day', click_known_at), 0, 0, 1
                 FROM req WHERE label = 1
             ), daily AS (
                 SELECT item_id, day, sum(n) AS n, sum(imp) AS imp, sum(clk) AS clk
@@ -189,7 +186,7 @@ def compute_feature_tables(
                 -- Popularity of each clicked item as known at the impression (as-of join on the
                 -- snapshots, which only count earlier days), counted on the click's day.
                 SELECT r.user_id,
-                       date_trunc('day', coalesce(r.label_timestamp, r.event_timestamp)) AS day,
+                       date_trunc('day', r.click_known_at) AS day,
                        coalesce(p.log_candidate_count, 0.0) AS pop
                 FROM req r ASOF LEFT JOIN ipop p
                   ON r.item_id = p.item_id AND r.event_timestamp >= p.event_timestamp

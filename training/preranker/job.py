@@ -26,7 +26,7 @@ from feast import FeatureStore
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from training.data.labels import labels_known_at
+from training.data.labels import log_as_of
 from training.evaluation.ranking import LONG_TAIL_HEAD_SHARE, ItemInfo, evaluate_scores
 from training.evaluation.report import ReportPaths, write_report
 from training.features.training_set import build_training_set
@@ -94,7 +94,7 @@ class Split(NamedTuple):
     """A request log cut in time."""
 
     before: pa.Table
-    """Rows strictly before the cutoff, as known at the cutoff (:func:`labels_known_at`)."""
+    """Rows strictly before the cutoff, as known at the cutoff (:func:`log_as_of`)."""
     after: pa.Table
     """Rows at or after the cutoff, as they are."""
     clicks_known_later: int
@@ -109,7 +109,7 @@ def split_at(requests: pa.Table, cutoff: Any) -> Split:
     """
     ts = requests.column("event_timestamp")
     bound = pa.scalar(cutoff, ts.type)
-    before, withheld = labels_known_at(requests.filter(pc.less(ts, bound)), cutoff)
+    before, withheld = log_as_of(requests, cutoff)
     return Split(before, requests.filter(pc.greater_equal(ts, bound)), withheld)
 
 

@@ -42,7 +42,6 @@ import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from datetime import datetime
 from pathlib import Path
 from typing import Any, Literal
 
@@ -55,7 +54,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, model_validato
 from tqdm import tqdm
 
 from training.data.contract import TIMESTAMP, ContractError, check_columns
-from training.data.labels import labels_known_at
+from training.data.labels import log_as_of
 from training.io import atomic_path, write_manifest
 from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
@@ -539,28 +538,26 @@ def _read_ahead(batches: Iterator[pa.Table], pool: ThreadPoolExecutor) -> Iterat
     return drain()
 
 
-def _as_known_at(exposed: pa.Table, until: datetime) -> tuple[pa.Table, int]:
-    """Exposed rows before ``until``, with only the clicks known by then (and how many were not)."""
-    ts = exposed.column("event_timestamp")
-    before = exposed.filter(pc.less(ts, pa.scalar(until, ts.type)))
-    return labels_known_at(before, until)
+def _exposed_pass_columns(schema: pa.Schema, cfg: PseudoLabelConfig) -> list[str]:
+    """What the calibration pass reads.
+
+    The clicks' own times only for a calibration cut at a time, and only when the log has them.
+    """
+    timed = cfg.calibrate_until is not None and "label_timestamp" in schema.names
+    return _EXPOSED_PASS_COLUMNS + (["label_timestamp"] if timed else [])
 
 
-def _check_requests_schema(requests: pa.Table | Path) -> pa.Schema:
+def _check_requests_schema(schema: pa.Schema, exposed_columns: list[str]) -> None:
     """The columns the job reads (presence, types, UTC timestamps), checked before any row is.
 
     The log is streamed, so the row-level rules of the ``requests`` contract are not re-checked
     here (``gpl data validate`` does that); a timezone-naive or mistyped column would otherwise be
     cast silently. Exposed rows' labels are checked batch by batch in the calibration pass.
     """
-    schema = pq.read_schema(requests) if isinstance(requests, Path) else requests.schema
-    columns = dict.fromkeys(_REQUEST_COLUMNS + _EXPOSED_PASS_COLUMNS)  # the ones read, in order
-    if "label_timestamp" in schema.names:
-        columns["label_timestamp"] = None
+    columns = dict.fromkeys(_REQUEST_COLUMNS + exposed_columns)  # the ones read, in order
     problems = check_columns(schema, "requests", list(columns))
     if problems:
         raise ContractError("requests", problems)
-    return schema
 
 
 def _exposed_labels(exposed: pa.Table) -> npt.NDArray[np.int8]:
@@ -744,13 +741,11 @@ def generate_pseudo_labels(
         ["global_negative"] if cfg.include_global_negatives else []
     )
     target_set = pa.array(targets)
-    schema = _check_requests_schema(requests)
+    schema = pq.read_schema(requests) if isinstance(requests, Path) else requests.schema
+    exposed_columns = _exposed_pass_columns(schema, cfg)
+    _check_requests_schema(schema, exposed_columns)
     total = _num_rows(requests)
     until = cfg.calibrate_until
-    # The clicks' own times matter only for a calibration cut at a time.
-    exposed_columns = _EXPOSED_PASS_COLUMNS + (
-        ["label_timestamp"] if until is not None and "label_timestamp" in schema.names else []
-    )
     clicks_known_later = 0
 
     # Pass 1, exposed rows only (a few percent of the log): fit the relevance -> click mapping
@@ -770,7 +765,7 @@ def generate_pseudo_labels(
         for batch in exposed_batches:
             exposed = batch.filter(_member_mask(batch.column("stage"), _EXPOSED))
             if until is not None:
-                exposed, later = _as_known_at(exposed, until)
+                exposed, later = log_as_of(exposed, until)
                 clicks_known_later += later
             if exposed.num_rows:
                 scored = _score(exposed, items, bank, confidence_table)
