@@ -444,27 +444,58 @@ def sids_train(
         str | None,
         typer.Option(help="Local encoder directory; default: bundled all-MiniLM-L6-v2."),
     ] = None,
+    collaborative_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Fuse a collaborative block (co-engagement in RUN_DIR's interactions) into the "
+            "item space with this weight; 0 (default): content only."
+        ),
+    ] = None,
+    collaborative_until: Annotated[
+        datetime | None,
+        typer.Option(
+            help="Build the collaborative block from interactions before this time (UTC) only. "
+            "Set it to the start of any period you will evaluate on."
+        ),
+    ] = None,
 ) -> None:
     """Encode RUN_DIR's catalog and fit the quantizer: every item gets a unique SID.
 
     Writes RUN_DIR/sids/{item_semantics.parquet, codebooks.safetensors, manifest.json}; the
-    embedding cache makes a re-run encode only new or changed texts. See docs/semantic_ids.md.
+    embedding cache makes a re-run encode only new or changed texts. With
+    --collaborative-weight above 0, the item space also places items by what users engage with
+    together (RUN_DIR/data/interactions.parquet). See docs/semantic_ids.md.
     """
     from training.io import read_table
     from training.sids.config import SidConfig
     from training.sids.job import SidInputError, train_sids
 
     with _user_errors():
-        overrides: dict[str, Any] = {"method": method}
-        if encoder is not None:
-            overrides["encoder"] = {"model_path": encoder}
-        cfg = _load_config(SidConfig, config, **overrides)
+        raw = _raw_config(config)
+        if method is not None:
+            raw["method"] = method
+        _set(raw, "encoder", "model_path", encoder)
+        _set(raw, "collaborative", "weight", collaborative_weight)
+        _set(raw, "collaborative", "until", collaborative_until and _as_utc(collaborative_until))
+        cfg = SidConfig.model_validate(raw)
         items = read_table(run_dir / "data" / "items.parquet", "items")
+        interactions = (
+            read_table(run_dir / "data" / "interactions.parquet", "interactions")
+            if cfg.collaborative.weight > 0
+            else None
+        )
         try:
-            result = train_sids(items, cfg, run_dir / "sids")
+            result = train_sids(items, cfg, run_dir / "sids", interactions)
         except SidInputError as exc:
             raise UsageError(*exc.problems) from exc
         _say(f"sids: {result.table.num_rows} items, codebook sizes {result.codebook_sizes}")
+        if "collaborative" in result.metrics:
+            block = result.metrics["collaborative"]
+            _say(
+                f"  collaborative block: weight {cfg.collaborative.weight}, "
+                f"{block['interactions_before_until']} interactions, "
+                f"{block['items_without_vector']} items without a vector"
+            )
         _print_metrics(
             "",
             result.metrics,

@@ -205,6 +205,33 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
 
 
+def test_collaborative_block_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
+    """`--collaborative-weight` / `--collaborative-until` merge with the config file's section."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    sids = tmp_path / "sids.yaml"
+    sids.write_text(
+        "method: rkmeans\ncodebook_size: 16\nshow_progress: false\ncollaborative: {dim: 8}\n"
+    )
+    interactions = pq.read_table(run / "data" / "interactions.parquet")
+    times = sorted(interactions.column("event_timestamp").to_pylist())
+    until = times[len(times) // 2]
+    code, out = gpl(
+        "sids", "train", "--run-dir", str(run), "--config", str(sids),
+        "--collaborative-weight", "1.0",
+        "--collaborative-until", until.replace(tzinfo=None).isoformat(),
+    )  # fmt: skip
+    assert code == 0, out
+    assert "collaborative block: weight 1.0" in out
+    manifest = json.loads((run / "sids" / "manifest.json").read_text())
+    block = manifest["metrics"]["collaborative"]
+    assert block["until"] == until.isoformat()
+    assert block["interactions_before_until"] == sum(t < until for t in times)
+    assert manifest["config"]["collaborative"]["dim"] == 8
+    assert manifest["config"]["fusion"]["collaborative_dim"] == 8
+    width = len(pq.read_table(run / "sids" / "item_semantics.parquet")["content_embedding"][0])
+    assert width == manifest["config"]["fusion"]["text_dim"] + 8
+
+
 def test_anchor_input_errors_are_one_line_not_a_traceback(tmp_path: Path, sids_run: Path) -> None:
     """Errors the stage finds in its inputs (here: histories too long for the model's positions)
     print as one line with exit code 2."""

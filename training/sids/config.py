@@ -6,6 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from training.sids.collaborative import CollaborativeConfig
 from training.sids.encoder import EncoderConfig
 from training.sids.ids import MAX_LEVELS
 
@@ -118,4 +119,9 @@ class SidConfig(BaseModel):
     show_progress: bool = Field(default=True, description="Show progress bars on the terminal.")
     encoder: EncoderConfig = Field(
         default_factory=EncoderConfig, description="The frozen content encoder."
+    )
+    collaborative: CollaborativeConfig = Field(
+        default_factory=CollaborativeConfig,
+        description="A collaborative block fused into the item space, built from the "
+        "interaction log (off by default; see docs/semantic_ids.md).",
     )

@@ -9,7 +9,9 @@ text vector is L2-normalized.
 When the items carry a ``content_embedding`` (an image or multimodal vector), the two modalities
 are fused: each is L2-normalized on its own, scaled by its weight, concatenated, and the result is
 L2-normalized again. An item whose ``content_embedding`` is null (or all zeros) contributes a zero
-block, so it is placed by its text alone.
+block, so it is placed by its text alone. A collaborative block (``training.sids.collaborative``,
+built from the interaction log by the SID stage when its weight is above 0) is fused last, the
+same way.
 
 Text vectors are cached in a parquet file keyed by ``(item_id, sha256(text), encoder_id)``, so a
 re-run encodes only new or changed texts. Only text vectors are cached: the fusion is a few
@@ -37,10 +39,13 @@ from tqdm.auto import tqdm
 from training.io import write_table
 from training.vectors import l2_normalize
 
-FUSION_METHOD = (
-    "per-modality L2 normalization, weighted concatenation [text_weight * text, "
-    "embedding_weight * content_embedding], then L2 normalization"
-)
+
+def _fusion_method(blocks: list[str]) -> str:
+    return (
+        f"per-modality L2 normalization, weighted concatenation [{', '.join(blocks)}], then L2 "
+        "normalization"
+    )
+
 
 _FINGERPRINT_SKIP_DIRS = frozenset({"onnx", "openvino"})
 """Alternative runtime exports inside model folders: they do not change what this code loads."""
@@ -91,6 +96,20 @@ class EncoderConfig(BaseModel):
     )
 
 
+@dataclass(frozen=True)
+class CollaborativeBlock:
+    """The collaborative vectors fused after the text and content blocks.
+
+    Attributes:
+        vectors: ``(items, dim)`` aligned with the items encoded; zero rows for items without
+            one (they get a zero block).
+        weight: The block's weight in the fusion.
+    """
+
+    vectors: npt.NDArray[np.float32]
+    weight: float
+
+
 class EncoderError(ValueError):
     """The encoder directory cannot be used (missing, or not a model this module can load)."""
 
@@ -110,6 +129,8 @@ class EncodedItems:
         load_seconds: Time spent loading the model (0 when every text was cached).
         items_without_embedding: Items fused with a zero block (null or all-zero vector).
         text_sha256: sha256 of each item's text, aligned with the rows.
+        collaborative_dim: Width of the fused collaborative block (0 when none).
+        collaborative_weight: Its weight in the fusion (None when none).
     """
 
     vectors: npt.NDArray[np.float32]
@@ -122,6 +143,8 @@ class EncodedItems:
     load_seconds: float
     items_without_embedding: int = 0
     text_sha256: list[str] = field(default_factory=list)
+    collaborative_dim: int = 0
+    collaborative_weight: float | None = None
 
     @property
     def items_per_second(self) -> float | None:
@@ -132,13 +155,20 @@ class EncodedItems:
 
     def fusion(self, cfg: EncoderConfig) -> dict[str, Any]:
         """How the vectors were built, for the stage manifest."""
+        blocks = ["text_weight * text"]
+        if self.embedding_dim:
+            blocks.append("embedding_weight * content_embedding")
+        if self.collaborative_dim:
+            blocks.append("collaborative.weight * collaborative")
         return {
-            "method": FUSION_METHOD if self.embedding_dim else "L2-normalized text vector",
+            "method": _fusion_method(blocks) if len(blocks) > 1 else "L2-normalized text vector",
             "text_weight": cfg.text_weight,
             "embedding_weight": cfg.embedding_weight if self.embedding_dim else None,
             "text_dim": self.text_dim,
             "embedding_dim": self.embedding_dim,
             "items_without_embedding": self.items_without_embedding,
+            "collaborative_weight": self.collaborative_weight,
+            "collaborative_dim": self.collaborative_dim,
         }
 
 
@@ -311,20 +341,24 @@ def fuse(
     text_vectors: npt.NDArray[np.float32],
     content: npt.NDArray[np.float32] | None,
     cfg: EncoderConfig,
+    collaborative: CollaborativeBlock | None = None,
 ) -> tuple[npt.NDArray[np.float32], int]:
-    """Fuse text vectors with content vectors (see the module docstring).
+    """Fuse text vectors with content vectors, and collaborative ones (see the module docstring).
 
     Returns:
         The fused unit vectors and how many items had no usable content vector.
     """
-    if content is None or content.shape[1] == 0:
+    blocks = [cfg.text_weight * l2_normalize(text_vectors)]
+    without = 0
+    if content is not None and content.shape[1]:
+        content_unit = l2_normalize(content)
+        without = int((np.linalg.norm(content_unit, axis=1) == 0).sum())
+        blocks.append(cfg.embedding_weight * content_unit)
+    if collaborative is not None:
+        blocks.append(collaborative.weight * l2_normalize(collaborative.vectors))
+    if len(blocks) == 1:
         return l2_normalize(text_vectors), 0
-    content_unit = l2_normalize(content)
-    without = int((np.linalg.norm(content_unit, axis=1) == 0).sum())
-    fused = np.concatenate(
-        [cfg.text_weight * l2_normalize(text_vectors), cfg.embedding_weight * content_unit], axis=1
-    )
-    return l2_normalize(fused.astype(np.float32)), without
+    return l2_normalize(np.concatenate(blocks, axis=1).astype(np.float32)), without
 
 
 class EmbeddingCache:
@@ -386,6 +420,7 @@ def encode_items(
     *,
     cache_path: Path | None,
     embedding_dim: int | None = None,
+    collaborative: CollaborativeBlock | None = None,
     show_progress: bool = True,
 ) -> EncodedItems:
     """Encode every item's text (cache first) and fuse its ``content_embedding`` if present.
@@ -398,6 +433,7 @@ def encode_items(
         embedding_dim: Width of the ``content_embedding`` block to fuse: None infers it from the
             column (0 when absent); a caller re-using trained codebooks passes the trained width
             so items without the column still get the same layout.
+        collaborative: A collaborative block to fuse last (``training.sids.collaborative``).
         show_progress: Show a progress bar while encoding.
 
     Returns:
@@ -441,12 +477,14 @@ def encode_items(
             content, _ = embedding_matrix(items.column("content_embedding"), embedding_dim)
         else:
             content = np.zeros((items.num_rows, embedding_dim), dtype=np.float32)
-    fused, without = fuse(text_matrix, content, cfg)
+    fused, without = fuse(text_matrix, content, cfg, collaborative)
     return EncodedItems(
         vectors=fused,
         encoder_id=encoder_id,
         text_dim=int(text_matrix.shape[1]),
         embedding_dim=int(embedding_dim),
+        collaborative_dim=int(collaborative.vectors.shape[1]) if collaborative else 0,
+        collaborative_weight=collaborative.weight if collaborative else None,
         cache_hits=len(ids) - len(misses),
         cache_misses=len(misses),
         encode_seconds=encode_seconds,

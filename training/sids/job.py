@@ -30,8 +30,10 @@ import pyarrow.compute as pc
 from training.data.contract import TIMESTAMP, conform, validate
 from training.io import read_manifest, read_table, write_manifest, write_table
 from training.sids import metrics as quality
+from training.sids.collaborative import collaborative_vectors
 from training.sids.config import SidConfig
 from training.sids.encoder import (
+    CollaborativeBlock,
     EmbeddingCache,
     EncodedItems,
     EncoderConfig,
@@ -200,13 +202,17 @@ def _embedding_problems(column: pa.ChunkedArray, expected_dim: int | None) -> li
     return problems
 
 
-def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
+def train_sids(
+    items: pa.Table, cfg: SidConfig, out_dir: Path, interactions: pa.Table | None = None
+) -> SidResult:
     """Fit the quantizer on ``items`` and write every item's unique SID to ``out_dir``.
 
     Args:
         items: Contract ``items`` table (``item_id``, ``text``, ``event_timestamp``, optional
             ``content_embedding``).
         cfg: Stage settings.
+        interactions: Contract ``interactions`` table; needed (and only read) when
+            ``cfg.collaborative.weight`` is above 0, to build the collaborative block.
         out_dir: The stage folder (``RUN_DIR/sids``); created if needed. Its encoder cache is
             reused, so only new or changed texts are encoded.
 
@@ -218,13 +224,33 @@ def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
     """
     began = time.perf_counter()
     problems = input_problems(items, cfg.encoder, min_items=cfg.codebook_size)
+    collaborative = cfg.collaborative.weight > 0
+    if collaborative and interactions is None:
+        problems.append(
+            f"collaborative.weight is {cfg.collaborative.weight}, but no interactions were given "
+            "to build the collaborative block from; pass them, or set the weight to 0"
+        )
+    elif collaborative and interactions is not None:
+        problems += validate(interactions, "interactions")
     if problems:
         raise SidInputError(problems)
     items = conform(items, "items")
     out_dir.mkdir(parents=True, exist_ok=True)
 
+    block = None
+    collaborative_metrics: dict[str, Any] = {}
+    if collaborative and interactions is not None:
+        built = collaborative_vectors(
+            items.column("item_id").to_pylist(), interactions, cfg.collaborative
+        )
+        block = CollaborativeBlock(built.matrix, cfg.collaborative.weight)
+        collaborative_metrics = {"collaborative": built.metrics}
     encoded = encode_items(
-        items, cfg.encoder, cache_path=out_dir / CACHE_FILE, show_progress=cfg.show_progress
+        items,
+        cfg.encoder,
+        cache_path=out_dir / CACHE_FILE,
+        collaborative=block,
+        show_progress=cfg.show_progress,
     )
     x = encoded.vectors
     quantizer_metrics: dict[str, Any]
@@ -274,6 +300,7 @@ def train_sids(items: pa.Table, cfg: SidConfig, out_dir: Path) -> SidResult:
         "last_level_reassigned": int((prefix[:, -1] != nearest[:, -1]).sum()),
         "max_disambiguation_index": int(index.max()),
         **quantizer_metrics,
+        **collaborative_metrics,
     }
     paths = _write_outputs(out_dir, table, tokenizer)
     metrics["seconds"] = round(time.perf_counter() - began, 3)
@@ -350,11 +377,23 @@ def assign_sids(items: pa.Table, out_dir: Path) -> SidResult:
     table = existing
     last_size = int(manifest["outputs"]["codebook_sizes"][-1])
     if new_items.num_rows:
+        # New items had no interactions when the block was built: a zero block, as any item
+        # that co-occurred with nothing then.
+        collaborative_dim = int(fusion.get("collaborative_dim") or 0)
+        block = (
+            CollaborativeBlock(
+                np.zeros((new_items.num_rows, collaborative_dim), np.float32),
+                float(fusion["collaborative_weight"]),
+            )
+            if collaborative_dim
+            else None
+        )
         encoded = encode_items(
             new_items,
             cfg.encoder,
             cache_path=out_dir / CACHE_FILE,
             embedding_dim=embedding_dim,
+            collaborative=block,
             show_progress=cfg.show_progress,
         )
         ids = new_items.column("item_id").to_pylist()
