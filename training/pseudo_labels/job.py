@@ -55,6 +55,7 @@ from tqdm import tqdm
 
 from training.data.contract import TIMESTAMP, ContractError, check_columns
 from training.data.labels import log_as_of
+from training.evaluation.metrics import auc
 from training.io import atomic_path, write_manifest
 from training.pseudo_labels.calibration import PlattScaler, fit_platt
 from training.pseudo_labels.confidence import (
@@ -538,6 +539,12 @@ def _read_ahead(batches: Iterator[pa.Table], pool: ThreadPoolExecutor) -> Iterat
     return drain()
 
 
+def _rounded_auc(labels: npt.NDArray[np.int8], scores: npt.NDArray[np.float32]) -> float | None:
+    """AUC to 4 decimals; None when the rows hold one class only (no ranking to measure)."""
+    value = auc(labels, scores)
+    return None if np.isnan(value) else round(value, 4)
+
+
 def _exposed_pass_columns(schema: pa.Schema, cfg: PseudoLabelConfig) -> list[str]:
     """What the calibration pass reads.
 
@@ -864,6 +871,9 @@ def generate_pseudo_labels(
                 "slope_clamped_to_zero": scaler.clamped,
                 "exposed_rows": len(rel),
                 "clicks": int(lab.sum()),
+                # How well relevance ranks the real clicks it was fitted on: the one quality
+                # figure a production log gives without a truth table (compare settings by it).
+                "relevance_auc": _rounded_auc(lab, rel),
                 "until": None if until is None else until.isoformat(),
                 "clicks_known_after_until": clicks_known_later,
             }

@@ -13,6 +13,7 @@ import pytest
 
 from tests.factories import T0, make_requests
 from training.data.contract import ContractError
+from training.evaluation.metrics import auc
 from training.io import read_manifest, write_table
 from training.pseudo_labels.calibration import CalibrationError, fit_platt
 from training.pseudo_labels.confidence import (
@@ -583,7 +584,7 @@ def test_calibration_cut_at_a_time_sees_only_the_clicks_known_then(  # type: ign
     got, want = result.metrics["calibration"], expected.metrics["calibration"]
     assert got["until"] == until.isoformat() and want["until"] is None
     assert got["clicks_known_after_until"] == late.sum() and want["clicks_known_after_until"] == 0
-    for key in ("a", "b", "exposed_rows", "clicks"):
+    for key in ("a", "b", "exposed_rows", "clicks", "relevance_auc"):
         assert got[key] == want[key], key
     assert pq.read_table(result.path).equals(pq.read_table(expected.path))
     # Without the cut the whole log's clicks shape the labels.
@@ -591,6 +592,37 @@ def test_calibration_cut_at_a_time_sees_only_the_clicks_known_then(  # type: ign
     assert whole.metrics["calibration"]["clicks"] > got["clicks"]
     with pytest.raises(ValueError, match="timezone"):
         PseudoLabelConfig(calibrate_until=until.replace(tzinfo=None))
+
+
+def test_calibration_reports_how_well_relevance_ranks_the_exposed_clicks(  # type: ignore[no-untyped-def]
+    inputs, tmp_path: Path
+) -> None:
+    requests, items, anchors, positives = inputs
+    plain = PseudoLabelConfig(progress=False)
+    got = generate_pseudo_labels(requests, items, anchors, positives, plain, tmp_path / "job")
+    # The exposed rows relabelled as pre-rank negatives: the job's second pass then writes their
+    # relevance, to be ranked against their real clicks by hand.
+    log = requests.to_pandas()
+    exposed = log[log["stage"] == "exposed"].copy()
+    clicks = exposed.set_index(["request_id", "item_id"])["label"]
+    exposed[["stage", "group", "label"]] = ["preranked", "prerank_negative", None]
+    as_unexposed = pa.Table.from_pandas(exposed, schema=requests.schema, preserve_index=False)
+    scored = generate_pseudo_labels(
+        as_unexposed,
+        items,
+        anchors,
+        positives,
+        PseudoLabelConfig(progress=False, calibration="none"),
+        tmp_path / "exposed",
+    )
+    rows = pq.read_table(scored.path).to_pandas()
+    rows = rows[rows["status"] == "ok"].set_index(["request_id", "item_id"])
+    labels = clicks.loc[rows.index].to_numpy()
+    assert 0 < labels.sum() < len(labels)
+    calibration = got.metrics["calibration"]
+    assert calibration["exposed_rows"] == len(rows)
+    expected = auc(labels, rows["relevance"].to_numpy())
+    assert calibration["relevance_auc"] == pytest.approx(expected, abs=1e-4)
 
 
 def test_hard_labels(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
