@@ -1057,6 +1057,14 @@ def demo(
             "(e.g. one written by `python -m training.anchors.base_checkpoint`)."
         ),
     ] = None,
+    collaborative_weight: Annotated[
+        float,
+        typer.Option(
+            help="Fuse a collaborative block, built from the interactions before the report's "
+            "cutoff, into the item space with this weight (see `gpl sids train --help`); "
+            "0: content only."
+        ),
+    ] = 0.0,
 ) -> None:
     """Run the whole pipeline on a synthetic catalog, printing row counts and timings.
 
@@ -1078,8 +1086,8 @@ def demo(
     funnel_config = configs / "funnel.yaml"
     funnel_config.write_text(yaml.safe_dump(DEMO_FUNNEL_CONFIG, sort_keys=False))
     # `gpl train` and `gpl evaluate` cut the request log at this quantile of its times; the
-    # anchor LM and the pseudo-labels' calibration are fitted before the same cutoff, or the
-    # report would score GPL on a period its anchors and labels had already seen.
+    # anchor LM, the pseudo-labels' calibration and any collaborative block are fitted before
+    # the same cutoff, or the report would score GPL on a period they had already seen.
     split_quantile = 0.8
 
     @functools.cache  # read once, after `data simulate` wrote the log
@@ -1107,7 +1115,17 @@ def demo(
                 run_dir=run_dir, config=funnel_config, seed=None, requests_per_user=None
             ),
         ),
-        ("sids train", lambda: sids_train(run_dir=run_dir, config=None, method=None, encoder=None)),
+        (
+            "sids train",
+            lambda: sids_train(
+                run_dir=run_dir,
+                config=None,
+                method=None,
+                encoder=None,
+                collaborative_weight=collaborative_weight,
+                collaborative_until=cutoff() if collaborative_weight > 0 else None,
+            ),
+        ),
         (
             "anchors train",
             lambda: anchors_train(
