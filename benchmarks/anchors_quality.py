@@ -35,7 +35,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import numpy.typing as npt
 import pyarrow as pa
 import scipy.sparse as sp
 import torch
@@ -228,31 +227,6 @@ def cooc_baseline(
     }
 
 
-def collaborative_vectors(
-    histories: list[list[int]], n_items: int, dim: int, window: int
-) -> npt.NDArray[np.float32]:
-    """Item vectors from the training sequences: truncated SVD of the PPMI co-occurrence matrix.
-
-    Symmetric co-occurrence within ``window`` positions, positive pointwise mutual information,
-    the top ``dim`` singular vectors scaled by the square root of their singular values (the
-    usual word-vector recipe, Levy & Goldberg 2014). Items that never co-occur get a zero row,
-    which the SID encoder's fusion counts and fuses as a zero block.
-    """
-    forward = cooc_matrix(histories, n_items, window)
-    counts = (forward + forward.T).tocsr()
-    total = counts.sum()
-    row = np.asarray(counts.sum(axis=1)).ravel()
-    coo = counts.tocoo()
-    pmi = np.log(coo.data * total / (row[coo.row] * row[coo.col]))
-    keep = pmi > 0
-    ppmi = sp.csr_matrix((pmi[keep], (coo.row[keep], coo.col[keep])), shape=counts.shape)
-    from scipy.sparse.linalg import svds
-
-    k = min(dim, n_items - 2)
-    u, sigma, _ = svds(ppmi.astype(np.float64), k=k, random_state=0)
-    return np.asarray(u * np.sqrt(sigma), dtype=np.float32)
-
-
 def fused_ranking(lists: list[list[list[int]]], k: int, c: float = 60.0) -> list[list[int]]:
     """Reciprocal-rank fusion (Cormack et al., 2009) of several ranked lists per user."""
     out = []
@@ -388,8 +362,9 @@ def main() -> None:
         "--collab-weight",
         type=float,
         default=0.0,
-        help="fuse a collaborative item vector (PPMI-SVD of the training sequences) into the "
-        "SID encoder's input with this weight (the text vector has weight 1; 0: content only)",
+        help="the SID stage's collaborative block (collaborative.weight), built from the "
+        "training sequences, with this weight (the text vector has weight 1; 0: content only). "
+        "Until 2026-12-03 a PPMI-SVD vector fused as content_embedding (BENCHMARKS.md)",
     )
     p.add_argument("--collab-dim", type=int, default=64)
     p.add_argument("--collab-window", type=int, default=3)
@@ -486,21 +461,18 @@ def main() -> None:
         return
 
     from training.sids.config import SidConfig
-    from training.sids.encoder import EncoderConfig
     from training.sids.job import train_sids
 
     items = data["items"]
-    if args.collab_weight > 0:
-        collab = collaborative_vectors(histories, n_items, args.collab_dim, args.collab_window)
-        items = items.append_column(
-            "content_embedding",
-            pa.FixedSizeListArray.from_arrays(pa.array(collab.ravel()), collab.shape[1]).cast(
-                pa.list_(pa.float32())
-            ),
-        )
     sid_cfg = SidConfig(
         method=args.sid_method,
-        encoder=EncoderConfig(embedding_weight=args.collab_weight),
+        # The SID stage's collaborative block, built from the training histories (the targets
+        # are never in them).
+        collaborative={
+            "weight": args.collab_weight,
+            "dim": args.collab_dim,
+            "window": args.collab_window,
+        },
         levels=args.sid_levels,
         codebook_size=args.codebook_size,
         seed=args.seed,
@@ -512,7 +484,7 @@ def main() -> None:
         ),
     )
     t0 = time.perf_counter()
-    sids = train_sids(items, sid_cfg, args.work_dir / "sids")
+    sids = train_sids(items, sid_cfg, args.work_dir / "sids", positives_table(test, index))
     sid_seconds = time.perf_counter() - t0
     semantics = sids.table
     print(

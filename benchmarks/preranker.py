@@ -5,7 +5,8 @@ Protocol (one run directory, every stage through the `gpl` CLI, as a user would 
 1. ``gpl data import movielens`` (every rating is an engagement), ``gpl data simulate`` with a
    funnel of 200 retrieved -> 100 pre-ranked -> 30 ranked -> 10 exposed per request
    (``FUNNEL`` below; 4 requests per user) and the truth table of real future engagements.
-2. The cutoff is the 0.8 quantile of request times. SIDs (MiniLM + RQ-VAE), then the anchor LM
+2. The cutoff is the 0.8 quantile of request times. SIDs (MiniLM + RQ-VAE; with
+   ``--collaborative-weight`` a collaborative block built before the cutoff), then the anchor LM
    trained only on engagements **before the cutoff** (``--until``), anchors generated per user
    and request (the default cutoffs) from history before it, pseudo-labels, Feast features.
 3. ``gpl evaluate --seeds 3``: every objective (exposed-only, unexposed-as-negative,
@@ -84,6 +85,13 @@ def main() -> None:
         help="seed of the funnel simulator (default: the simulator's default, 0); another seed "
         "draws other request points and candidate sets, a second split of the same data",
     )
+    p.add_argument(
+        "--collaborative-weight",
+        type=float,
+        default=0.0,
+        help="fuse a collaborative block (co-engagement before the cutoff) into the item space "
+        "with this weight (`gpl sids train --collaborative-weight`); 0: content only",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preranker.json")
     args = p.parse_args()
     run = args.run_dir
@@ -105,7 +113,13 @@ def main() -> None:
         gpl("data", "import", "movielens", str(args.data), *r)
         gpl("data", "simulate", *r, "--config", str(configs / "funnel.yaml"))
         cutoff = cutoff_of(run, 0.8)
-        gpl("sids", "train", *r)
+        weight = args.collaborative_weight
+        collaborative = (
+            ["--collaborative-weight", str(weight), "--collaborative-until", cutoff]
+            if weight > 0
+            else []
+        )
+        gpl("sids", "train", *r, *collaborative)
         gpl("anchors", "train", *r, "--config", str(configs / "anchors.yaml"), "--until", cutoff)
         gpl("anchors", "generate", *r, "--config", str(configs / "anchors.yaml"))
         gpl("pseudo-labels", *r, "--calibrate-until", cutoff)
@@ -143,6 +157,7 @@ def main() -> None:
         "funnel": funnel,
         "preranker": preranker,
         "anchors": ANCHORS,
+        "collaborative_weight": args.collaborative_weight,
         "cutoff": cutoff,
         "seeds": args.seeds,
         "results": rows,

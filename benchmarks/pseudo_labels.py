@@ -5,7 +5,9 @@ For each dataset (MovieLens-100k from ``../shared/datasets`` and the synthetic c
 1. simulate the funnel (requests + truth); split time at the ``--train-fraction`` quantile of
    request times: the anchor LM and the distillation teacher learn only from before the split,
    and every figure is measured on the unexposed candidates of requests after it;
-2. SIDs (MiniLM + RQ-VAE), the anchor LM (compact Qwen2) trained on positives before the split,
+2. SIDs (MiniLM + RQ-VAE; with ``--collaborative-weight`` the item space also holds a
+   collaborative block built from the interactions before the split), the anchor LM (compact
+   Qwen2) trained on positives before the split,
    anchors generated for every request day after it, then the pseudo-label job;
 3. baselines on the same rows: "unexposed = negative" (a constant 0), the distillation teacher (a
    model trained on exposed rows only, with the Feast statistics features plus the candidate's
@@ -154,8 +156,15 @@ def run_dataset(
         pq.write_table(truth, work / "truth.parquet")
 
     t = time.perf_counter()
-    sid_cfg = SidConfig(epochs=args.sid_epochs)
-    train_sids(data.items, sid_cfg, work / "sids")
+    # With a collaborative block, the item space also holds co-engagement: built from the
+    # interactions before the split only, so it never holds the period being scored.
+    sid_cfg = SidConfig.model_validate(
+        {
+            "epochs": args.sid_epochs,
+            "collaborative": {"weight": args.collaborative_weight, "until": split_ts.as_py()},
+        }
+    )
+    train_sids(data.items, sid_cfg, work / "sids", data.interactions)
     item_semantics = pq.read_table(work / "sids" / "item_semantics.parquet")
     tick("sids", t)
 
@@ -392,6 +401,13 @@ def main() -> None:
         "--reverse-augmentation", action="store_true", help="anchor LM also trains backwards"
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--collaborative-weight",
+        type=float,
+        default=0.0,
+        help="fuse a collaborative block (co-engagement before the split) into the item space "
+        "with this weight; 0: content only",
+    )
     parser.add_argument(
         "--save-rows",
         type=Path,
