@@ -466,6 +466,10 @@ def main() -> None:
             f"{name}: GPL - distillation = {gap:+.4f} (target >= +0.05); top-confidence half "
             f"{r['auc_gpl_top_confidence_half']:.4f} vs all {r['auc_gpl_pseudo_label']:.4f}"
         )
+        print(
+            f"{name}: relevance AUC on the exposed clicks it is calibrated on "
+            f"{r['calibration'].get('relevance_auc')} (no truth needed)"
+        )
         halves = ", ".join(f"{f} {r[f'auc_top_half_by_{f}']:.4f}" for f in FACTORS)
         print(f"{name}: top half by each factor alone: {halves}")
         teachers = ", ".join(
