@@ -715,6 +715,13 @@ def pseudo_labels(
             f"{m['no_item_embedding_rows']} without item embedding -> {result.path} "
             f"({m['seconds']:.2f}s)"
         )
+        calibration = m["calibration"]
+        if calibration["method"] == "platt":
+            _say(
+                f"  calibrated on {calibration['exposed_rows']} exposed rows "
+                f"({calibration['clicks']} clicks); relevance AUC on them "
+                f"{calibration['relevance_auc']} (compare settings by it)"
+            )
 
 
 # ---------------------------------------------------------------------------------------- demo

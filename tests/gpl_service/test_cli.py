@@ -270,14 +270,15 @@ def test_lora_anchor_model_from_the_command_line(tmp_path: Path, sids_run: Path)
 
 @pytest.mark.slow
 def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
-    """The main job at a small size, its anchor stage tuning a local checkpoint with LoRA."""
+    """The main job at a small size, its anchor stage tuning a local checkpoint with LoRA and its
+    item space holding a collaborative block."""
     from training.anchors.base_checkpoint import main as make_base
 
     base, run = tmp_path / "base", tmp_path / "run"
     make_base([str(base)])
     code, out = gpl(
         "demo", "--run-dir", str(run), "--n-items", "300", "--n-users", "40", "--lm-epochs", "1",
-        "--base-model", str(base),
+        "--base-model", str(base), "--collaborative-weight", "1",
     )  # fmt: skip
     assert code == 0, out
     info = json.loads((run / "anchors" / "model" / "anchor_model.json").read_text())
@@ -295,6 +296,10 @@ def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
     before = pc.sum(pc.less(interactions["event_timestamp"], cutoff)).as_py()
     assert 0 < before < interactions.num_rows
     assert read_manifest(run / "anchors" / "model")["metrics"]["positives"] == before
+    block = read_manifest(run / "sids")["metrics"]["collaborative"]
+    assert block["until"] == cutoff.isoformat()
+    assert block["interactions_before_until"] == before
+    assert re.search(r"relevance AUC on them 0\.\d+", out)
     # The simulated clicks come days after their impressions: some before the training cutoff
     # are known only after it, and training saw them as the negatives they were then.
     assert re.search(r"^\d+ clicks of requests before .* became known only after it", out, re.M)
