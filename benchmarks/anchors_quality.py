@@ -341,6 +341,13 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--data", type=Path, default=DATA)
     p.add_argument("--work-dir", type=Path, default=Path("runs/bench_anchors"))
+    p.add_argument(
+        "--encoder",
+        type=Path,
+        default=None,
+        help="local text encoder directory (encoder.model_path), e.g. a float16 copy of MiniLM "
+        "carried to a GPU machine; default: the bundled all-MiniLM-L6-v2",
+    )
     p.add_argument("--max-users", type=int, default=None, help="subsample users (quick runs)")
     p.add_argument(
         "--subsample-seed",
@@ -460,19 +467,20 @@ def main() -> None:
         baselines_main(test, n_items)
         return
 
+    from training.sids.collaborative import CollaborativeConfig
     from training.sids.config import SidConfig
+    from training.sids.encoder import EncoderConfig
     from training.sids.job import train_sids
 
     items = data["items"]
     sid_cfg = SidConfig(
         method=args.sid_method,
+        encoder=EncoderConfig(model_path=None if args.encoder is None else str(args.encoder)),
         # The SID stage's collaborative block, built from the training histories (the targets
         # are never in them).
-        collaborative={
-            "weight": args.collab_weight,
-            "dim": args.collab_dim,
-            "window": args.collab_window,
-        },
+        collaborative=CollaborativeConfig(
+            weight=args.collab_weight, dim=args.collab_dim, window=args.collab_window
+        ),
         levels=args.sid_levels,
         codebook_size=args.codebook_size,
         seed=args.seed,
