@@ -30,7 +30,6 @@ or the item space would hold the co-engagements being predicted.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Final
 
 import numpy as np
@@ -41,7 +40,7 @@ import scipy.sparse as sp
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
 from scipy.sparse.linalg import eigsh
 
-from training.data.contract import conform
+from training.data.contract import ContractError, check_columns
 
 _EIGEN_FLOOR: Final = 1e-9
 """Eigenvalues below this share of the largest are numerical zeros: their directions are noise."""
@@ -98,15 +97,25 @@ def collaborative_vectors(
 
     Args:
         item_ids: The catalog, in the order of the returned rows.
-        interactions: Contract ``interactions`` table; interactions with items outside
-            ``item_ids`` are ignored (and counted).
+        interactions: Contract ``interactions`` table, already validated (as ``conform`` or
+            ``read_table(..., "interactions")`` return it): only the schema of the three columns
+            read is checked here. Interactions with items outside ``item_ids`` are ignored
+            (and counted).
         cfg: Block settings; ``until`` bounds the interactions used.
 
     Returns:
         The vectors (``cfg.dim`` wide; trailing columns are zero when the log has fewer
         independent directions than ``cfg.dim``) and the manifest's counts.
+
+    Raises:
+        ContractError: when ``user_id``, ``item_id`` or ``event_timestamp`` is missing, mistyped
+            or not a UTC timestamp.
     """
-    interactions = conform(interactions, "interactions")
+    problems = check_columns(
+        interactions.schema, "interactions", ["user_id", "item_id", "event_timestamp"]
+    )
+    if problems:
+        raise ContractError("interactions", problems)
     total_rows = interactions.num_rows
     if cfg.until is not None:
         bound = pa.scalar(cfg.until, interactions.schema.field("event_timestamp").type)
@@ -121,7 +130,8 @@ def collaborative_vectors(
     # Time order within each user; the stable sort keeps the log's order for equal times.
     ordered = interactions.sort_by([("user_id", "ascending"), ("event_timestamp", "ascending")])
     items = ordered.column("item_index").to_numpy()
-    users = pc.dictionary_encode(ordered.column("user_id")).combine_chunks().indices.to_numpy()
+    user_codes = pc.dictionary_encode(ordered.column("user_id")).combine_chunks()
+    users = user_codes.indices.to_numpy()
 
     n = len(item_ids)
     rows: list[npt.NDArray[np.int64]] = []
@@ -133,9 +143,7 @@ def collaborative_vectors(
         rows.append(a[keep])
         cols.append(b[keep])
         vals.append(np.full(int(keep.sum()), 1.0 / distance))
-    row = np.concatenate(rows) if rows else np.zeros(0, np.int64)
-    col = np.concatenate(cols) if cols else np.zeros(0, np.int64)
-    val = np.concatenate(vals) if vals else np.zeros(0, np.float64)
+    row, col, val = np.concatenate(rows), np.concatenate(cols), np.concatenate(vals)
     # Symmetric: "b then a" counts like "a then b"; duplicates are summed by the conversion.
     counts = sp.coo_matrix(
         (np.concatenate([val, val]), (np.concatenate([row, col]), np.concatenate([col, row]))),
@@ -158,11 +166,11 @@ def collaborative_vectors(
         matrix[:, :rank] = (vectors[:, keep] * np.sqrt(values[keep])).astype(np.float32)
     without = int((np.abs(matrix).sum(axis=1) == 0).sum())
     metrics: dict[str, Any] = {
-        "until": _iso(cfg.until),
+        "until": cfg.until.isoformat() if cfg.until is not None else None,
         "interactions_total": total_rows,
         "interactions_before_until": used_rows,
         "interactions_unknown_item": used_rows - interactions.num_rows,
-        "users": len(np.unique(users)) if len(users) else 0,
+        "users": len(user_codes.dictionary),
         "co_occurring_pairs": int(counts.nnz // 2),
         "rank": rank,
         "items_without_vector": without,
@@ -192,7 +200,3 @@ def _top_eigen(
     full = np.zeros((ppmi.shape[0], len(order)))
     full[keep] = vectors[:, order]
     return values[order], full
-
-
-def _iso(value: datetime | None) -> str | None:
-    return value.isoformat() if value is not None else None

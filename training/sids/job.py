@@ -27,7 +27,7 @@ import numpy.typing as npt
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from training.data.contract import TIMESTAMP, conform, validate
+from training.data.contract import TIMESTAMP, ContractError, conform, validate
 from training.io import read_manifest, read_table, write_manifest, write_table
 from training.sids import metrics as quality
 from training.sids.collaborative import collaborative_vectors
@@ -231,7 +231,10 @@ def train_sids(
             "to build the collaborative block from; pass them, or set the weight to 0"
         )
     elif collaborative and interactions is not None:
-        problems += validate(interactions, "interactions")
+        try:  # validated once, here, with every other problem reported before any work
+            interactions = conform(interactions, "interactions")
+        except ContractError as exc:
+            problems += exc.problems
     if problems:
         raise SidInputError(problems)
     items = conform(items, "items")
