@@ -77,7 +77,7 @@ ORACLE_TEACHER = "labels of the future (reference, not a baseline)"
 """The teacher trained with every click, also those known only after the split."""
 
 
-def _history_similarity(
+def history_similarity(
     rows: pd.DataFrame, interactions: pd.DataFrame, emb: dict[str, np.ndarray], history: int
 ) -> np.ndarray:
     """cos(candidate, mean of the user's last ``history`` positives before the request)."""
@@ -174,7 +174,11 @@ def run_dataset(
         {
             # The compact LM of benchmarks/preranker.py: whole-window loss, 2 layers of 128.
             "model": {"compact": {"hidden_size": 128, "num_layers": 2, "num_heads": 4}},
-            "sequences": {"max_history": 30, "reverse_augmentation": args.reverse_augmentation},
+            "sequences": {
+                "max_history": 30,
+                "reverse_augmentation": args.reverse_augmentation,
+                "downsample_threshold": args.downsample or None,
+            },
             "training": {
                 "epochs": args.lm_epochs,
                 "loss_on": "all",
@@ -246,7 +250,7 @@ def run_dataset(
         )
     )
     inter_df = data.interactions.select(["user_id", "item_id", "event_timestamp"]).to_pandas()
-    joined["history_similarity"] = _history_similarity(joined, inter_df, emb, 50)
+    joined["history_similarity"] = history_similarity(joined, inter_df, emb, 50)
     train_rows = joined[
         (joined["stage"] == "exposed")
         & joined["request_id"].isin(set(train_requests.column("request_id").to_pylist()))
@@ -399,6 +403,13 @@ def main() -> None:
     parser.add_argument("--num-anchors", type=int, default=10, help="anchors per user (<= beam)")
     parser.add_argument(
         "--reverse-augmentation", action="store_true", help="anchor LM also trains backwards"
+    )
+    parser.add_argument(
+        "--downsample",
+        type=float,
+        default=1e-3,
+        help="the anchor LM's popular-item downsampling threshold t (docs/anchors.md; the "
+        "product's default 1e-3); 0 turns it off",
     )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument(
