@@ -221,7 +221,8 @@ pseudo_labels = FeatureView(
             name="confidence",
             dtype=Float32,
             description="Confidence weight in [0, 1]: weighted geometric mean of the "
-            "dispersion, history and LM factors (default weights: dispersion alone).",
+            "dispersion, history and LM factors (default: historical consistency alone, as the "
+            "anchor set's coverage of the user's history).",
             tags={"default": "nan"},
         ),
         Field(

@@ -5,9 +5,12 @@ The formulas are documented in ``docs/pseudo_labels.md``:
 * *semantic dispersion*: the mean resultant length ``|| mean_k a_k ||`` of the (unit) anchor
   embeddings, weighted by the anchors' beam probabilities. 1 when every anchor points the same
   way (a focused, consistent interest), near 0 when they scatter over unrelated content.
-* *historical consistency*: for each anchor, ``max(0, max_h cos(a_k, h))`` over the user's
-  positive items before the cutoff: an anchor that resembles something the user really engaged
-  with is more credible than one that lands far from the whole history.
+* *historical consistency*, in one of two forms (:data:`HistoryForm`). ``coverage`` (default):
+  how much of the user's history the anchor set accounts for, the mean over the user's positive
+  items before the cutoff of ``max(0, max_k cos(h, a_k))``; a set that leaves some of the user's
+  interests without a nearby anchor will under-rate the candidates of those interests.
+  ``matched``: for each anchor, ``max(0, max_h cos(a_k, h))``: an anchor that resembles
+  something the user really engaged with is more credible than one far from the whole history.
 * *LM-intrinsic confidence*: the matched anchor's sequence probability normalized within the
   user's beam, ``p_k / max_j p_j`` with ``p = softmax(log_probs)``: the best beam gets 1, one the
   model found ten times less likely gets 0.1.
@@ -29,6 +32,9 @@ from training.threads import default_workers
 
 FLOOR = 1e-6
 """Factors are floored here before the geometric mean so that log(0) cannot occur."""
+
+HistoryForm = Literal["coverage", "matched"]
+"""Historical consistency per anchor set (``coverage``) or per matched anchor (``matched``)."""
 
 
 @dataclass(frozen=True)
@@ -107,12 +113,21 @@ def lm_factor(
 
 
 def history_factor(
-    anchors: npt.NDArray[np.float32], history: npt.NDArray[np.float32]
+    anchors: npt.NDArray[np.float32],
+    history: npt.NDArray[np.float32],
+    form: HistoryForm = "coverage",
 ) -> npt.NDArray[np.float32]:
-    """Per-anchor ``max(0, max_h cos(a_k, h))`` for one set: ``(N, D), (H, D) -> (N,)``."""
-    if len(history) == 0:
+    """Historical consistency of one set's anchors: ``(N, D), (H, D) -> (N,)``.
+
+    ``matched``: each anchor's ``max(0, max_h cos(a_k, h))``. ``coverage``: the set's
+    ``mean_h max(0, max_k cos(h, a_k))``, the same for every anchor. 0 without history.
+    """
+    if len(history) == 0 or len(anchors) == 0:
         return np.zeros(len(anchors), np.float32)
-    return np.clip((anchors @ history.T).max(axis=1), 0.0, 1.0).astype(np.float32)
+    sims = np.clip(anchors @ history.T, 0.0, 1.0)
+    if form == "matched":
+        return sims.max(axis=1).astype(np.float32)
+    return np.full(len(anchors), sims.max(axis=0).mean(), np.float32)
 
 
 def combine(
@@ -140,6 +155,7 @@ def history_factors(
     history: npt.NDArray[np.int64],
     chunk: int = 256,
     workers: int | None = None,
+    form: HistoryForm = "coverage",
 ) -> npt.NDArray[np.float32]:
     """:func:`history_factor` of every set at once: ``(S, N), (I, D), (S, H) -> (S, N)``.
 
@@ -151,6 +167,8 @@ def history_factors(
         chunk: Sets per batched matrix product (bounds the gathered history's memory).
         workers: Threads the chunks are spread over (default: one per core); numpy's gathers
             and products release the GIL, and each chunk's result does not depend on it.
+        form: ``coverage`` (one value per set, repeated over its real slots) or ``matched``
+            (one per anchor).
     """
     n_sets, n_anchors = mask.shape
     out = np.zeros((n_sets, n_anchors), np.float32)
@@ -167,9 +185,17 @@ def history_factors(
         hist, known = hist[:, first:], known[:, first:]
         gathered = items[np.where(known, hist, 0)]  # (C, H, D)
         sims = np.matmul(anchors.take(rows), gathered.transpose(0, 2, 1))  # (C, N, H)
-        sims = np.where(known[:, None, :], sims, -np.inf).max(axis=2)
-        best = np.where(np.isfinite(sims), np.clip(sims, 0.0, 1.0), 0.0)
-        out[rows] = np.where(mask[rows], best, 0.0)  # chunks write disjoint rows
+        real = mask[rows]
+        if form == "matched":
+            per_anchor = np.where(known[:, None, :], sims, -np.inf).max(axis=2)
+            best = np.where(np.isfinite(per_anchor), np.clip(per_anchor, 0.0, 1.0), 0.0)
+        else:
+            # Each history item's nearest real anchor, averaged over the known history items.
+            per_item = np.where(real[:, :, None], sims, -np.inf).max(axis=1, initial=-np.inf)
+            per_item = np.where(known & np.isfinite(per_item), np.clip(per_item, 0.0, 1.0), 0.0)
+            covered = per_item.sum(axis=1) / np.maximum(known.sum(axis=1), 1)
+            best = np.broadcast_to(covered[:, None].astype(np.float32), real.shape)
+        out[rows] = np.where(real, best, 0.0)  # chunks write disjoint rows
 
     starts = range(0, n_sets, chunk)
     workers = min(workers or default_workers(), len(starts))

@@ -18,6 +18,7 @@ from training.io import read_manifest, write_table
 from training.pseudo_labels.calibration import CalibrationError, fit_platt
 from training.pseudo_labels.confidence import (
     AnchorVectors,
+    HistoryForm,
     combine,
     dispersion_factor,
     history_factor,
@@ -668,9 +669,30 @@ def test_confidence_factors() -> None:
     assert combine([np.array([1.0]), np.array([0.0])], [1, 1])[0] < 1e-2
 
 
+def test_history_coverage_counts_the_interests_the_anchors_miss() -> None:
+    rng = np.random.default_rng(1)
+    a, b = _unit(rng.standard_normal((2, DIM)))
+    anchors_on_a = _unit(a + 0.01 * rng.standard_normal((N_ANCHORS, DIM)))
+    # Half of the history is interest a, half interest b: anchors all on a cover half of it.
+    history = np.stack([a, a, b, b]).astype(np.float32)
+    one_sided = history_factor(anchors_on_a, history, "coverage")
+    both = history_factor(np.stack([anchors_on_a[0], b]), history, "coverage")
+    assert one_sided.shape == (N_ANCHORS,) and np.ptp(one_sided) == 0
+    expected = (2 * 1.0 + 2 * max(0.0, float(a @ b))) / 4
+    assert one_sided[0] == pytest.approx(expected, abs=0.01)
+    assert both[0] == pytest.approx(1.0, abs=1e-3)
+    assert both[0] > one_sided[0] + 0.3
+    # The matched form scores every anchor on a as fully consistent: it cannot see b is missed.
+    assert history_factor(anchors_on_a, history, "matched").min() > 0.99
+    assert (history_factor(anchors_on_a, history[:0], "coverage") == 0).all()
+
+
+@pytest.mark.parametrize("form", ["coverage", "matched"])
 @pytest.mark.parametrize("workers", [1, 2, 3])
 @pytest.mark.parametrize("chunk", [1, 3, 256])
-def test_history_factors_equal_the_per_set_factor(chunk: int, workers: int) -> None:
+def test_history_factors_equal_the_per_set_factor(
+    chunk: int, workers: int, form: HistoryForm
+) -> None:
     rng = np.random.default_rng(chunk)
     items = _unit(rng.standard_normal((40, DIM))).astype(np.float32)
     counts = rng.integers(0, N_ANCHORS + 1, 9)
@@ -683,17 +705,17 @@ def test_history_factors_equal_the_per_set_factor(chunk: int, workers: int) -> N
             history[s, 6 - n :] = np.where(rng.random(n) < 0.2, -1, rng.integers(0, 40, n))
     history[0] = -1  # one set without any history
     got = history_factors(
-        AnchorVectors.of(anchors), mask, items, history, chunk=chunk, workers=workers
+        AnchorVectors.of(anchors), mask, items, history, chunk=chunk, workers=workers, form=form
     )
     for s in range(9):
         rows = history[s][history[s] >= 0]
         expected = np.zeros(N_ANCHORS, np.float32)
-        expected[: counts[s]] = history_factor(anchors[s, : counts[s]], items[rows])
+        expected[: counts[s]] = history_factor(anchors[s, : counts[s]], items[rows], form)
         np.testing.assert_allclose(got[s], expected, atol=1e-6)
     assert (got[0] == 0).all() and (got[~mask] == 0).all()
 
 
-def test_default_confidence_is_the_dispersion_and_the_weights_are_configurable(
+def test_default_confidence_is_the_history_coverage_and_the_weights_are_configurable(
     inputs,  # type: ignore[no-untyped-def]
     tmp_path: Path,
 ) -> None:
@@ -702,11 +724,31 @@ def test_default_confidence_is_the_dispersion_and_the_weights_are_configurable(
         requests, items, anchors, positives, PseudoLabelConfig(progress=False), tmp_path / "d"
     )
     out = pq.read_table(default.path).filter(pc.equal(pc.field("status"), "ok"))
-    # Measured defaults: dispersion 1, the other two factors reported but weighted 0.
+    # Measured defaults: historical consistency 1 (coverage form), the other two reported only.
     np.testing.assert_allclose(
-        out.column("confidence").to_numpy(), out.column("dispersion").to_numpy(), rtol=1e-6
+        out.column("confidence").to_numpy(),
+        np.maximum(out.column("history_consistency").to_numpy(), 1e-6),
+        rtol=1e-6,
     )
-    assert default.metrics["confidence_weights"] == {"dispersion": 1.0, "history": 0.0, "lm": 0.0}
+    assert default.metrics["confidence_weights"] == {"dispersion": 0.0, "history": 1.0, "lm": 0.0}
+    assert default.metrics["history_form"] == "coverage"
+    # Coverage is one value per anchor set: every row of one request shares it.
+    frame = out.select(["request_id", "history_consistency"]).to_pandas()
+    assert (frame.groupby("request_id")["history_consistency"].nunique() == 1).all()
+    matched = generate_pseudo_labels(
+        requests,
+        items,
+        anchors,
+        positives,
+        PseudoLabelConfig(progress=False, history_form="matched"),
+        tmp_path / "m",
+    )
+    assert matched.metrics["history_form"] == "matched"
+    by_anchor = pq.read_table(matched.path).filter(pc.equal(pc.field("status"), "ok"))
+    assert not np.allclose(
+        by_anchor.column("history_consistency").to_numpy(),
+        out.column("history_consistency").to_numpy(),
+    )
     equal = ConfidenceWeights(dispersion=1, history=1, lm=1)
     mixed = generate_pseudo_labels(
         requests,

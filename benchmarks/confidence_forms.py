@@ -1,0 +1,126 @@
+"""Which confidence puts the better pseudo-labels in its top half, per historical-consistency form.
+
+The pseudo-label target asks confidence weighting to raise the AUC of the top-confidence half.
+This script re-runs the pseudo-label job on the artifacts that ``benchmarks/pseudo_labels.py
+--work DIR`` keeps (the same anchors, rows and calibration), once per historical-consistency form
+(``history_form``: ``coverage``, the set's coverage of the user's history, and ``matched``, the
+matched anchor's agreement with it), and reports for each confidence (every factor alone, and
+the combinations below) the AUC of relevance against the simulator's truth in the top- and
+bottom-confidence halves minus the AUC over all rows. Halves are exact (ties at the median
+broken at random with seed 0, as the benchmark does with its own seed).
+
+    .venv/bin/python benchmarks/pseudo_labels.py --lm-epochs 10 --sid-epochs 20 --seed S --work DIR
+    .venv/bin/python benchmarks/confidence_forms.py DIR/ml-100k DIR/synthetic ... --out FILE
+
+Writes ``benchmarks/results/confidence_forms.json`` by default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import pyarrow.parquet as pq
+
+# Run as a script, this folder is on the path: the benchmark whose artifacts are read here.
+from pseudo_labels import SHARED
+
+from training.data.dataset import LoadedDataset
+from training.data.movielens import load_movielens_100k
+from training.data.synthetic import SynthConfig, generate_synthetic
+from training.evaluation.metrics import auc, upper_half
+from training.pseudo_labels.confidence import HistoryForm, combine
+from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
+
+RESULTS = Path(__file__).parent / "results"
+FORMS: tuple[HistoryForm, ...] = ("coverage", "matched")
+WEIGHTS: dict[str, tuple[float, float, float]] = {
+    "dispersion alone": (1, 0, 0),
+    "history alone": (0, 1, 0),
+    "lm alone": (0, 0, 1),
+    "dispersion + history": (1, 1, 0),
+    "equal (1, 1, 1)": (1, 1, 1),
+}
+"""Confidences compared: weights of (dispersion, history, lm) in the job's geometric mean."""
+
+
+def _dataset(name: str, ml100k: Path) -> LoadedDataset:
+    return load_movielens_100k(ml100k) if name == "ml-100k" else generate_synthetic(SynthConfig())
+
+
+def lifts(work: Path, data: LoadedDataset, form: HistoryForm) -> dict[str, Any]:
+    """Top- and bottom-half AUC minus all rows' AUC for each confidence, one form."""
+    result = generate_pseudo_labels(
+        pq.read_table(work / "eval_requests.parquet"),
+        pq.read_table(work / "sids" / "item_semantics.parquet"),
+        pq.read_table(work / "anchors" / "user_interest_anchors.parquet"),
+        data.interactions,
+        PseudoLabelConfig(progress=False, history_form=form),
+        work / f"pseudo_labels_{form}",
+    )
+    rows = pq.read_table(result.path).to_pandas()
+    rows = rows[rows["status"] == "ok"]
+    truth = pq.read_table(work / "truth.parquet").to_pandas()
+    truth = truth[["request_id", "item_id", "label"]].rename(columns={"label": "truth"})
+    rows = rows.merge(truth, on=["request_id", "item_id"], how="left", validate="one_to_one")
+    if rows["truth"].isna().any():
+        raise RuntimeError(f"{work}: the truth table misses some labelled rows")
+    y = rows["truth"].to_numpy()
+    relevance = rows["relevance"].to_numpy()
+    everything = auc(y, relevance)
+    factors: list[npt.NDArray[np.float32]] = [
+        rows[c].to_numpy(np.float32) for c in ("dispersion", "history_consistency", "lm_confidence")
+    ]
+    out: dict[str, Any] = {"rows": len(rows), "auc_all": everything}
+    for name, weights in WEIGHTS.items():
+        confidence = combine(factors, list(weights))
+        top = upper_half(confidence, 0)
+        out[name] = {
+            "top_minus_all": auc(y[top], relevance[top]) - everything,
+            "bottom_minus_all": auc(y[~top], relevance[~top]) - everything,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("work", type=Path, nargs="+", help="<work>/<dataset> directories")
+    parser.add_argument("--ml100k", type=Path, default=SHARED / "ml-100k")
+    parser.add_argument("--out", type=Path, default=RESULTS / "confidence_forms.json")
+    args = parser.parse_args()
+    results: dict[str, dict[str, Any]] = {}
+    for work in args.work:
+        data = _dataset(work.name, args.ml100k)
+        results[str(work)] = {form: lifts(work, data, form) for form in FORMS}
+    labels = ["/".join(Path(w).parts[-2:]) for w in results]
+    width = max(12, *(len(label) + 2 for label in labels))
+    print("Top-confidence half's AUC minus all rows' AUC (relevance against the truth)")
+    print(f"{'form / confidence':<40}" + "".join(f"{label:>{width}}" for label in labels))
+    for form in FORMS:
+        for name in WEIGHTS:
+            cells = "".join(
+                f"{r[form][name]['top_minus_all']:>+{width}.4f}" for r in results.values()
+            )
+            print(f"{form + ' / ' + name:<40}" + cells)
+    out = {
+        "benchmark": "confidence_forms",
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+    }
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")
+    print(f"written {args.out}")
+
+
+if __name__ == "__main__":
+    main()
