@@ -28,10 +28,6 @@ Writes ``benchmarks/results/calibration_priors.json`` by default.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -44,11 +40,9 @@ import pyarrow.parquet as pq
 
 # Run as a script, this folder is on the path: the benchmark whose artifacts are read here
 # also defines the teacher's history feature, which must be the same function.
-from pseudo_labels import SHARED, history_similarity
+from pseudo_labels import SHARED, history_similarity, load_dataset, write_diagnostic
 
 from training.data.dataset import LoadedDataset
-from training.data.movielens import load_movielens_100k
-from training.data.synthetic import SynthConfig, generate_synthetic
 from training.evaluation.metrics import auc
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
 
@@ -87,10 +81,6 @@ def fit_logistic(
             break
     raw = w[1:] / std
     return np.r_[w[0] - raw @ mean, raw]
-
-
-def _dataset(name: str, ml100k: Path) -> LoadedDataset:
-    return load_movielens_100k(ml100k) if name == "ml-100k" else generate_synthetic(SynthConfig())
 
 
 def scored_rows(work: Path, data: LoadedDataset) -> pd.DataFrame:
@@ -173,7 +163,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
     for work in args.work:
-        rows = scored_rows(work, _dataset(work.name, args.ml100k))
+        rows = scored_rows(work, load_dataset(work.name, args.ml100k))
         results[str(work)] = evaluate(rows)
     labels = ["/".join(Path(w).parts[-2:]) for w in results]
     width = max(12, *(len(label) + 2 for label in labels))
@@ -182,15 +172,7 @@ def main() -> None:
     for name in COMBINATIONS:
         cells = "".join(f"{r[name]['auc']:>{width}.4f}" for r in results.values())
         print(f"{name:<50}" + cells)
-    out = {
-        "benchmark": "calibration_priors",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(f"written {args.out}")
+    write_diagnostic("calibration_priors", results, args.out)
 
 
 if __name__ == "__main__":

@@ -18,10 +18,6 @@ Writes ``benchmarks/results/confidence_forms.json`` by default.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import platform
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +26,9 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 
 # Run as a script, this folder is on the path: the benchmark whose artifacts are read here.
-from pseudo_labels import SHARED
+from pseudo_labels import SHARED, load_dataset, write_diagnostic
 
 from training.data.dataset import LoadedDataset
-from training.data.movielens import load_movielens_100k
-from training.data.synthetic import SynthConfig, generate_synthetic
 from training.evaluation.metrics import auc, upper_half
 from training.pseudo_labels.confidence import HistoryForm, combine
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
@@ -49,10 +43,6 @@ WEIGHTS: dict[str, tuple[float, float, float]] = {
     "equal (1, 1, 1)": (1, 1, 1),
 }
 """Confidences compared: weights of (dispersion, history, lm) in the job's geometric mean."""
-
-
-def _dataset(name: str, ml100k: Path) -> LoadedDataset:
-    return load_movielens_100k(ml100k) if name == "ml-100k" else generate_synthetic(SynthConfig())
 
 
 def lifts(work: Path, data: LoadedDataset, form: HistoryForm) -> dict[str, Any]:
@@ -99,7 +89,7 @@ def main() -> None:
     args = parser.parse_args()
     results: dict[str, dict[str, Any]] = {}
     for work in args.work:
-        data = _dataset(work.name, args.ml100k)
+        data = load_dataset(work.name, args.ml100k)
         results[str(work)] = {form: lifts(work, data, form) for form in FORMS}
     labels = ["/".join(Path(w).parts[-2:]) for w in results]
     width = max(12, *(len(label) + 2 for label in labels))
@@ -111,15 +101,7 @@ def main() -> None:
                 f"{r[form][name]['top_minus_all']:>+{width}.4f}" for r in results.values()
             )
             print(f"{form + ' / ' + name:<40}" + cells)
-    out = {
-        "benchmark": "confidence_forms",
-        "date": datetime.now(UTC).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
-        "results": results,
-    }
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(out, indent=2, default=float) + "\n")
-    print(f"written {args.out}")
+    write_diagnostic("confidence_forms", results, args.out)
 
 
 if __name__ == "__main__":

@@ -77,6 +77,24 @@ ORACLE_TEACHER = "labels of the future (reference, not a baseline)"
 """The teacher trained with every click, also those known only after the split."""
 
 
+def load_dataset(name: str, ml100k: Path) -> LoadedDataset:
+    """The benchmark's dataset by name: ``ml-100k`` from ``ml100k``, else the synthetic catalog."""
+    return load_movielens_100k(ml100k) if name == "ml-100k" else generate_synthetic(SynthConfig())
+
+
+def write_diagnostic(benchmark: str, results: dict[str, Any], out: Path) -> None:
+    """Write a diagnostic's results over kept work folders (``--work``) as JSON to ``out``."""
+    document = {
+        "benchmark": benchmark,
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform()},
+        "results": results,
+    }
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(document, indent=2, default=float) + "\n")
+    print(f"written {out}")
+
+
 def history_similarity(
     rows: pd.DataFrame, interactions: pd.DataFrame, emb: dict[str, np.ndarray], history: int
 ) -> np.ndarray:
@@ -444,11 +462,7 @@ def main() -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     results: dict[str, Any] = {}
     for name in args.datasets:
-        data = (
-            load_movielens_100k(args.ml100k)
-            if name == "ml-100k"
-            else generate_synthetic(SynthConfig())
-        )
+        data = load_dataset(name, args.ml100k)
         if args.work is not None:
             (args.work / name).mkdir(parents=True, exist_ok=True)
             results[name] = run_dataset(name, data, args.work / name, args)
