@@ -27,7 +27,6 @@ Writes ``benchmarks/results/calibration_priors.json`` by default.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -40,13 +39,18 @@ import pyarrow.parquet as pq
 
 # Run as a script, this folder is on the path: the benchmark whose artifacts are read here
 # also defines the teacher's history feature, which must be the same function.
-from pseudo_labels import SHARED, history_similarity, load_dataset, write_diagnostic
+from pseudo_labels import (
+    history_similarity,
+    load_dataset,
+    parse_work_folders,
+    print_by_folder,
+    write_diagnostic,
+)
 
 from training.data.dataset import LoadedDataset
 from training.evaluation.metrics import auc
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
 
-RESULTS = Path(__file__).parent / "results"
 EXPOSED = ("exposed_negative", "exposed_positive")
 UNEXPOSED = ("prerank_negative", "rank_negative")
 COMBINATIONS: dict[str, tuple[str, ...]] = {
@@ -154,24 +158,18 @@ def evaluate(rows: pd.DataFrame) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("work", type=Path, nargs="+", help="<work>/<dataset> directories")
-    parser.add_argument("--ml100k", type=Path, default=SHARED / "ml-100k")
-    parser.add_argument("--out", type=Path, default=RESULTS / "calibration_priors.json")
-    args = parser.parse_args()
+    args = parse_work_folders(__doc__ or "", "calibration_priors.json")
     results: dict[str, dict[str, Any]] = {}
     for work in args.work:
         rows = scored_rows(work, load_dataset(work.name, args.ml100k))
         results[str(work)] = evaluate(rows)
-    labels = ["/".join(Path(w).parts[-2:]) for w in results]
-    width = max(12, *(len(label) + 2 for label in labels))
-    print("AUC on unexposed truth; each score fitted on the same exposed rows' clicks")
-    print(f"{'score':<50}" + "".join(f"{label:>{width}}" for label in labels))
-    for name in COMBINATIONS:
-        cells = "".join(f"{r[name]['auc']:>{width}.4f}" for r in results.values())
-        print(f"{name:<50}" + cells)
+    print_by_folder(
+        "AUC on unexposed truth; each score fitted on the same exposed rows' clicks",
+        f"{'score':<50}",
+        {name: [r[name]["auc"] for r in results.values()] for name in COMBINATIONS},
+        list(results),
+        ".4f",
+    )
     write_diagnostic("calibration_priors", results, args.out)
 
 

@@ -17,7 +17,6 @@ Writes ``benchmarks/results/confidence_forms.json`` by default.
 
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 from typing import Any
 
@@ -26,14 +25,13 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 
 # Run as a script, this folder is on the path: the benchmark whose artifacts are read here.
-from pseudo_labels import SHARED, load_dataset, write_diagnostic
+from pseudo_labels import load_dataset, parse_work_folders, print_by_folder, write_diagnostic
 
 from training.data.dataset import LoadedDataset
 from training.evaluation.metrics import auc, upper_half
 from training.pseudo_labels.confidence import HistoryForm, combine
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
 
-RESULTS = Path(__file__).parent / "results"
 FORMS: tuple[HistoryForm, ...] = ("coverage", "matched")
 WEIGHTS: dict[str, tuple[float, float, float]] = {
     "dispersion alone": (1, 0, 0),
@@ -80,27 +78,22 @@ def lifts(work: Path, data: LoadedDataset, form: HistoryForm) -> dict[str, Any]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    parser.add_argument("work", type=Path, nargs="+", help="<work>/<dataset> directories")
-    parser.add_argument("--ml100k", type=Path, default=SHARED / "ml-100k")
-    parser.add_argument("--out", type=Path, default=RESULTS / "confidence_forms.json")
-    args = parser.parse_args()
+    args = parse_work_folders(__doc__ or "", "confidence_forms.json")
     results: dict[str, dict[str, Any]] = {}
     for work in args.work:
         data = load_dataset(work.name, args.ml100k)
         results[str(work)] = {form: lifts(work, data, form) for form in FORMS}
-    labels = ["/".join(Path(w).parts[-2:]) for w in results]
-    width = max(12, *(len(label) + 2 for label in labels))
-    print("Top-confidence half's AUC minus all rows' AUC (relevance against the truth)")
-    print(f"{'form / confidence':<40}" + "".join(f"{label:>{width}}" for label in labels))
-    for form in FORMS:
-        for name in WEIGHTS:
-            cells = "".join(
-                f"{r[form][name]['top_minus_all']:>+{width}.4f}" for r in results.values()
-            )
-            print(f"{form + ' / ' + name:<40}" + cells)
+    print_by_folder(
+        "Top-confidence half's AUC minus all rows' AUC (relevance against the truth)",
+        f"{'form / confidence':<40}",
+        {
+            f"{form} / {name}": [r[form][name]["top_minus_all"] for r in results.values()]
+            for form in FORMS
+            for name in WEIGHTS
+        },
+        list(results),
+        "+.4f",
+    )
     write_diagnostic("confidence_forms", results, args.out)
 
 

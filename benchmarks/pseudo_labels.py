@@ -82,6 +82,33 @@ def load_dataset(name: str, ml100k: Path) -> LoadedDataset:
     return load_movielens_100k(ml100k) if name == "ml-100k" else generate_synthetic(SynthConfig())
 
 
+def parse_work_folders(description: str, out_name: str) -> argparse.Namespace:
+    """Arguments of a diagnostic over kept work folders: the folders, ``--ml100k``, ``--out``."""
+    parser = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("work", type=Path, nargs="+", help="<work>/<dataset> directories")
+    parser.add_argument("--ml100k", type=Path, default=SHARED / "ml-100k")
+    parser.add_argument("--out", type=Path, default=RESULTS / out_name)
+    return parser.parse_args()
+
+
+def print_by_folder(
+    title: str, head: str, rows: dict[str, list[float]], folders: list[str], cell: str
+) -> None:
+    """A diagnostic's table: one row per name, one column per work folder (its last two parts).
+
+    ``head`` is the first column's title and its width (``"{:<50}"``-style padding is taken from
+    its length); ``cell`` formats a value (e.g. ``".4f"``, ``"+.4f"``).
+    """
+    labels = ["/".join(Path(w).parts[-2:]) for w in folders]
+    width = max(12, *(len(label) + 2 for label in labels))
+    print(title)
+    print(head + "".join(f"{label:>{width}}" for label in labels))
+    for name, values in rows.items():
+        print(f"{name:<{len(head)}}" + "".join(f"{format(v, cell):>{width}}" for v in values))
+
+
 def write_diagnostic(benchmark: str, results: dict[str, Any], out: Path) -> None:
     """Write a diagnostic's results over kept work folders (``--work``) as JSON to ``out``."""
     document = {
