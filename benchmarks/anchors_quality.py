@@ -256,6 +256,72 @@ def anchor_lists(
     return [[asin_index[a] for a in rows.get(f"u{u}", [])] for u, _, _ in test], gen.metrics
 
 
+def with_prior_weight(cfg: AnchorConfig, weight: float) -> AnchorConfig:
+    """``cfg`` decoding with the co-occurrence prior at ``weight`` (0: the LM alone)."""
+    return cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"weight": weight})})
+
+
+def dump_lists(
+    args: argparse.Namespace,
+    cfg: AnchorConfig,
+    semantics: pa.Table,
+    positives: pa.Table,
+    test: list[tuple[str, list[int], int]],
+    asin: dict[int, str],
+    k: int,
+) -> None:
+    """``--dump-lists``: the LM's top-``k`` per validation and test user, for offline study."""
+    from functools import partial
+
+    from training.anchors.catalog import SidCatalog
+    from training.anchors.generate import (
+        beam_search_fast,
+        resolve_device,
+        resolve_dtype,
+        search_in_batches,
+    )
+    from training.anchors.model import load_anchor_model
+    from training.anchors.sequences import holdout_split, user_sequences
+    from training.anchors.trie import SidTrie
+
+    catalog = SidCatalog.from_table(semantics)
+    row_of = catalog.index()
+    sc, tc = cfg.sequences, cfg.training
+    seqs = user_sequences(positives, catalog.item_ids)
+    train_seqs, eval_set = holdout_split(seqs, tc.eval_users, sc.max_history, sc.seed)
+    device = resolve_device(args.device)
+    loaded = load_anchor_model(
+        args.work_dir / "model", device=device, dtype=resolve_dtype("auto", device)
+    )
+    vocab = loaded.vocab
+    trie = SidTrie(catalog.codes, vocab.codebook_sizes)
+    tokens = vocab.item_tokens(catalog.codes)
+    out: dict[str, Any] = {"catalog_item_ids": catalog.item_ids}
+    test_hist = [np.array([row_of[asin[i]] for i in h], dtype=np.int64) for _, h, _ in test]
+    out["test_targets"] = np.array([row_of[asin[t]] for _, _, t in test], dtype=np.int64)
+    out["val_targets"] = eval_set.targets
+    out["train_offsets"] = np.cumsum([0] + [len(s) for s in train_seqs])
+    out["train_items"] = np.concatenate(train_seqs)
+    out["test_offsets"] = np.cumsum([0] + [len(h) for h in test_hist])
+    out["test_items"] = np.concatenate(test_hist)
+    out["val_offsets"] = np.cumsum([0] + [len(h) for h in eval_set.histories])
+    out["val_items"] = np.concatenate(eval_set.histories)
+    for name, hists in (("val", eval_set.histories), ("test", test_hist)):
+        prompts = [vocab.encode(tokens[h[-sc.max_history :]]) for h in hists]
+        beams = search_in_batches(
+            partial(
+                beam_search_fast, loaded.model, trie=trie, vocab=vocab, beam_width=k, num_anchors=k
+            ),
+            prompts,
+            64,
+        )
+        out[f"{name}_lm_items"], out[f"{name}_lm_logp"] = beams.items, beams.log_probs
+    path = args.out.with_suffix(".lists.npz")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez_compressed(path, **out)
+    print(f"wrote {path}")
+
+
 def baselines_main(test: list[tuple[str, list[int], int]], n_items: int) -> None:
     """``--baselines-only``: most popular and co-occurrence (every tuning cell), no file written."""
     targets = [t for _, _, t in test]
@@ -449,6 +515,26 @@ def main() -> None:
         help="skip SIDs and the LM: print the two baselines (co-occurrence with its tuning "
         "grid) in seconds",
     )
+    p.add_argument(
+        "--prior-grid",
+        type=float,
+        nargs="+",
+        default=None,
+        help="co-occurrence prior weights tried on the held-out users (prior.weight_grid; "
+        "default: the product's); every one is also decoded on the test users, for the record",
+    )
+    p.add_argument(
+        "--prior-smoothing", type=float, default=None, help="prior.smoothing (default: product's)"
+    )
+    p.add_argument(
+        "--dump-lists",
+        type=int,
+        default=None,
+        metavar="K",
+        help="diagnostic: also write OUT.lists.npz, the LM's top-K items and log-probabilities "
+        "(beam K, no prior) for the held-out validation users and the test users, in catalog "
+        "rows, to study combinations with co-occurrence offline",
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results/anchors_quality.json"))
     args = p.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
@@ -550,6 +636,10 @@ def main() -> None:
                 "batch_size": 64,
                 "device": args.device,
             },
+            "prior": {
+                **({} if args.prior_grid is None else {"weight_grid": args.prior_grid}),
+                **({} if args.prior_smoothing is None else {"smoothing": args.prior_smoothing}),
+            },
         }
     )
     if args.ensemble_models:
@@ -560,9 +650,42 @@ def main() -> None:
         semantics, positives, sids.codebook_sizes, cfg, args.work_dir / "model"
     )
     train_seconds = time.perf_counter() - t0
+    if args.dump_lists:
+        dump_lists(args, cfg, semantics, positives, test, index, args.dump_lists)
+    # The LM alone (prior weight 0: every table before 2026-12-03's prior compares this), then
+    # the product's default, the prior fused with the weight chosen on the held-out users.
     model_recs, gen_metrics = anchor_lists(
-        semantics, positives, [args.work_dir / "model"], cfg, args.work_dir / "anchors", test, index
+        semantics,
+        positives,
+        [args.work_dir / "model"],
+        with_prior_weight(cfg, 0.0),
+        args.work_dir / "anchors",
+        test,
+        index,
     )
+    chosen = trained.metrics["prior_weight"]
+    per_weight: dict[str, Any] = {}
+    for weight in sorted({0.0, *cfg.prior.weight_grid}):
+        if weight == 0.0:
+            recs, weight_gen = model_recs, gen_metrics
+        else:
+            recs, weight_gen = anchor_lists(
+                semantics,
+                positives,
+                [args.work_dir / "model"],
+                with_prior_weight(cfg, weight),
+                args.work_dir / f"anchors_prior_{weight}",
+                test,
+                index,
+            )
+        per_weight[str(weight)] = {
+            **metrics([r[:10] for r in recs], targets),
+            "hr@10_own_items_left_out": metrics(unseen(recs, histories, 10), targets)["hr@10"],
+            "history_share@10": history_share(recs, histories, 10),
+            "generation_users_per_second": weight_gen["users_per_second"],
+        }
+        if weight == chosen:
+            prior_recs = recs
 
     model_unseen = unseen(model_recs, histories, 10)
     pop = popular(histories, 10 + max(len(h) for h in histories))
@@ -580,6 +703,14 @@ def main() -> None:
             "generation_users_per_second": gen_metrics["users_per_second"],
             "parameters": trained.metrics["parameters"],
         },
+        # The product's anchors: the co-occurrence prior fused with the weight the held-out
+        # users chose (test users' targets never seen by the choice).
+        "anchors_with_prior": {
+            **metrics([r[:10] for r in prior_recs], targets),
+            "prior_weight": chosen,
+            "prior_tuning_on_held_out_users": trained.metrics["prior_tuning"],
+        },
+        "anchors_per_prior_weight": per_weight,
         # The same three with the user's own history items left out of every list (none of
         # them is the target for 99.4% of users).
         # Does the LM know something co-occurrence does not? Reciprocal-rank fusion of the
@@ -631,12 +762,15 @@ def main() -> None:
     args.out.write_text(json.dumps(report, indent=2) + "\n")
 
     print(f"\nAmazon Scientific, {len(test)} users, {n_items} items, next-item (test split)")
-    print(f"{'method':<22}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
-    for name, r in results.items():
+    print(f"{'method':<30}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
+    rows = {k: v for k, v in results.items() if k != "anchors_per_prior_weight"}
+    rows.update({f"  prior weight {w}": r for w, r in per_weight.items()})
+    for name, r in rows.items():
         print(
-            f"{name:<22}{r['hr@5']:>9.4f}{r['ndcg@5']:>9.4f}{r['hr@10']:>9.4f}{r['ndcg@10']:>9.4f}"
+            f"{name:<30}{r['hr@5']:>9.4f}{r['ndcg@5']:>9.4f}{r['hr@10']:>9.4f}{r['ndcg@10']:>9.4f}"
         )
-    print(f"\nwrote {args.out}")
+    print(f"\nco-occurrence prior weight chosen on the held-out users: {chosen}")
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -232,6 +232,7 @@ def run_dataset(
                 "progress": False,
             },
             "generation": {"beam_width": args.beam_width, "num_anchors": args.num_anchors},
+            "prior": {"weight": args.prior_weight},
         }
     )
     t = time.perf_counter()
@@ -244,7 +245,7 @@ def run_dataset(
     )
     tick("anchor LM training", t)
     t = time.perf_counter()
-    anchors = generate_anchors(
+    anchor_run = generate_anchors(
         item_semantics,
         data.interactions,
         cutoffs_of(eval_requests, anchor_cfg.generation.cutoffs),
@@ -252,7 +253,8 @@ def run_dataset(
         anchor_cfg,
         work / "anchors",
         users=sorted(set(eval_requests.column("user_id").to_pylist())),
-    ).table
+    )
+    anchors = anchor_run.table
     tick("anchor generation", t)
 
     t = time.perf_counter()
@@ -392,6 +394,7 @@ def run_dataset(
         "auc_history_similarity": auc(y, ok["history_similarity"]),
         "ece_pseudo_label": curve.expected_calibration_error,
         "calibration": result.metrics["calibration"],
+        "anchor_prior_weight": anchor_run.metrics["prior_weight"],
         "timings_s": timings,
     }
     figures["gpl_minus_distillation"] = (
@@ -457,6 +460,13 @@ def main() -> None:
         "product's default 1e-3); 0 turns it off",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--prior-weight",
+        type=lambda v: v if v == "auto" else float(v),
+        default="auto",
+        help="the anchors' co-occurrence prior weight (prior.weight; default 'auto', the weight "
+        "chosen on the anchor LM's held-out users; 0: the LM alone, as before 2026-12-03)",
+    )
     parser.add_argument(
         "--collaborative-weight",
         type=float,

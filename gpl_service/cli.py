@@ -590,7 +590,7 @@ def anchors_train(
             item_semantics, _positives(run_dir, until), sizes, cfg, run_dir / "anchors" / "model"
         )
         _say(f"anchor model -> {result.model_dir}")
-        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "seconds"]
+        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "prior_weight", "seconds"]
         if cfg.training.ensemble_size > 1:
             keys[2:2] = ["ensemble_eval_hr@10", "ensemble_eval_ndcg@10"]
         _print_metrics("", result.metrics, keys)
@@ -603,12 +603,21 @@ def anchors_generate(
     implementation: Annotated[
         str | None, typer.Option(help="fast (batched, KV-cache reuse) or reference (HF generate).")
     ] = None,
+    prior_weight: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight of the item co-occurrence prior fused into the beam search: 'auto' "
+            "(default: the weight chosen on the held-out users at training), a number, or 0 "
+            "for the LM alone."
+        ),
+    ] = None,
 ) -> None:
     """Generate interest anchors for every user and request of RUN_DIR's request log.
 
     One anchor set per (user, request time) whose history changed, from positives strictly
     before it (generation.cutoffs: request; 'day' makes one per request day instead):
-    RUN_DIR/anchors/user_interest_anchors.parquet.
+    RUN_DIR/anchors/user_interest_anchors.parquet. The beam search fuses the LM with the
+    co-occurrence prior saved beside the model (prior.weight; docs/anchors.md).
     """
     from training.anchors.job import AnchorConfig, generate_anchors
     from training.anchors.sequences import cutoffs_of
@@ -621,6 +630,7 @@ def anchors_generate(
         # not read, so it is not validated either.
         raw.pop("model", None)
         _set(raw, "generation", "implementation", implementation)
+        _set(raw, "prior", "weight", prior_weight)
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
@@ -638,7 +648,9 @@ def anchors_generate(
         )
         _say(f"anchors: {result.table.num_rows} anchor sets -> {result.path}")
         _print_metrics(
-            "", result.metrics, ["users", "skipped_empty_history", "users_per_second", "seconds"]
+            "",
+            result.metrics,
+            ["users", "skipped_empty_history", "prior_weight", "users_per_second", "seconds"],
         )
 
 
@@ -1146,7 +1158,9 @@ def demo(
         ),
         (
             "anchors generate",
-            lambda: anchors_generate(run_dir=run_dir, config=anchors_config, implementation=None),
+            lambda: anchors_generate(
+                run_dir=run_dir, config=anchors_config, implementation=None, prior_weight=None
+            ),
         ),
         (
             "pseudo-labels",

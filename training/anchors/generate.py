@@ -24,6 +24,11 @@ Ensembles. :func:`beam_search_fast` also takes several models trained on the sam
 its own KV cache and the members' per-step distributions are combined (:func:`combine_log_probs`)
 before the top-B selection, so the scores stay log-probabilities over real items.
 
+Collaborative prior. Both implementations also take a per-user prior over the catalog
+(:mod:`training.anchors.prior`) and a weight ``w``: every step's distribution becomes
+``log_softmax(log p(c | prefix) + w * log M(prefix + c))``, ``M`` the prior's mass under a prefix
+(shallow fusion). ``w = 0`` or no prior is the LM alone, bit for bit.
+
 :func:`search_in_batches` runs either over many users, sorting them by history length to cut
 padding, and halves the batch on CUDA out-of-memory errors.
 """
@@ -41,7 +46,7 @@ import numpy.typing as npt
 import torch
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 from torch import nn
-from transformers import DynamicCache, PreTrainedModel
+from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 
 from training.anchors.model import causal_lm
 from training.anchors.sequences import CutoffGranularity
@@ -250,6 +255,42 @@ def _reorder_generated(cache: DynamicCache, order: torch.Tensor, prompt_len: int
             tail.copy_(tail.index_select(0, order))
 
 
+PriorRows = torch.Tensor | npt.NDArray[np.float32]
+"""A prior over the catalog per prompt, ``[n_prompts, n_items]``, positive, rows summing to 1."""
+
+
+def _log_masses(trie: SidTrie, prior: PriorRows, device: torch.device) -> list[torch.Tensor]:
+    """Per level, the log of the prior's mass under every prefix a code of that level leads to."""
+    mass = torch.as_tensor(prior, dtype=torch.float32, device=device)
+    if mass.dim() != 2 or mass.shape[1] != trie.n_items:
+        raise ValueError(
+            f"prior has shape {tuple(mass.shape)}, expected [prompts, {trie.n_items} items]"
+        )
+    # The prior is positive by construction (smoothed); the floor only guards against rounding.
+    return [m.clamp_min(1e-30).log() for m in trie.child_masses(mass)]
+
+
+def _fuse(
+    logp: torch.Tensor,
+    kids: torch.Tensor,
+    log_mass: torch.Tensor,
+    user: torch.Tensor,
+    weight: float,
+) -> torch.Tensor:
+    """``log_softmax(logp + weight * log M(child))`` over the allowed codes of each row.
+
+    Args:
+        logp: ``[rows, size_l]`` trie-normalized next-code log-probs (``-inf`` where forbidden).
+        kids: ``[rows, size_l]`` child prefix ids (``-1`` where forbidden).
+        log_mass: ``[users, n_children]`` log prior mass of this level's child prefixes.
+        user: ``[rows]`` the user (row of ``log_mass``) each row belongs to.
+        weight: Fusion weight.
+    """
+    bonus = log_mass[user.unsqueeze(1), kids.clamp(min=0).long()]
+    # Forbidden codes stay -inf through logp; the bonus is zeroed there only to keep it finite.
+    return torch.log_softmax(logp + weight * bonus.masked_fill(kids < 0, 0.0), dim=-1)
+
+
 def combine_log_probs(log_probs: Sequence[torch.Tensor], how: EnsembleCombine) -> torch.Tensor:
     """One next-code distribution from each ensemble member's log-probabilities.
 
@@ -319,6 +360,8 @@ def beam_search_fast(
     mask_free: bool = True,
     shortcuts: bool = True,
     combine: EnsembleCombine = "arithmetic",
+    prior: PriorRows | None = None,
+    prior_weight: float = 0.0,
 ) -> BeamOutput:
     """Trie-constrained beam search, batched over prompts, one prefill and a reused KV cache.
 
@@ -344,6 +387,9 @@ def beam_search_fast(
             the rounding of a smaller batch.
         combine: How an ensemble's distributions are combined (:func:`combine_log_probs`);
             unused with one model.
+        prior: A prior over the catalog per prompt (:class:`training.anchors.prior.
+            CooccurrencePrior`), fused into every step with ``prior_weight``; None: the LM alone.
+        prior_weight: Fusion weight ``w`` (0 ignores the prior).
 
     Returns:
         The top ``num_anchors`` items per prompt and their sequence log-probabilities.
@@ -362,6 +408,9 @@ def beam_search_fast(
         for m in models
     ]
     level_ids = members[0].head.level_ids
+    fuse = prior is not None and prior_weight > 0
+    log_masses = _log_masses(trie, prior, device) if fuse and prior is not None else []
+    users = torch.arange(n_users, device=device)
 
     def step(level: int, allowed_rows: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
         """Every member's next-code distribution, combined into one."""
@@ -381,6 +430,8 @@ def beam_search_fast(
         attention_mask=None if unpadded else mask,
         position_ids=positions,
     )
+    if fuse:
+        logp = _fuse(logp, child[0][0].expand(n_users, -1), log_masses[0], users, prior_weight)
     k = min(width, logp.shape[1])
     scores, codes = logp.topk(k, dim=-1)
     if k < width:  # fewer codes than beams: pad with dead beams
@@ -434,6 +485,15 @@ def beam_search_fast(
                 position_ids=next_pos.unsqueeze(1),
             )
             next_pos = next_pos + 1
+        if fuse:
+            # After the last-level shortcut too: a row with one allowed code stays at 0.
+            logp = _fuse(
+                logp,
+                child[level][flat_node],
+                log_masses[level],
+                users.repeat_interleave(width),
+                prior_weight,
+            )
         size = logp.shape[1]
         total = (scores.reshape(-1, 1) + logp).reshape(n_users, width * size)
         scores, flat_idx = total.topk(width, dim=-1)
@@ -457,12 +517,15 @@ def beam_search_reference(
     vocab: SidVocab,
     beam_width: int,
     num_anchors: int,
+    prior: PriorRows | None = None,
+    prior_weight: float = 0.0,
 ) -> BeamOutput:
     """The same search through Hugging Face ``generate`` (slow: B-fold prefill, full-vocab head).
 
-    Arguments and result as in :func:`beam_search_fast`.
+    Arguments and result as in :func:`beam_search_fast`; the prior is added to the scores by a
+    logits processor, before ``renormalize_logits`` applies the log-softmax.
     """
-    from transformers import GenerationConfig
+    from transformers import GenerationConfig, LogitsProcessorList
 
     device = next(model.parameters()).device
     ids, mask = _left_pad(prompts, vocab.pad_id, device)
@@ -499,6 +562,11 @@ def beam_search_reference(
         bos_token_id=vocab.bos_id,
         eos_token_id=vocab.tokenizer.eos_token_id,
     )
+    processors = LogitsProcessorList()
+    if prior is not None and prior_weight > 0:
+        processors.append(
+            _PriorLogits(trie, vocab, _log_masses(trie, prior, device), prompt_len, prior_weight)
+        )
     lm = causal_lm(model)
     own_config = lm.generation_config
     lm.generation_config = GenerationConfig()
@@ -508,6 +576,7 @@ def beam_search_reference(
             attention_mask=mask,
             generation_config=gen_config,
             prefix_allowed_tokens_fn=allowed_tokens,
+            logits_processor=processors,
         )
     finally:
         lm.generation_config = own_config
@@ -529,7 +598,51 @@ def beam_search_reference(
     return _finish(scores, items, num_anchors)
 
 
-SearchFn = Callable[[Sequence[Sequence[int]]], BeamOutput]
+class _PriorLogits(LogitsProcessor):
+    """A ``generate()`` logits processor adding ``w * log M(prefix + code)`` to the SID tokens.
+
+    Rows are ``users x beams`` (``generate`` expands each prompt ``num_beams`` times, in order);
+    the beam's prefix codes are read back from its generated tokens and walked down the trie.
+    """
+
+    def __init__(
+        self,
+        trie: SidTrie,
+        vocab: SidVocab,
+        log_masses: list[torch.Tensor],
+        prompt_len: int,
+        weight: float,
+    ) -> None:
+        device = log_masses[0].device
+        self.child, _ = trie.tables(device)
+        self.level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
+        size = max(int(ids.max()) for ids in self.level_ids) + 1
+        self.code_of = torch.zeros(size, dtype=torch.long, device=device)
+        for ids in self.level_ids:
+            self.code_of[ids] = torch.arange(len(ids), device=device)
+        self.log_masses, self.prompt_len, self.weight = log_masses, prompt_len, weight
+
+    def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
+        level = input_ids.shape[1] - self.prompt_len
+        rows, users = input_ids.shape[0], self.log_masses[0].shape[0]
+        node = torch.zeros(rows, dtype=torch.long, device=input_ids.device)
+        for lvl in range(level):
+            code = self.code_of[input_ids[:, self.prompt_len + lvl]]
+            node = self.child[lvl][node, code].long().clamp(min=0)
+        kids = self.child[level][node]
+        user = torch.arange(rows, device=input_ids.device) // (rows // users)
+        bonus = self.log_masses[level][user.unsqueeze(1), kids.clamp(min=0).long()]
+        out = scores.clone()
+        columns = self.level_ids[level]
+        out[:, columns] += self.weight * bonus.masked_fill(kids < 0, 0.0).to(out.dtype)
+        return cast(torch.FloatTensor, out)
+
+
+SearchFn = Callable[..., BeamOutput]
+"""A beam search over one batch of prompts; takes ``prior=`` rows when the search fuses one."""
+
+PriorFn = Callable[[npt.NDArray[np.int64]], PriorRows]
+"""The prior rows of the prompts at these indices (of the full prompt list)."""
 
 
 def is_out_of_memory(exc: BaseException) -> bool:
@@ -544,6 +657,7 @@ def search_in_batches(
     prompts: Sequence[Sequence[int]],
     batch_size: int,
     progress: Callable[[int], object] | None = None,
+    prior_of: PriorFn | None = None,
 ) -> BeamOutput:
     """Run ``search`` over ``prompts`` in batches of similar length; halve batches on OOM.
 
@@ -556,6 +670,8 @@ def search_in_batches(
         prompts: Token ids per user.
         batch_size: Prompts per batch to start with.
         progress: Called with the number of prompts finished after each batch.
+        prior_of: When given, each batch's prior rows (``prior_of(indices)``) are passed to
+            ``search`` as ``prior=``; computed per batch, so memory stays ``batch x n_items``.
 
     Raises:
         torch.OutOfMemoryError: when a single prompt does not fit.
@@ -569,7 +685,11 @@ def search_in_batches(
         chunk = order[done : done + size]
         out_of_memory = False
         try:
-            parts.append(search([prompts[i] for i in chunk]))
+            batch = [prompts[i] for i in chunk]
+            if prior_of is None:
+                parts.append(search(batch))
+            else:
+                parts.append(search(batch, prior=prior_of(chunk)))
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc) or len(chunk) == 1:
                 raise

@@ -61,12 +61,14 @@ from training.anchors.model import (
     update_info,
     write_trained_sids,
 )
+from training.anchors.prior import CooccurrencePrior, PriorConfig
 from training.anchors.sequences import (
     AnchorRequests,
     EvalSet,
     ExampleSet,
     SequenceConfig,
     UserCutoffs,
+    UserSequences,
     anchor_requests,
     downsample,
     frequency_summary,
@@ -120,6 +122,11 @@ class AnchorConfig(BaseModel):
     generation: GenerateConfig = Field(
         default_factory=GenerateConfig,
         description="Beam width (20), anchors per user (10), batch size, device, implementation.",
+    )
+    prior: PriorConfig = Field(
+        default_factory=PriorConfig,
+        description="The item co-occurrence prior fused into the beam search: fitted with the "
+        "model, its weight chosen on the held-out users ('auto').",
     )
 
 
@@ -192,6 +199,9 @@ def train_anchor_model(
     seqs = user_sequences(positives, catalog.item_ids)
     sc = cfg.sequences
     train_seqs, eval_set = holdout_split(seqs, tc.eval_users, sc.max_history, sc.seed)
+    # The prior counts the sequences as they are (never downsampled or reversed: it has its own
+    # `symmetric` switch), and, for choosing its weight, without the held-out items.
+    prior_seqs = list(train_seqs)
     freq_before = frequency_summary(train_seqs, catalog.n_items)
     if sc.downsample_threshold is not None:
         train_seqs = downsample(
@@ -288,6 +298,10 @@ def train_anchor_model(
             # The whole ensemble on the same held-out users as each member.
             metrics["ensemble_eval_hr@10"], metrics["ensemble_eval_ndcg@10"] = hr, ndcg
             update_info(out_dir, {"ensemble_metrics": {"eval_hr@10": hr, "eval_ndcg@10": ndcg}})
+    prior = _fit_prior(member_paths, catalog, trie, prior_seqs, seqs, eval_set, cfg)
+    metrics["prior_weight"] = prior.weight
+    metrics["prior_tuning"] = prior.tuning
+    metrics["prior_pairs"] = int(prior.matrix.nnz)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_manifest(
         out_dir,
@@ -312,6 +326,19 @@ def _ensemble_eval(
     cfg: AnchorConfig,
 ) -> tuple[float, float]:
     """HR@10 and NDCG@10 of the saved members decoding together on the held-out users."""
+    return _held_out_eval(member_paths, catalog, trie, eval_set, cfg, None, (0.0,))[0]
+
+
+def _held_out_eval(
+    member_paths: Sequence[Path],
+    catalog: SidCatalog,
+    trie: SidTrie,
+    eval_set: EvalSet,
+    cfg: AnchorConfig,
+    prior: CooccurrencePrior | None,
+    weights: Sequence[float],
+) -> list[tuple[float, float]]:
+    """HR@10 and NDCG@10 on the held-out users of the saved members, per prior weight."""
     tc = cfg.training
     device = resolve_device(tc.device)
     dtype = resolve_dtype("auto", device)
@@ -319,20 +346,78 @@ def _ensemble_eval(
     vocab = loaded[0].vocab
     item_tokens = vocab.item_tokens(catalog.codes)
     prompts = [vocab.encode(item_tokens[h]) for h in eval_set.histories]
-    out = search_in_batches(
-        partial(
-            beam_search_fast,
-            [m.model for m in loaded],
-            trie=trie,
-            vocab=vocab,
-            beam_width=tc.eval_beam_width,
-            num_anchors=EVAL_K,
-            combine=cfg.generation.ensemble_combine,
-        ),
-        prompts,
-        tc.eval_batch_size,
-    )
-    return hit_rate_ndcg(out.items, eval_set.targets)
+    prior_of = None
+    if prior is not None:
+        histories = eval_set.histories
+
+        def prior_of(rows: np.ndarray) -> np.ndarray:
+            return prior.probabilities([histories[i] for i in rows], cfg.prior)
+
+    results = []
+    for weight in weights:
+        out = search_in_batches(
+            partial(
+                beam_search_fast,
+                [m.model for m in loaded],
+                trie=trie,
+                vocab=vocab,
+                beam_width=tc.eval_beam_width,
+                num_anchors=EVAL_K,
+                combine=cfg.generation.ensemble_combine,
+                prior_weight=weight,
+            ),
+            prompts,
+            tc.eval_batch_size,
+            prior_of=prior_of if weight > 0 else None,
+        )
+        results.append(hit_rate_ndcg(out.items, eval_set.targets))
+    return results
+
+
+def _fit_prior(
+    member_paths: Sequence[Path],
+    catalog: SidCatalog,
+    trie: SidTrie,
+    prior_seqs: Sequence[np.ndarray],
+    seqs: UserSequences,
+    eval_set: EvalSet,
+    cfg: AnchorConfig,
+) -> CooccurrencePrior:
+    """Choose the prior's fusion weight on the held-out users, then save a prior fit on all.
+
+    The weight is tried on a prior counted without the held-out items (the model never saw them
+    either), each weight of ``prior.weight_grid`` decoding the held-out users with the saved
+    model; the best held-out NDCG@10 wins (ties: the smaller weight). The prior saved beside the
+    model then counts every sequence, held-out items included, as the model's users are all
+    decoded later with their full histories.
+    """
+    pc = cfg.prior
+    grid = sorted({0.0, *pc.weight_grid})
+    tuning: list[dict[str, float]] = []
+    weight = 0.0
+    if len(eval_set.targets) and len(grid) > 1:
+        held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc)
+        scores = _held_out_eval(member_paths, catalog, trie, eval_set, cfg, held_out, grid)
+        tuning = [
+            {"weight": w, "eval_hr@10": round(hr, 5), "eval_ndcg@10": round(ndcg, 5)}
+            for w, (hr, ndcg) in zip(grid, scores, strict=True)
+        ]
+        best = max(range(len(grid)), key=lambda i: (scores[i][1], -grid[i]))
+        weight = grid[best]
+        logger.info(
+            "co-occurrence prior: held-out NDCG@10 %s; weight %s chosen",
+            ", ".join(f"w={t['weight']}: {t['eval_ndcg@10']:.4f}" for t in tuning),
+            weight,
+        )
+    elif len(grid) > 1:
+        logger.warning(
+            "no held-out users (training.eval_users 0): the co-occurrence prior's weight cannot "
+            "be chosen and is set to 0 (the LM alone); set prior.weight to use it"
+        )
+    prior = CooccurrencePrior.fit(seqs.sequences(), catalog.item_ids, pc)
+    prior.weight, prior.tuning = weight, tuning
+    prior.save(member_paths[0])
+    return prior
 
 
 def _generation_history(
@@ -363,6 +448,36 @@ def _generation_history(
             min(trained),
         )
     return min(trained)
+
+
+def _generation_prior(
+    model_dir: Path, catalog: SidCatalog, pc: PriorConfig
+) -> tuple[CooccurrencePrior | None, float]:
+    """The model's co-occurrence prior and the fusion weight to decode with.
+
+    ``prior.weight: auto`` takes the weight chosen at training (0 for a model saved without a
+    prior, which then decodes as before); a number overrides it.
+
+    Raises:
+        AnchorInputError: when a positive weight is asked of a model saved without a prior.
+    """
+    prior = CooccurrencePrior.load(model_dir)
+    if pc.weight == "auto":
+        weight = 0.0 if prior is None or prior.weight is None else prior.weight
+        if prior is None:
+            logger.info(
+                "anchor model %s has no co-occurrence prior: decoding with the LM alone", model_dir
+            )
+    else:
+        weight = float(pc.weight)
+        if weight > 0 and prior is None:
+            raise AnchorInputError(
+                f"prior.weight {weight}: the anchor model {model_dir} was trained without a "
+                "co-occurrence prior (before it existed); retrain it, or set prior.weight 0"
+            )
+    if prior is not None:
+        prior = prior.align(catalog.item_ids)
+    return prior, weight
 
 
 #: Rows per record batch of the anchors table. Arrow's list and string arrays address their
@@ -496,6 +611,14 @@ def generate_anchors(
     requests = anchor_requests(seqs, cutoffs, max_history, users)
     item_tokens = vocab.item_tokens(catalog.codes)
     prompts = [vocab.encode(item_tokens[h]) for h in requests.histories]
+    prior, prior_weight = _generation_prior(model_dirs[0], catalog, cfg.prior)
+    prior_of = None
+    if prior is not None and prior_weight > 0:
+        histories = requests.histories
+
+        def prior_of(rows: np.ndarray) -> np.ndarray:
+            return prior.probabilities([histories[i] for i in rows], cfg.prior)
+
     impl: Any = (
         partial(beam_search_fast, combine=gc.ensemble_combine)
         if gc.implementation == "fast"
@@ -508,13 +631,16 @@ def generate_anchors(
         vocab=vocab,
         beam_width=gc.beam_width,
         num_anchors=gc.num_anchors,
+        prior_weight=prior_weight,
     )
     t_gen = time.perf_counter()
     with tqdm(
         total=len(prompts), desc="anchors", unit="user", disable=not cfg.training.progress
     ) as bar:
         if prompts:
-            beams = search_in_batches(search, prompts, gc.batch_size, progress=bar.update)
+            beams = search_in_batches(
+                search, prompts, gc.batch_size, progress=bar.update, prior_of=prior_of
+            )
         else:
             beams = BeamOutput(
                 np.zeros((0, gc.num_anchors), np.int64), np.zeros((0, gc.num_anchors), np.float32)
@@ -541,6 +667,7 @@ def generate_anchors(
         "dtype": str(dtype).removeprefix("torch."),
         "implementation": gc.implementation,
         "ensemble_members": len(members),
+        "prior_weight": prior_weight,
         "eval_hr@10": loaded.info.get("ensemble_metrics", loaded.info.get("metrics", {})).get(
             "eval_hr@10"
         ),

@@ -49,6 +49,8 @@ class SidTrie:
         self.codes = codes
         n_items, n_levels = codes.shape
         children: list[npt.NDArray[np.int32]] = []
+        # Each item's prefix id at depths 1 .. n_levels - 1 (depth 0 is the empty prefix, 0).
+        self._item_prefix: list[npt.NDArray[np.int64]] = []
         prefix = np.zeros(n_items, dtype=np.int64)  # every item's prefix id at the current level
         n_prefix = 1
         for lvl in range(n_levels):
@@ -69,6 +71,7 @@ class SidTrie:
                 table[unique // sizes[lvl], unique % sizes[lvl]] = np.arange(len(unique))
                 prefix = inverse.reshape(-1)
                 n_prefix = len(unique)
+                self._item_prefix.append(prefix)
             children.append(table)
         self._child_np = children
         self._item_by_codes = {tuple(row): i for i, row in enumerate(codes.tolist())}
@@ -91,6 +94,26 @@ class SidTrie:
             child = [torch.from_numpy(t).to(device) for t in self._child_np]
             self._device_tables[key] = (child, [t >= 0 for t in child])
         return self._device_tables[key]
+
+    def child_masses(self, item_mass: torch.Tensor) -> list[torch.Tensor]:
+        """Per level ``l``, the mass under each prefix of depth ``l + 1``, summed over its items.
+
+        Args:
+            item_mass: ``[rows, n_items]`` non-negative mass per item (e.g. a prior).
+
+        Returns:
+            ``n_levels`` tensors ``[rows, n_prefixes at depth l + 1]``; the last is ``item_mass``
+            itself (depth ``n_levels`` prefixes are items). ``child[l][p, c]`` indexes the
+            ``l``-th tensor's columns: the mass the code ``c`` after prefix ``p`` leads to.
+        """
+        out: list[torch.Tensor] = []
+        for nodes in self._item_prefix:
+            index = torch.from_numpy(nodes).to(item_mass.device).expand(item_mass.shape[0], -1)
+            width = int(nodes.max()) + 1 if len(nodes) else 0
+            mass = item_mass.new_zeros((item_mass.shape[0], width))
+            out.append(mass.scatter_add_(1, index, item_mass))
+        out.append(item_mass)
+        return out
 
     def allowed_codes(self, prefix_codes: Sequence[int]) -> list[int]:
         """The codes that can follow ``prefix_codes`` (walks the tables; for the reference path)."""

@@ -274,3 +274,124 @@ def test_ensemble_shortcuts_change_nothing(toy, second_model) -> None:
     np.testing.assert_allclose(fast.log_probs, plain.log_probs, rtol=0, atol=1e-5)
     # And the ensemble is not simply one of its members.
     assert not (fast.items == beam_search_fast(model, prompts, trie, vocab, 8, 5).items).all()
+
+
+def _random_prior(n_users: int, n_items: int, seed: int = 0) -> np.ndarray:
+    """A peaked, strictly positive prior per user (rows sum to 1), like a smoothed co-occurrence."""
+    rng = np.random.default_rng(seed)
+    raw = rng.gamma(0.3, size=(n_users, n_items)) + 1e-3
+    return (raw / raw.sum(axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.mark.parametrize(("beams", "anchors"), [(20, 10), (5, 3), (1, 1)])
+def test_fused_fast_path_equals_generate_reference(toy, beams: int, anchors: int) -> None:
+    model, vocab, trie, prompts = toy
+    prior = _random_prior(len(prompts), trie.n_items)
+    fast = beam_search_fast(
+        model, prompts, trie, vocab, beams, anchors, prior=prior, prior_weight=0.7
+    )
+    ref = beam_search_reference(
+        model, prompts, trie, vocab, beams, anchors, prior=prior, prior_weight=0.7
+    )
+    assert (fast.items == ref.items).all()
+    np.testing.assert_allclose(fast.log_probs, ref.log_probs, atol=1e-4)
+    # The prior changed the search (otherwise the test above proves nothing about the fusion).
+    assert not (
+        fast.items == beam_search_fast(model, prompts, trie, vocab, beams, anchors).items
+    ).all()
+
+
+def test_prior_weight_zero_is_the_lm_alone(toy) -> None:
+    model, vocab, trie, prompts = toy
+    prior = _random_prior(len(prompts), trie.n_items)
+    alone = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    zero = beam_search_fast(model, prompts, trie, vocab, 8, 5, prior=prior, prior_weight=0.0)
+    assert (alone.items == zero.items).all()
+    np.testing.assert_array_equal(alone.log_probs, zero.log_probs)
+
+
+def test_fused_scores_are_the_per_level_product_of_experts(toy) -> None:
+    """Exhaustive search: each item's score is the sum over levels of log_softmax(LM next-code
+    log-prob + w * log of the prior's mass under the child prefix), computed here item by item by
+    teacher forcing and summing the prior over the catalog; the scores are a distribution."""
+    model, vocab, trie, prompts = toy
+    weight = 1.3
+    prior = _random_prior(2, trie.n_items, seed=4)
+    out = beam_search_fast(
+        model,
+        prompts[:2],
+        trie,
+        vocab,
+        beam_width=trie.n_items,
+        num_anchors=trie.n_items,
+        prior=prior,
+        prior_weight=weight,
+    )
+    codes = trie.codes
+    for row, prompt in enumerate(prompts[:2]):
+        expected = np.zeros(trie.n_items)
+        for item in range(trie.n_items):
+            for lvl in range(trie.n_levels):
+                prefix = tuple(codes[item, :lvl].tolist())
+                lm = _next_code_log_probs(model, prompt, prefix, trie, vocab)
+                under = (codes[:, :lvl] == codes[item, :lvl]).all(axis=1)
+                mass = {c: prior[row][under & (codes[:, lvl] == c)].sum() for c in lm}
+                fused = np.array([lm[c] + weight * np.log(mass[c]) for c in lm])
+                fused -= np.log(np.exp(fused).sum())
+                expected[item] += dict(zip(lm, fused.tolist(), strict=True))[int(codes[item, lvl])]
+        got = dict(zip(out.items[row].tolist(), out.log_probs[row].tolist(), strict=True))
+        np.testing.assert_allclose([got[i] for i in range(trie.n_items)], expected, atol=1e-4)
+        np.testing.assert_allclose(np.exp(out.log_probs[row]).sum(), 1.0, atol=1e-4)
+
+
+def test_a_strong_prior_on_one_item_puts_it_first(toy) -> None:
+    model, vocab, trie, prompts = toy
+    prior = np.full((len(prompts), trie.n_items), 1e-4, dtype=np.float32)
+    favourite = np.arange(len(prompts)) * 7 % trie.n_items
+    prior[np.arange(len(prompts)), favourite] = 1.0
+    prior /= prior.sum(axis=1, keepdims=True)
+    out = beam_search_fast(model, prompts, trie, vocab, 8, 5, prior=prior, prior_weight=5.0)
+    assert (out.items[:, 0] == favourite).all()
+
+
+def test_fused_batched_equals_one_by_one(toy) -> None:
+    model, vocab, trie, prompts = toy
+    prior = _random_prior(len(prompts), trie.n_items, seed=2)
+    batched = search_in_batches(
+        lambda p, prior: beam_search_fast(
+            model, p, trie, vocab, 8, 4, prior=prior, prior_weight=0.5
+        ),
+        prompts,
+        3,
+        prior_of=lambda rows: prior[rows],
+    )
+    for i, prompt in enumerate(prompts):
+        alone = beam_search_fast(
+            model, [prompt], trie, vocab, 8, 4, prior=prior[i : i + 1], prior_weight=0.5
+        )
+        assert (alone.items[0] == batched.items[i]).all()
+        np.testing.assert_allclose(alone.log_probs[0], batched.log_probs[i], atol=1e-5)
+
+
+def test_fused_shortcuts_and_ensembles(toy, second_model) -> None:
+    """The last-level shortcut keeps forced rows at 0 under the fusion; an ensemble fuses too."""
+    model, vocab, _, prompts = toy
+    rng = np.random.default_rng(9)
+    prefixes = {tuple(int(rng.integers(s)) for s in (4, 5, 6)) for _ in range(200)}
+    trie = SidTrie(np.array([[*p, 0] for p in sorted(prefixes)]), [4, 5, 6, 3])
+    prior = _random_prior(len(prompts), trie.n_items, seed=5)
+    for members in (model, [model, second_model]):
+        fast = beam_search_fast(members, prompts, trie, vocab, 8, 5, prior=prior, prior_weight=1.0)
+        plain = beam_search_fast(
+            members, prompts, trie, vocab, 8, 5, shortcuts=False, prior=prior, prior_weight=1.0
+        )
+        assert (fast.items == plain.items).all()
+        np.testing.assert_allclose(fast.log_probs, plain.log_probs, rtol=0, atol=1e-5)
+
+
+def test_a_prior_of_the_wrong_width_is_refused(toy) -> None:
+    model, vocab, trie, prompts = toy
+    with pytest.raises(ValueError, match="expected"):
+        beam_search_fast(
+            model, prompts, trie, vocab, 8, 5, prior=np.ones((len(prompts), 3)), prior_weight=1.0
+        )

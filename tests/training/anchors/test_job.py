@@ -418,3 +418,130 @@ def test_an_interrupted_ensemble_leaves_a_complete_single_model(
         semantics, positives, [T0 + timedelta(days=2)], out, tiny_config(), tmp_path / "a"
     )
     assert got.metrics["ensemble_members"] == 1 and got.table.num_rows > 0
+
+
+def _with_prior(cfg: AnchorConfig, weight: float | str) -> AnchorConfig:
+    return cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"weight": weight})})
+
+
+def test_training_fits_the_prior_and_chooses_its_weight_on_held_out_users(
+    toy_data, trained_compact
+) -> None:
+    from training.anchors.prior import CooccurrencePrior
+
+    _, positives, _ = toy_data
+    m = trained_compact.metrics
+    grid = sorted({0.0, *tiny_config().prior.weight_grid})
+    assert [t["weight"] for t in m["prior_tuning"]] == grid
+    best = max(m["prior_tuning"], key=lambda t: (t["eval_ndcg@10"], -t["weight"]))
+    assert m["prior_weight"] == best["weight"]
+    # Weight 0 on the held-out users is the model alone: the training's own evaluation.
+    assert m["prior_tuning"][0]["eval_hr@10"] == pytest.approx(m["eval_hr@10"], abs=1e-5)
+    prior = CooccurrencePrior.load(trained_compact.model_dir)
+    assert prior is not None and prior.weight == m["prior_weight"]
+    # The saved prior counts every positive, held-out items included.
+    assert prior.counts.sum() == positives.num_rows
+    manifest = json.loads((trained_compact.model_dir / "manifest.json").read_text())
+    assert manifest["metrics"]["prior_weight"] == m["prior_weight"]
+    assert manifest["config"]["prior"]["weight"] == "auto"
+
+
+def test_generation_uses_the_trained_weight_or_the_configured_one(
+    tmp_path, toy_data, trained_compact
+) -> None:
+    semantics, positives, _ = toy_data
+    cutoffs = [T0 + timedelta(days=2)]
+    model_dir = trained_compact.model_dir
+    auto = generate_anchors(semantics, positives, cutoffs, model_dir, tiny_config(), tmp_path / "a")
+    assert auto.metrics["prior_weight"] == trained_compact.metrics["prior_weight"]
+    off = generate_anchors(
+        semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), 0.0), tmp_path / "o"
+    )
+    strong = generate_anchors(
+        semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), 3.0), tmp_path / "s"
+    )
+    assert off.metrics["prior_weight"] == 0.0 and strong.metrics["prior_weight"] == 3.0
+    ids = [t.table.column("anchor_item_ids").to_pylist() for t in (off, strong)]
+    assert ids[0] != ids[1]  # the prior moves the anchors
+    # The reference implementation fuses the same prior into generate() and agrees.
+    ref_cfg = _with_prior(tiny_config(), 3.0)
+    ref_cfg.generation.implementation = "reference"
+    ref = generate_anchors(semantics, positives, cutoffs, model_dir, ref_cfg, tmp_path / "r")
+    assert ref.table.column("anchor_item_ids").to_pylist() == ids[1]
+    for a, b in zip(
+        strong.table.column("anchor_log_probs").to_pylist(),
+        ref.table.column("anchor_log_probs").to_pylist(),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, atol=1e-4)
+    # Still a distribution over real items, descending.
+    for lp in strong.table.column("anchor_log_probs").to_pylist():
+        assert (np.diff(lp) <= 0).all() and (np.array(lp) < 0).all()
+
+
+def test_a_model_saved_without_a_prior(tmp_path, toy_data, trained_compact) -> None:
+    """Models trained before the prior existed decode as before under 'auto' and refuse a
+    positive weight with a message that says what to do."""
+    from training.anchors.prior import PRIOR_FILE, PRIOR_INFO
+
+    semantics, positives, _ = toy_data
+    old = tmp_path / "old_model"
+    shutil.copytree(trained_compact.model_dir, old)
+    (old / PRIOR_FILE).unlink()
+    (old / PRIOR_INFO).unlink()
+    cutoffs = [T0 + timedelta(days=2)]
+    auto = generate_anchors(semantics, positives, cutoffs, old, tiny_config(), tmp_path / "a")
+    off = generate_anchors(
+        semantics,
+        positives,
+        cutoffs,
+        trained_compact.model_dir,
+        _with_prior(tiny_config(), 0.0),
+        tmp_path / "o",
+    )
+    assert auto.metrics["prior_weight"] == 0.0
+    assert (
+        auto.table.column("anchor_item_ids").to_pylist()
+        == off.table.column("anchor_item_ids").to_pylist()
+    )
+    with pytest.raises(AnchorInputError, match="trained without a co-occurrence prior"):
+        generate_anchors(
+            semantics, positives, cutoffs, old, _with_prior(tiny_config(), 1.0), tmp_path / "x"
+        )
+
+
+def test_without_held_out_users_the_prior_weight_is_zero(tmp_path, toy_data, caplog) -> None:
+    semantics, positives, sizes = toy_data
+    with caplog.at_level("WARNING"):
+        result = train_anchor_model(
+            semantics, positives, sizes, tiny_config(epochs=1, eval_users=0), tmp_path
+        )
+    assert result.metrics["prior_weight"] == 0.0 and result.metrics["prior_tuning"] == []
+    assert "cannot be chosen" in caplog.text
+
+
+def test_the_prior_follows_items_by_id_into_a_changed_catalog(
+    tmp_path, toy_data, trained_compact
+) -> None:
+    """A catalog changed since training (an item gone, a new one in its SID slot: every catalog
+    row shifts) decodes with the prior aligned by item id: identical anchors to decoding the old
+    catalog, except for what the change itself moves, and the new item holds no co-occurrence."""
+    semantics, positives, _ = toy_data
+    ids = semantics.column("item_id").to_pylist()
+    changed = semantics.set_column(
+        0, "item_id", pa.array(["zz-new" if i == "i0" else i for i in ids], pa.string())
+    )
+    cutoffs = [T0 + timedelta(days=2)]
+    cfg = _with_prior(tiny_config(), 3.0)
+    result = generate_anchors(
+        changed, positives, cutoffs, trained_compact.model_dir, cfg, tmp_path / "g"
+    )
+    assert result.metrics["prior_weight"] == 3.0 and result.table.num_rows > 0
+    assert result.metrics["positives_dropped_unknown_items"] > 0  # i0's positives
+    anchor_ids = {i for row in result.table.column("anchor_item_ids").to_pylist() for i in row}
+    assert anchor_ids <= set(changed.column("item_id").to_pylist())
+    prior = anchors_job._generation_prior(
+        trained_compact.model_dir, SidCatalog.from_table(changed), cfg.prior
+    )[0]
+    assert prior is not None and prior.item_ids[-1] == "zz-new"
+    assert prior.matrix[-1].nnz == 0 and prior.counts[-1] == 0
