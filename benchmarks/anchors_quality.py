@@ -663,7 +663,7 @@ def main() -> None:
         test,
         index,
     )
-    chosen = trained.metrics["prior_weight"]
+    chosen = trained.metrics["prior_weight_chosen"]
     per_weight: dict[str, Any] = {}
     for weight in sorted({0.0, *cfg.prior.weight_grid}):
         if weight == 0.0:

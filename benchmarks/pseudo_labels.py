@@ -463,9 +463,9 @@ def main() -> None:
     parser.add_argument(
         "--prior-weight",
         type=lambda v: v if v == "auto" else float(v),
-        default="auto",
-        help="the anchors' co-occurrence prior weight (prior.weight; default 'auto', the weight "
-        "chosen on the anchor LM's held-out users; 0: the LM alone, as before 2026-12-03)",
+        default=0.0,
+        help="the anchors' co-occurrence prior weight (prior.weight; default 0, the product's: "
+        "the LM alone; 'auto': the weight chosen on the anchor LM's held-out users)",
     )
     parser.add_argument(
         "--collaborative-weight",

@@ -180,7 +180,8 @@ user_interest_anchors = FeatureView(
         Field(
             name="anchor_log_probs",
             dtype=Array(Float32),
-            description="Sequence log-probability of each anchor under the anchor LM.",
+            description="Sequence log-probability of each anchor under the anchor LM, fused with "
+            "the item co-occurrence prior when its weight is positive (docs/anchors.md).",
             tags={"default": "[]"},
         ),
         Field(

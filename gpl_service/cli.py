@@ -590,7 +590,7 @@ def anchors_train(
             item_semantics, _positives(run_dir, until), sizes, cfg, run_dir / "anchors" / "model"
         )
         _say(f"anchor model -> {result.model_dir}")
-        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "prior_weight", "seconds"]
+        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "prior_weight_chosen", "seconds"]
         if cfg.training.ensemble_size > 1:
             keys[2:2] = ["ensemble_eval_hr@10", "ensemble_eval_ndcg@10"]
         _print_metrics("", result.metrics, keys)
@@ -606,9 +606,9 @@ def anchors_generate(
     prior_weight: Annotated[
         str | None,
         typer.Option(
-            help="Weight of the item co-occurrence prior fused into the beam search: 'auto' "
-            "(default: the weight chosen on the held-out users at training), a number, or 0 "
-            "for the LM alone."
+            help="Weight of the item co-occurrence prior fused into the beam search: 0 (the "
+            "config's default: the LM alone), 'auto' (the weight chosen on the held-out users at "
+            "training; see its prior_tuning in the model's manifest) or a number."
         ),
     ] = None,
 ) -> None:
@@ -616,8 +616,8 @@ def anchors_generate(
 
     One anchor set per (user, request time) whose history changed, from positives strictly
     before it (generation.cutoffs: request; 'day' makes one per request day instead):
-    RUN_DIR/anchors/user_interest_anchors.parquet. The beam search fuses the LM with the
-    co-occurrence prior saved beside the model (prior.weight; docs/anchors.md).
+    RUN_DIR/anchors/user_interest_anchors.parquet. With --prior-weight (prior.weight) the beam
+    search fuses the LM with the co-occurrence prior saved beside the model (docs/anchors.md).
     """
     from training.anchors.job import AnchorConfig, generate_anchors
     from training.anchors.sequences import cutoffs_of

@@ -125,8 +125,9 @@ class AnchorConfig(BaseModel):
     )
     prior: PriorConfig = Field(
         default_factory=PriorConfig,
-        description="The item co-occurrence prior fused into the beam search: fitted with the "
-        "model, its weight chosen on the held-out users ('auto').",
+        description="The item co-occurrence prior that can be fused into the beam search: "
+        "fitted with the model and its weight chosen on the held-out users every time; off by "
+        "default (weight 0), 'auto' decodes with the chosen weight.",
     )
 
 
@@ -299,7 +300,7 @@ def train_anchor_model(
             metrics["ensemble_eval_hr@10"], metrics["ensemble_eval_ndcg@10"] = hr, ndcg
             update_info(out_dir, {"ensemble_metrics": {"eval_hr@10": hr, "eval_ndcg@10": ndcg}})
     prior = _fit_prior(member_paths, catalog, trie, prior_seqs, seqs, eval_set, cfg)
-    metrics["prior_weight"] = prior.weight
+    metrics["prior_weight_chosen"] = prior.weight
     metrics["prior_tuning"] = prior.tuning
     metrics["prior_pairs"] = int(prior.matrix.nnz)
     metrics["seconds"] = round(time.perf_counter() - t0, 3)

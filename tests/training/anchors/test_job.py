@@ -434,16 +434,16 @@ def test_training_fits_the_prior_and_chooses_its_weight_on_held_out_users(
     grid = sorted({0.0, *tiny_config().prior.weight_grid})
     assert [t["weight"] for t in m["prior_tuning"]] == grid
     best = max(m["prior_tuning"], key=lambda t: (t["eval_ndcg@10"], -t["weight"]))
-    assert m["prior_weight"] == best["weight"]
+    assert m["prior_weight_chosen"] == best["weight"]
     # Weight 0 on the held-out users is the model alone: the training's own evaluation.
     assert m["prior_tuning"][0]["eval_hr@10"] == pytest.approx(m["eval_hr@10"], abs=1e-5)
     prior = CooccurrencePrior.load(trained_compact.model_dir)
-    assert prior is not None and prior.weight == m["prior_weight"]
+    assert prior is not None and prior.weight == m["prior_weight_chosen"]
     # The saved prior counts every positive, held-out items included.
     assert prior.counts.sum() == positives.num_rows
     manifest = json.loads((trained_compact.model_dir / "manifest.json").read_text())
-    assert manifest["metrics"]["prior_weight"] == m["prior_weight"]
-    assert manifest["config"]["prior"]["weight"] == "auto"
+    assert manifest["metrics"]["prior_weight_chosen"] == m["prior_weight_chosen"]
+    assert manifest["config"]["prior"]["weight"] == 0.0  # chosen at training, used when asked
 
 
 def test_generation_uses_the_trained_weight_or_the_configured_one(
@@ -452,11 +452,11 @@ def test_generation_uses_the_trained_weight_or_the_configured_one(
     semantics, positives, _ = toy_data
     cutoffs = [T0 + timedelta(days=2)]
     model_dir = trained_compact.model_dir
-    auto = generate_anchors(semantics, positives, cutoffs, model_dir, tiny_config(), tmp_path / "a")
-    assert auto.metrics["prior_weight"] == trained_compact.metrics["prior_weight"]
-    off = generate_anchors(
-        semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), 0.0), tmp_path / "o"
+    auto = generate_anchors(
+        semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), "auto"), tmp_path / "a"
     )
+    assert auto.metrics["prior_weight"] == trained_compact.metrics["prior_weight_chosen"]
+    off = generate_anchors(semantics, positives, cutoffs, model_dir, tiny_config(), tmp_path / "o")
     strong = generate_anchors(
         semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), 3.0), tmp_path / "s"
     )
@@ -490,7 +490,9 @@ def test_a_model_saved_without_a_prior(tmp_path, toy_data, trained_compact) -> N
     (old / PRIOR_FILE).unlink()
     (old / PRIOR_INFO).unlink()
     cutoffs = [T0 + timedelta(days=2)]
-    auto = generate_anchors(semantics, positives, cutoffs, old, tiny_config(), tmp_path / "a")
+    auto = generate_anchors(
+        semantics, positives, cutoffs, old, _with_prior(tiny_config(), "auto"), tmp_path / "a"
+    )
     off = generate_anchors(
         semantics,
         positives,
@@ -516,7 +518,7 @@ def test_without_held_out_users_the_prior_weight_is_zero(tmp_path, toy_data, cap
         result = train_anchor_model(
             semantics, positives, sizes, tiny_config(epochs=1, eval_users=0), tmp_path
         )
-    assert result.metrics["prior_weight"] == 0.0 and result.metrics["prior_tuning"] == []
+    assert result.metrics["prior_weight_chosen"] == 0.0 and result.metrics["prior_tuning"] == []
     assert "cannot be chosen" in caplog.text
 
 

@@ -118,4 +118,4 @@ def test_config_refuses_negative_weights() -> None:
         PriorConfig(weight=-1.0)
     with pytest.raises(ValidationError):
         PriorConfig(weight_grid=(0.0, -0.5))
-    assert PriorConfig(weight=0.0).weight == 0.0 and PriorConfig().weight == "auto"
+    assert PriorConfig(weight="auto").weight == "auto" and PriorConfig().weight == 0.0
