@@ -15,6 +15,11 @@ anchors of the users both decoded are compared (identical lists, top-1, overlap,
 Batches that run out of GPU memory are halved and retried (as in the job); a path that fails
 even so is reported as failed with the error in one line, and the script exits with status 2.
 
+``--prior-weight W`` also times the fast path with the co-occurrence prior fused in
+(``training/anchors/prior.py``, fitted on the benchmark's own random histories), interleaved with
+the plain fast path (``fast``, ``fast+prior``, ``fast#2``, ``fast+prior#2``): the prior's cost per
+batch (its ``[batch, items]`` rows and one scatter per SID level) grows with the catalog.
+
 Prints a table (users/s, seconds, peak GPU memory, agreement of the two paths) and writes
 ``benchmarks/results/anchors_throughput_<model>_<device>.json`` (or ``--out``). Needs torch,
 transformers, numpy and pydantic only (no feast, duckdb or pyarrow).
@@ -57,6 +62,7 @@ from training.anchors.generate import (
     search_in_batches,
 )
 from training.anchors.model import CompactSettings, build_compact_model
+from training.anchors.prior import CooccurrencePrior, PriorConfig
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, build_compact_tokenizer
 
@@ -106,8 +112,8 @@ class BatchLog:
         self.search = search
         self.sizes: list[int] = []
 
-    def __call__(self, prompts: Sequence[Sequence[int]]) -> BeamOutput:
-        out = self.search(prompts)
+    def __call__(self, prompts: Sequence[Sequence[int]], **kw: Any) -> BeamOutput:
+        out = self.search(prompts, **kw)
         self.sizes.append(len(prompts))
         return out
 
@@ -118,13 +124,16 @@ def timed(
     batch: int,
     warmup: int,
     device: torch.device,
+    prior_of: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> tuple[BeamOutput, float, int]:
     """Run ``search`` over ``prompts`` after a small warm-up; output, seconds, largest batch."""
-    search_in_batches(search, prompts[: max(1, min(warmup, batch, len(prompts)))], batch)
+    search_in_batches(
+        search, prompts[: max(1, min(warmup, batch, len(prompts)))], batch, prior_of=prior_of
+    )
     sync(device)
     log = BatchLog(search)
     t0 = time.perf_counter()
-    out = search_in_batches(log, prompts, batch)
+    out = search_in_batches(log, prompts, batch, prior_of=prior_of)
     sync(device)
     return out, time.perf_counter() - t0, max(log.sizes)
 
@@ -192,6 +201,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         "last level always decoded), alternating: fast, no-shortcuts, fast, no-shortcuts",
     )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--prior-weight",
+        type=float,
+        default=0.0,
+        help="also time the fast path with the co-occurrence prior at this weight, interleaved "
+        "with the plain fast path (0: not timed)",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON report path")
     args = p.parse_args(argv)
     for name in ("users", "history", "beam_width", "num_anchors", "batch_size", "items"):
@@ -226,9 +242,16 @@ def run(args: argparse.Namespace) -> int:
         return 2
     rng = np.random.default_rng(args.seed + 1)
     tokens = vocab.item_tokens(codes)
-    prompts = [
-        vocab.encode(tokens[rng.integers(0, args.items, args.history)]) for _ in range(args.users)
-    ]
+    histories = [rng.integers(0, args.items, args.history) for _ in range(args.users)]
+    prompts = [vocab.encode(tokens[h]) for h in histories]
+    prior_cfg = PriorConfig()
+    prior = CooccurrencePrior.fit(
+        histories, np.array([f"i{i}" for i in range(args.items)]), prior_cfg
+    )
+
+    def prior_of(rows: np.ndarray) -> np.ndarray:
+        return prior.probabilities([histories[i] for i in rows], prior_cfg)
+
     kw = {
         "trie": trie,
         "vocab": vocab,
@@ -240,6 +263,10 @@ def run(args: argparse.Namespace) -> int:
     outputs: dict[str, BeamOutput] = {}
     fast: Callable[..., BeamOutput] = partial(beam_search_fast, mask_free=not args.always_mask)
     plans: list[tuple[str, Callable[..., BeamOutput], list[list[int]]]] = [("fast", fast, prompts)]
+    if args.prior_weight > 0:
+        fused = partial(fast, prior_weight=args.prior_weight)
+        plans += [("fast+prior", fused, prompts), ("fast#2", fast, prompts)]
+        plans += [("fast+prior#2", fused, prompts)]
     if args.ab_shortcuts:
         plain = partial(fast, shortcuts=False)
         plans += [("no-shortcuts", plain, prompts), ("fast#2", fast, prompts)]
@@ -253,7 +280,12 @@ def run(args: argparse.Namespace) -> int:
         row: dict[str, Any] = {"users": len(ps)}
         try:
             out, seconds, largest = timed(
-                partial(fn, model, **kw), ps, args.batch_size, args.warmup_users, device
+                partial(fn, model, **kw),
+                ps,
+                args.batch_size,
+                args.warmup_users,
+                device,
+                prior_of if name.startswith("fast+prior") else None,
             )
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
