@@ -636,7 +636,10 @@ def main() -> None:
                 "batch_size": 64,
                 "device": args.device,
             },
+            # 'auto' at training: the weight is chosen on the held-out users (every weight of
+            # the grid is then also decoded on the test users, below, with explicit weights).
             "prior": {
+                "weight": "auto",
                 **({} if args.prior_grid is None else {"weight_grid": args.prior_grid}),
                 **({} if args.prior_smoothing is None else {"smoothing": args.prior_smoothing}),
             },

@@ -590,9 +590,11 @@ def anchors_train(
             item_semantics, _positives(run_dir, until), sizes, cfg, run_dir / "anchors" / "model"
         )
         _say(f"anchor model -> {result.model_dir}")
-        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "prior_weight_chosen", "seconds"]
+        keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "seconds"]
         if cfg.training.ensemble_size > 1:
             keys[2:2] = ["ensemble_eval_hr@10", "ensemble_eval_ndcg@10"]
+        if result.metrics.get("prior_weight_chosen") is not None:  # prior.weight auto
+            keys.insert(-1, "prior_weight_chosen")
         _print_metrics("", result.metrics, keys)
 
 

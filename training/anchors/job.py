@@ -384,19 +384,21 @@ def _fit_prior(
     eval_set: EvalSet,
     cfg: AnchorConfig,
 ) -> CooccurrencePrior:
-    """Choose the prior's fusion weight on the held-out users, then save a prior fit on all.
+    """Save the co-occurrence prior beside the model; with ``prior.weight: auto`` choose a weight.
 
-    The weight is tried on a prior counted without the held-out items (the model never saw them
-    either), each weight of ``prior.weight_grid`` decoding the held-out users with the saved
-    model; the best held-out NDCG@10 wins (ties: the smaller weight). The prior saved beside the
-    model then counts every sequence, held-out items included, as the model's users are all
-    decoded later with their full histories.
+    Fitting costs seconds and is always done, so that a model can later decode with a given
+    weight. Choosing the weight costs one decode of the held-out users per ``prior.weight_grid``
+    value, so it runs only when the training config asks for ``auto`` (the same file then asks
+    generation for it): each weight decodes the held-out users with the saved model, on a prior
+    counted without the held-out items (the model never saw them either); the best held-out
+    NDCG@10 wins (ties: the smaller weight). The prior saved then counts every sequence, held-out
+    items included, as the model's users are all decoded later with their full histories.
     """
     pc = cfg.prior
     grid = sorted({0.0, *pc.weight_grid})
     tuning: list[dict[str, float]] = []
-    weight = 0.0
-    if len(eval_set.targets) and len(grid) > 1:
+    weight: float | None = None
+    if pc.weight == "auto" and len(eval_set.targets):
         held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc)
         scores = _held_out_eval(member_paths, catalog, trie, eval_set, cfg, held_out, grid)
         tuning = [
@@ -410,10 +412,11 @@ def _fit_prior(
             ", ".join(f"w={t['weight']}: {t['eval_ndcg@10']:.4f}" for t in tuning),
             weight,
         )
-    elif len(grid) > 1:
+    elif pc.weight == "auto":
+        weight = 0.0
         logger.warning(
             "no held-out users (training.eval_users 0): the co-occurrence prior's weight cannot "
-            "be chosen and is set to 0 (the LM alone); set prior.weight to use it"
+            "be chosen and is set to 0 (the LM alone); give prior.weight a number to use it"
         )
     prior = CooccurrencePrior.fit(seqs.sequences(), catalog.item_ids, pc)
     prior.weight, prior.tuning = weight, tuning
@@ -468,6 +471,13 @@ def _generation_prior(
         if prior is None:
             logger.info(
                 "anchor model %s has no co-occurrence prior: decoding with the LM alone", model_dir
+            )
+        elif prior.weight is None:
+            logger.warning(
+                "prior.weight auto: no weight was chosen when anchor model %s was trained (its "
+                "config did not ask for auto); decoding with the LM alone. Retrain with "
+                "prior.weight auto, or give a number",
+                model_dir,
             )
     else:
         weight = float(pc.weight)

@@ -27,9 +27,10 @@ The fusion. At SID level ``l`` the beam's next code ``c`` after prefix ``P`` is 
 over the codes the trie allows. ``M`` is the prior's marginal mass under a prefix, so the level's
 term is the prior's own next-code probability up to a constant the softmax removes, and a full path
 adds ``w * log p(item | h)`` across its levels. ``w = 0`` is the LM alone. The anchors' scores stay
-log-probabilities over real items (of the fused model). A weight is chosen every time a model is
-trained, on its held-out users (:func:`training.anchors.job.train_anchor_model`), from
-``PriorConfig.weight_grid``; generation uses it with ``weight: auto``.
+log-probabilities over real items (of the fused model). The prior is fitted and saved with every
+model; with ``weight: auto`` the weight is chosen on its held-out users
+(:func:`training.anchors.job.train_anchor_model`) from ``PriorConfig.weight_grid``, and generation
+uses it.
 
 Off by default (``weight: 0``): co-occurrence among the log's positives carries the exposure
 policy that shaped them, the selection bias GPL's pseudo-labels exist to get around. On the
@@ -68,8 +69,9 @@ class PriorConfig(BaseModel):
     weight: float | Literal["auto"] = Field(
         default=0.0,
         description="Fusion weight w of the prior in beam search. 0 (default): the LM alone. "
-        "'auto': the weight chosen when the model was trained (held-out next-item NDCG@10 over "
-        "weight_grid; 0 for a model trained before the prior existed). Off by default: it makes "
+        "'auto': in the training config, choose a weight on the held-out users (next-item "
+        "NDCG@10 over weight_grid); in the generation config, decode with it (0 for a model "
+        "trained without the choice). A number: that weight. Off by default: it makes "
         "anchors better next-item predictors (Amazon Scientific HR@10 +13-30%) but carries the "
         "log's co-engagement, exposure bias included, into the anchors (on the synthetic "
         "catalog it cut the pseudo-labels' relevance AUC from 0.751 to 0.703).",
@@ -77,9 +79,9 @@ class PriorConfig(BaseModel):
     weight_grid: tuple[float, ...] = Field(
         default=(0.0, 0.5, 1.0, 2.0, 4.0),
         min_length=1,
-        description="Weights tried on the held-out users after every training, whatever "
-        "`weight` says (the manifest's prior_tuning shows what the prior would do); 'auto' "
-        "decodes with the best. 0 is always among the candidates.",
+        description="Weights tried on the held-out users after training when `weight` is "
+        "'auto' (one decode of them each); generation then uses the best. 0 is always among "
+        "the candidates.",
     )
     window: int = Field(
         default=5, ge=1, description="Pairs of items at most this many positions apart count."
@@ -163,7 +165,7 @@ class CooccurrencePrior:
         counts: Occurrences of each item in the training sequences.
         window: Pair window the matrix was counted with.
         symmetric: Whether pairs were counted both ways.
-        weight: The fusion weight chosen on the held-out users (None before tuning).
+        weight: The fusion weight chosen on the held-out users (None: not chosen).
         tuning: Held-out NDCG@10 / HR@10 per weight tried, for the record.
     """
 

@@ -424,38 +424,73 @@ def _with_prior(cfg: AnchorConfig, weight: float | str) -> AnchorConfig:
     return cfg.model_copy(update={"prior": cfg.prior.model_copy(update={"weight": weight})})
 
 
-def test_training_fits_the_prior_and_chooses_its_weight_on_held_out_users(
-    toy_data, trained_compact
+@pytest.fixture(scope="module")
+def trained_auto(toy_data, tmp_path_factory):
+    """A model trained with prior.weight auto: the weight is chosen on its held-out users."""
+    semantics, positives, sizes = toy_data
+    out = tmp_path_factory.mktemp("anchor_model_auto")
+    return train_anchor_model(
+        semantics, positives, sizes, _with_prior(tiny_config(epochs=2), "auto"), out
+    )
+
+
+def test_training_with_auto_chooses_the_prior_weight_on_held_out_users(
+    toy_data, trained_auto
 ) -> None:
     from training.anchors.prior import CooccurrencePrior
 
     _, positives, _ = toy_data
-    m = trained_compact.metrics
+    m = trained_auto.metrics
     grid = sorted({0.0, *tiny_config().prior.weight_grid})
     assert [t["weight"] for t in m["prior_tuning"]] == grid
     best = max(m["prior_tuning"], key=lambda t: (t["eval_ndcg@10"], -t["weight"]))
     assert m["prior_weight_chosen"] == best["weight"]
     # Weight 0 on the held-out users is the model alone: the training's own evaluation.
     assert m["prior_tuning"][0]["eval_hr@10"] == pytest.approx(m["eval_hr@10"], abs=1e-5)
-    prior = CooccurrencePrior.load(trained_compact.model_dir)
+    prior = CooccurrencePrior.load(trained_auto.model_dir)
     assert prior is not None and prior.weight == m["prior_weight_chosen"]
     # The saved prior counts every positive, held-out items included.
     assert prior.counts.sum() == positives.num_rows
-    manifest = json.loads((trained_compact.model_dir / "manifest.json").read_text())
+    manifest = json.loads((trained_auto.model_dir / "manifest.json").read_text())
     assert manifest["metrics"]["prior_weight_chosen"] == m["prior_weight_chosen"]
-    assert manifest["config"]["prior"]["weight"] == 0.0  # chosen at training, used when asked
+    assert manifest["config"]["prior"]["weight"] == "auto"
+
+
+def test_default_training_saves_the_prior_without_choosing_a_weight(
+    tmp_path, toy_data, trained_compact, caplog
+) -> None:
+    """No held-out decodes at the default (weight 0); 'auto' at generation then says why it
+    decodes with the LM alone, and a number still uses the saved prior."""
+    from training.anchors.prior import CooccurrencePrior
+
+    semantics, positives, _ = toy_data
+    m = trained_compact.metrics
+    assert m["prior_weight_chosen"] is None and m["prior_tuning"] == []
+    prior = CooccurrencePrior.load(trained_compact.model_dir)
+    assert prior is not None and prior.weight is None and prior.matrix.nnz == m["prior_pairs"]
+    cutoffs = [T0 + timedelta(days=2)]
+    with caplog.at_level("WARNING"):
+        auto = generate_anchors(
+            semantics,
+            positives,
+            cutoffs,
+            trained_compact.model_dir,
+            _with_prior(tiny_config(), "auto"),
+            tmp_path / "a",
+        )
+    assert auto.metrics["prior_weight"] == 0.0 and "no weight was chosen" in caplog.text
 
 
 def test_generation_uses_the_trained_weight_or_the_configured_one(
-    tmp_path, toy_data, trained_compact
+    tmp_path, toy_data, trained_auto
 ) -> None:
     semantics, positives, _ = toy_data
     cutoffs = [T0 + timedelta(days=2)]
-    model_dir = trained_compact.model_dir
+    model_dir = trained_auto.model_dir
     auto = generate_anchors(
         semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), "auto"), tmp_path / "a"
     )
-    assert auto.metrics["prior_weight"] == trained_compact.metrics["prior_weight_chosen"]
+    assert auto.metrics["prior_weight"] == trained_auto.metrics["prior_weight_chosen"]
     off = generate_anchors(semantics, positives, cutoffs, model_dir, tiny_config(), tmp_path / "o")
     strong = generate_anchors(
         semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), 3.0), tmp_path / "s"
@@ -516,7 +551,11 @@ def test_without_held_out_users_the_prior_weight_is_zero(tmp_path, toy_data, cap
     semantics, positives, sizes = toy_data
     with caplog.at_level("WARNING"):
         result = train_anchor_model(
-            semantics, positives, sizes, tiny_config(epochs=1, eval_users=0), tmp_path
+            semantics,
+            positives,
+            sizes,
+            _with_prior(tiny_config(epochs=1, eval_users=0), "auto"),
+            tmp_path,
         )
     assert result.metrics["prior_weight_chosen"] == 0.0 and result.metrics["prior_tuning"] == []
     assert "cannot be chosen" in caplog.text
