@@ -205,6 +205,34 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
 
 
+def test_co_occurrence_prior_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
+    """`prior: {weight: auto}` in the file: train chooses the weight on the held-out users and
+    generate decodes with it; `--prior-weight` overrides the file; a bad value is one line."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING + "prior: {weight: auto}\n")
+    train_out, gen_out = _train_and_generate(run, anchors)
+    chosen = json.loads((run / "anchors" / "model" / "manifest.json").read_text())["metrics"][
+        "prior_weight_chosen"
+    ]
+    assert chosen is not None and f"prior_weight_chosen: {chosen}" in train_out
+    assert f"prior_weight: {chosen}" in gen_out
+    code, out = gpl(
+        "anchors", "generate", "--run-dir", str(run), "--config", str(anchors),
+        "--prior-weight", "1.5",
+    )  # fmt: skip
+    assert code == 0, out
+    assert (
+        json.loads((run / "anchors" / "manifest.json").read_text())["metrics"]["prior_weight"]
+        == 1.5
+    )
+    code, out = gpl(
+        "anchors", "generate", "--run-dir", str(run), "--config", str(anchors),
+        "--prior-weight", "lots",
+    )  # fmt: skip
+    assert code == 2 and "prior.weight" in out and "Traceback" not in out, out
+
+
 def test_collaborative_block_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
     """`--collaborative-weight` / `--collaborative-until` merge with the config file's section."""
     run = shutil.copytree(sids_run, tmp_path / "run")

@@ -126,8 +126,8 @@ class AnchorConfig(BaseModel):
     prior: PriorConfig = Field(
         default_factory=PriorConfig,
         description="The item co-occurrence prior that can be fused into the beam search: "
-        "fitted with the model and its weight chosen on the held-out users every time; off by "
-        "default (weight 0), 'auto' decodes with the chosen weight.",
+        "fitted and saved with every model; off by default (weight 0); 'auto' chooses its weight "
+        "on the held-out users at training and decodes with it.",
     )
 
 
