@@ -259,14 +259,21 @@ class CooccurrencePrior:
                 "fitted on another catalog"
             )
         weights = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.n_items))
-        scores = np.asarray((weights @ self.matrix).todense(), dtype=np.float64)
-        total = scores.sum(axis=1, keepdims=True)
+        # The scores stay sparse (a history reaches few items); only the output is dense, written
+        # once as the background and then added to at the scored entries. A dense intermediate in
+        # float64 took 9 s for 512 users x 200,000 items; this takes a fraction of a second.
+        scores = (weights @ self.matrix).tocsr()
+        scores.sum_duplicates()
+        total = np.asarray(scores.sum(axis=1), dtype=np.float64).ravel()
         background = (self.counts + 1.0) / (self.counts + 1.0).sum()
         # Users without a co-occurring item get the background alone (no division by zero).
-        share = np.divide(scores, total, out=np.zeros_like(scores), where=total > 0)
         smooth = np.where(total > 0, cfg.smoothing, 1.0)
-        out = (1.0 - smooth) * share + smooth * background[None, :]
-        return out.astype(np.float32)
+        out = np.empty((n, self.n_items), dtype=np.float32)
+        np.multiply(smooth[:, None], background[None, :], out=out, casting="unsafe")
+        user = np.repeat(np.arange(n), np.diff(scores.indptr))
+        share = scores.data / np.where(total > 0, total, 1.0)[user]
+        out[user, scores.indices] += ((1.0 - smooth[user]) * share).astype(np.float32)
+        return out
 
     def save(self, directory: Path) -> None:
         """Write :data:`PRIOR_FILE` and :data:`PRIOR_INFO` into ``directory``."""
