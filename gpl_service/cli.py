@@ -566,6 +566,17 @@ def anchors_train(
             "together; K times the time, +3-8% HR@10 with 3-4 on Amazon Scientific."
         ),
     ] = None,
+    prior_train_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Fuse the item co-occurrence prior into the training loss with this weight "
+            "(prior.train_weight; 0, the default: off). The LM then learns what co-occurrence "
+            "does not say, and generation decodes with the same weight. On Amazon Scientific "
+            "such anchors match co-occurrence at next-item hits; off by default, like the "
+            "prior, as it carries the log's exposure bias (docs/anchors.md).",
+            min=0.0,
+        ),
+    ] = None,
 ) -> None:
     """Train the anchor LM on users' positive SID sequences: RUN_DIR/anchors/model/.
 
@@ -583,6 +594,7 @@ def anchors_train(
         _set(raw, "model", "base_model_path", base_model)
         _set(raw, "training", "epochs", epochs)
         _set(raw, "training", "ensemble_size", ensemble_size)
+        _set(raw, "prior", "train_weight", prior_train_weight)
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         sizes = read_codebook_sizes(run_dir / "sids", item_semantics)
@@ -593,7 +605,7 @@ def anchors_train(
         keys = ["eval_hr@10", "eval_ndcg@10", "best_epoch", "seconds"]
         if cfg.training.ensemble_size > 1:
             keys[2:2] = ["ensemble_eval_hr@10", "ensemble_eval_ndcg@10"]
-        if result.metrics.get("prior_weight_chosen") is not None:  # prior.weight auto
+        if result.metrics.get("prior_weight_chosen") is not None:  # auto, or train_weight
             keys.insert(-1, "prior_weight_chosen")
         _print_metrics("", result.metrics, keys)
 
@@ -608,9 +620,10 @@ def anchors_generate(
     prior_weight: Annotated[
         str | None,
         typer.Option(
-            help="Weight of the item co-occurrence prior fused into the beam search: 0 (the "
-            "config's default: the LM alone), 'auto' (the weight chosen on the held-out users at "
-            "training; see its prior_tuning in the model's manifest) or a number."
+            help="Weight of the item co-occurrence prior fused into the beam search. Unset: the "
+            "LM alone, or the training weight for a model trained with the prior fused "
+            "(--prior-train-weight); 'auto': the weight chosen on the held-out users at "
+            "training (see prior_tuning in the model's manifest); or a number."
         ),
     ] = None,
 ) -> None:

@@ -233,6 +233,21 @@ def test_co_occurrence_prior_from_the_command_line(tmp_path: Path, sids_run: Pat
     assert code == 2 and "prior.weight" in out and "Traceback" not in out, out
 
 
+def test_prior_fused_into_training_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
+    """`gpl anchors train --prior-train-weight W`: generation decodes with W unless told."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
+    train_out, gen_out = _train_and_generate(run, anchors, "--prior-train-weight", "0.5")
+    assert "prior_weight_chosen: 0.5" in train_out
+    assert "prior_weight: 0.5" in gen_out
+    code, out = gpl(
+        "anchors", "train", "--run-dir", str(run), "--config", str(anchors),
+        "--prior-train-weight", "-1",
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in out, out
+
+
 def test_collaborative_block_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
     """`--collaborative-weight` / `--collaborative-until` merge with the config file's section."""
     run = shutil.copytree(sids_run, tmp_path / "run")

@@ -259,7 +259,7 @@ PriorRows = torch.Tensor | npt.NDArray[np.float32]
 """A prior over the catalog per prompt, ``[n_prompts, n_items]``, positive, rows summing to 1."""
 
 
-def _log_masses(trie: SidTrie, prior: PriorRows, device: torch.device) -> list[torch.Tensor]:
+def prior_log_masses(trie: SidTrie, prior: PriorRows, device: torch.device) -> list[torch.Tensor]:
     """Per level, the log of the prior's mass under every prefix a code of that level leads to."""
     mass = torch.as_tensor(prior, dtype=torch.float32, device=device)
     if mass.dim() != 2 or mass.shape[1] != trie.n_items:
@@ -409,7 +409,7 @@ def beam_search_fast(
     ]
     level_ids = members[0].head.level_ids
     fuse = prior is not None and prior_weight > 0
-    log_masses = _log_masses(trie, prior, device) if fuse and prior is not None else []
+    log_masses = prior_log_masses(trie, prior, device) if fuse and prior is not None else []
     users = torch.arange(n_users, device=device)
 
     def step(level: int, allowed_rows: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
@@ -565,7 +565,9 @@ def beam_search_reference(
     processors = LogitsProcessorList()
     if prior is not None and prior_weight > 0:
         processors.append(
-            _PriorLogits(trie, vocab, _log_masses(trie, prior, device), prompt_len, prior_weight)
+            _PriorLogits(
+                trie, vocab, prior_log_masses(trie, prior, device), prompt_len, prior_weight
+            )
         )
     lm = causal_lm(model)
     own_config = lm.generation_config

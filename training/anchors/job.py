@@ -76,7 +76,14 @@ from training.anchors.sequences import (
     user_sequences,
     with_reversed,
 )
-from training.anchors.train import EVAL_K, TrainConfig, TrainHistory, hit_rate_ndcg, train_loop
+from training.anchors.train import (
+    EVAL_K,
+    TrainConfig,
+    TrainHistory,
+    TrainingPrior,
+    hit_rate_ndcg,
+    train_loop,
+)
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
 from training.arrow import string_array
@@ -213,6 +220,15 @@ def train_anchor_model(
         # After the hold-out split: a held-out item never reaches training, not even backwards.
         train_seqs = with_reversed(train_seqs)
     examples = ExampleSet.build(train_seqs, sc.max_history, tc.loss_on)
+    fusion = None
+    if cfg.prior.train_weight > 0:
+        # Counted without the held-out items, as the evaluation must not see them; each
+        # training row leaves out its own sequence's later items (TrainingPrior).
+        fusion = TrainingPrior(
+            CooccurrencePrior.fit(prior_seqs, catalog.item_ids, cfg.prior),
+            cfg.prior,
+            cfg.prior.train_weight,
+        )
     if len(examples) == 0:
         usable = int((np.diff(seqs.offsets) >= 2).sum())
         raise AnchorInputError(
@@ -242,6 +258,7 @@ def train_anchor_model(
             member_cfg,
             on_best=partial(_save_best, vocab=vocab, out_dir=path),
             label=f"member {k + 1}/{tc.ensemble_size} " if tc.ensemble_size > 1 else "",
+            fusion=fusion,
         )
         if history is None:
             history = member_history
@@ -386,6 +403,9 @@ def _fit_prior(
 ) -> CooccurrencePrior:
     """Save the co-occurrence prior beside the model; with ``prior.weight: auto`` choose a weight.
 
+    A model trained with the prior fused (``prior.train_weight``) decodes with that weight
+    unless ``auto`` asks for a choice, whose candidates then include it.
+
     Fitting costs seconds and is always done, so that a model can later decode with a given
     weight. Choosing the weight costs one decode of the held-out users per ``prior.weight_grid``
     value, so it runs only when the training config asks for ``auto`` (the same file then asks
@@ -395,9 +415,9 @@ def _fit_prior(
     items included, as the model's users are all decoded later with their full histories.
     """
     pc = cfg.prior
-    grid = sorted({0.0, *pc.weight_grid})
+    grid = sorted({0.0, *pc.weight_grid, pc.train_weight})
     tuning: list[dict[str, float]] = []
-    weight: float | None = None
+    weight: float | None = pc.train_weight if pc.train_weight > 0 else None
     if pc.weight == "auto" and len(eval_set.targets):
         held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc)
         scores = _held_out_eval(member_paths, catalog, trie, eval_set, cfg, held_out, grid)
@@ -413,13 +433,15 @@ def _fit_prior(
             weight,
         )
     elif pc.weight == "auto":
-        weight = 0.0
+        weight = pc.train_weight
         logger.warning(
             "no held-out users (training.eval_users 0): the co-occurrence prior's weight cannot "
-            "be chosen and is set to 0 (the LM alone); give prior.weight a number to use it"
+            "be chosen and is set to the training weight %s; give prior.weight a number to "
+            "decode with another",
+            pc.train_weight,
         )
     prior = CooccurrencePrior.fit(seqs.sequences(), catalog.item_ids, pc)
-    prior.weight, prior.tuning = weight, tuning
+    prior.weight, prior.tuning, prior.train_weight = weight, tuning, pc.train_weight
     prior.save(member_paths[0])
     return prior
 
@@ -460,7 +482,9 @@ def _generation_prior(
     """The model's co-occurrence prior and the fusion weight to decode with.
 
     ``prior.weight: auto`` takes the weight chosen at training (0 for a model saved without a
-    prior, which then decodes as before); a number overrides it.
+    prior, which then decodes as before); a number overrides it. Left unset, a model trained
+    with the prior fused (``prior.train_weight``) decodes with its training weight, others with
+    the LM alone.
 
     Raises:
         AnchorInputError: when a positive weight is asked of a model saved without a prior.
@@ -479,8 +503,27 @@ def _generation_prior(
                 "prior.weight auto, or give a number",
                 model_dir,
             )
+    elif pc.weight is None:
+        # A model trained as the prior's second expert is only half a model without it: left
+        # unset, the weight is the one it was trained with.
+        weight = 0.0 if prior is None else prior.train_weight
+        if weight > 0:
+            logger.info(
+                "anchor model %s was trained with the co-occurrence prior fused at weight %s: "
+                "decoding with it",
+                model_dir,
+                weight,
+            )
     else:
         weight = float(pc.weight)
+        if prior is not None and prior.train_weight > 0 and weight != prior.train_weight:
+            logger.warning(
+                "anchor model %s was trained with the co-occurrence prior fused at weight %s "
+                "(it learned what the prior does not say); decoding with weight %s",
+                model_dir,
+                prior.train_weight,
+                weight,
+            )
         if weight > 0 and prior is None:
             raise AnchorInputError(
                 f"prior.weight {weight}: the anchor model {model_dir} was trained without a "

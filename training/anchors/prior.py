@@ -32,8 +32,14 @@ model; with ``weight: auto`` the weight is chosen on its held-out users
 (:func:`training.anchors.job.train_anchor_model`) from ``PriorConfig.weight_grid``, and generation
 uses it.
 
-Off by default (``weight: 0``): co-occurrence among the log's positives carries the exposure
-policy that shaped them, the selection bias GPL's pseudo-labels exist to get around. On the
+Trained fused (``train_weight``). The LM can also be trained under the same product, so that it
+learns what the prior does not already say (:class:`training.anchors.train.TrainingPrior`);
+each training row then sees the prior without its own sequence's pairs from the scored item on
+(:meth:`CooccurrencePrior.training_probabilities`), and generation decodes with that weight.
+
+Off by default (``weight`` unset, ``train_weight: 0``): co-occurrence among the log's positives
+carries the exposure policy that shaped them, the selection bias GPL's pseudo-labels exist to
+get around. On the
 synthetic catalog the chosen weight sank the pseudo-labels' relevance AUC from 0.751 to 0.703
 and from 0.746 to 0.714 (two simulator seeds), while on Amazon Scientific it lifted next-item
 HR@10 by 13-30% (BENCHMARKS.md).
@@ -67,15 +73,26 @@ class PriorConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    weight: float | Literal["auto"] = Field(
+    weight: float | Literal["auto"] | None = Field(
+        default=None,
+        description="Fusion weight w of the prior in beam search. Unset (default): the LM "
+        "alone, or, for a model trained with the prior fused (train_weight), its training "
+        "weight. 'auto': in the training config, choose a weight on the held-out users "
+        "(next-item NDCG@10 over weight_grid); in the generation config, decode with it (0 for "
+        "a model trained without the choice). A number: that weight (0: the LM alone). Off by "
+        "default: it makes anchors better next-item predictors (Amazon Scientific HR@10 "
+        "+13-30%) but carries the log's co-engagement, exposure bias included, into the anchors "
+        "(on the synthetic catalog it cut the pseudo-labels' relevance AUC by 0.03-0.05 on two "
+        "seeds).",
+    )
+    train_weight: float = Field(
         default=0.0,
-        description="Fusion weight w of the prior in beam search. 0 (default): the LM alone. "
-        "'auto': in the training config, choose a weight on the held-out users (next-item "
-        "NDCG@10 over weight_grid); in the generation config, decode with it (0 for a model "
-        "trained without the choice). A number: that weight. Off by default: it makes "
-        "anchors better next-item predictors (Amazon Scientific HR@10 +13-30%) but carries the "
-        "log's co-engagement, exposure bias included, into the anchors (on the synthetic "
-        "catalog it cut the pseudo-labels' relevance AUC by 0.03-0.05 on two seeds).",
+        ge=0,
+        description="Fuse the prior into the training loss with this weight (0: off). The LM "
+        "is then trained as the second expert of the product decoding uses, learning what "
+        "co-occurrence does not already say; each training row's prior leaves out what its own "
+        "sequence taught it from the target on. Generation decodes with the same weight "
+        "(`weight` auto, or a number; 0 would decode a residual model alone).",
     )
     weight_grid: tuple[float, ...] = Field(
         default=(0.0, 0.5, 1.0, 2.0, 4.0),
@@ -112,7 +129,7 @@ class PriorConfig(BaseModel):
 
     @field_validator("weight")
     @classmethod
-    def _non_negative(cls, value: float | str) -> float | str:
+    def _non_negative(cls, value: float | str | None) -> float | str | None:
         if isinstance(value, float) and value < 0:
             raise ValueError("prior weight must be >= 0 (or 'auto')")
         return value
@@ -123,6 +140,28 @@ class PriorConfig(BaseModel):
         if any(w < 0 for w in value):
             raise ValueError("prior weight_grid values must be >= 0")
         return value
+
+
+def _ragged_arange(lengths: IntArray) -> IntArray:
+    """``0 .. lengths[k] - 1`` for every ``k``, concatenated."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
+
+
+def _lookup(matrix: sp.csr_matrix, rows: IntArray, cols: IntArray) -> npt.NDArray[np.float64]:
+    """``matrix[rows[k], cols[k]]`` for every ``k`` (0 where absent), vectorized.
+
+    ``matrix`` must have sorted, duplicate-free indices (``sum_duplicates``): its entries' keys
+    ``row * n_cols + col`` are then sorted, and one binary search finds them all.
+    """
+    n_cols = matrix.shape[1]
+    entry_rows = np.repeat(np.arange(matrix.shape[0]), np.diff(matrix.indptr))
+    keys = entry_rows * n_cols + matrix.indices
+    wanted = np.asarray(rows, dtype=np.int64) * n_cols + np.asarray(cols, dtype=np.int64)
+    at = np.minimum(np.searchsorted(keys, wanted), max(len(keys) - 1, 0))
+    if not len(keys):
+        return np.zeros(len(wanted))
+    return np.where(keys[at] == wanted, matrix.data[at], 0.0)
 
 
 def pair_matrix(
@@ -166,8 +205,11 @@ class CooccurrencePrior:
         counts: Occurrences of each item in the training sequences.
         window: Pair window the matrix was counted with.
         symmetric: Whether pairs were counted both ways.
-        weight: The fusion weight chosen on the held-out users (None: not chosen).
+        weight: The fusion weight chosen on the held-out users, or the training weight
+            (None: not chosen).
         tuning: Held-out NDCG@10 / HR@10 per weight tried, for the record.
+        train_weight: The weight the model was trained with the prior fused (0: trained
+            alone).
     """
 
     item_ids: npt.NDArray[np.str_]
@@ -177,6 +219,7 @@ class CooccurrencePrior:
     symmetric: bool
     weight: float | None = None
     tuning: list[dict[str, float]] | None = None
+    train_weight: float = 0.0
 
     @property
     def n_items(self) -> int:
@@ -231,6 +274,7 @@ class CooccurrencePrior:
             symmetric=self.symmetric,
             weight=self.weight,
             tuning=self.tuning,
+            train_weight=self.train_weight,
         )
 
     def probabilities(
@@ -259,17 +303,123 @@ class CooccurrencePrior:
                 "fitted on another catalog"
             )
         weights = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.n_items))
+        return self._rows((weights @ self.matrix).tocsr(), cfg.smoothing)
+
+    def training_probabilities(
+        self,
+        items: IntArray,
+        history_start: IntArray,
+        positions: IntArray,
+        seq_start: IntArray,
+        seq_end: IntArray,
+        cfg: PriorConfig,
+    ) -> npt.NDArray[np.float32]:
+        """``p(i | h)`` for training positions, without what their own sequence taught the prior.
+
+        The prior fused into training (``PriorConfig.train_weight``) was counted on the training
+        sequences, target items included: the pair "history item, then the target" is in ``C``
+        because this very user made it. Left in, the prior would look sharper on training
+        examples than it ever is on a new request, and the LM would learn to lean on it too
+        much. So each row sees the prior counted on every other sequence and on its own only up
+        to the scored position: the pairs its sequence made with an item at or after the
+        position, and those items' occurrences in the add-one background, are taken out. That
+        is what a request at that position would see at serving time.
+
+        Args:
+            items: Flat catalog rows of the training sequences (``ExampleSet.items``).
+            history_start: Per row, the first position of ``items`` the history may use.
+            positions: Per row, the position of the scored item in ``items``.
+            seq_start: Per row, the start of its sequence in ``items``.
+            seq_end: Per row, the end of its sequence in ``items``.
+            cfg: Decay, history length and smoothing.
+
+        Returns:
+            ``[len(positions), n_items]`` float32 rows summing to 1.
+        """
+        items = np.asarray(items, dtype=np.int64)
+        positions = np.asarray(positions, dtype=np.int64)
+        seq_start = np.asarray(seq_start, dtype=np.int64)
+        n = len(positions)
+        first = np.maximum(np.asarray(history_start, dtype=np.int64), positions - cfg.history)
+        lengths = np.maximum(positions - first, 0)
+        rows = np.repeat(np.arange(n), lengths)
+        back = _ragged_arange(lengths)
+        cols = items[np.repeat(positions, lengths) - 1 - back]
+        if len(cols) and (cols.min() < 0 or cols.max() >= self.n_items):
+            raise AnchorInputError(
+                f"history items outside the prior's {self.n_items} catalog rows: the prior was "
+                "fitted on another catalog"
+            )
+        weights = sp.csr_matrix(
+            (cfg.decay ** back.astype(np.float64), (rows, cols)), shape=(n, self.n_items)
+        )
+        weights.sum_duplicates()
+        # The row's own pairs (a at i, b at j), i < j <= i + window, whose later item is at or
+        # after the scored position: what C holds of them in the history items' rows is the leak.
+        ahead = np.maximum(np.asarray(seq_end, dtype=np.int64) - positions, 0)
+        late_row = np.repeat(np.arange(n), ahead)
+        late = np.repeat(positions, ahead) + _ragged_arange(ahead)
+        leak_rows, leak_cols, leak_vals = [], [], []
+        for d in range(1, self.window + 1):
+            ok = late - d >= seq_start[late_row]
+            r, j = late_row[ok], late[ok]
+            a, b = items[j - d], items[j]
+            directions = [(a, b), (b, a)] if self.symmetric else [(a, b)]
+            for src, dst in directions:
+                # C[src, dst] got 1 / d from this pair; the row weighs row src of C by its
+                # history weight of src (0 when src is not in its history).
+                w = _lookup(weights, r, src)
+                keep = w > 0
+                leak_rows.append(r[keep])
+                leak_cols.append(dst[keep])
+                leak_vals.append(w[keep] / d)
+        leak = sp.csr_matrix(
+            (
+                np.concatenate(leak_vals or [np.zeros(0)]),
+                (
+                    np.concatenate(leak_rows or [np.zeros(0, np.int64)]),
+                    np.concatenate(leak_cols or [np.zeros(0, np.int64)]),
+                ),
+            ),
+            shape=(n, self.n_items),
+        )
+        scores = (weights @ self.matrix - leak).tocsr()
+        # Float rounding (and sequences the prior counted otherwise, e.g. before downsampling)
+        # may leave tiny negatives where a pair was only this row's own.
+        np.maximum(scores.data, 0.0, out=scores.data)
+        scores.eliminate_zeros()
+        own = sp.csr_matrix((np.ones(len(late)), (late_row, items[late])), shape=(n, self.n_items))
+        return self._rows(scores, cfg.smoothing, own)
+
+    def _rows(
+        self, scores: sp.csr_matrix, smoothing: float, own: sp.csr_matrix | None = None
+    ) -> npt.NDArray[np.float32]:
+        """Dense prior rows from sparse co-occurrence ``scores``, smoothed by the background.
+
+        Args:
+            scores: ``[n, n_items]`` non-negative co-occurrence scores.
+            smoothing: Share of the add-one popularity background.
+            own: Occurrences per row to leave out of the background's counts (training rows).
+        """
+        n = scores.shape[0]
         # The scores stay sparse (a history reaches few items); only the output is dense, written
         # once as the background and then added to at the scored entries. A dense intermediate in
         # float64 took 9 s for 512 users x 200,000 items; this takes a fraction of a second.
-        scores = (weights @ self.matrix).tocsr()
         scores.sum_duplicates()
         total = np.asarray(scores.sum(axis=1), dtype=np.float64).ravel()
-        background = (self.counts + 1.0) / (self.counts + 1.0).sum()
+        mass = self.counts + 1.0
+        norm = np.full(n, mass.sum())
+        if own is not None:
+            own = own.tocsr()
+            own.sum_duplicates()
+            norm -= np.asarray(own.sum(axis=1), dtype=np.float64).ravel()
         # Users without a co-occurring item get the background alone (no division by zero).
-        smooth = np.where(total > 0, cfg.smoothing, 1.0)
+        smooth = np.where(total > 0, smoothing, 1.0)
         out = np.empty((n, self.n_items), dtype=np.float32)
-        np.multiply(smooth[:, None], background[None, :], out=out, casting="unsafe")
+        np.multiply((smooth / norm)[:, None], mass[None, :], out=out, casting="unsafe")
+        if own is not None:
+            owner = np.repeat(np.arange(n), np.diff(own.indptr))
+            out[owner, own.indices] -= ((smooth / norm)[owner] * own.data).astype(np.float32)
         user = np.repeat(np.arange(n), np.diff(scores.indptr))
         share = scores.data / np.where(total > 0, total, 1.0)[user]
         out[user, scores.indices] += ((1.0 - smooth[user]) * share).astype(np.float32)
@@ -294,6 +444,7 @@ class CooccurrencePrior:
             "pairs": int(m.nnz),
             "weight": self.weight,
             "tuning": self.tuning,
+            "train_weight": self.train_weight,
         }
         (directory / PRIOR_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -317,4 +468,5 @@ class CooccurrencePrior:
             symmetric=bool(info["symmetric"]),
             weight=None if info.get("weight") is None else float(info["weight"]),
             tuning=info.get("tuning"),
+            train_weight=float(info.get("train_weight", 0.0)),
         )

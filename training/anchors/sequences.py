@@ -473,6 +473,11 @@ class ExampleSet:
     start: IntArray
     end: IntArray
     loss_start: IntArray
+    seq_start: IntArray | None = None
+    """Start of each example's whole sequence in ``items`` (None: ``start``)."""
+    seq_end: IntArray | None = None
+    """End of each example's whole sequence in ``items`` (None: ``end``). A prior fused into
+    training must not have counted what the sequence holds after the scored item."""
 
     def __len__(self) -> int:
         return len(self.start)
@@ -493,12 +498,16 @@ class ExampleSet:
         starts: list[IntArray] = []
         ends: list[IntArray] = []
         losses: list[IntArray] = []
+        seq_starts: list[IntArray] = []
+        seq_ends: list[IntArray] = []
         if loss_on == "target":
             for o, n in zip(offsets[:-1], lengths, strict=True):
                 t = np.arange(1, n, dtype=np.int64)
                 starts.append(o + np.maximum(0, t - max_history))
                 ends.append(o + t + 1)
                 losses.append(o + t)
+                seq_starts.append(np.full(len(t), o, dtype=np.int64))
+                seq_ends.append(np.full(len(t), o + n, dtype=np.int64))
         else:
             window = max_history + 1
             for o, n in zip(offsets[:-1], lengths, strict=True):
@@ -507,8 +516,17 @@ class ExampleSet:
                 starts.append(s)
                 ends.append(e)
                 losses.append(s)
+                seq_starts.append(np.full(len(e), o, dtype=np.int64))
+                seq_ends.append(np.full(len(e), o + n, dtype=np.int64))
 
         def cat(parts: list[IntArray]) -> IntArray:
             return np.concatenate(parts) if parts else np.array([], np.int64)
 
-        return cls(items=items, start=cat(starts), end=cat(ends), loss_start=cat(losses))
+        return cls(
+            items=items,
+            start=cat(starts),
+            end=cat(ends),
+            loss_start=cat(losses),
+            seq_start=cat(seq_starts),
+            seq_end=cat(seq_ends),
+        )

@@ -6,7 +6,10 @@ logits are restricted to its level's SID tokens before the softmax (a ``size_l``
 classification per token): the only thing the model is ever asked at such a position is which
 code of that level comes next, and decoding normalizes over (a subset of) the same tokens. The
 trie itself is *not* applied in training, so the model is not taught that codes missing from
-today's catalog are impossible (tomorrow's items may use them).
+today's catalog are impossible (tomorrow's items may use them). With a co-occurrence prior fused
+into training (:class:`TrainingPrior`), each token is scored under the product decoding uses,
+``log_softmax(logits + w * log M(prefix + code))``, over the codes the trie allows (a code no item
+has holds no prior mass): the model learns what the prior does not already say.
 
 Loop. AdamW (weight decay on matrices only), linear warm-up then linear decay, gradient-norm
 clipping, bf16 autocast on CUDA, length-bucketed shuffled batches, a tqdm bar per epoch. After each
@@ -39,10 +42,12 @@ from training.anchors.errors import AnchorInputError
 from training.anchors.generate import (
     DeviceName,
     beam_search_fast,
+    prior_log_masses,
     resolve_device,
     search_in_batches,
 )
 from training.anchors.model import causal_lm
+from training.anchors.prior import CooccurrencePrior, PriorConfig
 from training.anchors.sequences import EvalSet, ExampleSet, LossOn
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
@@ -133,6 +138,9 @@ class Batch:
         pred_rows: Flat ``b * T`` indices of the positions that predict a scored token.
         levels: SID level of each scored token.
         codes: Code (class) of each scored token.
+        items: Catalog row of the item each scored token belongs to.
+        item_rows: Which scored item of the batch (0, 1, ...) each scored token belongs to: the
+            row of a fused prior's masses.
     """
 
     input_ids: torch.Tensor
@@ -140,6 +148,8 @@ class Batch:
     pred_rows: torch.Tensor
     levels: torch.Tensor
     codes: torch.Tensor
+    items: torch.Tensor
+    item_rows: torch.Tensor
 
     def to(self, device: torch.device) -> Batch:
         """This batch on ``device``."""
@@ -160,6 +170,7 @@ def collate(
     pred: list[IntArray] = []
     levels: list[IntArray] = []
     codes: list[IntArray] = []
+    items_of: list[IntArray] = []
     for r in rows:
         start, end, loss_start = examples.start[r], examples.end[r], examples.loss_start[r]
         items = examples.items[start:end]
@@ -169,6 +180,7 @@ def collate(
         pred.append(np.arange(first - 1, first - 1 + n_scored))
         levels.append(np.tile(np.arange(n_levels), int(end - loss_start)))
         codes.append(item_codes[examples.items[loss_start:end]].reshape(-1))
+        items_of.append(np.repeat(examples.items[loss_start:end], n_levels))
     width = max(len(s) for s in seqs)
     ids = np.full((len(seqs), width), vocab.pad_id, dtype=np.int64)
     mask = np.zeros((len(seqs), width), dtype=np.int64)
@@ -182,7 +194,78 @@ def collate(
         pred_rows=torch.from_numpy(flat),
         levels=torch.from_numpy(np.concatenate(levels)),
         codes=torch.from_numpy(np.concatenate(codes)),
+        items=torch.from_numpy(np.concatenate(items_of).astype(np.int64)),
+        item_rows=torch.from_numpy(
+            np.repeat(np.arange(sum(len(c) for c in items_of) // n_levels), n_levels)
+        ),
     )
+
+
+@dataclass
+class TrainingPrior:
+    """A co-occurrence prior fused into the training loss (``PriorConfig.train_weight``).
+
+    The model is then trained as the second expert of the product that decoding uses,
+    ``p(c | prefix) ~ p_LM(c | prefix) * M(prefix + c) ** weight``, so that it learns what the
+    prior does not already say instead of relearning it.
+
+    Attributes:
+        prior: Counted on the training sequences only (no held-out item).
+        cfg: The prior's settings (history, decay, smoothing).
+        weight: Fusion weight, the same in training, evaluation and generation.
+    """
+
+    prior: CooccurrencePrior
+    cfg: PriorConfig
+    weight: float
+
+    def example_rows(self, examples: ExampleSet, rows: IntArray) -> npt.NDArray[np.float32]:
+        """Prior rows of the scored items of examples ``rows``, in :func:`collate`'s order.
+
+        Each leaves out what the example's own sequence contributed from its scored item on
+        (:meth:`CooccurrencePrior.training_probabilities`).
+        """
+        starts, ends = examples.loss_start[rows], examples.end[rows]
+        counts = ends - starts
+        positions = np.repeat(starts, counts) + (
+            np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
+        )
+        seq_start = examples.start if examples.seq_start is None else examples.seq_start
+        seq_end = examples.end if examples.seq_end is None else examples.seq_end
+        return self.prior.training_probabilities(
+            examples.items,
+            np.repeat(examples.start[rows], counts),
+            positions,
+            np.repeat(seq_start[rows], counts),
+            np.repeat(seq_end[rows], counts),
+            self.cfg,
+        )
+
+
+@dataclass
+class FusedTerms:
+    """What :func:`sid_loss` needs to score a batch under the fused prior."""
+
+    log_masses: list[torch.Tensor]
+    """Per level, ``[scored items, n_children]``: log prior mass of every child prefix."""
+    child: list[torch.Tensor]
+    """The trie's per-level child tables."""
+    prefixes: list[torch.Tensor]
+    """Per level, each item's prefix id (:meth:`SidTrie.item_prefixes`)."""
+    weight: float
+
+    @classmethod
+    def of(
+        cls, trie: SidTrie, rows: npt.NDArray[np.float32], weight: float, device: torch.device
+    ) -> FusedTerms:
+        """The terms of prior ``rows`` (one per scored item) on ``device``."""
+        child, _ = trie.tables(device)
+        return cls(
+            log_masses=prior_log_masses(trie, rows, device),
+            child=child,
+            prefixes=trie.item_prefixes(device),
+            weight=weight,
+        )
 
 
 def sid_loss(
@@ -190,8 +273,14 @@ def sid_loss(
     batch: Batch,
     level_ids: list[torch.Tensor],
     label_smoothing: float = 0.0,
+    fused: FusedTerms | None = None,
 ) -> tuple[torch.Tensor, int]:
-    """Summed level-restricted cross-entropy of the scored tokens, and how many there are."""
+    """Summed level-restricted cross-entropy of the scored tokens, and how many there are.
+
+    With ``fused``, each token's distribution is the product of experts decoding uses,
+    ``log_softmax(logits + weight * log M(prefix + c))`` over the codes the trie allows after the
+    target's prefix (a code no item has gets no prior mass, so the trie applies here).
+    """
     lm = causal_lm(model)
     hidden = lm.get_decoder()(
         input_ids=batch.input_ids, attention_mask=batch.attention_mask, use_cache=False
@@ -204,7 +293,11 @@ def sid_loss(
     total = logits.new_zeros((), dtype=torch.float32)
     for level, ids in enumerate(level_ids):
         sel = batch.levels == level
-        if sel.any():
+        if sel.any() and fused is not None:
+            total = total + _fused_cross_entropy(
+                logits[sel][:, ids].float(), batch, sel, level, fused, label_smoothing
+            )
+        elif sel.any():
             level_logits = logits[sel][:, ids].float()
             total = total + nn.functional.cross_entropy(
                 level_logits,
@@ -213,6 +306,32 @@ def sid_loss(
                 label_smoothing=label_smoothing,
             )
     return total, int(batch.codes.numel())
+
+
+def _fused_cross_entropy(
+    level_logits: torch.Tensor,
+    batch: Batch,
+    sel: torch.Tensor,
+    level: int,
+    fused: FusedTerms,
+    label_smoothing: float,
+) -> torch.Tensor:
+    """Summed cross-entropy of one level's tokens under the fused prior.
+
+    Label smoothing spreads over the allowed codes only: a forbidden code has no probability to
+    smooth towards.
+    """
+    items = batch.items[sel]
+    kids = fused.child[level][fused.prefixes[level][items]].long()
+    allowed = kids >= 0
+    bonus = fused.log_masses[level][batch.item_rows[sel].unsqueeze(1), kids.clamp(min=0)]
+    scores = (level_logits + fused.weight * bonus).masked_fill(~allowed, float("-inf"))
+    logp = torch.log_softmax(scores, dim=-1)
+    nll = -logp.gather(1, batch.codes[sel].unsqueeze(1)).squeeze(1)
+    if label_smoothing > 0:
+        uniform = -logp.masked_fill(~allowed, 0.0).sum(1) / allowed.sum(1)
+        nll = (1.0 - label_smoothing) * nll + label_smoothing * uniform
+    return nll.sum()
 
 
 class WeightAverage:
@@ -318,8 +437,13 @@ def evaluate(
     eval_set: EvalSet,
     cfg: TrainConfig,
     device: torch.device,
+    fusion: TrainingPrior | None = None,
 ) -> tuple[float, float, float]:
-    """Held-out next items: mean NLL (nats per item), HR@10 and NDCG@10 of constrained search."""
+    """Held-out next items: mean NLL (nats per item), HR@10 and NDCG@10 of constrained search.
+
+    With ``fusion``, both under the fused prior, as generation will decode (its rows from
+    ``prior.probabilities``: the held-out items were never counted, nothing to leave out).
+    """
     model.eval()
     lm = causal_lm(model)
     level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
@@ -329,18 +453,30 @@ def evaluate(
     examples = ExampleSet(
         items=np.concatenate(seqs), start=ends - lengths, end=ends, loss_start=ends - 1
     )
+
+    def prior_of(rows: IntArray) -> npt.NDArray[np.float32]:
+        assert fusion is not None
+        return fusion.prior.probabilities([eval_set.histories[i] for i in rows], fusion.cfg)
+
     nll = 0.0
     with _autocast(device, cfg.bf16):
         for s in range(0, len(examples), cfg.eval_batch_size):
             rows = np.arange(s, min(s + cfg.eval_batch_size, len(examples)))
             batch = collate(examples, rows, item_tokens, item_codes, vocab).to(device)
-            loss, _ = sid_loss(model, batch, level_ids)
+            fused = None
+            if fusion is not None:
+                fused = FusedTerms.of(trie, prior_of(rows), fusion.weight, device)
+            loss, _ = sid_loss(model, batch, level_ids, fused=fused)
             nll += float(loss)
         prompts = [vocab.encode(item_tokens[h]) for h in eval_set.histories]
+        weight = 0.0 if fusion is None else fusion.weight
         out = search_in_batches(
-            lambda p: beam_search_fast(lm, p, trie, vocab, cfg.eval_beam_width, EVAL_K),
+            lambda p, prior=None: beam_search_fast(
+                lm, p, trie, vocab, cfg.eval_beam_width, EVAL_K, prior=prior, prior_weight=weight
+            ),
             prompts,
             cfg.eval_batch_size,
+            prior_of=prior_of if fusion is not None else None,
         )
     hr, ndcg = hit_rate_ndcg(out.items, eval_set.targets)
     return nll / len(seqs), hr, ndcg
@@ -366,6 +502,7 @@ def train_loop(
     cfg: TrainConfig,
     on_best: Callable[[nn.Module, EpochMetrics], None] | None = None,
     label: str = "",
+    fusion: TrainingPrior | None = None,
 ) -> TrainHistory:
     """Train ``model`` in place on ``train``; keep (restore) the best epoch.
 
@@ -379,6 +516,8 @@ def train_loop(
         cfg: Optimization settings.
         on_best: Called after each epoch that improves on the best so far (e.g. to save it).
         label: Put before the progress bar's text (e.g. which ensemble member this is).
+        fusion: A co-occurrence prior fused into the loss and the evaluation (None: the LM
+            alone).
     """
     if len(train) == 0:
         raise AnchorInputError("no training examples: users need at least 2 positives")
@@ -426,8 +565,11 @@ def train_loop(
         )
         for rows in bar:
             batch = collate(train, rows, item_tokens, item_codes, vocab).to(device)
+            fused = None
+            if fusion is not None:
+                fused = FusedTerms.of(trie, fusion.example_rows(train, rows), fusion.weight, device)
             with _autocast(device, cfg.bf16):
-                loss, n = sid_loss(model, batch, level_ids, cfg.label_smoothing)
+                loss, n = sid_loss(model, batch, level_ids, cfg.label_smoothing, fused)
             optimizer.zero_grad(set_to_none=True)
             (loss / n).backward()
             torch.nn.utils.clip_grad_norm_([p for _, p in params], cfg.grad_clip)
@@ -453,7 +595,7 @@ def train_loop(
             if use_eval:
                 assert eval_set is not None
                 nll, hr, ndcg = evaluate(
-                    model, vocab, trie, item_tokens, item_codes, eval_set, cfg, device
+                    model, vocab, trie, item_tokens, item_codes, eval_set, cfg, device, fusion
                 )
                 metrics.eval_loss, metrics.hr_at_10, metrics.ndcg_at_10 = nll, hr, ndcg
             key = _score(metrics, cfg) if use_eval else (float(epoch), 0.0)

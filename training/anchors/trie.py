@@ -76,6 +76,7 @@ class SidTrie:
         self._child_np = children
         self._item_by_codes = {tuple(row): i for i, row in enumerate(codes.tolist())}
         self._device_tables: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+        self._device_prefixes: dict[str, list[torch.Tensor]] = {}
 
     @property
     def n_levels(self) -> int:
@@ -114,6 +115,20 @@ class SidTrie:
             out.append(mass.scatter_add_(1, index, item_mass))
         out.append(item_mass)
         return out
+
+    def item_prefixes(self, device: torch.device) -> list[torch.Tensor]:
+        """Per level ``l``, each item's prefix id at depth ``l`` (its first ``l`` codes).
+
+        Level 0 is the empty prefix (0 for every item); ``child[l][item_prefixes[l][i]]`` is the
+        row of codes the trie allows where item ``i``'s code of level ``l`` is chosen.
+        """
+        key = f"prefixes:{device}"
+        if key not in self._device_prefixes:
+            depth0 = np.zeros(self.n_items, dtype=np.int64)
+            self._device_prefixes[key] = [
+                torch.from_numpy(p).to(device) for p in [depth0, *self._item_prefix]
+            ]
+        return self._device_prefixes[key]
 
     def allowed_codes(self, prefix_codes: Sequence[int]) -> list[int]:
         """The codes that can follow ``prefix_codes`` (walks the tables; for the reference path)."""

@@ -514,6 +514,31 @@ def test_generation_uses_the_trained_weight_or_the_configured_one(
         assert (np.diff(lp) <= 0).all() and (np.array(lp) < 0).all()
 
 
+def test_a_model_trained_with_the_prior_fused_decodes_with_its_training_weight(
+    tmp_path, toy_data, caplog
+) -> None:
+    """Left unset, the weight is the training weight; 'auto' gives the same; another number is
+    used, with a warning that the model learned what the prior does not say."""
+    semantics, positives, sizes = toy_data
+    cfg = tiny_config(epochs=1)
+    cfg.prior.train_weight = 1.5
+    model_dir = train_anchor_model(semantics, positives, sizes, cfg, tmp_path / "m").model_dir
+    cutoffs = [T0 + timedelta(days=2)]
+    unset = generate_anchors(
+        semantics, positives, cutoffs, model_dir, tiny_config(), tmp_path / "u"
+    )
+    auto = generate_anchors(
+        semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), "auto"), tmp_path / "a"
+    )
+    assert unset.metrics["prior_weight"] == auto.metrics["prior_weight"] == 1.5
+    assert not [r for r in caplog.records if r.levelname == "WARNING"]
+    off = generate_anchors(
+        semantics, positives, cutoffs, model_dir, _with_prior(tiny_config(), 0.0), tmp_path / "o"
+    )
+    assert off.metrics["prior_weight"] == 0.0
+    assert "trained with the co-occurrence prior fused at weight 1.5" in caplog.text
+
+
 def test_a_model_saved_without_a_prior(tmp_path, toy_data, trained_compact) -> None:
     """Models trained before the prior existed decode as before under 'auto' and refuse a
     positive weight with a message that says what to do."""

@@ -118,4 +118,42 @@ def test_config_refuses_negative_weights() -> None:
         PriorConfig(weight=-1.0)
     with pytest.raises(ValidationError):
         PriorConfig(weight_grid=(0.0, -0.5))
-    assert PriorConfig(weight="auto").weight == "auto" and PriorConfig().weight == 0.0
+    with pytest.raises(ValidationError):
+        PriorConfig(train_weight=-1.0)
+    assert PriorConfig(weight="auto").weight == "auto" and PriorConfig().weight is None
+    assert PriorConfig().train_weight == 0.0
+
+
+@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(("window", "history"), [(3, 4), (5, 2), (2, 20)])
+def test_training_rows_leave_out_the_rows_own_later_items(symmetric, window, history) -> None:
+    # A training row must see the prior a request at its position would see: counted on every
+    # other sequence and on its own sequence only up to (not including) the scored item.
+    seqs, n = _sequences(2, n_items=9, n_users=12)
+    ids = np.array([f"i{i}" for i in range(n)])
+    cfg = PriorConfig(window=window, symmetric=symmetric, decay=0.7, history=history)
+    prior = CooccurrencePrior.fit(seqs, ids, cfg)
+    items = np.concatenate(seqs)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
+    u_of, positions, history_start, seq_end = [], [], [], []
+    for u, s in enumerate(seqs):
+        for t in range(len(s)):
+            u_of.append(u)
+            positions.append(offsets[u] + t)
+            history_start.append(offsets[u] + max(0, t - 6))  # a context cut like max_history
+            seq_end.append(offsets[u + 1])
+    got = prior.training_probabilities(
+        items,
+        np.array(history_start),
+        np.array(positions),
+        offsets[np.array(u_of)],
+        np.array(seq_end),
+        cfg,
+    )
+    assert got.shape == (len(positions), n) and got.dtype == np.float32
+    for row, (u, p, h0) in enumerate(zip(u_of, positions, history_start, strict=True)):
+        t = p - offsets[u]
+        others = [s for v, s in enumerate(seqs) if v != u] + [seqs[u][:t]]
+        alone = CooccurrencePrior.fit(others, ids, cfg)
+        expected = alone.probabilities([items[h0:p]], cfg)[0]
+        np.testing.assert_allclose(got[row], expected, rtol=2e-5, atol=1e-7)

@@ -202,6 +202,12 @@ def test_holdout_and_examples() -> None:
     spans = [ex_all.items[s:e].tolist() for s, e in zip(ex_all.start, ex_all.end, strict=True)]
     assert spans == [[1, 2, 3], [0], [9]]
     assert (ex_all.loss_start == ex_all.start).all()
+    # Every example knows its whole sequence (what a prior fused into training must leave out).
+    for e in (ex, ex_all):
+        assert e.seq_start is not None and e.seq_end is not None
+        whole = [e.items[s:t].tolist() for s, t in zip(e.seq_start, e.seq_end, strict=True)]
+        assert all(seq in [s.tolist() for s in train] for seq in whole)
+        assert (e.seq_start <= e.start).all() and (e.end <= e.seq_end).all()
 
 
 def test_reverse_augmentation_appends_each_sequence_backwards() -> None:
