@@ -524,6 +524,14 @@ def main() -> None:
         "default: the product's); every one is also decoded on the test users, for the record",
     )
     p.add_argument(
+        "--prior-train-weight",
+        type=float,
+        default=0.0,
+        help="prior.train_weight: fuse the co-occurrence prior into the training loss with this "
+        "weight (the LM learns what co-occurrence does not say); the weight is then among the "
+        "held-out candidates",
+    )
+    p.add_argument(
         "--prior-smoothing", type=float, default=None, help="prior.smoothing (default: product's)"
     )
     p.add_argument(
@@ -640,6 +648,7 @@ def main() -> None:
             # the grid is then also decoded on the test users, below, with explicit weights).
             "prior": {
                 "weight": "auto",
+                "train_weight": args.prior_train_weight,
                 **({} if args.prior_grid is None else {"weight_grid": args.prior_grid}),
                 **({} if args.prior_smoothing is None else {"smoothing": args.prior_smoothing}),
             },
@@ -668,7 +677,7 @@ def main() -> None:
     )
     chosen = trained.metrics["prior_weight_chosen"]
     per_weight: dict[str, Any] = {}
-    for weight in sorted({0.0, *cfg.prior.weight_grid}):
+    for weight in sorted({0.0, *cfg.prior.weight_grid, cfg.prior.train_weight}):
         if weight == 0.0:
             recs, weight_gen = model_recs, gen_metrics
         else:

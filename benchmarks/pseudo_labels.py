@@ -232,7 +232,12 @@ def run_dataset(
                 "progress": False,
             },
             "generation": {"beam_width": args.beam_width, "num_anchors": args.num_anchors},
-            "prior": {"weight": args.prior_weight},
+            "prior": {
+                "train_weight": args.prior_train_weight,
+                # Unset, generation decodes with the LM alone, or for a model trained with the
+                # prior fused with its training weight (the product's rule).
+                **({} if args.prior_weight is None else {"weight": args.prior_weight}),
+            },
         }
     )
     t = time.perf_counter()
@@ -395,6 +400,7 @@ def run_dataset(
         "ece_pseudo_label": curve.expected_calibration_error,
         "calibration": result.metrics["calibration"],
         "anchor_prior_weight": anchor_run.metrics["prior_weight"],
+        "anchor_prior_train_weight": args.prior_train_weight,
         "timings_s": timings,
     }
     figures["gpl_minus_distillation"] = (
@@ -463,9 +469,17 @@ def main() -> None:
     parser.add_argument(
         "--prior-weight",
         type=lambda v: v if v == "auto" else float(v),
+        default=None,
+        help="the anchors' co-occurrence prior weight (prior.weight; default unset, the "
+        "product's: the LM alone, or the training weight with --prior-train-weight; 'auto': the "
+        "weight chosen on the anchor LM's held-out users)",
+    )
+    parser.add_argument(
+        "--prior-train-weight",
+        type=float,
         default=0.0,
-        help="the anchors' co-occurrence prior weight (prior.weight; default 0, the product's: "
-        "the LM alone; 'auto': the weight chosen on the anchor LM's held-out users)",
+        help="fuse the co-occurrence prior into the anchor LM's training loss with this weight "
+        "(prior.train_weight; default 0: off)",
     )
     parser.add_argument(
         "--collaborative-weight",
