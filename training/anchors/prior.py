@@ -323,7 +323,9 @@ class CooccurrencePrior:
         much. So each row sees the prior counted on every other sequence and on its own only up
         to the scored position: the pairs its sequence made with an item at or after the
         position, and those items' occurrences in the add-one background, are taken out. That
-        is what a request at that position would see at serving time.
+        is what a request at that position would see at serving time. Exact when the rows'
+        sequences are those the prior counted, or their reversals for a symmetric prior; for a
+        downsampled copy the occurrences it dropped are not taken out (the prior counted them).
 
         Args:
             items: Flat catalog rows of the training sequences (``ExampleSet.items``).

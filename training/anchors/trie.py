@@ -74,6 +74,8 @@ class SidTrie:
                 self._item_prefix.append(prefix)
             children.append(table)
         self._child_np = children
+        # Prefixes at depths 1 .. n_levels - 1: the child tables' row counts.
+        self._n_prefixes = [int(t.shape[0]) for t in children[1:]]
         self._item_by_codes = {tuple(row): i for i, row in enumerate(codes.tolist())}
         self._device_tables: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._device_prefixes: dict[str, list[torch.Tensor]] = {}
@@ -108,9 +110,11 @@ class SidTrie:
             ``l``-th tensor's columns: the mass the code ``c`` after prefix ``p`` leads to.
         """
         out: list[torch.Tensor] = []
-        for nodes in self._item_prefix:
-            index = torch.from_numpy(nodes).to(item_mass.device).expand(item_mass.shape[0], -1)
-            width = int(nodes.max()) + 1 if len(nodes) else 0
+        # Depth l + 1 prefix ids are item_prefixes' level l + 1 (cached on the device: this runs
+        # once per decoding or training batch).
+        for nodes in self.item_prefixes(item_mass.device)[1:]:
+            index = nodes.expand(item_mass.shape[0], -1)
+            width = int(self._n_prefixes[len(out)])
             mass = item_mass.new_zeros((item_mass.shape[0], width))
             out.append(mass.scatter_add_(1, index, item_mass))
         out.append(item_mass)

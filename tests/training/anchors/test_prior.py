@@ -124,15 +124,21 @@ def test_config_refuses_negative_weights() -> None:
     assert PriorConfig().train_weight == 0.0
 
 
-@pytest.mark.parametrize("symmetric", [False, True])
+@pytest.mark.parametrize(
+    ("symmetric", "reversed_rows"), [(False, False), (True, False), (True, True)]
+)
 @pytest.mark.parametrize(("window", "history"), [(3, 4), (5, 2), (2, 20)])
-def test_training_rows_leave_out_the_rows_own_later_items(symmetric, window, history) -> None:
+def test_training_rows_leave_out_the_rows_own_later_items(
+    symmetric, reversed_rows, window, history
+) -> None:
     # A training row must see the prior a request at its position would see: counted on every
-    # other sequence and on its own sequence only up to (not including) the scored item.
-    seqs, n = _sequences(2, n_items=9, n_users=12)
+    # other sequence and on its own sequence only up to (not including) the scored item. Rows
+    # of reversed copies (reverse augmentation) against a symmetric prior are exact too.
+    counted, n = _sequences(2, n_items=9, n_users=12)
     ids = np.array([f"i{i}" for i in range(n)])
     cfg = PriorConfig(window=window, symmetric=symmetric, decay=0.7, history=history)
-    prior = CooccurrencePrior.fit(seqs, ids, cfg)
+    prior = CooccurrencePrior.fit(counted, ids, cfg)
+    seqs = [s[::-1].copy() for s in counted] if reversed_rows else counted
     items = np.concatenate(seqs)
     offsets = np.concatenate([[0], np.cumsum([len(s) for s in seqs])])
     u_of, positions, history_start, seq_end = [], [], [], []
