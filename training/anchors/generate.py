@@ -49,6 +49,7 @@ from torch import nn
 from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 
 from training.anchors.model import causal_lm
+from training.anchors.prior import SparsePriorRows
 from training.anchors.sequences import CutoffGranularity
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
@@ -255,25 +256,102 @@ def _reorder_generated(cache: DynamicCache, order: torch.Tensor, prompt_len: int
             tail.copy_(tail.index_select(0, order))
 
 
-PriorRows = torch.Tensor | npt.NDArray[np.float32]
-"""A prior over the catalog per prompt, ``[n_prompts, n_items]``, positive, rows summing to 1."""
+PriorRows = torch.Tensor | npt.NDArray[np.float32] | SparsePriorRows
+"""A prior over the catalog per prompt, ``[n_prompts, n_items]``, positive, rows summing to 1:
+dense, or sparse (:class:`training.anchors.prior.SparsePriorRows`, what generation uses)."""
 
 
-def prior_log_masses(trie: SidTrie, prior: PriorRows, device: torch.device) -> list[torch.Tensor]:
+class LevelLogMass:
+    """The log of a prior's mass under every child prefix of one SID level, per prompt."""
+
+    n_users: int
+
+    def at(self, users: torch.Tensor, kids: torch.Tensor) -> torch.Tensor:
+        """``log M`` of child prefixes ``kids`` (ids >= 0) of prompts ``users`` (broadcast)."""
+        raise NotImplementedError
+
+
+class DenseLogMass(LevelLogMass):
+    """From a dense ``[users, n_children]`` table of masses."""
+
+    def __init__(self, mass: torch.Tensor) -> None:
+        # The prior is positive by construction (smoothed); the floor only guards rounding.
+        self.table = mass.clamp_min(1e-30).log()
+        self.n_users = int(mass.shape[0])
+
+    def at(self, users: torch.Tensor, kids: torch.Tensor) -> torch.Tensor:
+        """A gather from the table."""
+        return self.table[users, kids]
+
+
+class SparseLogMass(LevelLogMass):
+    """From the background's mass per child prefix and each prompt's sorted sparse entries.
+
+    ``M(u, c) = smooth[u] * background[c] + shares(u, c)``; the shares are found by a binary
+    search of ``u * n_children + c`` among the prompt-and-prefix keys that hold any.
+    """
+
+    def __init__(
+        self,
+        background: torch.Tensor,
+        smooth: torch.Tensor,
+        keys: torch.Tensor,
+        values: torch.Tensor,
+        n_children: int,
+    ) -> None:
+        self.background, self.smooth, self.keys, self.values = background, smooth, keys, values
+        self.n_children = n_children
+        self.n_users = int(smooth.shape[0])
+
+    def at(self, users: torch.Tensor, kids: torch.Tensor) -> torch.Tensor:
+        """The background's mass plus the entries found, logged."""
+        mass = self.smooth[users] * self.background[kids]
+        if len(self.keys):
+            query = (users * self.n_children + kids).contiguous()
+            at = torch.searchsorted(self.keys, query).clamp(max=len(self.keys) - 1)
+            mass = mass + torch.where(self.keys[at] == query, self.values[at], 0.0)
+        return mass.clamp_min(1e-30).log()
+
+
+def prior_log_masses(trie: SidTrie, prior: PriorRows, device: torch.device) -> list[LevelLogMass]:
     """Per level, the log of the prior's mass under every prefix a code of that level leads to."""
+    if isinstance(prior, SparsePriorRows):
+        return _sparse_log_masses(trie, prior, device)
     mass = torch.as_tensor(prior, dtype=torch.float32, device=device)
     if mass.dim() != 2 or mass.shape[1] != trie.n_items:
         raise ValueError(
             f"prior has shape {tuple(mass.shape)}, expected [prompts, {trie.n_items} items]"
         )
-    # The prior is positive by construction (smoothed); the floor only guards against rounding.
-    return [m.clamp_min(1e-30).log() for m in trie.child_masses(mass)]
+    return [DenseLogMass(m) for m in trie.child_masses(mass)]
+
+
+def _sparse_log_masses(
+    trie: SidTrie, prior: SparsePriorRows, device: torch.device
+) -> list[LevelLogMass]:
+    n_users, n_items = prior.shape
+    if n_items != trie.n_items:
+        raise ValueError(f"prior has shape {prior.shape}, expected [prompts, {trie.n_items} items]")
+    background = torch.as_tensor(prior.background, device=device).unsqueeze(0)
+    smooth = torch.as_tensor(prior.smooth, device=device)
+    shares = prior.shares
+    users = torch.as_tensor(np.repeat(np.arange(n_users), np.diff(shares.indptr)), device=device)
+    items = torch.as_tensor(shares.indices.astype(np.int64), device=device)
+    values = torch.as_tensor(shares.data, dtype=torch.float32, device=device)
+    prefixes = trie.item_prefixes(device)
+    out: list[LevelLogMass] = []
+    for level, bg in enumerate(trie.child_masses(background)):
+        width = trie.n_children(level)
+        kids = items if level == trie.n_levels - 1 else prefixes[level + 1][items]
+        keys, where = torch.unique(users * width + kids, return_inverse=True)
+        summed = values.new_zeros(len(keys)).scatter_add_(0, where, values)
+        out.append(SparseLogMass(bg[0], smooth, keys, summed, width))
+    return out
 
 
 def _fuse(
     logp: torch.Tensor,
     kids: torch.Tensor,
-    log_mass: torch.Tensor,
+    log_mass: LevelLogMass,
     user: torch.Tensor,
     weight: float,
 ) -> torch.Tensor:
@@ -282,11 +360,11 @@ def _fuse(
     Args:
         logp: ``[rows, size_l]`` trie-normalized next-code log-probs (``-inf`` where forbidden).
         kids: ``[rows, size_l]`` child prefix ids (``-1`` where forbidden).
-        log_mass: ``[users, n_children]`` log prior mass of this level's child prefixes.
+        log_mass: Log prior mass of this level's child prefixes, per user.
         user: ``[rows]`` the user (row of ``log_mass``) each row belongs to.
         weight: Fusion weight.
     """
-    bonus = log_mass[user.unsqueeze(1), kids.clamp(min=0).long()]
+    bonus = log_mass.at(user.unsqueeze(1), kids.clamp(min=0).long())
     # Forbidden codes stay -inf through logp; the bonus is zeroed there only to keep it finite.
     return torch.log_softmax(logp + weight * bonus.masked_fill(kids < 0, 0.0), dim=-1)
 
@@ -566,7 +644,7 @@ def beam_search_reference(
     if prior is not None and prior_weight > 0:
         processors.append(
             _PriorLogits(
-                trie, vocab, prior_log_masses(trie, prior, device), prompt_len, prior_weight
+                trie, vocab, prior_log_masses(trie, prior, device), prompt_len, prior_weight, device
             )
         )
     lm = causal_lm(model)
@@ -611,11 +689,11 @@ class _PriorLogits(LogitsProcessor):
         self,
         trie: SidTrie,
         vocab: SidVocab,
-        log_masses: list[torch.Tensor],
+        log_masses: list[LevelLogMass],
         prompt_len: int,
         weight: float,
+        device: torch.device,
     ) -> None:
-        device = log_masses[0].device
         self.child, _ = trie.tables(device)
         self.level_ids = [torch.as_tensor(ids, device=device) for ids in vocab.level_token_ids]
         size = max(int(ids.max()) for ids in self.level_ids) + 1
@@ -626,14 +704,14 @@ class _PriorLogits(LogitsProcessor):
 
     def __call__(self, input_ids: torch.LongTensor, scores: torch.FloatTensor) -> torch.FloatTensor:
         level = input_ids.shape[1] - self.prompt_len
-        rows, users = input_ids.shape[0], self.log_masses[0].shape[0]
+        rows, users = input_ids.shape[0], self.log_masses[0].n_users
         node = torch.zeros(rows, dtype=torch.long, device=input_ids.device)
         for lvl in range(level):
             code = self.code_of[input_ids[:, self.prompt_len + lvl]]
             node = self.child[lvl][node, code].long().clamp(min=0)
         kids = self.child[level][node]
         user = torch.arange(rows, device=input_ids.device) // (rows // users)
-        bonus = self.log_masses[level][user.unsqueeze(1), kids.clamp(min=0).long()]
+        bonus = self.log_masses[level].at(user.unsqueeze(1), kids.clamp(min=0).long())
         out = scores.clone()
         columns = self.level_ids[level]
         out[:, columns] += self.weight * bonus.masked_fill(kids < 0, 0.0).to(out.dtype)

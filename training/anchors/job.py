@@ -61,7 +61,7 @@ from training.anchors.model import (
     update_info,
     write_trained_sids,
 )
-from training.anchors.prior import CooccurrencePrior, PriorConfig
+from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
 from training.anchors.sequences import (
     AnchorRequests,
     EvalSet,
@@ -384,8 +384,8 @@ def _held_out_eval(
     if prior is not None:
         histories = eval_set.histories
 
-        def prior_of(rows: np.ndarray) -> np.ndarray:
-            return prior.probabilities([histories[i] for i in rows], cfg.prior)
+        def prior_of(rows: np.ndarray) -> SparsePriorRows:
+            return prior.sparse_probabilities([histories[i] for i in rows], cfg.prior)
 
     results = []
     for weight in weights:
@@ -686,8 +686,8 @@ def generate_anchors(
     if prior is not None and prior_weight > 0:
         histories = requests.histories
 
-        def prior_of(rows: np.ndarray) -> np.ndarray:
-            return prior.probabilities([histories[i] for i in rows], cfg.prior)
+        def prior_of(rows: np.ndarray) -> SparsePriorRows:
+            return prior.sparse_probabilities([histories[i] for i in rows], cfg.prior)
 
     impl: Any = (
         partial(beam_search_fast, combine=gc.ensemble_combine)

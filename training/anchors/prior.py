@@ -194,6 +194,47 @@ def pair_matrix(
 
 
 @dataclass
+class SparsePriorRows:
+    """``p(i | h)`` for a batch of histories, kept sparse.
+
+    Row ``u`` is ``smooth[u] * background + shares[u]``: the add-one popularity every row shares,
+    and the row's few co-occurring items (their normalized scores times ``1 - smooth[u]``). A
+    history reaches few items, so decoding can look up the prior's mass under a prefix from the
+    background's (one vector per SID level) and the row's entries, without a dense
+    ``[users, n_items]`` table (256 MB for 64 users over a million items).
+
+    Attributes:
+        shares: ``[n, n_items]`` sparse float32.
+        smooth: ``[n]`` the background's share of each row (``smoothing``, or 1 for a history
+            that co-occurs with nothing).
+        background: ``[n_items]`` add-one popularity, summing to 1.
+    """
+
+    shares: sp.csr_matrix
+    smooth: npt.NDArray[np.float32]
+    background: npt.NDArray[np.float32]
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """``(rows, n_items)``, as the dense table would have."""
+        return (int(self.shares.shape[0]), int(self.shares.shape[1]))
+
+    def add_shares_to(self, out: npt.NDArray[np.float32]) -> None:
+        """Add the rows' co-occurrence entries to a dense ``[n, n_items]`` table in place."""
+        user = np.repeat(np.arange(self.shape[0]), np.diff(self.shares.indptr))
+        out[user, self.shares.indices] += self.shares.data
+
+    def dense(self) -> npt.NDArray[np.float32]:
+        """The rows as a dense ``[n, n_items]`` float32 table."""
+        # Written once as the background, then added to at the scored entries: a dense float64
+        # intermediate took 9 s for 512 users x 200,000 items; this takes a fraction of a second.
+        out = np.empty(self.shape, dtype=np.float32)
+        np.multiply(self.smooth[:, None], self.background[None, :], out=out)
+        self.add_shares_to(out)
+        return out
+
+
+@dataclass
 class CooccurrencePrior:
     """A fitted co-occurrence matrix, the items' counts, and the settings it was fitted with.
 
@@ -286,6 +327,20 @@ class CooccurrencePrior:
             histories: Catalog rows per user, oldest first (only the last ``cfg.history`` count).
             cfg: Decay, history length and smoothing (the window was fixed at fitting).
         """
+        return self.sparse_probabilities(histories, cfg).dense()
+
+    def sparse_probabilities(
+        self, histories: Sequence[IntArray], cfg: PriorConfig
+    ) -> SparsePriorRows:
+        """:meth:`probabilities` in its sparse form, what decoding uses.
+
+        The shared background and each history's few co-occurring items, without a
+        ``[users, n_items]`` table.
+
+        Args:
+            histories: Catalog rows per user, oldest first (only the last ``cfg.history`` count).
+            cfg: Decay, history length and smoothing (the window was fixed at fitting).
+        """
         n = len(histories)
         lengths = [min(len(h), cfg.history) for h in histories]
         rows = np.repeat(np.arange(n), lengths)
@@ -303,7 +358,7 @@ class CooccurrencePrior:
                 "fitted on another catalog"
             )
         weights = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.n_items))
-        return self._rows((weights @ self.matrix).tocsr(), cfg.smoothing)
+        return self._sparse_rows((weights @ self.matrix).tocsr(), cfg.smoothing)
 
     def training_probabilities(
         self,
@@ -393,38 +448,43 @@ class CooccurrencePrior:
         own = sp.csr_matrix((np.ones(len(late)), (late_row, items[late])), shape=(n, self.n_items))
         return self._rows(scores, cfg.smoothing, own)
 
-    def _rows(
-        self, scores: sp.csr_matrix, smoothing: float, own: sp.csr_matrix | None = None
-    ) -> npt.NDArray[np.float32]:
-        """Dense prior rows from sparse co-occurrence ``scores``, smoothed by the background.
-
-        Args:
-            scores: ``[n, n_items]`` non-negative co-occurrence scores.
-            smoothing: Share of the add-one popularity background.
-            own: Occurrences per row to leave out of the background's counts (training rows).
-        """
+    def _sparse_rows(self, scores: sp.csr_matrix, smoothing: float) -> SparsePriorRows:
+        """Prior rows from sparse co-occurrence ``scores`` (``[n, n_items]``, non-negative)."""
         n = scores.shape[0]
-        # The scores stay sparse (a history reaches few items); only the output is dense, written
-        # once as the background and then added to at the scored entries. A dense intermediate in
-        # float64 took 9 s for 512 users x 200,000 items; this takes a fraction of a second.
         scores.sum_duplicates()
         total = np.asarray(scores.sum(axis=1), dtype=np.float64).ravel()
-        mass = self.counts + 1.0
-        norm = np.full(n, mass.sum())
-        if own is not None:
-            own = own.tocsr()
-            own.sum_duplicates()
-            norm -= np.asarray(own.sum(axis=1), dtype=np.float64).ravel()
         # Users without a co-occurring item get the background alone (no division by zero).
         smooth = np.where(total > 0, smoothing, 1.0)
-        out = np.empty((n, self.n_items), dtype=np.float32)
-        np.multiply((smooth / norm)[:, None], mass[None, :], out=out, casting="unsafe")
-        if own is not None:
-            owner = np.repeat(np.arange(n), np.diff(own.indptr))
-            out[owner, own.indices] -= ((smooth / norm)[owner] * own.data).astype(np.float32)
         user = np.repeat(np.arange(n), np.diff(scores.indptr))
-        share = scores.data / np.where(total > 0, total, 1.0)[user]
-        out[user, scores.indices] += ((1.0 - smooth[user]) * share).astype(np.float32)
+        share = scores.data / np.where(total > 0, total, 1.0)[user] * (1.0 - smooth[user])
+        mass = self.counts + 1.0
+        return SparsePriorRows(
+            shares=sp.csr_matrix(
+                (share.astype(np.float32), scores.indices, scores.indptr), shape=scores.shape
+            ),
+            smooth=smooth.astype(np.float32),
+            background=(mass / mass.sum()).astype(np.float32),
+        )
+
+    def _rows(
+        self, scores: sp.csr_matrix, smoothing: float, own: sp.csr_matrix
+    ) -> npt.NDArray[np.float32]:
+        """Dense training rows: :meth:`_sparse_rows`, ``own`` occurrences left out per row.
+
+        ``own`` holds, per row, the occurrences to take out of the background's counts.
+        """
+        rows = self._sparse_rows(scores, smoothing)
+        n = scores.shape[0]
+        mass = self.counts + 1.0
+        own = own.tocsr()
+        own.sum_duplicates()
+        norm = mass.sum() - np.asarray(own.sum(axis=1), dtype=np.float64).ravel()
+        scale = rows.smooth.astype(np.float64) / norm
+        out = np.empty((n, self.n_items), dtype=np.float32)
+        np.multiply(scale[:, None], mass[None, :], out=out, casting="unsafe")
+        owner = np.repeat(np.arange(n), np.diff(own.indptr))
+        out[owner, own.indices] -= (scale[owner] * own.data).astype(np.float32)
+        rows.add_shares_to(out)
         return out
 
     def save(self, directory: Path) -> None:

@@ -41,13 +41,15 @@ from tqdm import tqdm
 from training.anchors.errors import AnchorInputError
 from training.anchors.generate import (
     DeviceName,
+    LevelLogMass,
+    PriorRows,
     beam_search_fast,
     prior_log_masses,
     resolve_device,
     search_in_batches,
 )
 from training.anchors.model import causal_lm
-from training.anchors.prior import CooccurrencePrior, PriorConfig
+from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
 from training.anchors.sequences import EvalSet, ExampleSet, LossOn
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
@@ -246,8 +248,8 @@ class TrainingPrior:
 class FusedTerms:
     """What :func:`sid_loss` needs to score a batch under the fused prior."""
 
-    log_masses: list[torch.Tensor]
-    """Per level, ``[scored items, n_children]``: log prior mass of every child prefix."""
+    log_masses: list[LevelLogMass]
+    """Per level, the log prior mass of every child prefix, per scored item."""
     child: list[torch.Tensor]
     """The trie's per-level child tables."""
     prefixes: list[torch.Tensor]
@@ -255,9 +257,7 @@ class FusedTerms:
     weight: float
 
     @classmethod
-    def of(
-        cls, trie: SidTrie, rows: npt.NDArray[np.float32], weight: float, device: torch.device
-    ) -> FusedTerms:
+    def of(cls, trie: SidTrie, rows: PriorRows, weight: float, device: torch.device) -> FusedTerms:
         """The terms of prior ``rows`` (one per scored item) on ``device``."""
         child, _ = trie.tables(device)
         return cls(
@@ -324,7 +324,7 @@ def _fused_cross_entropy(
     items = batch.items[sel]
     kids = fused.child[level][fused.prefixes[level][items]].long()
     allowed = kids >= 0
-    bonus = fused.log_masses[level][batch.item_rows[sel].unsqueeze(1), kids.clamp(min=0)]
+    bonus = fused.log_masses[level].at(batch.item_rows[sel].unsqueeze(1), kids.clamp(min=0))
     scores = (level_logits + fused.weight * bonus).masked_fill(~allowed, float("-inf"))
     logp = torch.log_softmax(scores, dim=-1)
     nll = -logp.gather(1, batch.codes[sel].unsqueeze(1)).squeeze(1)
@@ -442,7 +442,8 @@ def evaluate(
     """Held-out next items: mean NLL (nats per item), HR@10 and NDCG@10 of constrained search.
 
     With ``fusion``, both under the fused prior, as generation will decode (its rows from
-    ``prior.probabilities``: the held-out items were never counted, nothing to leave out).
+    ``prior.sparse_probabilities``: the held-out items were never counted, nothing to leave
+    out).
     """
     model.eval()
     lm = causal_lm(model)
@@ -454,9 +455,9 @@ def evaluate(
         items=np.concatenate(seqs), start=ends - lengths, end=ends, loss_start=ends - 1
     )
 
-    def prior_of(rows: IntArray) -> npt.NDArray[np.float32]:
+    def prior_of(rows: IntArray) -> SparsePriorRows:
         assert fusion is not None
-        return fusion.prior.probabilities([eval_set.histories[i] for i in rows], fusion.cfg)
+        return fusion.prior.sparse_probabilities([eval_set.histories[i] for i in rows], fusion.cfg)
 
     nll = 0.0
     with _autocast(device, cfg.bf16):

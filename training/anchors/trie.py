@@ -114,7 +114,7 @@ class SidTrie:
         # once per decoding or training batch).
         for nodes in self.item_prefixes(item_mass.device)[1:]:
             index = nodes.expand(item_mass.shape[0], -1)
-            width = int(self._n_prefixes[len(out)])
+            width = self.n_children(len(out))
             mass = item_mass.new_zeros((item_mass.shape[0], width))
             out.append(mass.scatter_add_(1, index, item_mass))
         out.append(item_mass)
@@ -133,6 +133,10 @@ class SidTrie:
                 torch.from_numpy(p).to(device) for p in [depth0, *self._item_prefix]
             ]
         return self._device_prefixes[key]
+
+    def n_children(self, level: int) -> int:
+        """Prefixes of depth ``level + 1`` (items at the last level): ``child[level]``'s ids."""
+        return self.n_items if level == self.n_levels - 1 else self._n_prefixes[level]
 
     def allowed_codes(self, prefix_codes: Sequence[int]) -> list[int]:
         """The codes that can follow ``prefix_codes`` (walks the tables; for the reference path)."""

@@ -12,9 +12,11 @@ from training.anchors.generate import (
     BeamOutput,
     beam_search_fast,
     beam_search_reference,
+    prior_log_masses,
     search_in_batches,
 )
 from training.anchors.model import CompactSettings, ModelConfig, build_model, causal_lm
+from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
 from training.anchors.trie import SidTrie
 
 
@@ -395,3 +397,54 @@ def test_a_prior_of_the_wrong_width_is_refused(toy) -> None:
         beam_search_fast(
             model, prompts, trie, vocab, 8, 5, prior=np.ones((len(prompts), 3)), prior_weight=1.0
         )
+
+
+def _cooccurrence_rows(n_users: int, n_items: int, seed: int = 0) -> SparsePriorRows:
+    """A fitted co-occurrence prior's sparse rows: some histories reach a few items, one none."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(n_items, size=rng.integers(2, 6)) for _ in range(3 * n_items)]
+    cfg = PriorConfig(window=2)
+    prior = CooccurrencePrior.fit(seqs, np.array([f"i{i}" for i in range(n_items)]), cfg)
+    histories = [rng.integers(n_items, size=k) for k in rng.integers(0, 4, size=n_users)]
+    histories[0] = np.zeros(0, dtype=np.int64)  # no history: the background alone
+    return prior.sparse_probabilities(histories, cfg)
+
+
+def test_sparse_prior_masses_equal_the_dense_table(toy) -> None:
+    # Every level's log mass of every child prefix, for every user, looked up from the
+    # background's per-prefix mass and the sorted sparse entries, equals the dense table's.
+    _, _, trie, prompts = toy
+    rows = _cooccurrence_rows(len(prompts), trie.n_items)
+    assert rows.shares.nnz < rows.shape[0] * rows.shape[1]  # sparse indeed
+    assert rows.smooth[0] == 1.0  # the empty history
+    device = torch.device("cpu")
+    sparse = prior_log_masses(trie, rows, device)
+    dense = prior_log_masses(trie, rows.dense(), device)
+    for level in range(trie.n_levels):
+        users = torch.arange(len(prompts)).unsqueeze(1)
+        kids = torch.arange(trie.n_children(level)).unsqueeze(0).expand(len(prompts), -1)
+        np.testing.assert_allclose(
+            sparse[level].at(users, kids).numpy(),
+            dense[level].at(users, kids).numpy(),
+            rtol=1e-5,
+            atol=1e-6,
+        )
+
+
+@pytest.mark.parametrize("search", [beam_search_fast, beam_search_reference])
+def test_sparse_prior_rows_decode_as_the_dense_ones(toy, search) -> None:
+    model, vocab, trie, prompts = toy
+    rows = _cooccurrence_rows(len(prompts), trie.n_items, seed=3)
+    sparse = search(model, prompts, trie, vocab, 8, 5, prior=rows, prior_weight=1.5)
+    dense = search(model, prompts, trie, vocab, 8, 5, prior=rows.dense(), prior_weight=1.5)
+    assert (sparse.items == dense.items).all()
+    np.testing.assert_allclose(sparse.log_probs, dense.log_probs, atol=1e-5)
+    alone = search(model, prompts, trie, vocab, 8, 5)
+    assert not (sparse.items == alone.items).all()
+
+
+def test_a_sparse_prior_of_the_wrong_width_is_refused(toy) -> None:
+    model, vocab, trie, prompts = toy
+    rows = _cooccurrence_rows(len(prompts), trie.n_items + 2)
+    with pytest.raises(ValueError, match="expected"):
+        beam_search_fast(model, prompts, trie, vocab, 8, 5, prior=rows, prior_weight=1.0)
