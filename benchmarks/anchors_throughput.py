@@ -17,8 +17,11 @@ even so is reported as failed with the error in one line, and the script exits w
 
 ``--prior-weight W`` also times the fast path with the co-occurrence prior fused in
 (``training/anchors/prior.py``, fitted on the benchmark's own random histories), interleaved with
-the plain fast path (``fast``, ``fast+prior``, ``fast#2``, ``fast+prior#2``): the prior's cost per
-batch (its ``[batch, items]`` rows and one scatter per SID level) grows with the catalog.
+the plain fast path (``fast``, ``fast+prior``, ``fast#2``, ``fast+prior#2``). The prior's rows are
+sparse, as generation builds them (the background's mass per prefix and each user's few
+co-occurring items, looked up by binary search); ``--prior-dense`` also times them as the dense
+``[batch, items]`` table of before (``fast+prior-dense``, interleaved too), whose cost grows with
+the catalog, and checks that both decode the same anchors.
 
 Prints a table (users/s, seconds, peak GPU memory, agreement of the two paths) and writes
 ``benchmarks/results/anchors_throughput_<model>_<device>.json`` (or ``--out``). Needs torch,
@@ -62,7 +65,7 @@ from training.anchors.generate import (
     search_in_batches,
 )
 from training.anchors.model import CompactSettings, build_compact_model
-from training.anchors.prior import CooccurrencePrior, PriorConfig
+from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, build_compact_tokenizer
 
@@ -208,6 +211,12 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also time the fast path with the co-occurrence prior at this weight, interleaved "
         "with the plain fast path (0: not timed)",
     )
+    p.add_argument(
+        "--prior-dense",
+        action="store_true",
+        help="with --prior-weight, also time the prior's rows as a dense [batch, items] table "
+        "(fast+prior-dense), interleaved with the sparse rows generation uses",
+    )
     p.add_argument("--out", type=Path, default=None, help="JSON report path")
     args = p.parse_args(argv)
     for name in ("users", "history", "beam_width", "num_anchors", "batch_size", "items"):
@@ -249,7 +258,10 @@ def run(args: argparse.Namespace) -> int:
         histories, np.array([f"i{i}" for i in range(args.items)]), prior_cfg
     )
 
-    def prior_of(rows: np.ndarray) -> np.ndarray:
+    def prior_of(rows: np.ndarray) -> SparsePriorRows:
+        return prior.sparse_probabilities([histories[i] for i in rows], prior_cfg)
+
+    def prior_dense_of(rows: np.ndarray) -> np.ndarray:
         return prior.probabilities([histories[i] for i in rows], prior_cfg)
 
     kw = {
@@ -265,8 +277,10 @@ def run(args: argparse.Namespace) -> int:
     plans: list[tuple[str, Callable[..., BeamOutput], list[list[int]]]] = [("fast", fast, prompts)]
     if args.prior_weight > 0:
         fused = partial(fast, prior_weight=args.prior_weight)
-        plans += [("fast+prior", fused, prompts), ("fast#2", fast, prompts)]
-        plans += [("fast+prior#2", fused, prompts)]
+        rounds = [("fast+prior", fused, prompts)]
+        if args.prior_dense:
+            rounds.append(("fast+prior-dense", fused, prompts))
+        plans += rounds + [("fast#2", fast, prompts)] + [(f"{n}#2", f, ps) for n, f, ps in rounds]
     if args.ab_shortcuts:
         plain = partial(fast, shortcuts=False)
         plans += [("no-shortcuts", plain, prompts), ("fast#2", fast, prompts)]
@@ -285,7 +299,11 @@ def run(args: argparse.Namespace) -> int:
                 args.batch_size,
                 args.warmup_users,
                 device,
-                prior_of if name.startswith("fast+prior") else None,
+                prior_dense_of
+                if name.startswith("fast+prior-dense")
+                else prior_of
+                if name.startswith("fast+prior")
+                else None,
             )
         except (torch.OutOfMemoryError, RuntimeError) as exc:
             if not is_out_of_memory(exc):
@@ -321,6 +339,10 @@ def run(args: argparse.Namespace) -> int:
         if name in outputs and "fast" in outputs:
             same = agreement(outputs[name], outputs["fast"])
             rows[name]["identical_to_fast"] = same["identical_anchor_lists"]
+    for name in ("fast+prior-dense", "fast+prior-dense#2"):
+        if name in outputs and "fast+prior" in outputs:
+            same = agreement(outputs[name], outputs["fast+prior"])
+            rows[name]["identical_to_sparse_prior"] = same["identical_anchor_lists"]
     if "fast" in outputs and "generate" in outputs:
         agree = agreement(outputs["fast"], outputs["generate"])
         agree["speedup"] = round(
@@ -359,16 +381,19 @@ def run(args: argparse.Namespace) -> int:
         f"{args.history}-item histories ({len(prompts[0])} tokens), beam {args.beam_width}, "
         f"{args.num_anchors} anchors, {args.items} items, codebooks {sizes}"
     )
-    print(f"{'path':<15}{'users':>8}{'batch':>7}{'seconds':>10}{'users/s':>10}{'peak GB':>9}")
+    print(f"{'path':<20}{'users':>8}{'batch':>7}{'seconds':>10}{'users/s':>10}{'peak GB':>9}")
     for name, r in rows.items():
         mem = "-" if r["peak_gpu_memory_gb"] is None else f"{r['peak_gpu_memory_gb']:.2f}"
         if "error" in r:
-            print(f"{name:<15}{r['users']:>8}  failed: {r['error']}")
+            print(f"{name:<20}{r['users']:>8}  failed: {r['error']}")
             continue
         print(
-            f"{name:<15}{r['users']:>8}{r['largest_batch']:>7}{r['seconds']:>10.2f}"
+            f"{name:<20}{r['users']:>8}{r['largest_batch']:>7}{r['seconds']:>10.2f}"
             f"{r['users_per_second']:>10.1f}{mem:>9}"
         )
+    for name, r in rows.items():
+        if "identical_to_sparse_prior" in r:
+            print(f"{name}: {r['identical_to_sparse_prior']:.1%} anchor lists identical to sparse")
     if agree:
         print(
             f"agreement on {agree['users_compared']} users: "
