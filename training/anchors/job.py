@@ -328,7 +328,7 @@ def train_anchor_model(
         )
         metrics["ensemble_members"] = members
         if len(eval_set.targets):
-            hr, ndcg = _ensemble_eval(member_paths, catalog, trie, eval_set, cfg)
+            hr, ndcg = _ensemble_eval(member_paths, catalog, trie, eval_set, cfg, fusion)
             # The whole ensemble on the same held-out users as each member.
             metrics["ensemble_eval_hr@10"], metrics["ensemble_eval_ndcg@10"] = hr, ndcg
             update_info(out_dir, {"ensemble_metrics": {"eval_hr@10": hr, "eval_ndcg@10": ndcg}})
@@ -358,9 +358,16 @@ def _ensemble_eval(
     trie: SidTrie,
     eval_set: EvalSet,
     cfg: AnchorConfig,
+    fusion: TrainingPrior | None,
 ) -> tuple[float, float]:
-    """HR@10 and NDCG@10 of the saved members decoding together on the held-out users."""
-    return _held_out_eval(member_paths, catalog, trie, eval_set, cfg, None, (0.0,))[0]
+    """HR@10 and NDCG@10 of the saved members decoding together on the held-out users.
+
+    Members trained with the prior fused decode with it, at their training weight.
+    """
+    if fusion is None:
+        return _held_out_eval(member_paths, catalog, trie, eval_set, cfg, None, (0.0,))[0]
+    weights = (fusion.weight,)
+    return _held_out_eval(member_paths, catalog, trie, eval_set, cfg, fusion.prior, weights)[0]
 
 
 def _held_out_eval(
@@ -452,8 +459,8 @@ def _fit_prior(
         weight = pc.train_weight
         logger.warning(
             "no held-out users (training.eval_users 0): the co-occurrence prior's weight cannot "
-            "be chosen and is set to the training weight %s; give prior.weight a number to "
-            "decode with another",
+            "be chosen and is set to %s (prior.train_weight; 0: the LM alone); give "
+            "prior.weight a number to decode with another",
             pc.train_weight,
         )
     prior = CooccurrencePrior.fit(seqs.sequences(), catalog.item_ids, pc)

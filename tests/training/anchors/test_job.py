@@ -539,6 +539,28 @@ def test_a_model_trained_with_the_prior_fused_decodes_with_its_training_weight(
     assert "trained with the co-occurrence prior fused at weight 1.5" in caplog.text
 
 
+def test_an_ensemble_trained_fused_is_evaluated_with_the_prior(
+    tmp_path, toy_data, monkeypatch
+) -> None:
+    import training.anchors.job as job
+
+    calls = []
+    real = job._held_out_eval
+
+    def spy(*args, **kwargs):
+        calls.append((args[5] is not None, tuple(args[6])))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(job, "_held_out_eval", spy)
+    semantics, positives, sizes = toy_data
+    cfg = tiny_config(epochs=1, ensemble_size=2)
+    cfg.prior.train_weight = 1.5
+    result = train_anchor_model(semantics, positives, sizes, cfg, tmp_path / "m")
+    # The members learned a correction to the prior: the ensemble decodes with it, at 1.5.
+    assert calls == [(True, (1.5,))]
+    assert result.metrics["ensemble_eval_hr@10"] is not None
+
+
 def test_training_fused_warns_when_a_batch_of_prior_rows_is_large(
     tmp_path, toy_data, caplog, monkeypatch
 ) -> None:
