@@ -92,9 +92,6 @@ from training.io import write_manifest, write_table
 
 logger = logging.getLogger(__name__)
 
-FUSED_TABLE_WARN_BYTES: Final = 2 * 2**30
-"""Prior rows per training batch (``prior.train_weight``) above which training warns."""
-
 ANCHORS_DIR: Final = "anchors"
 ANCHORS_FILE: Final = "user_interest_anchors.parquet"
 
@@ -232,19 +229,6 @@ def train_anchor_model(
             cfg.prior,
             cfg.prior.train_weight,
         )
-        # One dense prior row per scored item of a batch, and its log on the device: with
-        # loss_on "all" a batch scores up to max_history + 1 items per example.
-        per_example = sc.max_history + 1 if tc.loss_on == "all" else 1
-        table_bytes = 2 * 4 * tc.batch_size * per_example * catalog.n_items
-        if table_bytes > FUSED_TABLE_WARN_BYTES:
-            logger.warning(
-                "prior.train_weight: each batch holds %.1f GiB of prior rows (%d scored items x "
-                "%d catalog items, float32, twice); lower training.batch_size, or use loss_on "
-                "target (one scored item per example)",
-                table_bytes / 2**30,
-                tc.batch_size * per_example,
-                catalog.n_items,
-            )
     if len(examples) == 0:
         usable = int((np.diff(seqs.offsets) >= 2).sum())
         raise AnchorInputError(

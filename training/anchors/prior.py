@@ -206,9 +206,11 @@ class SparsePriorRows:
     ``[users, n_items]`` table (256 MB for 64 users over a million items).
 
     Attributes:
-        shares: ``[n, n_items]`` sparse float32.
-        smooth: ``[n]`` the background's share of each row (``smoothing``, or 1 for a history
-            that co-occurs with nothing).
+        shares: ``[n, n_items]`` sparse float32. Training rows
+            (:meth:`CooccurrencePrior.training_probabilities`) also hold negative entries: their
+            own later occurrences taken out of the background.
+        smooth: ``[n]`` the background's weight in each row (``smoothing``, or 1 for a history
+            that co-occurs with nothing; rescaled for training rows).
         background: ``[n_items]`` add-one popularity, summing to 1.
     """
 
@@ -370,7 +372,7 @@ class CooccurrencePrior:
         seq_start: IntArray,
         seq_end: IntArray,
         cfg: PriorConfig,
-    ) -> npt.NDArray[np.float32]:
+    ) -> SparsePriorRows:
         """``p(i | h)`` for training positions, without what their own sequence taught the prior.
 
         The prior fused into training (``PriorConfig.train_weight``) was counted on the training
@@ -393,7 +395,9 @@ class CooccurrencePrior:
             cfg: Decay, history length and smoothing.
 
         Returns:
-            ``[len(positions), n_items]`` float32 rows summing to 1.
+            ``len(positions)`` rows over the catalog summing to 1, sparse (``.dense()`` for a
+            table): the shared background, rescaled per row, and the row's entries, negative at
+            the items whose own occurrences leave its background.
         """
         items = np.asarray(items, dtype=np.int64)
         positions = np.asarray(positions, dtype=np.int64)
@@ -468,12 +472,14 @@ class CooccurrencePrior:
             background=(mass / mass.sum()).astype(np.float32),
         )
 
-    def _rows(
-        self, scores: sp.csr_matrix, smoothing: float, own: sp.csr_matrix
-    ) -> npt.NDArray[np.float32]:
-        """Dense training rows: :meth:`_sparse_rows`, ``own`` occurrences left out per row.
+    def _rows(self, scores: sp.csr_matrix, smoothing: float, own: sp.csr_matrix) -> SparsePriorRows:
+        """Training rows: :meth:`_sparse_rows` with ``own`` occurrences left out per row.
 
-        ``own`` holds, per row, the occurrences to take out of the background's counts.
+        ``own`` holds, per row, the occurrences to take out of the background's counts. The
+        row's background is then ``(counts + 1 - own) / norm`` with its own ``norm``: kept
+        sparse as the shared background rescaled (``smooth * Z / norm``) plus negative entries
+        at the row's own items (every item keeps a count of at least 1, so no mass goes
+        negative).
         """
         rows = self._sparse_rows(scores, smoothing)
         n = scores.shape[0]
@@ -482,12 +488,17 @@ class CooccurrencePrior:
         own.sum_duplicates()
         norm = mass.sum() - np.asarray(own.sum(axis=1), dtype=np.float64).ravel()
         scale = rows.smooth.astype(np.float64) / norm
-        out = np.empty((n, self.n_items), dtype=np.float32)
-        np.multiply(scale[:, None], mass[None, :], out=out, casting="unsafe")
         owner = np.repeat(np.arange(n), np.diff(own.indptr))
-        out[owner, own.indices] -= (scale[owner] * own.data).astype(np.float32)
-        rows.add_shares_to(out)
-        return out
+        correction = sp.csr_matrix(
+            (-(scale[owner] * own.data), own.indices, own.indptr), shape=own.shape
+        )
+        entries = (rows.shares.astype(np.float64) + correction).tocsr()
+        entries.sum_duplicates()
+        return SparsePriorRows(
+            shares=entries.astype(np.float32),
+            smooth=(scale * mass.sum()).astype(np.float32),
+            background=rows.background,
+        )
 
     def save(self, directory: Path) -> None:
         """Write :data:`PRIOR_FILE` and :data:`PRIOR_INFO` into ``directory``."""

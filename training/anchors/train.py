@@ -221,7 +221,7 @@ class TrainingPrior:
     cfg: PriorConfig
     weight: float
 
-    def example_rows(self, examples: ExampleSet, rows: IntArray) -> npt.NDArray[np.float32]:
+    def example_rows(self, examples: ExampleSet, rows: IntArray) -> SparsePriorRows:
         """Prior rows of the scored items of examples ``rows``, in :func:`collate`'s order.
 
         Each leaves out what the example's own sequence contributed from its scored item on

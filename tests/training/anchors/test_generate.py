@@ -410,13 +410,31 @@ def _cooccurrence_rows(n_users: int, n_items: int, seed: int = 0) -> SparsePrior
     return prior.sparse_probabilities(histories, cfg)
 
 
-def test_sparse_prior_masses_equal_the_dense_table(toy) -> None:
+def _training_rows(n_rows: int, n_items: int, seed: int = 0) -> SparsePriorRows:
+    """Training rows of a fitted prior: their own later items left out (negative entries)."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(n_items, size=8) for _ in range(3 * n_items)]
+    cfg = PriorConfig(window=3)
+    prior = CooccurrencePrior.fit(seqs, np.array([f"i{i}" for i in range(n_items)]), cfg)
+    items = np.concatenate(seqs)
+    positions = 8 * np.arange(n_rows) + rng.integers(1, 8, size=n_rows)
+    start = 8 * np.arange(n_rows)
+    return prior.training_probabilities(items, start, positions, start, start + 8, cfg)
+
+
+@pytest.mark.parametrize("kind", ["generation", "training"])
+def test_sparse_prior_masses_equal_the_dense_table(toy, kind) -> None:
     # Every level's log mass of every child prefix, for every user, looked up from the
-    # background's per-prefix mass and the sorted sparse entries, equals the dense table's.
+    # background's per-prefix mass and the sorted sparse entries, equals the dense table's;
+    # training rows carry negative entries (their own later items out of the background).
     _, _, trie, prompts = toy
-    rows = _cooccurrence_rows(len(prompts), trie.n_items)
+    if kind == "generation":
+        rows = _cooccurrence_rows(len(prompts), trie.n_items)
+        assert rows.smooth[0] == 1.0  # the empty history
+    else:
+        rows = _training_rows(len(prompts), trie.n_items)
+        assert (rows.shares.data < 0).any()
     assert rows.shares.nnz < rows.shape[0] * rows.shape[1]  # sparse indeed
-    assert rows.smooth[0] == 1.0  # the empty history
     device = torch.device("cpu")
     sparse = prior_log_masses(trie, rows, device)
     dense = prior_log_masses(trie, rows.dense(), device)

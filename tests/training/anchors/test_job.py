@@ -561,24 +561,6 @@ def test_an_ensemble_trained_fused_is_evaluated_with_the_prior(
     assert result.metrics["ensemble_eval_hr@10"] is not None
 
 
-def test_training_fused_warns_when_a_batch_of_prior_rows_is_large(
-    tmp_path, toy_data, caplog, monkeypatch
-) -> None:
-    import training.anchors.job as job
-
-    semantics, positives, sizes = toy_data
-    cfg = tiny_config(epochs=1, loss_on="all", batch_size=8)
-    cfg.prior.train_weight = 1.0
-    # 8 examples x (6 + 1) scored items x 24 items x 4 bytes x 2 = 10,752 bytes.
-    monkeypatch.setattr(job, "FUSED_TABLE_WARN_BYTES", 10_000)
-    train_anchor_model(semantics, positives, sizes, cfg, tmp_path / "m")
-    assert "56 scored items x 24 catalog items" in caplog.text
-    caplog.clear()
-    monkeypatch.setattr(job, "FUSED_TABLE_WARN_BYTES", 11_000)
-    train_anchor_model(semantics, positives, sizes, cfg, tmp_path / "n")
-    assert "scored items x" not in caplog.text
-
-
 def test_a_model_saved_without_a_prior(tmp_path, toy_data, trained_compact) -> None:
     """Models trained before the prior existed decode as before under 'auto' and refuse a
     positive weight with a message that says what to do."""

@@ -155,8 +155,9 @@ def test_training_rows_leave_out_the_rows_own_later_items(
         offsets[np.array(u_of)],
         np.array(seq_end),
         cfg,
-    )
+    ).dense()
     assert got.shape == (len(positions), n) and got.dtype == np.float32
+    assert (got > 0).all()
     for row, (u, p, h0) in enumerate(zip(u_of, positions, history_start, strict=True)):
         t = p - offsets[u]
         others = [s for v, s in enumerate(seqs) if v != u] + [seqs[u][:t]]

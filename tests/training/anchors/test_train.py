@@ -160,7 +160,7 @@ def test_training_rows_of_examples_follow_collate_order() -> None:
         examples = ExampleSet.build(seqs, 2, loss_on)
         tp = TrainingPrior(fitted, cfg, 1.0)
         rows = np.arange(len(examples))[::-1].copy()
-        got = tp.example_rows(examples, rows)
+        got = tp.example_rows(examples, rows).dense()
         expected = []
         for r in rows:
             for pos in range(examples.loss_start[r], examples.end[r]):
@@ -172,7 +172,7 @@ def test_training_rows_of_examples_follow_collate_order() -> None:
                         examples.seq_start[r : r + 1],
                         examples.seq_end[r : r + 1],
                         cfg,
-                    )[0]
+                    ).dense()[0]
                 )
         np.testing.assert_allclose(got, np.array(expected), rtol=1e-6)
 
