@@ -39,7 +39,7 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, cast
+from typing import Annotated, Literal, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
@@ -261,17 +261,17 @@ PriorRows = torch.Tensor | npt.NDArray[np.float32] | SparsePriorRows
 dense, or sparse (:class:`training.anchors.prior.SparsePriorRows`, what generation uses)."""
 
 
-class LevelLogMass:
+class LevelLogMass(Protocol):
     """The log of a prior's mass under every child prefix of one SID level, per prompt."""
 
     n_users: int
 
     def at(self, users: torch.Tensor, kids: torch.Tensor) -> torch.Tensor:
         """``log M`` of child prefixes ``kids`` (ids >= 0) of prompts ``users`` (broadcast)."""
-        raise NotImplementedError
+        ...
 
 
-class DenseLogMass(LevelLogMass):
+class DenseLogMass:
     """From a dense ``[users, n_children]`` table of masses."""
 
     def __init__(self, mass: torch.Tensor) -> None:
@@ -284,7 +284,7 @@ class DenseLogMass(LevelLogMass):
         return self.table[users, kids]
 
 
-class SparseLogMass(LevelLogMass):
+class SparseLogMass:
     """From the background's mass per child prefix and each prompt's sorted sparse entries.
 
     ``M(u, c) = smooth[u] * background[c] + shares(u, c)``; the shares are found by a binary

@@ -316,7 +316,8 @@ def train_anchor_model(
             # The whole ensemble on the same held-out users as each member.
             metrics["ensemble_eval_hr@10"], metrics["ensemble_eval_ndcg@10"] = hr, ndcg
             update_info(out_dir, {"ensemble_metrics": {"eval_hr@10": hr, "eval_ndcg@10": ndcg}})
-    prior = _fit_prior(member_paths, catalog, trie, prior_seqs, seqs, eval_set, cfg)
+    held_out_prior = None if fusion is None else fusion.prior
+    prior = _fit_prior(member_paths, catalog, trie, prior_seqs, seqs, eval_set, cfg, held_out_prior)
     metrics["prior_weight_chosen"] = prior.weight
     metrics["prior_tuning"] = prior.tuning
     metrics["prior_pairs"] = int(prior.matrix.nnz)
@@ -407,8 +408,12 @@ def _fit_prior(
     seqs: UserSequences,
     eval_set: EvalSet,
     cfg: AnchorConfig,
+    held_out: CooccurrencePrior | None = None,
 ) -> CooccurrencePrior:
     """Save the co-occurrence prior beside the model; with ``prior.weight: auto`` choose a weight.
+
+    ``held_out``: the prior already counted on ``prior_seqs`` (fused training fits it), reused
+    for the choice instead of counted again.
 
     A model trained with the prior fused (``prior.train_weight``) decodes with that weight
     unless ``auto`` asks for a choice, whose candidates then include it.
@@ -426,7 +431,8 @@ def _fit_prior(
     tuning: list[dict[str, float]] = []
     weight: float | None = pc.train_weight if pc.train_weight > 0 else None
     if pc.weight == "auto" and len(eval_set.targets):
-        held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc)
+        if held_out is None:
+            held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc)
         scores = _held_out_eval(member_paths, catalog, trie, eval_set, cfg, held_out, grid)
         tuning = [
             {"weight": w, "eval_hr@10": round(hr, 5), "eval_ndcg@10": round(ndcg, 5)}

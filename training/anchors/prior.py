@@ -144,7 +144,7 @@ class PriorConfig(BaseModel):
         return value
 
 
-def _ragged_arange(lengths: IntArray) -> IntArray:
+def ragged_arange(lengths: IntArray) -> IntArray:
     """``0 .. lengths[k] - 1`` for every ``k``, concatenated."""
     lengths = np.asarray(lengths, dtype=np.int64)
     return np.arange(int(lengths.sum())) - np.repeat(np.cumsum(lengths) - lengths, lengths)
@@ -223,18 +223,14 @@ class SparsePriorRows:
         """``(rows, n_items)``, as the dense table would have."""
         return (int(self.shares.shape[0]), int(self.shares.shape[1]))
 
-    def add_shares_to(self, out: npt.NDArray[np.float32]) -> None:
-        """Add the rows' co-occurrence entries to a dense ``[n, n_items]`` table in place."""
-        user = np.repeat(np.arange(self.shape[0]), np.diff(self.shares.indptr))
-        out[user, self.shares.indices] += self.shares.data
-
     def dense(self) -> npt.NDArray[np.float32]:
         """The rows as a dense ``[n, n_items]`` float32 table."""
         # Written once as the background, then added to at the scored entries: a dense float64
         # intermediate took 9 s for 512 users x 200,000 items; this takes a fraction of a second.
         out = np.empty(self.shape, dtype=np.float32)
         np.multiply(self.smooth[:, None], self.background[None, :], out=out)
-        self.add_shares_to(out)
+        user = np.repeat(np.arange(self.shape[0]), np.diff(self.shares.indptr))
+        out[user, self.shares.indices] += self.shares.data
         return out
 
 
@@ -406,7 +402,7 @@ class CooccurrencePrior:
         first = np.maximum(np.asarray(history_start, dtype=np.int64), positions - cfg.history)
         lengths = np.maximum(positions - first, 0)
         rows = np.repeat(np.arange(n), lengths)
-        back = _ragged_arange(lengths)
+        back = ragged_arange(lengths)
         cols = items[np.repeat(positions, lengths) - 1 - back]
         if len(cols) and (cols.min() < 0 or cols.max() >= self.n_items):
             raise AnchorInputError(
@@ -421,7 +417,7 @@ class CooccurrencePrior:
         # after the scored position: what C holds of them in the history items' rows is the leak.
         ahead = np.maximum(np.asarray(seq_end, dtype=np.int64) - positions, 0)
         late_row = np.repeat(np.arange(n), ahead)
-        late = np.repeat(positions, ahead) + _ragged_arange(ahead)
+        late = np.repeat(positions, ahead) + ragged_arange(ahead)
         leak_rows, leak_cols, leak_vals = [], [], []
         for d in range(1, self.window + 1):
             ok = late - d >= seq_start[late_row]

@@ -49,7 +49,12 @@ from training.anchors.generate import (
     search_in_batches,
 )
 from training.anchors.model import causal_lm
-from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
+from training.anchors.prior import (
+    CooccurrencePrior,
+    PriorConfig,
+    SparsePriorRows,
+    ragged_arange,
+)
 from training.anchors.sequences import EvalSet, ExampleSet, LossOn
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
@@ -229,9 +234,7 @@ class TrainingPrior:
         """
         starts, ends = examples.loss_start[rows], examples.end[rows]
         counts = ends - starts
-        positions = np.repeat(starts, counts) + (
-            np.arange(int(counts.sum())) - np.repeat(np.cumsum(counts) - counts, counts)
-        )
+        positions = np.repeat(starts, counts) + ragged_arange(counts)
         seq_start = examples.start if examples.seq_start is None else examples.seq_start
         seq_end = examples.end if examples.seq_end is None else examples.seq_end
         return self.prior.training_probabilities(
