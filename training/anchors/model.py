@@ -82,13 +82,18 @@ class CompactSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    hidden_size: int = Field(default=256, ge=8, description="Hidden size.")
-    num_layers: int = Field(default=4, ge=1, description="Transformer layers.")
+    hidden_size: int = Field(
+        default=128,
+        ge=8,
+        description="Hidden size (a wider model measured no better on Amazon Scientific: "
+        "docs/anchors.md).",
+    )
+    num_layers: int = Field(default=2, ge=1, description="Transformer layers.")
     num_heads: int = Field(default=4, ge=1, description="Attention heads.")
     num_kv_heads: int = Field(
         default=4, ge=1, description="Key/value heads (grouped-query attention when fewer)."
     )
-    intermediate_size: int = Field(default=768, ge=8, description="MLP inner size.")
+    intermediate_size: int = Field(default=384, ge=8, description="MLP inner size.")
     max_position_embeddings: int = Field(
         default=1024,
         ge=16,

@@ -102,8 +102,11 @@ class TrainConfig(BaseModel):
         "the average instead of the raw weights (null: off).",
     )
     loss_on: LossOn = Field(
-        default="target",
-        description="'target': loss on the target item's SID tokens; 'all': on every item.",
+        default="all",
+        description="'all': loss on every item of a history window (one forward pass scores "
+        "up to max_history + 1 targets); 'target': one example per target item, the loss on "
+        "its SID tokens only (the generation task exactly, as accurate in measurement and "
+        "several times slower).",
     )
     eval_users: int = Field(
         default=2000,

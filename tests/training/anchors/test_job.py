@@ -210,12 +210,19 @@ def test_generation_feeds_the_history_length_the_model_was_trained_on(
 
 
 def test_no_training_examples_names_the_evaluation_hold_out(tmp_path, toy_data) -> None:
+    # With loss_on "target" a one-item sequence has no example (with "all" its item is one).
     semantics, positives, sizes = toy_data
     two_each = positives.filter(
         pc.less(positives.column("event_timestamp"), T0 + timedelta(hours=12))
     )
     with pytest.raises(AnchorInputError, match=r"training\.eval_users 100 held out"):
-        train_anchor_model(semantics, two_each, sizes, tiny_config(eval_users=100), tmp_path / "m")
+        train_anchor_model(
+            semantics,
+            two_each,
+            sizes,
+            tiny_config(eval_users=100, loss_on="target"),
+            tmp_path / "m",
+        )
 
 
 def test_anchors_table_is_built_in_batches_that_fit_arrow_offsets(monkeypatch) -> None:
