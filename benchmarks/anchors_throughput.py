@@ -5,7 +5,9 @@ histories (50), beam width 20, 10 anchors, a catalog of ``--items`` random SIDs 
 ``--levels`` codebooks of ``--codebook-size`` codes plus a disambiguation level. Models (random
 weights, so only speed is measured):
 
-* ``compact``: the stage's default compact Qwen2 (hidden 256, 4 layers), the CPU default;
+* ``compact``: the stage's default compact Qwen2 (hidden 128, 2 layers since 2026-12-04; the
+  figures recorded before then are of the earlier default, hidden 256, 4 layers), the CPU
+  default;
 * ``qwen2.5-0.5b-shaped``: Qwen2.5-0.5B's shape (hidden 896, 24 layers, 14 heads, 2 KV heads,
   MLP 4864, tied 151,936-token vocabulary plus the SID tokens), for GPU runs.
 
