@@ -348,3 +348,20 @@ def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
     assert re.search(r"^\d+ clicks of requests before .* became known only after it", out, re.M)
     # It ended by serving a request from the exported bundle, then printed the timings.
     assert "service stopped" in out and re.search(r"^total\s+\d+\.\d+$", out, re.M)
+
+
+def test_stage_logs_reach_stderr_at_the_chosen_level(tmp_path: Path, sids_run: Path) -> None:
+    """Per-epoch held-out metrics are logged at INFO: shown by default, hidden by warning."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
+    train = ("anchors", "train", "--run-dir", str(run), "--config", str(anchors))
+    result = runner.invoke(app, list(train))
+    assert result.exit_code == 0, result.output
+    assert "training.anchors.train: epoch 1: train loss" in result.stderr
+    assert "HR@10" in result.stderr and "epoch 1: train loss" not in result.stdout
+    quiet = runner.invoke(app, ["--log-level", "warning", *train])
+    assert quiet.exit_code == 0, quiet.output
+    assert "epoch 1: train loss" not in quiet.output
+    code, out = gpl("--log-level", "chatty", *train)
+    assert code == 2 and "chatty" in out
