@@ -118,8 +118,9 @@ def train_one(
     args: argparse.Namespace,
 ) -> tuple[SasRec, dict[str, Any]]:
     """Train with early stopping on the held-out users' NDCG@10; return the best epoch's model."""
-    torch.manual_seed(args.seed)
-    rng = np.random.default_rng(args.seed)
+    seed = args.seed if args.model_seed is None else args.model_seed
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
     model = SasRec(
         n_items, setting["hidden"], args.layers, args.heads, setting["dropout"], args.max_len + 1
     ).to(args.device)
@@ -191,6 +192,12 @@ def main() -> None:
         "--eval-users", type=int, default=2000, help="held-out users, as anchors_quality.py"
     )
     p.add_argument("--seed", type=int, default=0, help="seed of the held-out users and the model")
+    p.add_argument(
+        "--model-seed",
+        type=int,
+        default=None,
+        help="seed of the model's initialization and batch order only (default: --seed)",
+    )
     p.add_argument("--hidden", type=int, nargs="+", default=[64, 128])
     p.add_argument("--dropout", type=float, nargs="+", default=[0.2, 0.5])
     p.add_argument(
