@@ -211,7 +211,15 @@ def train_model(
             "seconds": round(time.perf_counter() - t0, 2),
         }
         result.epochs.append(record)
-        logger.info("%s/%s %s", kind, objective, record)
+        logger.info(
+            "%s/%s epoch %d: train loss %.4f, validation loss %.4f, %.1fs",
+            kind,
+            objective,
+            epoch,
+            record["train_loss"],
+            record["valid_loss"],
+            record["seconds"],
+        )
         if val_loss < best_loss - 1e-5:
             best_loss, best_state, bad = val_loss, copy.deepcopy(model.state_dict()), 0
             result.best_epoch = epoch
