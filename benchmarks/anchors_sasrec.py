@@ -122,12 +122,14 @@ def train_one(
     torch.manual_seed(seed)
     rng = np.random.default_rng(seed)
     model = SasRec(
-        n_items, setting["hidden"], args.layers, args.heads, setting["dropout"], args.max_len + 1
+        n_items, setting["hidden"], args.layers, args.heads, setting["dropout"], args.max_len
     ).to(args.device)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     seqs = [s for s in train_seqs if len(s) >= 2]
     if setting["reverse"]:
         seqs += [s[::-1] for s in seqs]
+    # max_len + 1 items: inputs are the first max_len, labels the last max_len. A user's last item
+    # then sits at position max_len - 1 in training as in scoring (``top_k`` reads max_len items).
     data = left_pad(seqs, args.max_len + 1)
     best: dict[str, Any] = {"ndcg@10": -1.0}
     state: dict[str, torch.Tensor] = {}
