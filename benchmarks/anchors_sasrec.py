@@ -57,6 +57,7 @@ class SasRec(nn.Module):
         self.encoder = nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.norm = nn.LayerNorm(hidden)
         self.max_len = max_len
+        self.heads = heads
         # Small initial embeddings (as BERT/GPT): with PyTorch's N(0, 1) default the first logits,
         # hidden state against item embedding, are of the order of the hidden size and the
         # softmax starts saturated; such runs stayed near most-popular for 50+ epochs.
@@ -76,8 +77,7 @@ class SasRec(nn.Module):
         blocked = torch.triu(torch.ones(length, length, dtype=torch.bool, device=seq.device), 1)
         blocked = blocked | (seq == 0)[:, None, :]
         blocked &= ~torch.eye(length, dtype=torch.bool, device=seq.device)
-        heads = self.encoder.layers[0].self_attn.num_heads
-        x = self.encoder(x, mask=blocked.repeat_interleave(heads, dim=0))
+        x = self.encoder(x, mask=blocked.repeat_interleave(self.heads, dim=0))
         return self.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -250,7 +250,7 @@ def main() -> None:
     val_target = [histories[u][-1] for u in val_users]
 
     # Co-occurrence in the baseline's protocol (tuned on each history's last item, refit on all).
-    test_rows = [(user, [row[i] for i in h], row[t]) for user, h, t in test]
+    test_rows = [(user, h, t) for (user, _, _), h, t in zip(test, histories, targets, strict=True)]
     cooc = cooc_baseline(test_rows, n_items, 10)
     cooc_recs = cooc_lists(histories, n_items, cooc, 10)
 

@@ -46,6 +46,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import torch
+from preranker import ANCHORS as PRERANKER_ANCHORS
 
 from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
 from training.anchors.sequences import cutoffs_of
@@ -217,17 +218,9 @@ def run_dataset(
     positives_train = data.interactions.filter(pc.less(inter_ts, split_ts))
     anchor_cfg = AnchorConfig.model_validate(
         {
-            # The compact LM of benchmarks/preranker.py: whole-window loss, 2 layers of 128.
-            # MLP 768: the product default when the figures in BENCHMARKS.md were measured
-            # (384 since 2026-12-04); pinned so that they reproduce.
-            "model": {
-                "compact": {
-                    "hidden_size": 128,
-                    "num_layers": 2,
-                    "num_heads": 4,
-                    "intermediate_size": 768,
-                }
-            },
+            # The compact LM of benchmarks/preranker.py (pinned there): whole-window loss, 2
+            # layers of 128.
+            "model": PRERANKER_ANCHORS["model"],
             "sequences": {
                 "max_history": 30,
                 "reverse_augmentation": args.reverse_augmentation,
