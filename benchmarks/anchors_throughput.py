@@ -202,8 +202,15 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument(
         "--ab-shortcuts",
         action="store_true",
-        help="also time the fast path without its exact shortcuts (whole-cache reorder, the "
-        "last level always decoded), alternating: fast, no-shortcuts, fast, no-shortcuts",
+        help="also time the fast path without its exact shortcuts (the last level always "
+        "decoded), alternating: fast, no-shortcuts, fast, no-shortcuts",
+    )
+    p.add_argument(
+        "--ab-shared-history",
+        action="store_true",
+        help="also time the fast path with the KV cache expanded B-fold after the prefill (the "
+        "search before 2026-12-04) instead of one shared history per user, alternating: fast, "
+        "expanded-cache, fast, expanded-cache",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -287,6 +294,10 @@ def run(args: argparse.Namespace) -> int:
         plain = partial(fast, shortcuts=False)
         plans += [("no-shortcuts", plain, prompts), ("fast#2", fast, prompts)]
         plans += [("no-shortcuts#2", plain, prompts)]
+    if args.ab_shared_history:
+        expanded = partial(fast, shared_history=False)
+        plans += [("expanded-cache", expanded, prompts), ("fast#2", fast, prompts)]
+        plans += [("expanded-cache#2", expanded, prompts)]
     if not args.skip_reference:
         plans.append(("generate", beam_search_reference, prompts[: args.reference_users]))
     for name, fn, ps in plans:
@@ -337,7 +348,7 @@ def run(args: argparse.Namespace) -> int:
         rows[name] = row
 
     agree: dict[str, Any] = {}
-    for name in ("no-shortcuts", "fast#2", "no-shortcuts#2"):
+    for name in ("no-shortcuts", "fast#2", "no-shortcuts#2", "expanded-cache", "expanded-cache#2"):
         if name in outputs and "fast" in outputs:
             same = agreement(outputs[name], outputs["fast"])
             rows[name]["identical_to_fast"] = same["identical_anchor_lists"]

@@ -14,11 +14,15 @@ catalog). Both implementations compute exactly this; they return the same anchor
   prefix_allowed_tokens_fn=..., max_new_tokens=n_levels, renormalize_logits=True,
   length_penalty=0)``; ``renormalize_logits`` re-applies log-softmax after the trie mask.
 * :func:`beam_search_fast`: one prefill over the left-padded histories (not B copies of each, as
-  ``generate`` does), the KV cache expanded B-fold only after the prefill and reordered by beam
-  index each step, the trie mask of all beams gathered in one indexing op from the dense per-level
-  tables (:class:`~training.anchors.trie.SidTrie`), and the LM head applied only to the current
-  level's SID rows (``[beams, size_l]`` logits instead of ``[beams, vocab]``: for Qwen2.5's 151k
-  vocabulary that is most of the decode FLOPs saved).
+  ``generate`` does); then each level feeds a user's B beams as one block of B tokens that
+  attend, through a tree attention mask, to the one copy of the user's history in the KV cache
+  and to their own ancestors' tokens (:class:`_SharedHistory`): the cache is never copied B-fold
+  nor reordered by beam. The trie mask of all beams is gathered in one indexing op from the
+  dense per-level tables (:class:`~training.anchors.trie.SidTrie`), and the LM head is applied
+  only to the current level's SID rows (``[beams, size_l]`` logits instead of ``[beams,
+  vocab]``: for Qwen2.5's 151k vocabulary that is most of the decode FLOPs saved). Attention
+  implementations that take no custom mask (flash attention) get the earlier search: the cache
+  expanded B-fold after the prefill and reordered by beam index each step.
 
 Ensembles. :func:`beam_search_fast` also takes several models trained on the same SIDs: each keeps
 its own KV cache and the members' per-step distributions are combined (:func:`combine_log_probs`)
@@ -404,6 +408,7 @@ class _Member:
         level: int,
         allowed: torch.Tensor,
         rows: torch.Tensor | None = None,
+        every_position: bool = False,
         **inputs: torch.Tensor | None,
     ) -> torch.Tensor:
         """Decode ``inputs`` and return the trie-normalized log-probs of the next ``level`` code.
@@ -412,12 +417,115 @@ class _Member:
             level: SID level of the next code.
             allowed: Which codes the trie allows, ``[rows, size_l]`` (or ``[size_l]``).
             rows: Decode on copies of only these rows of the cache (the cache itself when None).
+            every_position: Score every input position (``[rows * positions, size_l]``: the
+                beams of a shared-history step), not only the last one.
             inputs: ``input_ids``, ``attention_mask``, ``position_ids`` for the decoder.
         """
         cache = self.cache if rows is None else _cache_rows(self.cache, rows, self.model)
         hidden = self.decoder(**inputs, past_key_values=cache, use_cache=True).last_hidden_state
-        logits = self.head(hidden[:, -1], level).masked_fill(~allowed, float("-inf"))
+        hidden = hidden.flatten(0, 1) if every_position else hidden[:, -1]
+        logits = self.head(hidden, level).masked_fill(~allowed, float("-inf"))
         return torch.log_softmax(logits, dim=-1)
+
+
+class _SharedHistory:
+    """Beams attend to one copy of their user's history, through a tree attention mask.
+
+    The expanded search copies each user's history cache B times, appends to (re-concatenates)
+    all B copies every level and reorders them by beam; with a small model the decode steps are
+    then nearly all memory copies (85% of a CPU search's time, on 50-item histories). Here the
+    cache keeps ``[users, ...]`` rows: the history once, then per decoded level one block of B
+    positions, the tokens the user's B beams fed at that level. A beam attends its user's
+    history, its ancestors' slots in the earlier blocks and its own slot (the mask below), with
+    the positions it would have had alone, so every beam computes what it would in a cache of
+    its own. Reordering beams rewrites which slots they point at; the cache never moves.
+    """
+
+    def __init__(self, history_mask: torch.Tensor, width: int, dtype: torch.dtype) -> None:
+        self.history = history_mask.bool()[:, None, None, :]  # [U, 1, 1, T]
+        self.width, self.dtype = width, dtype
+        self.own = torch.eye(width, dtype=torch.bool, device=history_mask.device)
+        # Per fed block: [U, B], the slot of each current beam's ancestor in that block.
+        self.ancestors: list[torch.Tensor] = []
+
+    @staticmethod
+    def mask_dtype(models: Sequence[PreTrainedModel]) -> torch.dtype | None:
+        """The custom 4D mask's dtype for the models' attention; None: no such mask taken.
+
+        SDPA takes a boolean mask (True: attend), eager attention an additive float one; other
+        implementations (flash attention) take no custom mask, and the search expands the cache.
+        """
+        kinds: set[torch.dtype] = set()
+        for m in models:
+            impl = getattr(m.config, "_attn_implementation", None)
+            if impl == "sdpa":
+                kinds.add(torch.bool)
+            elif impl == "eager":
+                kinds.add(next(m.parameters()).dtype)
+            else:
+                return None
+        return kinds.pop() if len(kinds) == 1 else None
+
+    def mask(self) -> torch.Tensor:
+        """The ``[U, 1, B, T + blocks * B]`` mask of the block being fed."""
+        users, width = self.history.shape[0], self.width
+        blocks = [self.history.expand(-1, -1, width, -1)]
+        blocks += [
+            torch.nn.functional.one_hot(a, width).bool().unsqueeze(1) for a in self.ancestors
+        ]
+        blocks.append(self.own.expand(users, 1, width, width))
+        attend = torch.cat(blocks, dim=-1)
+        if self.dtype == torch.bool:
+            return attend
+        blocked = torch.zeros(attend.shape, dtype=self.dtype, device=attend.device)
+        return blocked.masked_fill(~attend, torch.finfo(self.dtype).min)
+
+    def advance(self, parent: torch.Tensor) -> None:
+        """After a top-B selection: beam b's parent was beam ``parent[u, b]`` of the fed block."""
+        self.ancestors = [a.gather(1, parent) for a in self.ancestors] + [parent]
+
+
+def _shared_history_step(
+    step: Callable[..., torch.Tensor],
+    tree: _SharedHistory,
+    level: int,
+    allowed_rows: torch.Tensor,
+    tokens: torch.Tensor,
+    positions: torch.Tensor,
+    decode: torch.Tensor | None,
+) -> torch.Tensor:
+    """One level of the shared-history search: every user's B beams fed as one block.
+
+    Args:
+        step: The members' combined next-code distribution (``beam_search_fast``'s ``step``).
+        tree: The users' shared-history masks.
+        level: SID level of the codes being scored.
+        allowed_rows: Codes the trie allows per beam, ``[U * B, size_l]``.
+        tokens: The token each beam feeds (its last code), ``[U, B]``.
+        positions: Their positions, ``[U, B]``.
+        decode: Which users to decode (None: all). Every beam of the others has one allowed
+            code, whose log-softmax is 0 whatever the model says.
+
+    Returns:
+        Log-probabilities ``[U * B, size_l]``.
+    """
+    inputs = {"input_ids": tokens, "attention_mask": tree.mask(), "position_ids": positions}
+    if decode is None or bool(decode.all()):
+        return step(level, allowed_rows, every_position=True, **inputs)
+    users, width = tokens.shape
+    logp = torch.zeros(allowed_rows.shape, device=allowed_rows.device)
+    logp = logp.masked_fill(~allowed_rows, float("-inf"))
+    pick = decode.nonzero().squeeze(1)
+    if len(pick):
+        picked = step(
+            level,
+            allowed_rows.view(users, width, -1)[pick].flatten(0, 1),
+            rows=pick,
+            every_position=True,
+            **{name: value[pick] for name, value in inputs.items()},
+        )
+        logp.view(users, width, -1)[pick] = picked.view(len(pick), width, -1)
+    return logp
 
 
 def _as_members(model: PreTrainedModel | Sequence[PreTrainedModel]) -> list[PreTrainedModel]:
@@ -440,6 +548,7 @@ def beam_search_fast(
     combine: EnsembleCombine = "arithmetic",
     prior: PriorRows | None = None,
     prior_weight: float = 0.0,
+    shared_history: bool = True,
 ) -> BeamOutput:
     """Trie-constrained beam search, batched over prompts, one prefill and a reused KV cache.
 
@@ -468,6 +577,11 @@ def beam_search_fast(
         prior: A prior over the catalog per prompt (:class:`training.anchors.prior.
             CooccurrencePrior`), fused into every step with ``prior_weight``; None: the LM alone.
         prior_weight: Fusion weight ``w`` (0 ignores the prior).
+        shared_history: A user's beams attend to one copy of its history cache through a tree
+            attention mask (:class:`_SharedHistory`) instead of B copies of it, when the models'
+            attention takes a custom mask (SDPA, eager). Same anchors; log-probabilities equal up
+            to rounding. False: the cache is expanded B-fold after the prefill (the search
+            before 2026-12-04, kept for the throughput benchmark's comparison).
 
     Returns:
         The top ``num_anchors`` items per prompt and their sequence log-probabilities.
@@ -490,10 +604,20 @@ def beam_search_fast(
     log_masses = prior_log_masses(trie, prior, device) if fuse and prior is not None else []
     users = torch.arange(n_users, device=device)
 
-    def step(level: int, allowed_rows: torch.Tensor, **inputs: torch.Tensor | None) -> torch.Tensor:
+    def step(
+        level: int,
+        allowed_rows: torch.Tensor,
+        rows: torch.Tensor | None = None,
+        every_position: bool = False,
+        **inputs: torch.Tensor | None,
+    ) -> torch.Tensor:
         """Every member's next-code distribution, combined into one."""
         return combine_log_probs(
-            [member.next_log_probs(level, allowed_rows, **inputs) for member in members], combine
+            [
+                member.next_log_probs(level, allowed_rows, rows, every_position, **inputs)
+                for member in members
+            ],
+            combine,
         )
 
     ids, mask = _left_pad(prompts, vocab.pad_id, device)
@@ -520,24 +644,38 @@ def beam_search_fast(
     if n_levels == 1:
         return _finish(scores, node, num_anchors)
 
-    # Expand the prefill caches B-fold only now: B beams share one history.
-    for member in members:
-        member.cache.batch_repeat_interleave(width)
     known_layout = all(_kv(member.cache) is not None for member in members)
-    mask = mask.repeat_interleave(width, dim=0)
-    next_pos = (positions[:, -1] + 1).repeat_interleave(width)
+    mask_dtype = _SharedHistory.mask_dtype(models) if shared_history else None
+    tree = None if mask_dtype is None else _SharedHistory(mask, width, mask_dtype)
+    if tree is None:
+        # Expand the prefill caches B-fold only now: B beams share one history.
+        for member in members:
+            member.cache.batch_repeat_interleave(width)
+        mask = mask.repeat_interleave(width, dim=0)
+    user_pos = positions[:, -1] + 1  # the first generated token's position, per user
+    next_pos = user_pos.repeat_interleave(width)
     base = (torch.arange(n_users, device=device) * width).unsqueeze(1)
-    ones = mask.new_ones((n_users * width, 1))
+    ones = mask.new_ones((mask.shape[0], 1))
     for level in range(1, n_levels):
         # Dead beams may sit on a non-existent prefix (-1): park them on prefix 0, keep -inf.
         node = node.clamp(min=0)
-        tokens = level_ids[level - 1][codes].reshape(-1, 1)
-        mask = torch.cat([mask, ones], dim=1)
         flat_node = node.reshape(-1)
         allowed_rows = allowed[level][flat_node]  # [U*B, size_l]
         choice = allowed_rows.sum(-1) > 1  # beams with more than one way on
         last = level == n_levels - 1
-        if shortcuts and last and known_layout and 2 * int(choice.sum()) < len(choice):
+        if tree is not None:
+            logp = _shared_history_step(
+                step,
+                tree,
+                level,
+                allowed_rows,
+                level_ids[level - 1][codes],
+                (user_pos + level - 1).unsqueeze(1).expand(-1, width),
+                # Last level: only users with a beam that has a choice are decoded (exact, as
+                # below); their own rows of the cache.
+                choice.view(n_users, width).any(1) if shortcuts and last and known_layout else None,
+            )
+        elif shortcuts and last and known_layout and 2 * int(choice.sum()) < len(choice):
             # Last level, most beams forced: a log-softmax over one allowed code is 0 whatever
             # the model says, so only the beams with a choice are decoded (their own rows of
             # the cache: every row attends to its own history only).
@@ -545,6 +683,8 @@ def beam_search_fast(
                 ~allowed_rows, float("-inf")
             )
             pick = choice.nonzero().squeeze(1)
+            tokens = level_ids[level - 1][codes].reshape(-1, 1)
+            mask = torch.cat([mask, ones], dim=1)
             if len(pick):
                 logp[pick] = step(
                     level,
@@ -555,6 +695,8 @@ def beam_search_fast(
                     position_ids=next_pos[pick].unsqueeze(1),
                 )
         else:
+            tokens = level_ids[level - 1][codes].reshape(-1, 1)
+            mask = torch.cat([mask, ones], dim=1)
             logp = step(  # [U*B, size_l]
                 level,
                 allowed_rows,
@@ -578,7 +720,11 @@ def beam_search_fast(
         beam, codes = flat_idx // size, flat_idx % size
         order = (base + beam).reshape(-1)  # rows of the surviving beams' parents
         node = child[level][flat_node[order], codes.reshape(-1)].long().reshape(n_users, width)
-        if not last:
+        if last:
+            break
+        if tree is not None:
+            tree.advance(beam)
+        else:
             for member in members:
                 if shortcuts and known_layout:
                     _reorder_generated(member.cache, order, ids.shape[1])

@@ -196,6 +196,83 @@ def test_shortcuts_change_nothing(toy, unique_prefixes: bool) -> None:
     np.testing.assert_allclose(fast.log_probs, plain.log_probs, rtol=0, atol=1e-5)
 
 
+def _mostly_forced_trie(seed: int) -> SidTrie:
+    """Unique 3-code prefixes except a few shared by two items: at the last level most users'
+    beams are all forced, and some users have a beam with a choice."""
+    rng = np.random.default_rng(seed)
+    prefixes = sorted({tuple(int(rng.integers(s)) for s in (4, 5, 6)) for _ in range(200)})
+    codes = [[*p, 0] for p in prefixes] + [[*p, 1] for p in prefixes[::8]]
+    return SidTrie(np.array(codes), [4, 5, 6, 3])
+
+
+def _decoded_rows(model, call) -> list[tuple[int, int]]:
+    """(rows, positions) of every decoder call ``call()`` makes on ``model``."""
+    shapes: list[tuple[int, int]] = []
+
+    def record(_module, _args, kwargs) -> None:
+        shapes.append(tuple(kwargs["input_ids"].shape))
+
+    handle = model.get_decoder().register_forward_pre_hook(record, with_kwargs=True)
+    try:
+        call()
+    finally:
+        handle.remove()
+    return shapes
+
+
+@pytest.mark.parametrize("trie_kind", ["toy", "mostly_forced", "all_forced"])
+def test_a_shared_history_decodes_as_copies_of_it(toy, second_model, trie_kind: str) -> None:
+    """Beams attending one copy of their user's history through the tree mask give the anchors
+    and log-probabilities of the B-fold expanded cache and of generate(), alone, in an
+    ensemble and under a fused prior; at a last level where a user's beams are all forced, only
+    the other users are decoded."""
+    model, vocab, trie, prompts = toy
+    if trie_kind == "mostly_forced":
+        trie = _mostly_forced_trie(9)
+    elif trie_kind == "all_forced":
+        rng = np.random.default_rng(9)
+        prefixes = {tuple(int(rng.integers(s)) for s in (4, 5, 6)) for _ in range(200)}
+        trie = SidTrie(np.array([[*p, 0] for p in sorted(prefixes)]), [4, 5, 6, 3])
+    prior = _random_prior(len(prompts), trie.n_items, seed=3)
+    ref = beam_search_reference(model, prompts, trie, vocab, 8, 5)
+    for members, kw in [
+        (model, {}),
+        ([model, second_model], {}),
+        (model, {"prior": prior, "prior_weight": 0.8}),
+    ]:
+        shared = beam_search_fast(members, prompts, trie, vocab, 8, 5, **kw)
+        expanded = beam_search_fast(members, prompts, trie, vocab, 8, 5, shared_history=False, **kw)
+        assert (shared.items == expanded.items).all()
+        np.testing.assert_allclose(shared.log_probs, expanded.log_probs, rtol=0, atol=1e-5)
+        if members is model and not kw:
+            assert (shared.items == ref.items).all()
+            np.testing.assert_allclose(shared.log_probs, ref.log_probs, atol=1e-4)
+    calls = _decoded_rows(model, lambda: beam_search_fast(model, prompts, trie, vocab, 8, 5))
+    # Prefill [users, T], then one block of 8 beams per user per level (never users x beams rows).
+    assert calls[0][0] == len(prompts) and all(c[1] == 8 for c in calls[1:])
+    last_users = {"toy": [len(prompts)], "all_forced": [], "mostly_forced": None}[trie_kind]
+    if last_users is not None:
+        assert [c[0] for c in calls[3:]] == last_users
+    else:  # some users decoded at the last level, not all
+        assert len(calls) == 4 and 0 < calls[3][0] < len(prompts)
+
+
+def test_eager_attention_takes_the_shared_history_as_an_additive_mask(toy) -> None:
+    """Eager attention adds its mask to the scores: the tree mask goes in as 0 / -inf floats."""
+    import copy
+
+    model, vocab, trie, prompts = toy
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    assert eager.config._attn_implementation == "eager"
+    shared = beam_search_fast(eager, prompts, trie, vocab, 8, 5)
+    expanded = beam_search_fast(eager, prompts, trie, vocab, 8, 5, shared_history=False)
+    sdpa = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    assert (shared.items == expanded.items).all() and (shared.items == sdpa.items).all()
+    np.testing.assert_allclose(shared.log_probs, expanded.log_probs, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(shared.log_probs, sdpa.log_probs, rtol=0, atol=1e-4)
+
+
 def _next_code_log_probs(model, prompt, prefix, trie, vocab) -> dict[int, float]:
     """Teacher-forced ``prefix`` after ``prompt``: each next code's trie-normalized log-prob."""
     level = len(prefix)
