@@ -454,9 +454,12 @@ class _SharedHistory:
 
         SDPA takes a boolean mask (True: attend), eager attention an additive float one; other
         implementations (flash attention) take no custom mask, and the search expands the cache.
+        So does a model with sliding-window layers: a custom mask replaces the window's.
         """
         kinds: set[torch.dtype] = set()
         for m in models:
+            if "sliding_attention" in (getattr(m.config, "layer_types", None) or ()):
+                return None
             impl = getattr(m.config, "_attn_implementation", None)
             if impl == "sdpa":
                 kinds.add(torch.bool)

@@ -257,6 +257,31 @@ def test_a_shared_history_decodes_as_copies_of_it(toy, second_model, trie_kind: 
         assert len(calls) == 4 and 0 < calls[3][0] < len(prompts)
 
 
+def test_attention_without_a_custom_mask_keeps_the_expanded_cache(toy) -> None:
+    """Flash attention takes no 4D mask, and a custom mask would replace a sliding window's:
+    both keep the B-fold expanded cache (decoder rows = users x beams after the prefill)."""
+    import copy
+
+    from training.anchors.generate import _SharedHistory
+
+    model, vocab, trie, prompts = toy
+    assert _SharedHistory.mask_dtype([model]) == torch.bool
+    config = copy.deepcopy(model.config)
+    config.layer_types = ["full_attention", "sliding_attention"]
+    config.sliding_window = 4096  # wider than any history here: same anchors
+    windowed = type(model)(config).eval()
+    windowed.load_state_dict(model.state_dict())
+    assert _SharedHistory.mask_dtype([windowed]) is None
+    assert _SharedHistory.mask_dtype([model, windowed]) is None
+    flash = copy.deepcopy(model)
+    flash.config._attn_implementation = "flash_attention_2"
+    assert _SharedHistory.mask_dtype([flash]) is None
+    calls = _decoded_rows(windowed, lambda: beam_search_fast(windowed, prompts, trie, vocab, 8, 5))
+    assert calls[0][0] == len(prompts) and calls[1] == (len(prompts) * 8, 1)
+    expanded = beam_search_fast(windowed, prompts, trie, vocab, 8, 5)
+    assert (expanded.items == beam_search_fast(model, prompts, trie, vocab, 8, 5).items).all()
+
+
 def test_eager_attention_takes_the_shared_history_as_an_additive_mask(toy) -> None:
     """Eager attention adds its mask to the scores: the tree mask goes in as 0 / -inf floats."""
     import copy
