@@ -25,6 +25,11 @@ co-occurring items, looked up by binary search); ``--prior-dense`` also times th
 ``[batch, items]`` table of before (``fast+prior-dense``, interleaved too), whose cost grows with
 the catalog, and checks that both decode the same anchors.
 
+``--ab-shared-history`` also times the fast path on the B-fold expanded KV cache (the search before
+its beams shared one copy of each history, ``shared_history=False``), alternating with the
+default (``fast``, ``expanded-cache``, ``fast#2``, ``expanded-cache#2``), and reports the share of
+identical anchor lists; ``--ab-shortcuts`` does the same for the exact shortcuts.
+
 Prints a table (users/s, seconds, peak GPU memory, agreement of the two paths) and writes
 ``benchmarks/results/anchors_throughput_<model>_<device>.json`` (or ``--out``). Needs torch,
 transformers, numpy and pydantic only (no feast, duckdb or pyarrow).
