@@ -700,13 +700,14 @@ def generate_anchors(
         num_anchors=gc.num_anchors,
         prior_weight=prior_weight,
     )
+    batch_size = gc.batch_size_on(device)
     t_gen = time.perf_counter()
     with tqdm(
         total=len(prompts), desc="anchors", unit="user", disable=not cfg.training.progress
     ) as bar:
         if prompts:
             beams = search_in_batches(
-                search, prompts, gc.batch_size, progress=bar.update, prior_of=prior_of
+                search, prompts, batch_size, progress=bar.update, prior_of=prior_of
             )
         else:
             beams = BeamOutput(
@@ -731,6 +732,7 @@ def generate_anchors(
         "generation_seconds": round(gen_seconds, 3),
         "users_per_second": round(n_sets / gen_seconds, 2) if gen_seconds > 0 else None,
         "device": str(device),
+        "batch_size": batch_size,
         "dtype": str(dtype).removeprefix("torch."),
         "implementation": gc.implementation,
         "ensemble_members": len(members),

@@ -282,6 +282,18 @@ def test_attention_without_a_custom_mask_keeps_the_expanded_cache(toy) -> None:
     assert (expanded.items == beam_search_fast(model, prompts, trie, vocab, 8, 5).items).all()
 
 
+def test_generation_batch_size_defaults_to_the_device_s_fastest() -> None:
+    from training.anchors.generate import CPU_BATCH_SIZE, CUDA_BATCH_SIZE, GenerateConfig
+
+    default = GenerateConfig()
+    assert default.batch_size is None
+    assert default.batch_size_on(torch.device("cpu")) == CPU_BATCH_SIZE == 64
+    assert default.batch_size_on(torch.device("cuda", 0)) == CUDA_BATCH_SIZE == 512
+    assert GenerateConfig(batch_size=8).batch_size_on(torch.device("cuda")) == 8
+    with pytest.raises(ValueError, match="greater than or equal to 1"):
+        GenerateConfig(batch_size=0)
+
+
 def test_eager_attention_takes_the_shared_history_as_an_additive_mask(toy) -> None:
     """Eager attention adds its mask to the scores: the tree mask goes in as 0 / -inf floats."""
     import copy

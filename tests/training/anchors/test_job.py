@@ -128,6 +128,7 @@ def test_artifact_contract(tmp_path, toy_data, trained_compact) -> None:
     assert m["skipped_empty_history"] == len(empty_first) >= 1
     assert m["eval_hr@10"] == trained_compact.metrics["eval_hr@10"]
     assert m["users_per_second"] > 0 and result.metrics == m
+    assert m["batch_size"] == 16  # the configured one (tiny_config), recorded
 
 
 def test_reference_implementation_gives_the_same_table(tmp_path, toy_data, trained_compact) -> None:
