@@ -301,7 +301,9 @@ def run(args: argparse.Namespace) -> int:
         plans += [("no-shortcuts#2", plain, prompts)]
     if args.ab_shared_history:
         expanded = partial(fast, shared_history=False)
-        plans += [("expanded-cache", expanded, prompts), ("fast#2", fast, prompts)]
+        # With --ab-shortcuts too, the second fast run is already called fast#2.
+        again = "fast#3" if args.ab_shortcuts else "fast#2"
+        plans += [("expanded-cache", expanded, prompts), (again, fast, prompts)]
         plans += [("expanded-cache#2", expanded, prompts)]
     if not args.skip_reference:
         plans.append(("generate", beam_search_reference, prompts[: args.reference_users]))
@@ -353,7 +355,14 @@ def run(args: argparse.Namespace) -> int:
         rows[name] = row
 
     agree: dict[str, Any] = {}
-    for name in ("no-shortcuts", "fast#2", "no-shortcuts#2", "expanded-cache", "expanded-cache#2"):
+    for name in (
+        "no-shortcuts",
+        "fast#2",
+        "no-shortcuts#2",
+        "expanded-cache",
+        "fast#3",
+        "expanded-cache#2",
+    ):
         if name in outputs and "fast" in outputs:
             same = agreement(outputs[name], outputs["fast"])
             rows[name]["identical_to_fast"] = same["identical_anchor_lists"]

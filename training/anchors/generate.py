@@ -668,15 +668,15 @@ def beam_search_fast(
     known_layout = all(_kv(member.cache) is not None for member in members)
     mask_dtype = _SharedHistory.mask_dtype(models) if shared_history else None
     tree = None if mask_dtype is None else _SharedHistory(mask, width, mask_dtype)
+    user_pos = positions[:, -1] + 1  # the first generated token's position, per user
     if tree is None:
         # Expand the prefill caches B-fold only now: B beams share one history.
         for member in members:
             member.cache.batch_repeat_interleave(width)
         mask = mask.repeat_interleave(width, dim=0)
-    user_pos = positions[:, -1] + 1  # the first generated token's position, per user
-    next_pos = user_pos.repeat_interleave(width)
+        next_pos = user_pos.repeat_interleave(width)
+        ones = mask.new_ones((n_users * width, 1))
     base = (torch.arange(n_users, device=device) * width).unsqueeze(1)
-    ones = mask.new_ones((mask.shape[0], 1))
     for level in range(1, n_levels):
         # Dead beams may sit on a non-existent prefix (-1): park them on prefix 0, keep -inf.
         node = node.clamp(min=0)
@@ -696,36 +696,35 @@ def beam_search_fast(
                 # below); their own rows of the cache.
                 choice.view(n_users, width).any(1) if shortcuts and last and known_layout else None,
             )
-        elif shortcuts and last and known_layout and 2 * int(choice.sum()) < len(choice):
-            # Last level, most beams forced: a log-softmax over one allowed code is 0 whatever
-            # the model says, so only the beams with a choice are decoded (their own rows of
-            # the cache: every row attends to its own history only).
-            logp = torch.zeros(allowed_rows.shape, device=device).masked_fill(
-                ~allowed_rows, float("-inf")
-            )
-            pick = choice.nonzero().squeeze(1)
-            tokens = level_ids[level - 1][codes].reshape(-1, 1)
-            mask = torch.cat([mask, ones], dim=1)
-            if len(pick):
-                logp[pick] = step(
-                    level,
-                    allowed_rows[pick],
-                    rows=pick,
-                    input_ids=tokens[pick],
-                    attention_mask=None if unpadded else mask[pick],
-                    position_ids=next_pos[pick].unsqueeze(1),
-                )
         else:
             tokens = level_ids[level - 1][codes].reshape(-1, 1)
             mask = torch.cat([mask, ones], dim=1)
-            logp = step(  # [U*B, size_l]
-                level,
-                allowed_rows,
-                input_ids=tokens,
-                attention_mask=None if unpadded else mask,
-                position_ids=next_pos.unsqueeze(1),
-            )
-            next_pos = next_pos + 1
+            if shortcuts and last and known_layout and 2 * int(choice.sum()) < len(choice):
+                # Last level, most beams forced: a log-softmax over one allowed code is 0
+                # whatever the model says, so only the beams with a choice are decoded (their
+                # own rows of the cache: every row attends to its own history only).
+                logp = torch.zeros(allowed_rows.shape, device=device).masked_fill(
+                    ~allowed_rows, float("-inf")
+                )
+                pick = choice.nonzero().squeeze(1)
+                if len(pick):
+                    logp[pick] = step(
+                        level,
+                        allowed_rows[pick],
+                        rows=pick,
+                        input_ids=tokens[pick],
+                        attention_mask=None if unpadded else mask[pick],
+                        position_ids=next_pos[pick].unsqueeze(1),
+                    )
+            else:
+                logp = step(  # [U*B, size_l]
+                    level,
+                    allowed_rows,
+                    input_ids=tokens,
+                    attention_mask=None if unpadded else mask,
+                    position_ids=next_pos.unsqueeze(1),
+                )
+                next_pos = next_pos + 1
         if fuse:
             # After the last-level shortcut too: a row with one allowed code stays at 0.
             logp = _fuse(
