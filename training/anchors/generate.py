@@ -88,6 +88,13 @@ class GenerateConfig(BaseModel):
         description="Users per batch; null: 64 on a CPU, 512 on CUDA (each measured the fastest "
         "there, docs/anchors.md). Halved automatically on a CUDA out-of-memory error.",
     )
+    chunk_sets: int = Field(
+        default=8_192,
+        ge=1,
+        description="Anchor sets decoded and written to the output file at a time: the job's "
+        "memory grows with this, not with the number of sets (about 35 KB a set with 384-d "
+        "embeddings: all at once, a million sets needed ~35 GB). Several batches each.",
+    )
     implementation: Literal["fast", "reference"] = Field(
         default="fast",
         description="'fast' (batched, KV-cache reuse, dense trie masks) or 'reference' "

@@ -33,6 +33,7 @@ from typing import Any, Final
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
@@ -88,7 +89,7 @@ from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
 from training.arrow import string_array
 from training.data.contract import TIMESTAMP
-from training.io import write_manifest, write_table
+from training.io import atomic_path, read_table, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -152,8 +153,12 @@ class AnchorResult:
     """Outcome of :func:`generate_anchors`."""
 
     path: Path
-    table: pa.Table
     metrics: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def table(self) -> pa.Table:
+        """The written anchors, read back whole from ``path`` (the job streams them out)."""
+        return read_table(self.path)
 
 
 def _check_codebook(catalog: SidCatalog, codebook_sizes: Sequence[int]) -> None:
@@ -606,6 +611,16 @@ def _anchors_batch(
     return pa.RecordBatch.from_arrays(arrays, schema=ANCHORS_SCHEMA)
 
 
+def _prior_rows(
+    prior: CooccurrencePrior,
+    histories: Sequence[np.ndarray],
+    pc: PriorConfig,
+    rows: np.ndarray,
+) -> SparsePriorRows:
+    """The prior's rows for the sets at ``rows`` of ``histories`` (one search batch)."""
+    return prior.sparse_probabilities([histories[i] for i in rows], pc)
+
+
 def generate_anchors(
     item_semantics: pa.Table,
     positives: pa.Table,
@@ -676,16 +691,7 @@ def generate_anchors(
     trie = SidTrie(catalog.codes, vocab.codebook_sizes)
     seqs = user_sequences(positives, catalog.item_ids)
     requests = anchor_requests(seqs, cutoffs, max_history, users)
-    item_tokens = vocab.item_tokens(catalog.codes)
-    prompts = [vocab.encode(item_tokens[h]) for h in requests.histories]
     prior, prior_weight = _generation_prior(model_dirs[0], catalog, cfg.prior)
-    prior_of = None
-    if prior is not None and prior_weight > 0:
-        histories = requests.histories
-
-        def prior_of(rows: np.ndarray) -> SparsePriorRows:
-            return prior.sparse_probabilities([histories[i] for i in rows], cfg.prior)
-
     impl: Any = (
         partial(beam_search_fast, combine=gc.ensemble_combine)
         if gc.implementation == "fast"
@@ -701,31 +707,38 @@ def generate_anchors(
         prior_weight=prior_weight,
     )
     batch_size = gc.batch_size_on(device)
-    t_gen = time.perf_counter()
-    with tqdm(
-        total=len(prompts), desc="anchors", unit="user", disable=not cfg.training.progress
-    ) as bar:
-        if prompts:
+    item_tokens = vocab.item_tokens(catalog.codes)
+    n_sets = len(requests.user_ids)
+    fewer, gen_seconds = 0, 0.0
+    # Decoded and written a chunk of sets at a time: what one set holds on its way to the file
+    # (prompt tokens, beams, N x D anchor vectors, Arrow buffers) is ~35 KB, so the whole output
+    # in memory at once bounded the job at a few hundred thousand sets on a 24 GB machine.
+    with (
+        tqdm(total=n_sets, desc="anchors", unit="user", disable=not cfg.training.progress) as bar,
+        atomic_path(out_dir / ANCHORS_FILE) as tmp,
+        pq.ParquetWriter(tmp, ANCHORS_SCHEMA, compression="zstd") as writer,
+    ):
+        for start in range(0, n_sets, gc.chunk_sets):
+            chunk = requests.slice(start, start + gc.chunk_sets)
+            prompts = [vocab.encode(item_tokens[h]) for h in chunk.histories]
+            prior_of = None
+            if prior is not None and prior_weight > 0:
+                prior_of = partial(_prior_rows, prior, chunk.histories, cfg.prior)
+            t_gen = time.perf_counter()
             beams = search_in_batches(
                 search, prompts, batch_size, progress=bar.update, prior_of=prior_of
             )
-        else:
-            beams = BeamOutput(
-                np.zeros((0, gc.num_anchors), np.int64), np.zeros((0, gc.num_anchors), np.float32)
-            )
-    gen_seconds = time.perf_counter() - t_gen
-    table = anchors_table(catalog, requests, beams)
-    path = write_table(table, out_dir / ANCHORS_FILE)
-    n_sets = table.num_rows
+            gen_seconds += time.perf_counter() - t_gen
+            fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
+            writer.write_table(anchors_table(catalog, chunk, beams))
+    path = out_dir / ANCHORS_FILE
     metrics: dict[str, Any] = {
         "users": len(set(requests.user_ids)),
         "anchor_sets": n_sets,
         "cutoffs": len({int(c) for c in requests.cutoffs}),
         "skipped_empty_history": requests.skipped_empty_history,
         "positives_dropped_unknown_items": seqs.dropped_unknown_items,
-        "sets_with_fewer_anchors": int(
-            (table.column("num_anchors").to_numpy() < gc.num_anchors).sum()
-        ),
+        "sets_with_fewer_anchors": fewer,
         "mean_history_length": round(float(np.mean([len(h) for h in requests.histories])), 3)
         if n_sets
         else 0.0,
@@ -756,4 +769,4 @@ def generate_anchors(
         config=cfg.model_dump(mode="json", exclude={"model"}),
         metrics=metrics,
     )
-    return AnchorResult(path=path, table=table, metrics=metrics)
+    return AnchorResult(path=path, metrics=metrics)

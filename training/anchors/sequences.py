@@ -121,7 +121,13 @@ def user_sequences(positives: pa.Table, catalog_item_ids: npt.NDArray[np.str_]) 
     dropped = table.num_rows - (pc.sum(known).as_py() or 0)
     table = table.filter(known)
     items = pc.filter(rows, known).to_numpy(zero_copy_only=False).astype(np.int64)
-    users = table.column("user_id").to_numpy(zero_copy_only=False).astype(str)
+    # Users as ranks among the distinct ids in sorted order: sorting integers instead of a
+    # fixed-width string per positive (4 bytes per character of the longest id: 144 bytes a row
+    # for UUIDs) keeps the job's working memory a small multiple of the positives table.
+    column = table.column("user_id")
+    distinct = np.sort(pc.unique(column).to_numpy(zero_copy_only=False).astype(str))
+    users = pc.index_in(column, value_set=string_array(distinct)).to_numpy(zero_copy_only=False)
+    users = np.asarray(users, dtype=np.int64)
     ts = table.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy()
     ts = np.asarray(ts, dtype=np.int64)
     order = np.lexsort((ts, users))  # stable: ties in time keep their input order
@@ -132,7 +138,7 @@ def user_sequences(positives: pa.Table, catalog_item_ids: npt.NDArray[np.str_]) 
         else np.array([], np.int64)
     )
     return UserSequences(
-        user_ids=users[starts],
+        user_ids=distinct[users[starts]],
         offsets=np.append(starts, len(users)).astype(np.int64),
         items=items,
         timestamps=ts,
@@ -158,6 +164,15 @@ class AnchorRequests:
     cutoffs: IntArray
     histories: list[IntArray]
     skipped_empty_history: int
+
+    def slice(self, start: int, stop: int) -> AnchorRequests:
+        """Sets ``start:stop`` (views, no copies); ``skipped_empty_history`` stays the whole's."""
+        return AnchorRequests(
+            self.user_ids[start:stop],
+            self.cutoffs[start:stop],
+            self.histories[start:stop],
+            self.skipped_empty_history,
+        )
 
 
 def _to_micros(cutoffs: Sequence[datetime]) -> IntArray:

@@ -155,6 +155,64 @@ def test_reference_implementation_gives_the_same_table(tmp_path, toy_data, train
         np.testing.assert_allclose(a, b, atol=1e-4)
 
 
+def test_chunks_stream_to_the_file_and_change_nothing(tmp_path, toy_data, trained_compact) -> None:
+    """Sets decoded and written 7 at a time: one row group per chunk (the job never held the
+    whole output), the same rows, anchors and manifest figures as one chunk."""
+    semantics, positives, _ = toy_data
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    model = trained_compact.model_dir
+    whole = generate_anchors(semantics, positives, cutoffs, model, tiny_config(), tmp_path / "w")
+    cfg = tiny_config()
+    cfg.generation.chunk_sets = 7
+    chunked = generate_anchors(semantics, positives, cutoffs, model, cfg, tmp_path / "c")
+    n = whole.table.num_rows
+    assert n > 14 and n % 7 != 0
+    meta = pq.ParquetFile(chunked.path).metadata
+    assert [meta.row_group(i).num_rows for i in range(meta.num_row_groups)] == [7] * (n // 7) + [
+        n % 7
+    ]
+    a, b = whole.table, chunked.table
+    assert b.schema.equals(ANCHORS_SCHEMA) and b.num_rows == n
+    for col in ("user_id", "event_timestamp", "anchor_item_ids", "num_anchors", "history_length"):
+        assert a.column(col).equals(b.column(col)), col
+    np.testing.assert_allclose(
+        pc.list_flatten(a.column("anchor_log_probs")).to_numpy(),
+        pc.list_flatten(b.column("anchor_log_probs")).to_numpy(),
+        atol=1e-5,
+    )
+    for key in ("anchor_sets", "users", "cutoffs", "mean_history_length"):
+        assert chunked.metrics[key] == whole.metrics[key], key
+    assert whole.metrics["sets_with_fewer_anchors"] == 0
+    # Wider than the 24-item catalog: every set gets fewer anchors than asked, counted per chunk.
+    cfg.generation.beam_width = cfg.generation.num_anchors = 30
+    wide = generate_anchors(semantics, positives, cutoffs, model, cfg, tmp_path / "x")
+    assert wide.table.column("num_anchors").to_pylist() == [24] * n
+    assert wide.metrics["sets_with_fewer_anchors"] == n
+    assert not list(tmp_path.glob("*/.*.tmp"))
+
+
+def test_a_failing_chunk_leaves_no_file(tmp_path, toy_data, trained_compact, monkeypatch) -> None:
+    """An error after the first chunk was written: no partial output, no temporary file."""
+    semantics, positives, _ = toy_data
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    cfg = tiny_config()
+    cfg.generation.chunk_sets = 5
+    calls = []
+    real = anchors_job.anchors_table
+
+    def failing(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("disk full")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(anchors_job, "anchors_table", failing)
+    with pytest.raises(RuntimeError, match="disk full"):
+        generate_anchors(semantics, positives, cutoffs, trained_compact.model_dir, cfg, tmp_path)
+    assert not (tmp_path / ANCHORS_FILE).exists()
+    assert not list(tmp_path.glob(".*"))
+
+
 def test_no_positives_before_any_cutoff(tmp_path, toy_data, trained_compact) -> None:
     semantics, positives, _ = toy_data
     result = generate_anchors(

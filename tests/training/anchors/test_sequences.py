@@ -45,6 +45,31 @@ def test_user_sequences_are_chronological_and_drop_unknown_items() -> None:
     assert seqs.dropped_unknown_items == 1
 
 
+def test_user_sequences_match_a_sort_of_the_rows() -> None:
+    """Random rows over several Arrow chunks: users in code-point order (ids of every length and
+    script), each user's items by time with ties in input order, a user whose only items are
+    unknown absent."""
+    rng = np.random.default_rng(3)
+    names = ["b", "a", "a" * 40, "é", "ü2", "Z", "user-10", "user-9", "日本", "only-unknown"]
+    rows = []
+    for _ in range(400):
+        user = names[int(rng.integers(len(names) - 1))]
+        rows.append((user, f"i{int(rng.integers(10))}", int(rng.integers(6))))  # time ties
+    rows += [("only-unknown", "zz", 1), ("b", "zz", 2)]
+    table = positives(rows)
+    table = pa.concat_tables([table.slice(0, 150), table.slice(150)])
+    assert table.column("user_id").num_chunks == 2
+    seqs = user_sequences(table, CATALOG)
+    known = [(u, int(i[1:]), h, k) for k, (u, i, h) in enumerate(rows) if i != "zz"]
+    expected = {
+        u: [r[1] for r in sorted((r for r in known if r[0] == u), key=lambda r: (r[2], r[3]))]
+        for u, *_ in known
+    }
+    assert seqs.user_ids.tolist() == sorted(expected)
+    assert [s.tolist() for s in seqs.sequences()] == [expected[u] for u in sorted(expected)]
+    assert seqs.dropped_unknown_items == 2
+
+
 def test_user_sequences_validate_the_contract() -> None:
     bad = pa.table(
         {"user_id": ["u"], "item_id": ["i0"], "event_timestamp": pa.array([1], pa.int64())}
