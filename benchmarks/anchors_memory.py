@@ -23,6 +23,7 @@ import sys
 import tempfile
 import time
 import uuid
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -55,21 +56,49 @@ def peak_rss_mb() -> float:
     return _status_mb("VmHWM")
 
 
-def child(args: argparse.Namespace) -> dict[str, Any]:
-    """One size in this process: build the inputs, train the tiny LM, time one generation."""
+@dataclass
+class JobInputs:
+    """A synthetic catalog, positives and a trained anchor model, ready for ``generate_anchors``."""
+
+    semantics: Any
+    positives: Any
+    cutoffs: list[datetime]
+    model_dir: Path
+    cfg: Any
+
+
+def build_job_inputs(
+    sets: int,
+    *,
+    items: int = 20_000,
+    dim: int = 384,
+    history: int = 20,
+    user_ids: str = "short",
+    compact: dict[str, int] | None = None,
+    generation: dict[str, Any] | None = None,
+    train_users: int = 512,
+    random_base: str | None = None,
+    train_device: str = "cpu",
+    seed: int = 0,
+) -> JobInputs:
+    """``items`` items with 3-level SIDs (32 x 32 x the rest) and ``dim``-d unit embeddings,
+    ``sets`` users of ``history`` random positives one hour apart (one anchor set each at the
+    cutoff after them), and a compact anchor LM (``compact``: its shape; default the product's)
+    trained for one epoch on the first ``train_users`` users, saved in a temporary folder. With
+    ``random_base`` (a ``base_checkpoint.SHAPES`` name) the LM is that random-weight checkpoint
+    with LoRA instead, trained on ``train_device``."""
     import numpy as np
     import pyarrow as pa
-    import torch
+    import pyarrow.compute as pc
 
-    from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
+    from training.anchors.job import AnchorConfig, train_anchor_model
     from training.anchors.vocab import format_sid
 
-    torch.set_num_threads(args.threads)
-    rng = np.random.default_rng(0)
-    n, sets = args.items, args.child
+    rng = np.random.default_rng(seed)
+    n = items
     codes = np.stack([np.arange(n) % 32, (np.arange(n) // 32) % 32, np.arange(n) // 1024], axis=1)
     sizes = [32, 32, int(codes[:, 2].max()) + 1]
-    emb = rng.standard_normal((n, args.dim)).astype(np.float32)
+    emb = rng.standard_normal((n, dim)).astype(np.float32)
     emb /= np.linalg.norm(emb, axis=1, keepdims=True)
     ts = pa.timestamp("us", tz="UTC")
     semantics = pa.table(
@@ -79,59 +108,86 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             "sid_codes": pa.array(codes.tolist(), pa.list_(pa.int32())),
             "sid": [format_sid(c) for c in codes.tolist()],
             "content_embedding": pa.FixedSizeListArray.from_arrays(
-                pa.array(emb.reshape(-1)), args.dim
+                pa.array(emb.reshape(-1)), dim
             ).cast(pa.list_(pa.float32())),
         }
     )
-    h = args.history
+    h = history
     users = np.repeat(np.arange(sets), h)
-    items = rng.integers(0, n, size=sets * h)
+    picks = rng.integers(0, n, size=sets * h)
     times = np.datetime64(T0.replace(tzinfo=None), "us") + (
         np.tile(np.arange(h), sets) * 3_600_000_000
     ).astype("timedelta64[us]")
-    if args.user_ids == "uuid":  # 36 characters, as many production logs have them
+    k = min(sets, train_users)
+    if user_ids == "uuid":  # 36 characters, as many production logs have them
         names = np.array([str(uuid.UUID(int=int(x))) for x in rng.integers(0, 2**62, size=sets)])
-        names[: min(sets, 512)] = [f"u{u}" for u in range(min(sets, 512))]  # the LM's users
+        names[:k] = [f"u{u}" for u in range(k)]  # the LM's users
         user_col = pa.array(names[users])
     else:
         user_col = pa.array(np.char.add("u", users.astype(str)))
     positives = pa.table(
         {
             "user_id": user_col,
-            "item_id": pa.array(np.char.add("i", items.astype(str))),
+            "item_id": pa.array(np.char.add("i", picks.astype(str))),
             "event_timestamp": pa.array(times, pa.timestamp("us")).cast(ts),
         }
     )
+    work = Path(tempfile.mkdtemp(prefix="anchors_bench_"))
+    model: dict[str, Any] = {} if compact is None else {"compact": compact}
+    if random_base is not None:
+        from training.anchors.base_checkpoint import save_random_checkpoint
+
+        model["base_model_path"] = str(save_random_checkpoint(work / "base", random_base))
     cfg = AnchorConfig.model_validate(
         {
-            "model": {
-                "compact": {
-                    "hidden_size": 32,
-                    "num_layers": 1,
-                    "num_heads": 2,
-                    "num_kv_heads": 2,
-                    "intermediate_size": 64,
-                }
+            "model": model,
+            "sequences": {"max_history": max(h, 1)},
+            "training": {
+                "epochs": 1,
+                "eval_users": 0,
+                "progress": False,
+                "device": train_device,
             },
-            "training": {"epochs": 1, "eval_users": 0, "progress": False, "device": "cpu"},
-            "generation": {
-                "device": "cpu",
-                **({} if args.chunk_sets is None else {"chunk_sets": args.chunk_sets}),
-            },
+            "generation": {"device": "cpu", **(generation or {})},
         }
     )
-    work = Path(tempfile.mkdtemp(prefix="anchors_memory_"))
-    train_users = pa.array([f"u{u}" for u in range(min(sets, 512))])
-    import pyarrow.compute as pc
-
-    subset = positives.filter(pc.is_in(positives.column("user_id"), value_set=train_users))
+    chosen = pa.array([f"u{u}" for u in range(k)])
+    subset = positives.filter(pc.is_in(positives.column("user_id"), value_set=chosen))
     trained = train_anchor_model(semantics, subset, sizes, cfg, work / "model")
-    cutoff = [T0 + timedelta(hours=h + 1)]
+    return JobInputs(semantics, positives, [T0 + timedelta(hours=h + 1)], trained.model_dir, cfg)
+
+
+def child(args: argparse.Namespace) -> dict[str, Any]:
+    """One size in this process: build the inputs, train the tiny LM, time one generation."""
+    import torch
+
+    from training.anchors.job import generate_anchors
+
+    torch.set_num_threads(args.threads)
+    sets = args.child
+    job = build_job_inputs(
+        sets,
+        items=args.items,
+        dim=args.dim,
+        history=args.history,
+        user_ids=args.user_ids,
+        compact={
+            "hidden_size": 32,
+            "num_layers": 1,
+            "num_heads": 2,
+            "num_kv_heads": 2,
+            "intermediate_size": 64,
+        },
+        generation={} if args.chunk_sets is None else {"chunk_sets": args.chunk_sets},
+    )
+    work = job.model_dir.parent
     # The peak counts from here: building the inputs above has its own, larger transients.
     reset_peak()
     rss_before = current_rss_mb()
     t0 = time.perf_counter()
-    result = generate_anchors(semantics, positives, cutoff, trained.model_dir, cfg, work)
+    result = generate_anchors(
+        job.semantics, job.positives, job.cutoffs, job.model_dir, job.cfg, work
+    )
     seconds = time.perf_counter() - t0
     peak = peak_rss_mb()
     return {
@@ -192,20 +248,21 @@ def main() -> None:
     print(" | ".join(f"{c:>16}" for c in cols))
     for r in rows:
         print(" | ".join(f"{r[c]!s:>16}" for c in cols))
+    write_report(args, rows=rows)
+
+
+def write_report(args: argparse.Namespace, **fields: Any) -> None:
+    """``args.out``: the date, machine, command and settings (``args`` but ``out`` and
+    ``child``), then ``fields``."""
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "date": datetime.now(UTC).isoformat(timespec="seconds"),
-                "machine": platform.processor() or platform.machine(),
-                "command": " ".join(sys.argv),
-                "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
-                "rows": rows,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    report = {
+        "date": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": platform.processor() or platform.machine(),
+        "command": " ".join(sys.argv),
+        "settings": {k: v for k, v in vars(args).items() if k not in ("child", "out")},
+        **fields,
+    }
+    args.out.write_text(json.dumps(report, indent=2) + "\n")
     print(f"wrote {args.out}")
 
 

@@ -693,6 +693,14 @@ def anchors_generate(
             "training (see prior_tuning in the model's manifest); or a number."
         ),
     ] = None,
+    devices: Annotated[
+        str | None,
+        typer.Option(
+            help="Decode on several devices at once, one worker process each "
+            "(generation.devices): comma-separated, e.g. cuda:0,cuda:1, or 'all' for every "
+            "visible GPU. The anchors are those of one device."
+        ),
+    ] = None,
 ) -> None:
     """Generate interest anchors for every user and request of RUN_DIR's request log.
 
@@ -713,6 +721,9 @@ def anchors_generate(
         raw.pop("model", None)
         _set(raw, "generation", "implementation", implementation)
         _set(raw, "prior", "weight", prior_weight)
+        if devices is not None:
+            names = [d.strip() for d in devices.split(",") if d.strip()]
+            _set(raw, "generation", "devices", "all" if names == ["all"] else names)
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")

@@ -11,6 +11,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import pytest
+import torch
 from typer.testing import CliRunner
 
 from gpl_service.cli import app
@@ -202,7 +203,21 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -
     assert (model / "members" / "1" / "anchor_model.json").exists()
     manifest = json.loads((run / "anchors" / "manifest.json").read_text())
     assert manifest["metrics"]["ensemble_members"] == 2
-    assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
+    anchors_file = run / "anchors" / "user_interest_anchors.parquet"
+    one = pq.read_table(anchors_file)
+    assert one.num_rows > 0
+    # The same ensemble decoded by two worker processes (--devices): the same anchors.
+    gen = ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors))
+    code, out = gpl(*gen, "--devices", "cpu, cpu")
+    assert code == 0, out
+    two = pq.read_table(anchors_file)
+    assert two.column("anchor_item_ids").equals(one.column("anchor_item_ids"))
+    assert json.loads((run / "anchors" / "manifest.json").read_text())["metrics"]["device"] == (
+        "cpu, cpu"
+    )
+    if not torch.cuda.is_available():
+        code, out = gpl(*gen, "--devices", "all")
+        assert code == 2 and "no CUDA device is visible" in out and "Traceback" not in out, out
 
 
 def test_co_occurrence_prior_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:

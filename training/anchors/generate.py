@@ -43,15 +43,24 @@ import logging
 import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Annotated, Literal, Protocol, cast
+from functools import partial
+from typing import Annotated, Any, Literal, Protocol, cast
 
 import numpy as np
 import numpy.typing as npt
 import torch
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    ConfigDict,
+    Field,
+    field_validator,
+    model_validator,
+)
 from torch import nn
 from transformers import DynamicCache, LogitsProcessor, PreTrainedModel
 
+from training.anchors.errors import AnchorInputError
 from training.anchors.model import causal_lm
 from training.anchors.prior import SparsePriorRows
 from training.anchors.sequences import CutoffGranularity
@@ -118,9 +127,54 @@ class GenerateConfig(BaseModel):
         "HR@10 of each other, 'arithmetic' ahead with 3-4 members.",
     )
     device: DeviceName = "auto"
+    devices: list[str] | Literal["all"] | None = Field(
+        default=None,
+        description="Decode on several devices at once: one worker process per entry, each "
+        "loading the model and taking the next few batches of users as it frees up; the "
+        "anchors are those of one device. E.g. [cuda:0, cuda:1], or 'all' for every visible "
+        "GPU. [cpu, cpu] splits a CPU's cores between two processes (the beam search's Python "
+        "work then overlaps). Unset: `device`, in this process.",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Model dtype; 'auto' = bfloat16 on CUDA, float32 on CPU."
     )
+
+    @field_validator("devices")
+    @classmethod
+    def _devices_named(cls, value: list[str] | str | None) -> list[str] | str | None:
+        if isinstance(value, list):
+            if not value:
+                raise ValueError("devices: give at least one device, or leave it unset")
+            for name in value:
+                if name == "auto":
+                    raise ValueError("devices: name each device ('cuda:0', 'cpu'), not 'auto'")
+                _check_device(name)
+        return value
+
+    def worker_devices(self) -> list[torch.device] | None:
+        """The devices of ``devices`` (``all``: every visible GPU); None when unset.
+
+        Raises:
+            AnchorInputError: for ``all`` without a visible GPU, or a GPU index not visible.
+        """
+        if self.devices is None:
+            return None
+        if self.devices == "all":
+            count = torch.cuda.device_count()
+            if count == 0:
+                raise AnchorInputError(
+                    "generation.devices 'all': no CUDA device is visible here; name the "
+                    "devices (e.g. [cpu, cpu]) or leave devices unset"
+                )
+            return [torch.device("cuda", k) for k in range(count)]
+        out = [torch.device(name) for name in self.devices]
+        for d in out:
+            if d.type == "cuda" and (d.index or 0) >= torch.cuda.device_count():
+                raise AnchorInputError(
+                    f"generation.devices: {d} is not visible here "
+                    f"({torch.cuda.device_count()} CUDA devices)"
+                )
+        return out
 
     def batch_size_on(self, device: torch.device) -> int:
         """Users per batch on ``device``: ``batch_size``, or the device's default when unset.
@@ -893,6 +947,42 @@ class _PriorLogits(LogitsProcessor):
 
 SearchFn = Callable[..., BeamOutput]
 """A beam search over one batch of prompts; takes ``prior=`` rows when the search fuses one."""
+
+
+def make_search(
+    models: nn.Module | Sequence[nn.Module],
+    trie: SidTrie,
+    vocab: SidVocab,
+    gc: GenerateConfig,
+    prior_weight: float,
+) -> SearchFn:
+    """The beam search ``gc`` names, every setting bound but the batch of prompts.
+
+    Args:
+        models: The anchor LM, or an ensemble's members (``implementation: fast`` only).
+        trie: The valid SIDs.
+        vocab: The models' SID tokens.
+        gc: Beam width, anchors, implementation and ensemble rule.
+        prior_weight: Weight of the co-occurrence prior rows passed as ``prior=`` (0: none).
+    """
+    impl: Any = (
+        partial(beam_search_fast, combine=gc.ensemble_combine)
+        if gc.implementation == "fast"
+        else beam_search_reference
+    )
+    return cast(
+        SearchFn,
+        partial(
+            impl,
+            models,
+            trie=trie,
+            vocab=vocab,
+            beam_width=gc.beam_width,
+            num_anchors=gc.num_anchors,
+            prior_weight=prior_weight,
+        ),
+    )
+
 
 PriorFn = Callable[[npt.NDArray[np.int64]], PriorRows]
 """The prior rows of the prompts at these indices (of the full prompt list)."""

@@ -25,6 +25,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
 from functools import partial
@@ -34,6 +35,7 @@ from typing import Any, Final
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 from tqdm import tqdm
@@ -44,7 +46,7 @@ from training.anchors.generate import (
     BeamOutput,
     GenerateConfig,
     beam_search_fast,
-    beam_search_reference,
+    make_search,
     resolve_device,
     resolve_dtype,
     search_in_batches,
@@ -62,6 +64,7 @@ from training.anchors.model import (
     update_info,
     write_trained_sids,
 )
+from training.anchors.parallel import DevicePool, WorkerSpec
 from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
 from training.anchors.sequences import (
     AnchorRequests,
@@ -611,16 +614,6 @@ def _anchors_batch(
     return pa.RecordBatch.from_arrays(arrays, schema=ANCHORS_SCHEMA)
 
 
-def _prior_rows(
-    prior: CooccurrencePrior,
-    histories: Sequence[np.ndarray],
-    pc: PriorConfig,
-    rows: np.ndarray,
-) -> SparsePriorRows:
-    """The prior's rows for the sets at ``rows`` of ``histories`` (one search batch)."""
-    return prior.sparse_probabilities([histories[i] for i in rows], pc)
-
-
 def generate_anchors(
     item_semantics: pa.Table,
     positives: pa.Table,
@@ -655,7 +648,9 @@ def generate_anchors(
     t0 = time.perf_counter()
     gc = cfg.generation
     catalog = SidCatalog.from_table(item_semantics)
-    device = resolve_device(gc.device)
+    workers = gc.worker_devices()
+    # With worker processes this one only checks the models, on the CPU, and writes.
+    device = torch.device("cpu") if workers else resolve_device(gc.device)
     dtype = resolve_dtype(gc.dtype, device)
     given = [Path(model_dir)] if isinstance(model_dir, str | Path) else [Path(d) for d in model_dir]
     model_dirs = [d for g in given for d in ensemble_dirs(g)]
@@ -689,48 +684,70 @@ def generate_anchors(
             "(Hugging Face generate() runs one model)"
         )
     trie = SidTrie(catalog.codes, vocab.codebook_sizes)
-    seqs = user_sequences(positives, catalog.item_ids)
-    requests = anchor_requests(seqs, cutoffs, max_history, users)
     prior, prior_weight = _generation_prior(model_dirs[0], catalog, cfg.prior)
-    impl: Any = (
-        partial(beam_search_fast, combine=gc.ensemble_combine)
-        if gc.implementation == "fast"
-        else beam_search_reference
-    )
-    search = partial(
-        impl,
-        loaded.model if len(members) == 1 else [m.model for m in members],
-        trie=trie,
-        vocab=vocab,
-        beam_width=gc.beam_width,
-        num_anchors=gc.num_anchors,
-        prior_weight=prior_weight,
-    )
-    batch_size = gc.batch_size_on(device)
-    item_tokens = vocab.item_tokens(catalog.codes)
-    n_sets = len(requests.user_ids)
-    fewer, gen_seconds = 0, 0.0
-    # Decoded and written a chunk of sets at a time: what one set holds on its way to the file
-    # (prompt tokens, beams, N x D anchor vectors, Arrow buffers) is ~35 KB, so the whole output
-    # in memory at once bounded the job at a few hundred thousand sets on a 24 GB machine.
-    with (
-        tqdm(total=n_sets, desc="anchors", unit="user", disable=not cfg.training.progress) as bar,
-        atomic_path(out_dir / ANCHORS_FILE) as tmp,
-        pq.ParquetWriter(tmp, ANCHORS_SCHEMA, compression="zstd") as writer,
-    ):
-        for start in range(0, n_sets, gc.chunk_sets):
-            chunk = requests.slice(start, start + gc.chunk_sets)
-            prompts = [vocab.encode(item_tokens[h]) for h in chunk.histories]
-            prior_of = None
-            if prior is not None and prior_weight > 0:
-                prior_of = partial(_prior_rows, prior, chunk.histories, cfg.prior)
-            t_gen = time.perf_counter()
-            beams = search_in_batches(
-                search, prompts, batch_size, progress=bar.update, prior_of=prior_of
-            )
-            gen_seconds += time.perf_counter() - t_gen
-            fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
-            writer.write_table(anchors_table(catalog, chunk, beams))
+    with ExitStack() as stack:
+        pool = None
+        if workers:
+            spec = WorkerSpec(model_dirs, catalog.codes, gc, prior, prior_weight, cfg.prior)
+            # Started before the sequences are built, so that the workers' start-up (spawning,
+            # imports, loading the models: 5-20 s) overlaps it.
+            pool = stack.enter_context(DevicePool(workers, spec))
+        seqs = user_sequences(positives, catalog.item_ids)
+        requests = anchor_requests(seqs, cutoffs, max_history, users)
+        batch_size = gc.batch_size_on(device)
+        item_tokens = vocab.item_tokens(catalog.codes)
+        n_sets = len(requests.user_ids)
+        chunks = [requests.slice(s, s + gc.chunk_sets) for s in range(0, n_sets, gc.chunk_sets)]
+
+        def prompts_of(chunk: AnchorRequests) -> list[list[int]]:
+            return [vocab.encode(item_tokens[h]) for h in chunk.histories]
+
+        fewer, gen_seconds = 0, 0.0
+        # Decoded and written a chunk of sets at a time: what one set holds on its way to the
+        # file (prompt tokens, beams, N x D anchor vectors, Arrow buffers) is ~35 KB, so the
+        # whole output in memory at once bounded the job at a few hundred thousand sets on a
+        # 24 GB machine.
+        with (
+            tqdm(
+                total=n_sets, desc="anchors", unit="user", disable=not cfg.training.progress
+            ) as bar,
+            atomic_path(out_dir / ANCHORS_FILE) as tmp,
+            pq.ParquetWriter(tmp, ANCHORS_SCHEMA, compression="zstd") as writer,
+        ):
+            if pool is not None:
+                t_gen = time.perf_counter()
+                inputs = ((prompts_of(c), c.histories) for c in chunks)
+                decoded = pool.decode_chunks(inputs, bar.update)
+                for chunk, beams in zip(chunks, decoded, strict=True):
+                    fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
+                    writer.write_table(anchors_table(catalog, chunk, beams))
+                # Wall time from the first chunk queued: overlapped writing and whatever of
+                # the workers' start-up the sequences did not hide included.
+                gen_seconds = time.perf_counter() - t_gen
+            else:
+                search = make_search(
+                    loaded.model if len(members) == 1 else [m.model for m in members],
+                    trie,
+                    vocab,
+                    gc,
+                    prior_weight,
+                )
+                for chunk in chunks:
+                    prior_of = None
+                    if prior is not None and prior_weight > 0:
+                        prior_of = partial(prior.rows_for, chunk.histories, cfg.prior)
+                    t_gen = time.perf_counter()
+                    beams = search_in_batches(
+                        search,
+                        prompts_of(chunk),
+                        batch_size,
+                        progress=bar.update,
+                        prior_of=prior_of,
+                    )
+                    gen_seconds += time.perf_counter() - t_gen
+                    fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
+                    writer.write_table(anchors_table(catalog, chunk, beams))
+        worker_start = None if pool is None else pool.start_seconds()
     path = out_dir / ANCHORS_FILE
     metrics: dict[str, Any] = {
         "users": len(set(requests.user_ids)),
@@ -744,8 +761,9 @@ def generate_anchors(
         else 0.0,
         "generation_seconds": round(gen_seconds, 3),
         "users_per_second": round(n_sets / gen_seconds, 2) if gen_seconds > 0 else None,
-        "device": str(device),
-        "batch_size": batch_size,
+        "device": ", ".join(str(d) for d in workers) if workers else str(device),
+        "batch_size": batch_size if not workers else [gc.batch_size_on(d) for d in workers],
+        "worker_start_seconds": worker_start,
         "dtype": str(dtype).removeprefix("torch."),
         "implementation": gc.implementation,
         "ensemble_members": len(members),

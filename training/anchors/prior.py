@@ -329,6 +329,12 @@ class CooccurrencePrior:
         """
         return self.sparse_probabilities(histories, cfg).dense()
 
+    def rows_for(
+        self, histories: Sequence[IntArray], cfg: PriorConfig, rows: IntArray
+    ) -> SparsePriorRows:
+        """:meth:`sparse_probabilities` of ``histories[rows]``: one search batch's prior rows."""
+        return self.sparse_probabilities([histories[i] for i in rows], cfg)
+
     def sparse_probabilities(
         self, histories: Sequence[IntArray], cfg: PriorConfig
     ) -> SparsePriorRows:

@@ -119,3 +119,18 @@ def trained_compact(
         return train_anchor_model(semantics, positives, sizes, tiny_config(epochs=2), out)
     finally:
         torch.set_num_threads(before)
+
+
+def assert_same_anchors(a: pa.Table, b: pa.Table) -> None:
+    """Two anchor tables with the same rows and anchors; log-probabilities within 1e-5."""
+    import pyarrow.compute as pc
+
+    assert a.num_rows == b.num_rows
+    for col in a.column_names:
+        if col not in ("anchor_log_probs", "anchor_embeddings"):
+            assert a.column(col).equals(b.column(col)), col
+    np.testing.assert_allclose(
+        pc.list_flatten(a.column("anchor_log_probs")).to_numpy(),
+        pc.list_flatten(b.column("anchor_log_probs")).to_numpy(),
+        atol=1e-5,
+    )
