@@ -41,6 +41,7 @@ def test_apply_join_materialize_online(settings: StoreSettings, tmp_path: Path) 
         "item_popularity",
         "item_content",
         "user_interest_anchors",
+        "user_interest_anchor_embeddings",
         "pseudo_labels",
         "item_semantics",
     }
@@ -77,3 +78,56 @@ def test_apply_join_materialize_online(settings: StoreSettings, tmp_path: Path) 
         features=["user_activity:clicks"], entity_rows=[{"user_id": "nobody"}]
     ).to_dict()
     assert unknown["clicks"] == [None]
+
+
+def test_anchor_vectors_stay_offline(settings: StoreSettings, tmp_path: Path) -> None:
+    """The anchors' vectors are an offline-only view of the same file: joinable point in time,
+    never materialized (serving reads item_semantics), while the anchors' ids are online."""
+    import pandas as pd
+    import pyarrow as pa
+
+    from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
+    from training.io import write_table
+
+    row = {
+        "user_id": "u0",
+        "event_timestamp": T0,
+        "anchor_sids": ["<a_1><b_2><c_0>"],
+        "anchor_item_ids": ["i1"],
+        "anchor_embeddings": [0.5, 0.25],
+        "anchor_log_probs": [-1.0],
+        "num_anchors": 1,
+        "history_length": 3,
+    }
+    write_table(pa.Table.from_pylist([row], ANCHORS_SCHEMA), tmp_path / ANCHORS_DIR / ANCHORS_FILE)
+    store = open_store(tmp_path, settings)
+    apply_definitions(store)
+    views = {fv.name: fv for fv in store.list_feature_views()}
+    assert not views["user_interest_anchor_embeddings"].online
+    assert "anchor_embeddings" not in {f.name for f in views["user_interest_anchors"].features}
+    report = materialize(store, end=T0 + timedelta(days=1), start=T0 - timedelta(days=1))
+    assert "user_interest_anchors" in report.views
+    assert "user_interest_anchor_embeddings" not in report.views + report.skipped
+    online = store.get_online_features(
+        features=["user_interest_anchors:anchor_item_ids"], entity_rows=[{"user_id": "u0"}]
+    ).to_dict()
+    assert online["anchor_item_ids"] == [["i1"]]
+    try:  # SQLite has no table for a view never materialized; Redis has no value
+        vectors = store.get_online_features(
+            features=["user_interest_anchor_embeddings:anchor_embeddings"],
+            entity_rows=[{"user_id": "u0"}],
+        ).to_dict()["anchor_embeddings"]
+    except Exception:  # which error depends on the online store
+        vectors = [None]
+    assert vectors == [None]
+    entities = pd.DataFrame(
+        {
+            "user_id": ["u0", "u0"],
+            "event_timestamp": [T0 - timedelta(hours=1), T0 + timedelta(hours=1)],
+        }
+    )
+    joined = store.get_historical_features(
+        entity_df=entities, features=["user_interest_anchor_embeddings:anchor_embeddings"]
+    ).to_df()
+    got = joined.sort_values("event_timestamp")["anchor_embeddings"].tolist()
+    assert got[0] is None and list(got[1]) == [0.5, 0.25]
