@@ -764,7 +764,11 @@ def generate_anchors(
         "device": ", ".join(str(d) for d in workers) if workers else str(device),
         "batch_size": batch_size if not workers else [gc.batch_size_on(d) for d in workers],
         "worker_start_seconds": worker_start,
-        "dtype": str(dtype).removeprefix("torch."),
+        "dtype": ", ".join(
+            sorted({str(resolve_dtype(gc.dtype, d)).removeprefix("torch.") for d in workers})
+        )
+        if workers
+        else str(dtype).removeprefix("torch."),
         "implementation": gc.implementation,
         "ensemble_members": len(members),
         "prior_weight": prior_weight,

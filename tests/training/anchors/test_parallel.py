@@ -35,6 +35,7 @@ def test_two_workers_write_the_table_one_process_writes(tmp_path, toy_data, trai
     assert one.table.num_rows > 14
     assert_same_anchors(one.table, two.table)
     assert two.metrics["device"] == "cpu, cpu" and two.metrics["batch_size"] == [2, 2]
+    assert two.metrics["dtype"] == "float32"
     assert two.metrics["prior_weight"] == 1.0
     assert two.metrics["worker_start_seconds"] > 0 and one.metrics["worker_start_seconds"] is None
     assert two.metrics["anchor_sets"] == one.metrics["anchor_sets"]
