@@ -62,6 +62,7 @@ def anchors(sets: int, k: int, dim: int, seed: int = 0) -> Any:
             ),
             pa.array(np.full(sets, k, np.int32)),
             pa.array(np.full(sets, 20, np.int32)),
+            pa.array(rng.integers(-(2**62), 2**62, sets), pa.int64()),  # history_hash
         ],
         schema=ANCHORS_SCHEMA,
     )

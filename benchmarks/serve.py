@@ -276,6 +276,7 @@ def make_tables(spec: DataSpec, ts: datetime) -> dict[str, pa.Table]:
             _list_array(log_probs.astype(np.float32), spec.anchors, pa.float32()),
             pa.array(np.full(u, spec.anchors), pa.int32()),
             pa.array(np.full(u, spec.history), pa.int32()),
+            pa.array(rng.integers(-(2**62), 2**62, u), pa.int64()),  # history_hash
         ],
         schema=ANCHORS_SCHEMA,
     )

@@ -701,6 +701,15 @@ def anchors_generate(
             "visible GPU. The anchors are those of one device."
         ),
     ] = None,
+    incremental: Annotated[
+        bool | None,
+        typer.Option(
+            "--incremental/--full",
+            help="Keep the earlier output's sets whose user, cutoff and history are requested "
+            "again, when the model, catalog and settings are unchanged, and decode only the rest "
+            "(generation.incremental); --full decodes every set.",
+        ),
+    ] = None,
 ) -> None:
     """Generate interest anchors for every user and request of RUN_DIR's request log.
 
@@ -721,6 +730,7 @@ def anchors_generate(
         raw.pop("model", None)
         _set(raw, "generation", "implementation", implementation)
         _set(raw, "prior", "weight", prior_weight)
+        _set(raw, "generation", "incremental", incremental)
         if devices is not None:
             names = [d.strip() for d in devices.split(",") if d.strip()]
             _set(raw, "generation", "devices", "all" if names == ["all"] else names)
@@ -743,7 +753,15 @@ def anchors_generate(
         _print_metrics(
             "",
             result.metrics,
-            ["users", "skipped_empty_history", "prior_weight", "users_per_second", "seconds"],
+            [
+                "users",
+                "skipped_empty_history",
+                "sets_reused",
+                "sets_decoded",
+                "prior_weight",
+                "users_per_second",
+                "seconds",
+            ],
         )
 
 

@@ -215,6 +215,9 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -
     assert json.loads((run / "anchors" / "manifest.json").read_text())["metrics"]["device"] == (
         "cpu, cpu"
     )
+    # Again, incremental: every set is reused from the file just written.
+    code, out = gpl(*gen, "--incremental")
+    assert code == 0 and f"sets_reused: {one.num_rows}" in out and "sets_decoded: 0" in out, out
     if not torch.cuda.is_available():
         code, out = gpl(*gen, "--devices", "all")
         assert code == 2 and "no CUDA device is visible" in out and "Traceback" not in out, out

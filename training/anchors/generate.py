@@ -104,6 +104,13 @@ class GenerateConfig(BaseModel):
         "memory grows with this, not with the number of sets (about 35 KB a set with 384-d "
         "embeddings: all at once, a million sets needed ~35 GB). Several batches each.",
     )
+    incremental: bool = Field(
+        default=False,
+        description="Keep the rows of the earlier output whose set (user, cutoff and history) "
+        "is requested again, when the model, catalog and these settings are unchanged (the "
+        "manifest's generation_key); decode only the rest. The file equals a full run's up to "
+        "row order (docs/anchors.md).",
+    )
     implementation: Literal["fast", "reference"] = Field(
         default="fast",
         description="'fast' (batched, KV-cache reuse, dense trie masks) or 'reference' "

@@ -17,6 +17,8 @@ anchor_embeddings  list<float32> (N * D)          the anchors' content embedding
 anchor_log_probs   list<float32> (N)              log P(item | history), descending
 num_anchors        int32                          N (less only when the catalog is smaller)
 history_length     int32                          history items fed to the model (<= max)
+history_hash       int64                          fingerprint of that history (catalog rows in
+                                                  order): what an incremental run compares
 =================  =============================  =============================================
 """
 
@@ -50,6 +52,13 @@ from training.anchors.generate import (
     resolve_device,
     resolve_dtype,
     search_in_batches,
+)
+from training.anchors.incremental import (
+    Reuse,
+    generation_key,
+    history_hashes,
+    kept_batches,
+    plan_reuse,
 )
 from training.anchors.model import (
     LoadedAnchorModel,
@@ -92,7 +101,7 @@ from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
 from training.arrow import string_array
 from training.data.contract import TIMESTAMP
-from training.io import atomic_path, read_table, write_manifest
+from training.io import MANIFEST_NAME, atomic_path, read_manifest, read_table, write_manifest
 
 logger = logging.getLogger(__name__)
 
@@ -109,6 +118,7 @@ ANCHORS_SCHEMA: Final = pa.schema(
         pa.field("anchor_log_probs", pa.list_(pa.float32()), nullable=False),
         pa.field("num_anchors", pa.int32(), nullable=False),
         pa.field("history_length", pa.int32(), nullable=False),
+        pa.field("history_hash", pa.int64(), nullable=False),
     ]
 )
 
@@ -555,6 +565,15 @@ def _generation_prior(
     return prior, weight
 
 
+#: The generation settings that shape an anchor set (the generation key covers them; batch
+#: sizes, chunking, devices and the incremental switch itself do not change a set).
+_SHAPING_GENERATION_SETTINGS: Final = {
+    "beam_width",
+    "num_anchors",
+    "implementation",
+    "ensemble_combine",
+}
+
 #: Rows per record batch of the anchors table. Arrow's list and string arrays address their
 #: values with int32 offsets: one array over every set overflowed past 2**31 embedding values
 #: (559,241 sets of 10 anchors x 384 dimensions), after the whole decode. A million sets keep the
@@ -610,6 +629,7 @@ def _anchors_batch(
         ),
         pa.array(counts, pa.int32()),
         pa.array([len(h) for h in requests.histories[start:stop]], pa.int32()),
+        pa.array(history_hashes(requests.histories[start:stop]), pa.int64()),
     ]
     return pa.RecordBatch.from_arrays(arrays, schema=ANCHORS_SCHEMA)
 
@@ -697,23 +717,52 @@ def generate_anchors(
         batch_size = gc.batch_size_on(device)
         item_tokens = vocab.item_tokens(catalog.codes)
         n_sets = len(requests.user_ids)
-        chunks = [requests.slice(s, s + gc.chunk_sets) for s in range(0, n_sets, gc.chunk_sets)]
+        key = generation_key(
+            model_dirs,
+            catalog,
+            {
+                "generation": gc.model_dump(mode="json", include=_SHAPING_GENERATION_SETTINGS),
+                "dtype": str(resolve_dtype(gc.dtype, workers[0] if workers else device)),
+                "prior_weight": prior_weight,
+                "prior": cfg.prior.model_dump(mode="json", exclude={"weight", "weight_grid"}),
+                "max_history": max_history,
+            },
+        )
+        reuse: Reuse | None = None
+        if gc.incremental:
+            manifest_path = out_dir / MANIFEST_NAME
+            reuse = plan_reuse(
+                out_dir / ANCHORS_FILE,
+                read_manifest(out_dir) if manifest_path.exists() else None,
+                key,
+                requests,
+                history_hashes(requests.histories),
+                ANCHORS_SCHEMA,
+                gc.num_anchors,
+            )
+        todo = requests if reuse is None else requests.select(reuse.decode)
+        n_todo = len(todo.user_ids)
+        chunks = [todo.slice(s, s + gc.chunk_sets) for s in range(0, n_todo, gc.chunk_sets)]
 
         def prompts_of(chunk: AnchorRequests) -> list[list[int]]:
             return [vocab.encode(item_tokens[h]) for h in chunk.histories]
 
-        fewer, gen_seconds = 0, 0.0
+        fewer = 0 if reuse is None else reuse.fewer_anchors
+        gen_seconds = 0.0
         # Decoded and written a chunk of sets at a time: what one set holds on its way to the
         # file (prompt tokens, beams, N x D anchor vectors, Arrow buffers) is ~35 KB, so the
         # whole output in memory at once bounded the job at a few hundred thousand sets on a
         # 24 GB machine.
         with (
             tqdm(
-                total=n_sets, desc="anchors", unit="user", disable=not cfg.training.progress
+                total=n_todo, desc="anchors", unit="user", disable=not cfg.training.progress
             ) as bar,
             atomic_path(out_dir / ANCHORS_FILE) as tmp,
             pq.ParquetWriter(tmp, ANCHORS_SCHEMA, compression="zstd") as writer,
         ):
+            if reuse is not None:
+                for batch in kept_batches(reuse, gc.chunk_sets):
+                    writer.write_batch(batch)
             if pool is not None:
                 t_gen = time.perf_counter()
                 inputs = ((prompts_of(c), c.histories) for c in chunks)
@@ -759,8 +808,11 @@ def generate_anchors(
         "mean_history_length": round(float(np.mean([len(h) for h in requests.histories])), 3)
         if n_sets
         else 0.0,
+        "sets_reused": 0 if reuse is None else len(reuse.old_rows),
+        "sets_decoded": n_todo,
+        "generation_key": key,
         "generation_seconds": round(gen_seconds, 3),
-        "users_per_second": round(n_sets / gen_seconds, 2) if gen_seconds > 0 else None,
+        "users_per_second": round(n_todo / gen_seconds, 2) if gen_seconds > 0 else None,
         "device": ", ".join(str(d) for d in workers) if workers else str(device),
         "batch_size": batch_size if not workers else [gc.batch_size_on(d) for d in workers],
         "worker_start_seconds": worker_start,

@@ -174,6 +174,15 @@ class AnchorRequests:
             self.skipped_empty_history,
         )
 
+    def select(self, rows: IntArray) -> AnchorRequests:
+        """The sets at ``rows`` (ascending), in that order."""
+        return AnchorRequests(
+            [self.user_ids[i] for i in rows],
+            self.cutoffs[rows],
+            [self.histories[i] for i in rows],
+            self.skipped_empty_history,
+        )
+
 
 def _to_micros(cutoffs: Sequence[datetime]) -> IntArray:
     arr = pa.array(list(cutoffs), type=TIMESTAMP).cast(pa.int64()).to_numpy(zero_copy_only=False)

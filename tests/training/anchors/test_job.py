@@ -16,6 +16,7 @@ from tests.training.anchors.conftest import T0, TS, assert_same_anchors, tiny_co
 from training.anchors.catalog import SidCatalog, derive_codebook_sizes, read_codebook_sizes
 from training.anchors.errors import AnchorInputError
 from training.anchors.generate import BeamOutput
+from training.anchors.incremental import history_hashes
 from training.anchors.job import (
     ANCHORS_FILE,
     ANCHORS_SCHEMA,
@@ -68,6 +69,7 @@ def test_artifact_contract(tmp_path, toy_data, trained_compact) -> None:
         "anchor_log_probs",
         "num_anchors",
         "history_length",
+        "history_hash",
     ]
     # One row per (user, cutoff) whose history changed, none lost, none extra.
     expected = expected_sets(positives, cutoffs, users)
@@ -76,6 +78,15 @@ def test_artifact_contract(tmp_path, toy_data, trained_compact) -> None:
     assert sorted((u, c) for u, c, _ in got) == sorted((u, c) for u, c, _ in expected)
     assert len({(u, c) for u, c, _ in got}) == table.num_rows
     assert sorted(got) == sorted((u, c, min(n, max_history)) for u, c, n in expected)
+    # history_hash fingerprints the history the set was decoded from: its catalog rows in order.
+    row_of = SidCatalog.from_table(semantics).index()
+    events = sorted(
+        (r["user_id"], r["event_timestamp"], row_of[r["item_id"]]) for r in positives.to_pylist()
+    )
+    for row in table.to_pylist():
+        history = [i for u, t, i in events if u == row["user_id"] and t < row["event_timestamp"]]
+        want = history_hashes([np.array(history[-max_history:], np.int64)])[0]
+        assert row["history_hash"] == want
 
     sid_of = dict(
         zip(

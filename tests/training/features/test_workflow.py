@@ -98,6 +98,7 @@ def test_anchor_vectors_stay_offline(settings: StoreSettings, tmp_path: Path) ->
         "anchor_log_probs": [-1.0],
         "num_anchors": 1,
         "history_length": 3,
+        "history_hash": 7,
     }
     write_table(pa.Table.from_pylist([row], ANCHORS_SCHEMA), tmp_path / ANCHORS_DIR / ANCHORS_FILE)
     store = open_store(tmp_path, settings)
