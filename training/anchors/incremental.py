@@ -120,26 +120,27 @@ def plan_reuse(
         logger.info("incremental generation: %s; decoding every set", why)
         return None
     old = pq.read_table(path, columns=["user_id", "event_timestamp", "history_hash", "num_anchors"])
-    ts = old.column("event_timestamp").cast(pa.int64()).to_numpy()
-    row_of = {
-        (u, int(t), int(h)): r
-        for r, (u, t, h) in enumerate(
-            zip(
-                old.column("user_id").to_pylist(),
-                ts,
-                old.column("history_hash").to_numpy(),
-                strict=True,
-            )
-        )
-    }
-    found = np.fromiter(
-        (
-            row_of.get((u, int(t), int(h)), -1)
-            for u, t, h in zip(requests.user_ids, requests.cutoffs, hashes, strict=True)
-        ),
-        dtype=np.int64,
-        count=len(hashes),
+    # One hash join in Arrow on (user, cutoff, history): no Python object per set.
+    n = len(hashes)
+    wanted = pa.table(
+        {
+            "user_id": pa.array(requests.user_ids, pa.string()),
+            "cutoff": pa.array(requests.cutoffs, pa.int64()),
+            "history_hash": pa.array(hashes, pa.int64()),
+            "set": pa.array(np.arange(n, dtype=np.int64)),
+        }
     )
+    have = pa.table(
+        {
+            "user_id": old.column("user_id"),
+            "cutoff": old.column("event_timestamp").cast(pa.int64()),
+            "history_hash": old.column("history_hash"),
+            "row": pa.array(np.arange(old.num_rows, dtype=np.int64)),
+        }
+    )
+    matched = wanted.join(have, keys=["user_id", "cutoff", "history_hash"], join_type="inner")
+    found = np.full(n, -1, dtype=np.int64)
+    found[matched.column("set").to_numpy()] = matched.column("row").to_numpy()
     old_rows = np.sort(found[found >= 0])
     counts = old.column("num_anchors").to_numpy()
     return Reuse(
