@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Final
 
@@ -22,6 +23,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from training.anchors.errors import AnchorInputError
+from training.arrow import string_array
 
 SIDS_DIR: Final = "sids"
 ITEM_SEMANTICS_FILE: Final = "item_semantics.parquet"
@@ -57,6 +59,14 @@ class SidCatalog:
     def n_levels(self) -> int:
         """SID levels per item, the disambiguation level included."""
         return int(self.codes.shape[1])
+
+    @cached_property
+    def arrow_strings(self) -> tuple[pa.StringArray, pa.StringArray]:
+        """The SIDs and the item ids as Arrow arrays, converted once per catalog.
+
+        The anchors job gathers every output chunk's strings from them.
+        """
+        return string_array(self.sids), string_array(self.item_ids)
 
     def index(self) -> dict[str, int]:
         """Map item id -> row."""

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -99,7 +99,6 @@ from training.anchors.train import (
 )
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
-from training.arrow import string_array
 from training.data.contract import TIMESTAMP
 from training.io import MANIFEST_NAME, atomic_path, read_manifest, read_table, write_manifest
 
@@ -590,10 +589,8 @@ def anchors_table(catalog: SidCatalog, requests: AnchorRequests, beams: BeamOutp
     n_rows = len(requests.user_ids)
     values_per_row = max(1, beams.items.shape[1]) * catalog.embeddings.shape[1]
     step = max(1, min(ANCHOR_ROWS_PER_BATCH, _INT32_MAX // values_per_row))
-    # The catalog's strings converted once, then gathered per batch.
-    strings = (string_array(catalog.sids), string_array(catalog.item_ids))
     batches = [
-        _anchors_batch(catalog, strings, requests, beams, start, min(start + step, n_rows))
+        _anchors_batch(catalog, requests, beams, start, min(start + step, n_rows))
         for start in range(0, n_rows, step)
     ]
     return pa.Table.from_batches(batches, schema=ANCHORS_SCHEMA)
@@ -601,13 +598,13 @@ def anchors_table(catalog: SidCatalog, requests: AnchorRequests, beams: BeamOutp
 
 def _anchors_batch(
     catalog: SidCatalog,
-    strings: tuple[pa.StringArray, pa.StringArray],
     requests: AnchorRequests,
     beams: BeamOutput,
     start: int,
     stop: int,
 ) -> pa.RecordBatch:
-    """Rows ``start:stop`` of :func:`anchors_table` (``strings``: the catalog's SIDs and ids)."""
+    """Rows ``start:stop`` of :func:`anchors_table`."""
+    strings = catalog.arrow_strings
     items = beams.items[start:stop]
     valid = items >= 0
     counts = valid.sum(axis=1).astype(np.int32)
@@ -672,6 +669,12 @@ def generate_anchors(
     # With worker processes this one only checks the models, on the CPU, and writes.
     device = torch.device("cpu") if workers else resolve_device(gc.device)
     dtype = resolve_dtype(gc.dtype, device)
+    # What the sets are decoded in: this process's dtype, or the workers' (bf16 on CUDA).
+    decode_dtype = ", ".join(
+        sorted(
+            {str(resolve_dtype(gc.dtype, d)).removeprefix("torch.") for d in workers or [device]}
+        )
+    )
     given = [Path(model_dir)] if isinstance(model_dir, str | Path) else [Path(d) for d in model_dir]
     model_dirs = [d for g in given for d in ensemble_dirs(g)]
     if not model_dirs:
@@ -722,7 +725,7 @@ def generate_anchors(
             catalog,
             {
                 "generation": gc.model_dump(mode="json", include=_SHAPING_GENERATION_SETTINGS),
-                "dtype": str(resolve_dtype(gc.dtype, workers[0] if workers else device)),
+                "dtype": decode_dtype,
                 "prior_weight": prior_weight,
                 "prior": cfg.prior.model_dump(mode="json", exclude={"weight", "weight_grid"}),
                 "max_history": max_history,
@@ -748,7 +751,6 @@ def generate_anchors(
             return [vocab.encode(item_tokens[h]) for h in chunk.histories]
 
         fewer = 0 if reuse is None else reuse.fewer_anchors
-        gen_seconds = 0.0
         # Decoded and written a chunk of sets at a time: what one set holds on its way to the
         # file (prompt tokens, beams, N x D anchor vectors, Arrow buffers) is ~35 KB, so the
         # whole output in memory at once bounded the job at a few hundred thousand sets on a
@@ -763,16 +765,10 @@ def generate_anchors(
             if reuse is not None:
                 for batch in kept_batches(reuse, gc.chunk_sets):
                     writer.write_batch(batch)
+            decoded: Iterator[BeamOutput]
             if pool is not None:
-                t_gen = time.perf_counter()
                 inputs = ((prompts_of(c), c.histories) for c in chunks)
                 decoded = pool.decode_chunks(inputs, bar.update)
-                for chunk, beams in zip(chunks, decoded, strict=True):
-                    fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
-                    writer.write_table(anchors_table(catalog, chunk, beams))
-                # Wall time from the first chunk queued: overlapped writing and whatever of
-                # the workers' start-up the sequences did not hide included.
-                gen_seconds = time.perf_counter() - t_gen
             else:
                 search = make_search(
                     loaded.model if len(members) == 1 else [m.model for m in members],
@@ -781,21 +777,29 @@ def generate_anchors(
                     gc,
                     prior_weight,
                 )
-                for chunk in chunks:
-                    prior_of = None
-                    if prior is not None and prior_weight > 0:
-                        prior_of = partial(prior.rows_for, chunk.histories, cfg.prior)
-                    t_gen = time.perf_counter()
-                    beams = search_in_batches(
+                fused = prior if prior is not None and prior_weight > 0 else None
+                decoded = (
+                    search_in_batches(
                         search,
-                        prompts_of(chunk),
+                        prompts_of(c),
                         batch_size,
                         progress=bar.update,
-                        prior_of=prior_of,
+                        prior_of=None
+                        if fused is None
+                        else partial(fused.rows_for, c.histories, cfg.prior),
                     )
-                    gen_seconds += time.perf_counter() - t_gen
-                    fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
-                    writer.write_table(anchors_table(catalog, chunk, beams))
+                    for c in chunks
+                )
+            t_gen, writing = time.perf_counter(), 0.0
+            for chunk, beams in zip(chunks, decoded, strict=True):
+                t_write = time.perf_counter()
+                fewer += int(((beams.items >= 0).sum(axis=1) < gc.num_anchors).sum())
+                writer.write_table(anchors_table(catalog, chunk, beams))
+                writing += time.perf_counter() - t_write
+            # In one process: decoding alone. Workers decode while this process writes, so
+            # theirs is the wall time from the first chunk queued (overlapped writing and any
+            # start-up the sequences did not hide included).
+            gen_seconds = time.perf_counter() - t_gen - (writing if pool is None else 0.0)
         worker_start = None if pool is None else pool.start_seconds()
     path = out_dir / ANCHORS_FILE
     metrics: dict[str, Any] = {
@@ -816,11 +820,7 @@ def generate_anchors(
         "device": ", ".join(str(d) for d in workers) if workers else str(device),
         "batch_size": batch_size if not workers else [gc.batch_size_on(d) for d in workers],
         "worker_start_seconds": worker_start,
-        "dtype": ", ".join(
-            sorted({str(resolve_dtype(gc.dtype, d)).removeprefix("torch.") for d in workers})
-        )
-        if workers
-        else str(dtype).removeprefix("torch."),
+        "dtype": decode_dtype,
         "implementation": gc.implementation,
         "ensemble_members": len(members),
         "prior_weight": prior_weight,

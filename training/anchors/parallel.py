@@ -113,7 +113,7 @@ def _decode(prompts: list[list[int]], histories: list[npt.NDArray[np.int64]] | N
     assert _WORKER is not None, "worker not started"
     spec = _WORKER.spec
     prior_of = None
-    if spec.prior is not None and spec.prior_weight > 0 and histories is not None:
+    if spec.prior is not None and histories is not None:  # sent only when the prior is fused
         prior_of = partial(spec.prior.rows_for, histories, spec.prior_config)
     return search_in_batches(_WORKER.search, prompts, _WORKER.batch_size, prior_of=prior_of)
 
