@@ -37,7 +37,7 @@ def anchors(sets: int, k: int, dim: int, seed: int = 0) -> Any:
     import numpy as np
     import pyarrow as pa
 
-    from training.anchors.job import ANCHORS_SCHEMA
+    from training.anchors.schema import ANCHORS_SCHEMA
 
     rng = np.random.default_rng(seed)
     ids = pa.ListArray.from_arrays(
@@ -103,7 +103,7 @@ def run_once(
     table: Any, vectors_online: bool, redis_url: str | None, work: Path, tag: str
 ) -> dict[str, Any]:
     """Apply and materialize the anchors into a fresh store; seconds and online bytes."""
-    from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE
+    from training.anchors.schema import ANCHORS_DIR, ANCHORS_FILE
     from training.features.store import StoreSettings, apply_definitions, materialize, open_store
     from training.io import write_table
 

@@ -170,7 +170,7 @@ def make_tables(spec: DataSpec, ts: datetime) -> dict[str, pa.Table]:
     Schemas are the pipeline's: ``training/features/stats.py`` (features/*),
     ``training.sids.job.ITEM_SEMANTICS_SCHEMA`` and ``training.anchors.job.ANCHORS_SCHEMA``.
     """
-    from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
+    from training.anchors.schema import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
     from training.data.contract import TIMESTAMP
     from training.features.stats import FEATURES_DIR
     from training.sids.job import ITEM_SEMANTICS_FILE, ITEM_SEMANTICS_SCHEMA, STAGE_DIR

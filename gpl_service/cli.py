@@ -3,7 +3,7 @@
     gpl data synth | data import movielens|amazon | data validate   (contract tables)
     gpl data simulate                                               (funnel -> requests, truth)
     gpl sids train | sids assign                                    (Semantic IDs)
-    gpl anchors train | anchors generate                            (interest anchors, LM)
+    gpl anchors train | anchors generate | anchors merge            (interest anchors, LM)
     gpl pseudo-labels                                               (unexposed candidates)
     gpl features build | apply | materialize | training-set         (Feast)
     gpl train                                                       (light + expressive models)
@@ -710,6 +710,15 @@ def anchors_generate(
             "(generation.incremental); --full decodes every set.",
         ),
     ] = None,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            help="K/N: decode only shard K (from 0) of N, the users whose id hashes to K, into "
+            "RUN_DIR/anchors/shards/; run every K (on as many hosts as you like, with the same "
+            "inputs and model), then `gpl anchors merge`. An incremental shard reuses the "
+            "merged file of an earlier run.",
+        ),
+    ] = None,
 ) -> None:
     """Generate interest anchors for every user and request of RUN_DIR's request log.
 
@@ -717,12 +726,15 @@ def anchors_generate(
     before it (generation.cutoffs: request; 'day' makes one per request day instead):
     RUN_DIR/anchors/user_interest_anchors.parquet. With --prior-weight (prior.weight) the beam
     search fuses the LM with the co-occurrence prior saved beside the model (docs/anchors.md).
+    Several GPUs of one host: --devices; several hosts: --shard K/N on each, then merge.
     """
     from training.anchors.job import AnchorConfig, generate_anchors
     from training.anchors.sequences import cutoffs_of
+    from training.anchors.shards import Shard
     from training.io import read_table
 
     with _user_errors():
+        part = None if shard is None else Shard.parse(shard)
         raw = _raw_config(config)
         # Generation loads the trained model directory, which holds its own model settings: the
         # file's `model` section (shared with `train`, perhaps with --base-model given there) is
@@ -748,8 +760,14 @@ def anchors_generate(
             cfg,
             run_dir / "anchors",
             users=sorted(set(requests.column("user_id").to_pylist())),
+            shard=part,
         )
-        _say(f"anchors: {result.table.num_rows} anchor sets -> {result.path}")
+        _say(f"anchors: {result.metrics['anchor_sets']} anchor sets -> {result.path}")
+        if part is not None:
+            _say(
+                f"  shard {part.index}/{part.count} done; once every shard is, run "
+                f"`gpl anchors merge --run-dir {run_dir}`"
+            )
         _print_metrics(
             "",
             result.metrics,
@@ -762,6 +780,47 @@ def anchors_generate(
                 "users_per_second",
                 "seconds",
             ],
+        )
+
+
+@anchors_app.command("merge")
+def anchors_merge(
+    run_dir: RunDir = DEFAULT_RUN_DIR,
+    shards: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="How many shards to merge (the N of --shard K/N); needed only when "
+            "RUN_DIR/anchors/shards/ holds runs of several counts.",
+        ),
+    ] = None,
+    remove_shards: Annotated[
+        bool,
+        typer.Option(
+            "--remove-shards/--keep-shards",
+            help="Delete the shard folders once the merged file and manifest are written.",
+        ),
+    ] = False,
+) -> None:
+    """Merge the shards of `gpl anchors generate --shard K/N` into the stage's one file.
+
+    Checks that all N shards finished, decoded with the same model, catalog and settings from
+    the same inputs, and that every row is in its user's shard; then streams their rows into
+    RUN_DIR/anchors/user_interest_anchors.parquet with a manifest of the summed counts (what the
+    Feast views, `gpl pseudo-labels` and the next incremental run read).
+    """
+    from training.anchors.shards import merge_anchor_shards
+
+    with _user_errors():
+        result = merge_anchor_shards(run_dir / "anchors", count=shards, remove=remove_shards)
+        _say(
+            f"anchors: {result.metrics['anchor_sets']} anchor sets from "
+            f"{result.metrics['shards']} shards -> {result.path}"
+        )
+        _print_metrics(
+            "",
+            result.metrics,
+            ["users", "skipped_empty_history", "sets_reused", "sets_decoded", "seconds"],
         )
 
 

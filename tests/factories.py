@@ -72,7 +72,7 @@ def write_empty_anchors(run_dir: Path) -> Path:
 
     The ``preranker`` FeatureService reads it; every row then gets the declared defaults.
     """
-    from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
+    from training.anchors.schema import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
     from training.io import write_table
 
     return write_table(ANCHORS_SCHEMA.empty_table(), run_dir / ANCHORS_DIR / ANCHORS_FILE)

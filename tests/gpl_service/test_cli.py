@@ -223,6 +223,32 @@ def test_anchor_ensemble_from_the_command_line(tmp_path: Path, sids_run: Path) -
         assert code == 2 and "no CUDA device is visible" in out and "Traceback" not in out, out
 
 
+def test_sharded_generation_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
+    """`generate --shard K/N` for every K, then `merge`: the one-process file, up to row order."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
+    _train_and_generate(run, anchors)
+    anchors_file = run / "anchors" / "user_interest_anchors.parquet"
+    keys = [("user_id", "ascending"), ("event_timestamp", "ascending")]
+    one = pq.read_table(anchors_file).sort_by(keys)
+    anchors_file.unlink()
+    gen = ("anchors", "generate", "--run-dir", str(run), "--config", str(anchors))
+    for k in range(2):
+        code, out = gpl(*gen, "--shard", f"{k}/2")
+        assert code == 0 and f"shard {k}/2 done" in out and "gpl anchors merge" in out, out
+    assert not anchors_file.exists()
+    code, out = gpl("anchors", "merge", "--run-dir", str(run), "--shards", "3")
+    assert code == 2 and "3 of 3 shards missing" in out and "found shards of 2" in out, out
+    code, out = gpl("anchors", "merge", "--run-dir", str(run), "--remove-shards")
+    assert code == 0 and f"{one.num_rows} anchor sets from 2 shards" in out, out
+    merged = pq.read_table(anchors_file).sort_by(keys)
+    assert merged.drop_columns(["anchor_log_probs"]).equals(one.drop_columns(["anchor_log_probs"]))
+    assert not (run / "anchors" / "shards").exists()
+    code, out = gpl(*gen, "--shard", "2/2")
+    assert code == 2 and "shard 2/2" in out and "Traceback" not in out, out
+
+
 def test_co_occurrence_prior_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
     """`prior: {weight: auto}` in the file: train chooses the weight on the held-out users and
     generate decodes with it; `--prior-weight` overrides the file; a bad value is one line."""

@@ -3,23 +3,8 @@
 ``train_anchor_model`` reads the SID stage's ``item_semantics`` and the users' positives and
 writes a self-contained model directory (see :mod:`training.anchors.model`) with a manifest.
 ``generate_anchors`` decodes, for every (user, cutoff) whose history changed, the top-N items by
-trie-constrained beam search, and writes ``RUN_DIR/anchors/user_interest_anchors.parquet``:
-
-=================  =============================  =============================================
-column             type                           meaning
-=================  =============================  =============================================
-user_id            string                         the user
-event_timestamp    timestamp[us, UTC]             the cutoff: history is strictly before it
-anchor_sids        list<string> (N)               the anchors' SIDs, best first
-anchor_item_ids    list<string> (N)               the item each SID denotes
-anchor_embeddings  list<float32> (N * D)          the anchors' content embeddings, row-major
-                                                  (flat: Feast has no nested arrays)
-anchor_log_probs   list<float32> (N)              log P(item | history), descending
-num_anchors        int32                          N (less only when the catalog is smaller)
-history_length     int32                          history items fed to the model (<= max)
-history_hash       int64                          fingerprint of that history (catalog rows in
-                                                  order): what an incremental run compares
-=================  =============================  =============================================
+trie-constrained beam search, and writes ``RUN_DIR/anchors/user_interest_anchors.parquet``
+(columns: :mod:`training.anchors.schema`).
 """
 
 from __future__ import annotations
@@ -75,6 +60,7 @@ from training.anchors.model import (
 )
 from training.anchors.parallel import DevicePool, WorkerSpec
 from training.anchors.prior import CooccurrencePrior, PriorConfig, SparsePriorRows
+from training.anchors.schema import ANCHORS_FILE, ANCHORS_SCHEMA, AnchorResult
 from training.anchors.sequences import (
     AnchorRequests,
     EvalSet,
@@ -89,6 +75,7 @@ from training.anchors.sequences import (
     user_sequences,
     with_reversed,
 )
+from training.anchors.shards import Shard, inputs_fingerprint
 from training.anchors.train import (
     EVAL_K,
     TrainConfig,
@@ -100,26 +87,9 @@ from training.anchors.train import (
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab, SidVocabularyError
 from training.data.contract import TIMESTAMP
-from training.io import MANIFEST_NAME, atomic_path, read_manifest, read_table, write_manifest
+from training.io import MANIFEST_NAME, atomic_path, read_manifest, write_manifest
 
 logger = logging.getLogger(__name__)
-
-ANCHORS_DIR: Final = "anchors"
-ANCHORS_FILE: Final = "user_interest_anchors.parquet"
-
-ANCHORS_SCHEMA: Final = pa.schema(
-    [
-        pa.field("user_id", pa.string(), nullable=False),
-        pa.field("event_timestamp", TIMESTAMP, nullable=False),
-        pa.field("anchor_sids", pa.list_(pa.string()), nullable=False),
-        pa.field("anchor_item_ids", pa.list_(pa.string()), nullable=False),
-        pa.field("anchor_embeddings", pa.list_(pa.float32()), nullable=False),
-        pa.field("anchor_log_probs", pa.list_(pa.float32()), nullable=False),
-        pa.field("num_anchors", pa.int32(), nullable=False),
-        pa.field("history_length", pa.int32(), nullable=False),
-        pa.field("history_hash", pa.int64(), nullable=False),
-    ]
-)
 
 
 class AnchorConfig(BaseModel):
@@ -158,19 +128,6 @@ class TrainResult:
     model_dir: Path
     history: TrainHistory
     metrics: dict[str, Any] = field(default_factory=dict)
-
-
-@dataclass
-class AnchorResult:
-    """Outcome of :func:`generate_anchors`."""
-
-    path: Path
-    metrics: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def table(self) -> pa.Table:
-        """The written anchors, read back whole from ``path`` (the job streams them out)."""
-        return read_table(self.path)
 
 
 def _check_codebook(catalog: SidCatalog, codebook_sizes: Sequence[int]) -> None:
@@ -640,6 +597,7 @@ def generate_anchors(
     out_dir: Path,
     *,
     users: Sequence[str] | None = None,
+    shard: Shard | None = None,
 ) -> AnchorResult:
     """Decode each (user, cutoff)'s interest anchors and write ``out_dir/user_interest_anchors``.
 
@@ -657,6 +615,9 @@ def generate_anchors(
         out_dir: Output folder, ``RUN_DIR/anchors``.
         users: Only these users (those with no positive before the first cutoff are counted as
             skipped); all users with positives when None.
+        shard: Decode only this shard's users, into ``out_dir/shards/KKKKK-of-NNNNN/``, for
+            :func:`training.anchors.shards.merge_anchor_shards` to merge (an incremental shard
+            reuses rows of the merged ``out_dir`` file).
 
     Raises:
         SidVocabularyError: when the SIDs use codes the model's tokenizer does not know, have
@@ -665,6 +626,15 @@ def generate_anchors(
     t0 = time.perf_counter()
     gc = cfg.generation
     catalog = SidCatalog.from_table(item_semantics)
+    fingerprint = inputs_fingerprint(positives, cutoffs, users)
+    write_dir = out_dir
+    if shard is not None:
+        positives, cutoffs, users = (
+            shard.positives(positives),
+            shard.cutoffs(cutoffs),
+            shard.users(users),
+        )
+        write_dir = shard.directory(out_dir)
     workers = gc.worker_devices()
     # With worker processes this one only checks the models, on the CPU, and writes.
     device = torch.device("cpu") if workers else resolve_device(gc.device)
@@ -759,7 +729,7 @@ def generate_anchors(
             tqdm(
                 total=n_todo, desc="anchors", unit="user", disable=not cfg.training.progress
             ) as bar,
-            atomic_path(out_dir / ANCHORS_FILE) as tmp,
+            atomic_path(write_dir / ANCHORS_FILE) as tmp,
             pq.ParquetWriter(tmp, ANCHORS_SCHEMA, compression="zstd") as writer,
         ):
             if reuse is not None:
@@ -801,7 +771,7 @@ def generate_anchors(
             # start-up the sequences did not hide included).
             gen_seconds = time.perf_counter() - t_gen - (writing if pool is None else 0.0)
         worker_start = None if pool is None else pool.start_seconds()
-    path = out_dir / ANCHORS_FILE
+    path = write_dir / ANCHORS_FILE
     metrics: dict[str, Any] = {
         "users": len(set(requests.user_ids)),
         "anchor_sets": n_sets,
@@ -815,6 +785,8 @@ def generate_anchors(
         "sets_reused": 0 if reuse is None else len(reuse.old_rows),
         "sets_decoded": n_todo,
         "generation_key": key,
+        "inputs_fingerprint": fingerprint,
+        "shard": None if shard is None else {"index": shard.index, "count": shard.count},
         "generation_seconds": round(gen_seconds, 3),
         "users_per_second": round(n_todo / gen_seconds, 2) if gen_seconds > 0 else None,
         "device": ", ".join(str(d) for d in workers) if workers else str(device),
@@ -830,7 +802,7 @@ def generate_anchors(
     }
     metrics["seconds"] = round(time.perf_counter() - t0, 3)
     write_manifest(
-        out_dir,
+        write_dir,
         "anchors",
         inputs={
             "item_semantics": "sids/item_semantics.parquet",

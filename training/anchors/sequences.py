@@ -203,6 +203,14 @@ class UserCutoffs:
     offsets: IntArray
     cutoffs: IntArray
 
+    def subset(self, keep: npt.NDArray[np.bool_]) -> UserCutoffs:
+        """The cutoffs of the users where ``keep`` (one flag per user) is true."""
+        sizes = np.diff(self.offsets)[keep]
+        rows = np.repeat(keep, np.diff(self.offsets))
+        return UserCutoffs(
+            self.user_ids[keep], np.r_[0, np.cumsum(sizes)].astype(np.int64), self.cutoffs[rows]
+        )
+
 
 def request_cutoffs(
     user_ids: pa.Array | pa.ChunkedArray, timestamps: pa.Array | pa.ChunkedArray
@@ -251,7 +259,7 @@ def anchor_requests(
     if isinstance(cutoffs, UserCutoffs):
         if users is not None:
             keep = np.isin(cutoffs.user_ids, np.asarray(list(users), dtype=str))
-            cutoffs = _subset(cutoffs, keep)
+            cutoffs = cutoffs.subset(keep)
         return _per_user_requests(seqs, cutoffs, max_history)
     cuts = _to_micros(cutoffs)
     wanted = np.ones(seqs.n_users, dtype=bool)
@@ -322,14 +330,6 @@ def _changed_histories(
     )
 
 
-def _subset(uc: UserCutoffs, keep: npt.NDArray[np.bool_]) -> UserCutoffs:
-    sizes = np.diff(uc.offsets)[keep]
-    rows = np.repeat(keep, np.diff(uc.offsets))
-    return UserCutoffs(
-        uc.user_ids[keep], np.r_[0, np.cumsum(sizes)].astype(np.int64), uc.cutoffs[rows]
-    )
-
-
 def _per_user_requests(seqs: UserSequences, uc: UserCutoffs, max_history: int) -> AnchorRequests:
     """:func:`anchor_requests` with each user's own cutoffs, vectorized over all users.
 
@@ -345,7 +345,7 @@ def _per_user_requests(seqs: UserSequences, uc: UserCutoffs, max_history: int) -
     inside = row < seqs.n_users
     known[inside] = seqs.user_ids[row[inside]] == uc.user_ids[inside]
     unknown_users = int((~known).sum())
-    uc = _subset(uc, known)
+    uc = uc.subset(known)
     row = row[known]
     n_cuts = np.zeros(seqs.n_users, np.int64)
     n_cuts[row] = np.diff(uc.offsets)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from datetime import timedelta
 
 import pyarrow as pa
@@ -9,7 +10,8 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from tests.training.anchors.conftest import T0, TS, assert_same_anchors, tiny_config
-from training.anchors.job import ANCHORS_FILE, generate_anchors
+from training.anchors.job import generate_anchors
+from training.anchors.schema import ANCHORS_FILE
 from training.anchors.sequences import day_cutoffs
 
 
@@ -80,3 +82,30 @@ def test_a_changed_setting_or_older_file_decodes_every_set(
     pq.write_table(pq.read_table(path).drop_columns(["history_hash"]), path)
     older = generate_anchors(semantics, positives, cutoffs, model, other, tmp_path)
     assert older.metrics["sets_reused"] == 0 and older.metrics["sets_decoded"] > 0
+
+
+def test_the_key_follows_the_model_files_contents_not_their_times(
+    tmp_path, toy_data, trained_compact
+) -> None:
+    """A copy of the model with fresh file times (another host's) reuses every set; the same
+    files with one byte changed reuse none."""
+    semantics, positives, _ = toy_data
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    first = generate_anchors(
+        semantics, positives, cutoffs, trained_compact.model_dir, tiny_config(), tmp_path
+    )
+    copy = shutil.copytree(
+        trained_compact.model_dir, tmp_path / "copy", copy_function=shutil.copyfile
+    )
+    assert copy.joinpath("anchor_model.json").stat().st_mtime_ns != (
+        trained_compact.model_dir.joinpath("anchor_model.json").stat().st_mtime_ns
+    )
+    again = generate_anchors(semantics, positives, cutoffs, copy, _incremental(), tmp_path)
+    assert again.metrics["generation_key"] == first.metrics["generation_key"]
+    assert again.metrics["sets_reused"] == first.metrics["anchor_sets"]
+    weights = next(copy.rglob("*.safetensors"))
+    data = bytearray(weights.read_bytes())
+    data[-1] ^= 1
+    weights.write_bytes(bytes(data))
+    changed = generate_anchors(semantics, positives, cutoffs, copy, _incremental(), tmp_path)
+    assert changed.metrics["sets_reused"] == 0

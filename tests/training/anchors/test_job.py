@@ -18,14 +18,13 @@ from training.anchors.errors import AnchorInputError
 from training.anchors.generate import BeamOutput
 from training.anchors.incremental import history_hashes
 from training.anchors.job import (
-    ANCHORS_FILE,
-    ANCHORS_SCHEMA,
     AnchorConfig,
     anchors_table,
     generate_anchors,
     train_anchor_model,
 )
 from training.anchors.model import ensemble_dirs, load_anchor_model
+from training.anchors.schema import ANCHORS_FILE, ANCHORS_SCHEMA
 from training.anchors.sequences import AnchorRequests, SequenceConfig, cutoffs_of, day_cutoffs
 
 

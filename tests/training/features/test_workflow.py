@@ -86,7 +86,7 @@ def test_anchor_vectors_stay_offline(settings: StoreSettings, tmp_path: Path) ->
     import pandas as pd
     import pyarrow as pa
 
-    from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
+    from training.anchors.schema import ANCHORS_DIR, ANCHORS_FILE, ANCHORS_SCHEMA
     from training.io import write_table
 
     row = {

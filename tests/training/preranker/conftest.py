@@ -16,7 +16,7 @@ from tests.training.pseudo_labels.test_job import (
     make_item_semantics,
     make_positives,
 )
-from training.anchors.job import ANCHORS_DIR, ANCHORS_FILE
+from training.anchors.schema import ANCHORS_DIR, ANCHORS_FILE
 from training.features.stats import StatsConfig, compute_feature_tables
 from training.features.store import StoreSettings, apply_definitions, open_store
 from training.io import write_table
