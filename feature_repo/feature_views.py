@@ -58,7 +58,8 @@ item_popularity = FeatureView(
         Field(
             name="candidate_count",
             dtype=Int64,
-            description="Times the item entered any request's funnel before the snapshot.",
+            description="Times the item entered a request's funnel before the snapshot (global "
+            "random negatives, never in the funnel, not counted).",
             tags={"default": "0"},
         ),
         Field(
@@ -132,15 +133,16 @@ user_activity = FeatureView(
         Field(
             name="active_days",
             dtype=Int64,
-            description="Distinct days with at least one request before the snapshot.",
+            description="Distinct days with a request or a click becoming known, before the "
+            "snapshot.",
             tags={"default": "0"},
         ),
         Field(
             name="clicked_popularity_mean",
             dtype=Float32,
             description=(
-                "Mean log(1 + candidate_count) of the items the user clicked, measured when "
-                "clicked: the user's taste for popular versus niche items."
+                "Mean log(1 + candidate_count) of the items the user clicked, as known at "
+                "their impressions: the user's taste for popular versus niche items."
             ),
             tags={"default": "0.0"},
         ),

@@ -80,7 +80,16 @@ class FeatureTables:
         write_manifest(
             out,
             "features",
-            inputs={"items": "data/items.parquet", "requests": "funnel/requests.parquet"},
+            inputs={
+                "items": "data/items.parquet",
+                "requests": "funnel/requests.parquet",
+                # user_history comes from the interactions when given, else the log's clicks.
+                **(
+                    {"interactions": "data/interactions.parquet"}
+                    if self.info.get("user_history_source") == "interactions"
+                    else {}
+                ),
+            },
             outputs={k: v.name for k, v in paths.items()},
             config=config.model_dump(),
             metrics={
@@ -140,7 +149,7 @@ def compute_feature_tables(
     con = duckdb.connect()
     try:
         req = requests.select(
-            ["request_id", "user_id", "item_id", "event_timestamp", "stage", "label"]
+            ["request_id", "user_id", "item_id", "event_timestamp", "stage", "label", "group"]
         )
         # A click counts on the day it became known (label_timestamp), which can be days after
         # the impression: counted on the request's day, the next day's snapshot would hand the
@@ -153,9 +162,11 @@ def compute_feature_tables(
         item_popularity = con.sql(
             f"""
             WITH events AS (
+                -- Global negatives never entered the funnel: they are random items drawn per
+                -- exposed positive, so counting them would also date a click before it is known.
                 SELECT item_id, date_trunc('day', event_timestamp) AS day, 1 AS n,
                        CASE WHEN stage = 'exposed' THEN 1 ELSE 0 END AS imp, 0 AS clk
-                FROM req
+                FROM req WHERE "group" IS DISTINCT FROM 'global_negative'
                 UNION ALL
                 SELECT item_id, date_trunc('day', click_known_at), 0, 0, 1
                 FROM req WHERE label = 1
@@ -237,7 +248,17 @@ def compute_feature_tables(
         history_source = "interactions"
     else:
         clicked = requests.filter(pc.equal(requests.column("label"), 1))
-        positives = clicked.select(["user_id", "item_id", "event_timestamp"])
+        # A click enters the history when it became known, as it does the click counts.
+        when = clicked.column("event_timestamp").cast(TIMESTAMP)
+        if "label_timestamp" in clicked.column_names:
+            when = pc.coalesce(clicked.column("label_timestamp").cast(TIMESTAMP), when)
+        positives = pa.table(
+            {
+                "user_id": clicked.column("user_id"),
+                "item_id": clicked.column("item_id"),
+                "event_timestamp": when,
+            }
+        )
         history_source = "request clicks"
     user_history = user_history_snapshots(positives, config.history_length)
     return FeatureTables(

@@ -85,6 +85,13 @@ def test_counts_match_a_recount_by_the_day_each_event_was_known(seed: int) -> No
     requests = requests.append_column(
         "label_timestamp", pa.array(known, pa.timestamp("us", tz="UTC"))
     )
+    # Some retrieved-only rows become global random negatives (never in the funnel).
+    group = requests.column("group").to_numpy(zero_copy_only=False).copy()
+    stage = requests.column("stage").to_numpy(zero_copy_only=False)
+    group[(stage == "retrieved") & (rng.random(requests.num_rows) < 0.5)] = "global_negative"
+    requests = requests.set_column(
+        requests.schema.get_field_index("group"), "group", pa.array(group, pa.string())
+    )
     requests = conform(requests, "requests")
     tables = compute_feature_tables(make_items(15), requests)
     log = requests.to_pandas()
@@ -93,9 +100,11 @@ def test_counts_match_a_recount_by_the_day_each_event_was_known(seed: int) -> No
     late = int((log["click_day"] > log["day"]).sum())
     assert late > 10  # many clicks known only days later
     assert tables.info["clicks_known_on_a_later_day"] == late
+    assert (log["group"] == "global_negative").sum() > 0
     for snap in tables.item_popularity.to_pandas().itertuples():
         rows = log[log["item_id"] == snap.item_id]
-        assert snap.candidate_count == (rows["day"] < snap.event_timestamp).sum()
+        funnel = rows[rows["group"] != "global_negative"]
+        assert snap.candidate_count == (funnel["day"] < snap.event_timestamp).sum()
         assert (
             snap.impressions
             == ((rows["day"] < snap.event_timestamp) & (rows["stage"] == "exposed")).sum()
@@ -110,3 +119,17 @@ def test_counts_match_a_recount_by_the_day_each_event_was_known(seed: int) -> No
             rows.loc[rows["click_day"] < snap.event_timestamp, "click_day"]
         )
         assert snap.active_days == len(days)
+
+
+def test_a_history_from_request_clicks_gains_a_click_when_it_became_known() -> None:
+    """Without an interactions table, user_history comes from the log's clicks: a click shown on
+    day 0 and known on day 3 is in the history from day 3's snapshot on, not day 0's."""
+    rows = [
+        _row("r1", "a", 0.5, "exposed", 1, 3.25),
+        _row("r2", "b", 1.5, "exposed", 1, None),  # no label_timestamp: known at the request
+    ]
+    requests = conform(pa.Table.from_pylist(rows), "requests")
+    history = compute_feature_tables(make_items(2), requests).user_history.to_pandas()
+    days = ((history["event_timestamp"] - pd.Timestamp(T0)).dt.days).tolist()
+    items = [list(v) for v in history["recent_item_ids"]]
+    assert list(zip(days, items, strict=True)) == [(2, ["b"]), (4, ["b", "a"])]
