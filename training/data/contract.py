@@ -158,7 +158,13 @@ def validate(table: pa.Table, name: str) -> list[str]:
             problems.append(f"missing column {fld.name!r} (expected {fld.type})")
             continue
         actual = table.schema.field(fld.name).type
-        if not _type_matches(actual, fld.type):
+        if fld.type == TIMESTAMP and _is_string(actual):
+            # ISO-8601 strings with an offset are accepted: say precisely which are not.
+            _, ts_problems = parse_timestamps(table.column(fld.name), fld.name)
+            if ts_problems:
+                problems += ts_problems
+                continue
+        elif not _type_matches(actual, fld.type):
             problems.append(f"column {fld.name!r} has type {actual}, expected {fld.type}")
             continue
         usable.add(fld.name)
@@ -169,22 +175,18 @@ def validate(table: pa.Table, name: str) -> list[str]:
         if col not in present:
             continue
         actual = table.schema.field(col).type
-        if not _type_matches(actual, typ):
+        if typ == TIMESTAMP and _is_string(actual):
+            _, ts_problems = parse_timestamps(table.column(col), col)
+            if ts_problems:
+                problems += ts_problems
+                continue
+        elif not _type_matches(actual, typ):
             problems.append(f"optional column {col!r} has type {actual}, expected {typ}")
             continue
         usable.add(col)
-        if typ == TIMESTAMP:
+        if typ == TIMESTAMP and pa.types.is_timestamp(actual):
             problems += _zone_problems(actual, col)
 
-    if "event_timestamp" in present and "event_timestamp" not in usable:
-        ts_col = table.column("event_timestamp")
-        if pa.types.is_string(ts_col.type) or pa.types.is_large_string(ts_col.type):
-            # A type problem was reported above; say precisely which strings are the trouble.
-            problems.pop()
-            _, ts_problems = parse_timestamps(ts_col)
-            problems += ts_problems or []
-            if not ts_problems:
-                usable.add("event_timestamp")
     if "event_timestamp" in usable and pa.types.is_timestamp(
         table.schema.field("event_timestamp").type
     ):
@@ -238,8 +240,18 @@ def check_columns(schema: pa.Schema, name: str, columns: Sequence[str]) -> list[
     return problems
 
 
-def parse_timestamps(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray | None, list[str]]:
+def _is_string(typ: pa.DataType) -> bool:
+    return bool(pa.types.is_string(typ) or pa.types.is_large_string(typ))
+
+
+def parse_timestamps(
+    column: pa.ChunkedArray, name: str = "event_timestamp"
+) -> tuple[pa.ChunkedArray | None, list[str]]:
     """Parse ISO-8601 strings into UTC timestamps, reporting unparseable and naive values.
+
+    Args:
+        column: The strings (nulls stay null).
+        name: The column's name, for the problems' wording.
 
     Returns:
         The parsed column (None when any value failed) and the problems found.
@@ -253,15 +265,14 @@ def parse_timestamps(column: pa.ChunkedArray) -> tuple[pa.ChunkedArray | None, l
     problems = []
     if len(bad):
         problems.append(
-            f"column 'event_timestamp' has {len(bad)} unparseable timestamps, e.g. "
-            f"{_examples(bad.tolist())}"
+            f"column {name!r} has {len(bad)} unparseable timestamps, e.g. {_examples(bad.tolist())}"
         )
     # A string without an offset would be silently read as UTC: refuse it instead.
     has_offset = values[present].astype(str).str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
     naive = values[present][~has_offset]
     if len(naive):
         problems.append(
-            f"column 'event_timestamp' has {len(naive)} naive timestamps without a UTC offset, "
+            f"column {name!r} has {len(naive)} naive timestamps without a UTC offset, "
             f"e.g. {_examples(naive.tolist())}"
         )
     if problems:
@@ -396,13 +407,18 @@ def conform(table: pa.Table, name: str) -> pa.Table:
     for fld in schema:
         col = table.column(fld.name)
         if fld.type == TIMESTAMP and not pa.types.is_timestamp(col.type):
-            parsed, _ = parse_timestamps(col)
+            parsed, _ = parse_timestamps(col, fld.name)
             assert parsed is not None  # validate() accepted it
             col = parsed
         columns[fld.name] = col.cast(fld.type)
     for col, typ in optional.items():
         if col in table.column_names:
-            columns[col] = table.column(col).cast(typ)
+            values = table.column(col)
+            if typ == TIMESTAMP and _is_string(values.type):
+                parsed, _ = parse_timestamps(values, col)
+                assert parsed is not None  # validate() accepted it
+                values = parsed
+            columns[col] = values.cast(typ)
     for col in table.column_names:
         if col not in columns:
             columns[col] = table.column(col)

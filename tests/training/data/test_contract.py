@@ -77,6 +77,34 @@ def test_naive_and_string_timestamps() -> None:
     assert table.column("event_timestamp")[0].as_py() == datetime(2024, 1, 1, 3, tzinfo=UTC)
 
 
+def test_string_timestamps_keep_every_other_problem_and_cover_label_timestamp() -> None:
+    """Valid ISO strings are no problem, so a real one found after them must still be listed;
+    the optional label_timestamp accepts the same strings (its nulls stay null)."""
+    requests = make_requests(n_requests=4, n_users=2, n_items=15, seed=0)
+    when = [t.isoformat() for t in requests.column("event_timestamp").to_pylist()]
+    as_strings = requests.set_column(
+        requests.schema.get_field_index("event_timestamp"), "event_timestamp", pa.array(when)
+    )
+    groups = as_strings.column("group").to_pylist()
+    groups[0] = None
+    broken = as_strings.set_column(
+        as_strings.schema.get_field_index("group"), "group", pa.array(groups, pa.string())
+    )
+    assert validate(broken, "requests") == ["column 'group' has 1 null values"]
+    clicked = [label == 1 for label in requests.column("label").to_pylist()]
+    known = pa.array([w if c else None for w, c in zip(when, clicked, strict=True)])
+    table = conform(as_strings.append_column("label_timestamp", known), "requests")
+    assert table.column("label_timestamp").to_pylist() == [
+        t if c else None
+        for t, c in zip(requests.column("event_timestamp").to_pylist(), clicked, strict=True)
+    ]
+    naive = pa.array([w[:19] if c else None for w, c in zip(when, clicked, strict=True)])
+    assert any(
+        "column 'label_timestamp' has" in p and "naive timestamps" in p
+        for p in validate(as_strings.append_column("label_timestamp", naive), "requests")
+    )
+
+
 def test_contract_error_report_is_capped() -> None:
     err = ContractError("requests", [f"problem {i}" for i in range(25)])
     lines = err.report_lines()
