@@ -11,7 +11,6 @@ requests for several seeds, scores the requests from the cutoff on, and writes a
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -331,9 +330,27 @@ def scored_table(data: PrerankData, scores: npt.NDArray[np.float32]) -> pa.Table
     )
 
 
-def item_info(table: ItemTable, items: pa.Table, train_requests: pa.Table) -> ItemInfo:
-    """Side information for diversity and long-tail metrics; popularity from training only."""
-    ids = table.item_ids
+def item_info(
+    table: ItemTable, items: pa.Table, train_requests: pa.Table, scored: pa.Table | None = None
+) -> ItemInfo:
+    """Side information for diversity and long-tail metrics; popularity from training only.
+
+    Items of ``train_requests`` or ``scored`` without a SID (which training and scoring map to
+    the all-zero row 0) are added with that zero vector, so evaluating them does not fail.
+    """
+    known = table.item_ids
+    logged = [train_requests.column("item_id")]
+    if scored is not None:
+        logged.append(scored.column("item_id"))
+    seen = pc.unique(pa.chunked_array([c for col in logged for c in col.chunks], pa.string()))
+    extra = np.asarray(
+        pc.filter(seen, pc.invert(pc.is_in(seen, pa.array(known.astype(str))))).to_pylist(),
+        dtype=object,
+    )
+    ids = np.concatenate([known.astype(object), extra])
+    embeddings = np.concatenate(
+        [table.embeddings[1:], np.repeat(table.embeddings[:1], len(extra), axis=0)]
+    )
     cats = np.full(len(ids), "", dtype=object)
     if "category" in items.column_names:
         lookup = dict(
@@ -348,8 +365,8 @@ def item_info(table: ItemTable, items: pa.Table, train_requests: pa.Table) -> It
     pop_map = {c["values"]: c["counts"] for c in counts}
     popularity = np.array([pop_map.get(i, 0) for i in ids], dtype=np.float64)
     return ItemInfo(
-        item_ids=ids.astype(object),
-        embeddings=table.embeddings[1:],
+        item_ids=ids,
+        embeddings=embeddings,
         categories=cats,
         popularity=popularity,
     )
@@ -380,14 +397,18 @@ def evaluate_suite(
     """Train every objective for ``seeds`` seeds and evaluate light, expressive and cascade.
 
     Methods in the report: ``<objective>`` (the light model, which scores every candidate
-    online), ``<objective>+routing`` (light on all, expressive on the top ``hard_fraction``)
-    for GPL + HAP, and the expressive model on all candidates for GPL + HAP.
+    online), ``<objective> routing@M`` (light on all, expressive on the top ``hard_fraction``)
+    and ``<objective> expressive-all`` (the expressive model on every candidate) for GPL + HAP,
+    or for the last objective listed when ``gpl_hap`` is not among them. The routing curves
+    sweep ``ROUTING_FRACTIONS`` and the configured ``hard_fraction``.
     """
     began = time.perf_counter()
     objectives = objectives or list(OBJECTIVES)
+    cascaded_objective = "gpl_hap" if "gpl_hap" in objectives else objectives[-1]
+    fractions = sorted({*ROUTING_FRACTIONS, cfg.routing.hard_fraction})
     base = prepare(train_table, semantics, cfg)
     eval_data = encode(eval_table, base.items, base.prep, need_pseudo=False)
-    info_items = item_info(base.items, items, train_table)
+    info_items = item_info(base.items, items, train_table, eval_table)
     results: dict[str, list[dict[str, float]]] = {}
     routing: list[dict[str, float]] = []
     runs = [(o, s) for s in range(seeds) for o in objectives]
@@ -400,12 +421,12 @@ def evaluate_suite(
         metrics = evaluate_scores(scored_table(eval_data, light), truth, info_items)
         metrics["train_samples_per_second"] = fitted.light.samples_per_second
         results.setdefault(objective, []).append(metrics)
-        if objective == objectives[-1]:
+        if objective == cascaded_objective:
             expressive = score(fitted.expressive.model, eval_data, base.embeddings)
             results.setdefault(f"{objective} expressive-all", []).append(
                 evaluate_scores(scored_table(eval_data, expressive), truth, info_items)
             )
-            for fraction in ROUTING_FRACTIONS:
+            for fraction in fractions:
                 routed = routed_mask(light, eval_data.offsets, fraction)
                 cascaded = cascade_scores(light, expressive, routed)
                 m = evaluate_scores(scored_table(eval_data, cascaded), truth, info_items)
@@ -419,7 +440,7 @@ def evaluate_suite(
                 routing.append(
                     {"seed": seed, "fraction": fraction, "flops_share": fl["share"], **m}
                 )
-                if math.isclose(fraction, cfg.routing.hard_fraction):
+                if fraction == cfg.routing.hard_fraction:
                     results.setdefault(f"{objective} routing@{fraction:g}", []).append(m)
     curves = _routing_curves(routing)
     notes = [

@@ -116,3 +116,38 @@ def test_evaluate_against_a_separate_random_exposure_truth(run_dir: Path, run: R
         assert 0 <= seed["auc"] <= 1 and seed["requests_evaluated"] > 0
     report_md = (run_dir / "evaluation" / "report.md").read_text()
     assert "| exposed |" in report_md and "| gpl_hap |" in report_md
+
+
+def test_the_cascade_is_gpl_hap_at_the_configured_fraction_and_sid_less_items_count(
+    run_dir: Path, run: Run
+) -> None:
+    """`--objectives gpl_hap,exposed` (GPL + HAP not last) with hard_fraction 0.25 (not among the
+    swept fractions), and a logged item without a SID: the cascade rows are GPL + HAP's at
+    0.25, and the item is scored like training scores it (the all-zero vector)."""
+    write_table(
+        pa.table(
+            {
+                "request_id": run.requests.column("request_id"),
+                "user_id": run.requests.column("user_id"),
+                "item_id": run.requests.column("item_id"),
+                "label": pa.array(
+                    (np.random.default_rng(2).random(run.requests.num_rows) < 0.2).astype(np.int8)
+                ),
+            }
+        ),
+        run_dir / "funnel" / "truth.parquet",
+    )
+    logged = run.requests.column("item_id")[0].as_py()
+    semantics = run.semantics.filter(pa.compute.not_equal(run.semantics.column("item_id"), logged))
+    write_table(semantics, run_dir / "sids" / "item_semantics.parquet")
+    cfg = yaml.safe_load((run_dir / "preranker.yaml").read_text())
+    cfg["routing"] = {"hard_fraction": 0.25}
+    (run_dir / "preranker.yaml").write_text(yaml.safe_dump(cfg))
+    code, out = gpl(
+        "evaluate", "--run-dir", str(run_dir), "--config", str(run_dir / "preranker.yaml"),
+        "--objectives", "gpl_hap,exposed", "--seeds", "1",
+    )  # fmt: skip
+    assert code == 0, out
+    methods = json.loads((run_dir / "evaluation" / "report.json").read_text())["methods"]
+    assert {"gpl_hap expressive-all", "gpl_hap routing@0.25"} <= set(methods)
+    assert not any(m.startswith("exposed ") for m in methods), sorted(methods)
