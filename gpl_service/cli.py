@@ -390,7 +390,14 @@ def data_simulate(
         items = read_table(run_dir / "data" / "items.parquet", "items")
         interactions = read_table(run_dir / "data" / "interactions.parquet", "interactions")
         result = simulate_funnel(items, interactions, cfg)
-        result.write(run_dir / "funnel", cfg.model_dump(mode="json"))
+        result.write(
+            run_dir / "funnel",
+            cfg.model_dump(mode="json"),
+            inputs={
+                "items": "data/items.parquet",
+                "interactions": "data/interactions.parquet",
+            },
+        )
         _say(
             f"funnel: {result.requests.num_rows} request rows, {result.truth.num_rows} truth rows "
             f"-> {run_dir / 'funnel'}"
