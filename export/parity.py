@@ -46,6 +46,10 @@ from training.preranker.data import (
 )
 
 TOLERANCE: Final = 1e-5
+# Logits relative to their size: float32 graphs agree to ~1e-6 of it (ONNX Runtime vs PyTorch).
+LOGIT_TOLERANCE: Final = 1e-4
+_PROB_KEYS: Final = ("vs_graph", "vs_training")
+_LOGIT_KEYS: Final = ("logit_vs_graph", "logit_vs_training")
 RANDOM_SIZES: Final = ((1, 1), (1, 7), (1, 500), (3, 1), (3, 7), (3, 500))
 """(R, N) of the random cases: one request as served, and several requests in one call."""
 
@@ -91,35 +95,53 @@ class ParityCase:
 
 @dataclass
 class ParityReport:
-    """Per model and case: the largest absolute probability difference to each reference."""
+    """Per model and case: the largest probability and logit differences to each reference.
+
+    Probabilities are compared absolutely (``tolerance``); logits, which the service ranks by,
+    relative to the reference's size (``logit_tolerance``; absolute below 1).
+    """
 
     tolerance: float
     checks: list[dict[str, Any]] = field(default_factory=list)
+    logit_tolerance: float = LOGIT_TOLERANCE
+
+    @staticmethod
+    def _diffs(check: dict[str, Any], keys: tuple[str, str]) -> list[float]:
+        return [check[k] for k in keys if check.get(k) is not None]
 
     @property
     def max_abs_diff(self) -> float:
-        """The largest difference over every check (inf when some output was not finite)."""
-        diffs = [d for c in self.checks for d in (c["vs_graph"], c["vs_training"]) if d is not None]
-        return max(diffs, default=0.0)
+        """The largest probability difference (inf when some output was not finite)."""
+        return max((d for c in self.checks for d in self._diffs(c, _PROB_KEYS)), default=0.0)
+
+    @property
+    def max_logit_diff(self) -> float:
+        """The largest relative logit difference (inf when some output was not finite)."""
+        return max((d for c in self.checks for d in self._diffs(c, _LOGIT_KEYS)), default=0.0)
 
     @property
     def passed(self) -> bool:
-        """Every difference within the tolerance."""
-        return self.max_abs_diff <= self.tolerance
+        """Every difference within its tolerance."""
+        return self.max_abs_diff <= self.tolerance and self.max_logit_diff <= self.logit_tolerance
+
+    def excess(self, check: dict[str, Any]) -> float:
+        """How far ``check`` is over its tolerances (the larger ratio; > 1 fails)."""
+        return max(
+            max(self._diffs(check, _PROB_KEYS), default=0.0) / self.tolerance,
+            max(self._diffs(check, _LOGIT_KEYS), default=0.0) / self.logit_tolerance,
+        )
 
     def failures(self) -> list[dict[str, Any]]:
-        """The checks over the tolerance."""
-        return [
-            c
-            for c in self.checks
-            if any(d is not None and d > self.tolerance for d in (c["vs_graph"], c["vs_training"]))
-        ]
+        """The checks over a tolerance."""
+        return [c for c in self.checks if self.excess(c) > 1.0]
 
     def to_json(self) -> dict[str, Any]:
         """A JSON-ready record for the bundle manifest."""
         return {
             "tolerance": self.tolerance,
             "max_abs_diff": self.max_abs_diff,
+            "logit_tolerance": self.logit_tolerance,
+            "max_logit_diff": self.max_logit_diff,
             "passed": self.passed,
             "execution_provider": "CPUExecutionProvider",
             "checks": self.checks,
@@ -377,46 +399,66 @@ def onnx_session(path: Path) -> ort.InferenceSession:
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
-def run_onnx(session: ort.InferenceSession, inputs: Arrays) -> F32:
-    """Probabilities from an exported graph."""
-    out = session.run(["probability"], {k: np.ascontiguousarray(v) for k, v in inputs.items()})
-    return np.asarray(out[0], dtype=np.float32)
+def run_onnx(session: ort.InferenceSession, inputs: Arrays) -> tuple[F32, F32]:
+    """Probabilities and logits from an exported graph (the service ranks by the logits)."""
+    out = session.run(
+        ["probability", "logit"], {k: np.ascontiguousarray(v) for k, v in inputs.items()}
+    )
+    return np.asarray(out[0], dtype=np.float32), np.asarray(out[1], dtype=np.float32)
 
 
 def _tensors(inputs: Arrays) -> list[torch.Tensor]:
     return [torch.from_numpy(np.ascontiguousarray(v)) for v in inputs.values()]
 
 
-def run_split(item: ort.InferenceSession, score: ort.InferenceSession, inputs: Arrays) -> F32:
-    """Probabilities from a split pair: the item graph's state fed to the score graph."""
+def run_split(
+    item: ort.InferenceSession, score: ort.InferenceSession, inputs: Arrays
+) -> tuple[F32, F32]:
+    """Probabilities and logits from a split pair: the item graph's state fed to the score graph."""
     item_in = {k: np.ascontiguousarray(inputs[k]) for k in ITEM_INPUT_NAMES}
     state = item.run(["item_state"], item_in)[0]
     score_in = {k: np.ascontiguousarray(inputs[k]) for k in SCORE_INPUT_NAMES if k != "item_state"}
     score_in["item_state"] = state
-    out = score.run(["probability"], score_in)
-    return np.asarray(out[0], dtype=np.float32)
+    out = score.run(["probability", "logit"], score_in)
+    return np.asarray(out[0], dtype=np.float32), np.asarray(out[1], dtype=np.float32)
 
 
-def run_graph(graph: ServingGraph, inputs: Arrays) -> F32:
-    """Probabilities from the PyTorch graph on raw inputs."""
+def run_graph(graph: ServingGraph, inputs: Arrays) -> tuple[F32, F32]:
+    """Probabilities and logits from the PyTorch graph on raw inputs."""
     graph.eval()
     with torch.no_grad():
-        prob, _ = graph(*_tensors(inputs))
-    return np.asarray(prob.numpy(), dtype=np.float32)
+        prob, logit = graph(*_tensors(inputs))
+    return np.asarray(prob.numpy(), dtype=np.float32), np.asarray(logit.numpy(), dtype=np.float32)
 
 
-def run_model(model: nn.Module, inputs: Arrays) -> F32:
-    """Probabilities from the trained model on training-preprocessed inputs."""
+def run_model(model: nn.Module, inputs: Arrays) -> tuple[F32, F32]:
+    """Probabilities and logits from the trained model on training-preprocessed inputs."""
     model.eval()
     with torch.no_grad():
         logit = model(*_tensors(inputs))
-    return np.asarray(torch.sigmoid(logit).numpy(), dtype=np.float32)
+    return (
+        np.asarray(torch.sigmoid(logit).numpy(), dtype=np.float32),
+        np.asarray(logit.numpy(), dtype=np.float32),
+    )
 
 
 def _max_diff(a: F32, b: F32) -> float:
     if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
         return float("inf")
     return float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max(initial=0.0))
+
+
+def _max_logit_diff(a: F32, b: F32) -> float:
+    """Largest logit difference relative to the reference's size (absolute below 1).
+
+    Probabilities saturate: past |logit| ~ 11 a 1e-5 probability tolerance no longer sees a
+    wrong logit, and the service ranks by logits.
+    """
+    if a.shape != b.shape or not (np.isfinite(a).all() and np.isfinite(b).all()):
+        return float("inf")
+    ref = b.astype(np.float64)
+    scale = np.maximum(np.abs(ref), 1.0)
+    return float((np.abs(a.astype(np.float64) - ref) / scale).max(initial=0.0))
 
 
 def check_parity(
@@ -453,12 +495,10 @@ def check_parity(
     for kind, name, run in runners:
         graph = graphs[kind]
         for case in cases:
-            got = run(case.graph_inputs)
-            vs_graph = _max_diff(got, run_graph(graph, case.graph_inputs))
-            vs_training = (
-                _max_diff(got, run_model(graph.model, case.model_inputs))
-                if case.model_inputs is not None
-                else None
+            prob, logit = run(case.graph_inputs)
+            ref_prob, ref_logit = run_graph(graph, case.graph_inputs)
+            trained = (
+                run_model(graph.model, case.model_inputs) if case.model_inputs is not None else None
             )
             report.checks.append(
                 {
@@ -466,20 +506,24 @@ def check_parity(
                     "case": case.name,
                     "requests": case.requests,
                     "rows": case.rows,
-                    "vs_graph": vs_graph,
-                    "vs_training": vs_training,
+                    "vs_graph": _max_diff(prob, ref_prob),
+                    "vs_training": None if trained is None else _max_diff(prob, trained[0]),
+                    "logit_vs_graph": _max_logit_diff(logit, ref_logit),
+                    "logit_vs_training": None
+                    if trained is None
+                    else _max_logit_diff(logit, trained[1]),
                 }
             )
     if not report.passed:
-        worst = max(
-            report.failures(),
-            key=lambda c: max(d for d in (c["vs_graph"], c["vs_training"]) if d is not None),
-        )
+        worst = max(report.failures(), key=report.excess)
         raise ExportParityError(
-            f"ONNX parity failed: max |p_onnx - p_torch| = {report.max_abs_diff:.3g} > "
-            f"{tolerance:g} ({worst['model']} model, case {worst['case']}: vs PyTorch graph "
-            f"{worst['vs_graph']:.3g}, vs training pipeline {worst['vs_training']}); "
-            f"{len(report.failures())} of {len(report.checks)} checks over the tolerance",
+            f"ONNX parity failed: max |p_onnx - p_torch| = {report.max_abs_diff:.3g} "
+            f"(tolerance {tolerance:g}), max relative logit difference "
+            f"{report.max_logit_diff:.3g} (tolerance {report.logit_tolerance:g}); worst: "
+            f"{worst['model']} model, case {worst['case']}: probabilities vs PyTorch graph "
+            f"{worst['vs_graph']:.3g}, vs training pipeline {worst['vs_training']}, logits "
+            f"{worst['logit_vs_graph']:.3g} / {worst['logit_vs_training']}; "
+            f"{len(report.failures())} of {len(report.checks)} checks over a tolerance",
             report,
         )
     return report

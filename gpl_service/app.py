@@ -123,11 +123,13 @@ def create_app(settings: ServeSettings | None = None, store: FeatureStore | None
 
         feast_store = store or open_service_store(settings.run_dir)
         state = ServiceState(settings, feast_store, metrics)
-        state.refresh_items("start-up")
         try:
+            # The bundle first: it says how wide the content vectors are that the item cache
+            # holds (the store alone may not, e.g. when the first items have no vector).
             state.load(settings.bundle_path)
         except BundleLoadError as exc:
             raise ServiceStartError(f"cannot serve {settings.bundle_path}: {exc}") from exc
+        state.refresh_items("start-up")
         state.start_watcher()
         app.state.service = state
         # Everything loaded so far (Feast, torch and ONNX Runtime objects, the registry) lives as

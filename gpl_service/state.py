@@ -73,8 +73,12 @@ class ServiceState:
         self.items: ItemSnapshot = ItemSnapshot.empty(self.layout, 0, 0)
         self.items_ready = False
         self.plan: ServingPlan | None = None
-        self._reload_lock = threading.Lock()
-        self._refresh_lock = threading.Lock()
+        # One lock for refreshing items and reloading the bundle: each prepares the item states
+        # of the plan and snapshot it will swap in, which must be the ones the other left (a
+        # reload landing during a refresh left states of the old snapshot, recomputed by the
+        # first request under its lock). Re-entrant: a reload that changes the vectors' width
+        # refreshes the items.
+        self._swap_lock = threading.RLock()
         self._stop = threading.Event()
         self._watcher: threading.Thread | None = None
         self._registry_stamp: tuple[float, int] | None = self._stamp()
@@ -98,48 +102,63 @@ class ServiceState:
 
         Returns False (keeping the current snapshot) when the store cannot be read.
         """
-        with self._refresh_lock:
-            names = [s.name for s in self.layout.views]
-            try:
-                materialized = _materialized(self.store, names)
-                ids = self.reader.entity_ids("item_id", names)
-                layout = ItemLayout.of(self.layout.views, self._embedding_dim(ids))
-                snap = _fill(
-                    self.reader,
-                    layout,
-                    self.items.generation + 1,
-                    self.settings.read_chunk,
-                    materialized,
-                    ids,
-                )
-            except StoreUnavailableError as exc:
-                self.metrics.cache_refreshes.labels("failed").inc()
-                self.health.failed(str(exc))
-                log.warning("item cache refresh (%s) failed: %s", reason, exc)
+        with self._swap_lock:
+            read = self._read_items(reason, None)
+            if read is None:
                 return False
-            self._warm_states(self.plan, snap)
-            self.layout = layout
-            self.items = snap
-            self.items_ready = True
-            self.health.succeeded()
-            self.metrics.cache_refreshes.labels("ok").inc()
-            self.metrics.cache_items.set(snap.items)
-            self.metrics.cache_loaded_at.set(snap.loaded_at)
-            if snap.bad_vectors:
-                log.warning(
-                    "%d items have content vectors that are not %d-d; they score as unknown "
-                    "content (zero vectors)",
-                    snap.bad_vectors,
-                    layout.dim,
-                )
-            log.info(
-                "item cache (%s): %d items in %.2fs, generation %d",
-                reason,
-                snap.items,
-                snap.fill_seconds,
-                snap.generation,
-            )
+            self._swap_items(*read, self.plan, reason)
             return True
+
+    def _read_items(self, reason: str, dim: int | None) -> tuple[ItemLayout, ItemSnapshot] | None:
+        """A new snapshot of every item, ``dim``-wide vectors (None: the served bundle's)."""
+        names = [s.name for s in self.layout.views]
+        try:
+            materialized = _materialized(self.store, names)
+            ids = self.reader.entity_ids("item_id", names)
+            layout = ItemLayout.of(
+                self.layout.views, self._embedding_dim(ids) if dim is None else dim
+            )
+            snap = _fill(
+                self.reader,
+                layout,
+                self.items.generation + 1,
+                self.settings.read_chunk,
+                materialized,
+                ids,
+            )
+        except StoreUnavailableError as exc:
+            self.metrics.cache_refreshes.labels("failed").inc()
+            self.health.failed(str(exc))
+            log.warning("item cache refresh (%s) failed: %s", reason, exc)
+            return None
+        return layout, snap
+
+    def _swap_items(
+        self, layout: ItemLayout, snap: ItemSnapshot, plan: ServingPlan | None, reason: str
+    ) -> None:
+        """Warm ``plan``'s item states over ``snap``, then make ``snap`` the served snapshot."""
+        self._warm_states(plan, snap)
+        self.layout = layout
+        self.items = snap
+        self.items_ready = True
+        self.health.succeeded()
+        self.metrics.cache_refreshes.labels("ok").inc()
+        self.metrics.cache_items.set(snap.items)
+        self.metrics.cache_loaded_at.set(snap.loaded_at)
+        if snap.bad_vectors:
+            log.warning(
+                "%d items have content vectors that are not %d-d; they score as unknown "
+                "content (zero vectors)",
+                snap.bad_vectors,
+                layout.dim,
+            )
+        log.info(
+            "item cache (%s): %d items in %.2fs, generation %d",
+            reason,
+            snap.items,
+            snap.fill_seconds,
+            snap.generation,
+        )
 
     def _warm_states(self, plan: ServingPlan | None, snap: ItemSnapshot) -> None:
         """Precompute ``plan``'s item states over ``snap`` before either is swapped in."""
@@ -175,7 +194,7 @@ class ServiceState:
         Raises:
             BundleLoadError: the bundle is bad or does not fit the store; nothing changed.
         """
-        with self._reload_lock:
+        with self._swap_lock:
             bundle = load_bundle(
                 path,
                 providers=self.settings.providers,
@@ -184,10 +203,11 @@ class ServiceState:
                 hard_fraction=self.settings.hard_fraction,
                 precompute=self.settings.precompute_item_states,
             )
+            width_changed = self.layout.dim != bundle.embedding_dim
             layout = (
-                self.layout
-                if self.layout.dim
-                else ItemLayout.of(self.layout.views, bundle.embedding_dim)
+                ItemLayout.of(self.layout.views, bundle.embedding_dim)
+                if width_changed
+                else self.layout
             )
             plan = ServingPlan.build(bundle, self.reader, layout)
             bundle.warnings.extend(self._feature_service_drift(bundle))
@@ -201,7 +221,19 @@ class ServiceState:
                     "graphs score every candidate; re-export it to precompute item states",
                     bundle.model_version,
                 )
-            self._warm_states(plan, self.items)
+            if width_changed and (self.items_ready or self.items.items):
+                # The cache was filled before any bundle said how wide the vectors are (or for
+                # another bundle's): re-read it at this bundle's width, then swap both together.
+                read = self._read_items("bundle", bundle.embedding_dim)
+                if read is None:
+                    raise BundleLoadError(
+                        f"the bundle's content vectors are {bundle.embedding_dim}-d, the item "
+                        f"cache's {self.layout.dim}-d, and the online store could not be read "
+                        "to refill it; retry when it answers"
+                    )
+                self._swap_items(*read, plan, "bundle")
+            else:
+                self._warm_states(plan, self.items)
             self.plan = plan
             self.metrics.set_model(bundle.model_version)
             return bundle
@@ -247,23 +279,31 @@ class ServiceState:
         return (st.st_mtime, st.st_size)
 
     def check_materialization(self) -> bool:
-        """Refresh items if an item view was materialized since the snapshot; True if it did."""
+        """Refresh items if an item view was materialized since the snapshot; True if it did.
+
+        The registry's stamp is remembered only once the snapshot is current, so a refresh that
+        failed (the store timing out while a materialization writes) is retried at the next
+        check, after the store's back-off, not left stale until the next materialization.
+        """
         stamp = self._stamp()
         if stamp == self._registry_stamp and self.items_ready:
             return False
-        self._registry_stamp = stamp
         self.store.refresh_registry()
         self.reader.forget_views()
         names = [s.name for s in self.layout.views]
         current = _materialized(self.store, names)
         if self.items_ready and current == self.items.materialized:
+            self._registry_stamp = stamp
             return False
-        return self.refresh_items("materialization" if self.items_ready else "retry")
+        refreshed = self.refresh_items("materialization" if self.items_ready else "retry")
+        if refreshed:
+            self._registry_stamp = stamp
+        return refreshed
 
     def _watch(self) -> None:
         while not self._stop.wait(self.settings.registry_check_seconds):
             try:
-                if not self.items_ready and not self.health.should_try():
+                if not self.health.should_try():
                     continue
                 self.check_materialization()
             except Exception:  # keep watching; the next change retries

@@ -180,16 +180,18 @@ def test_onnx_matches_torch_on_real_rows(bundle: ExportResult, trained: Trained)
     for kind, model in (("light", loaded.light), ("expressive", loaded.expressive)):
         session = onnx_session(bundle.path / f"{kind}.onnx")
         for case in cases:
-            got = run_onnx(session, case.graph_inputs)
+            got, got_logit = run_onnx(session, case.graph_inputs)
             assert case.model_inputs is not None
-            want = run_model(model, case.model_inputs)
+            want, want_logit = run_model(model, case.model_inputs)
             assert got.shape == (case.rows,) and np.isfinite(got).all()
             assert np.abs(got - want).max() <= TOL, (kind, case.name)
+            assert np.abs(got_logit - want_logit).max() <= 1e-4, (kind, case.name)
             assert ((got > 0) & (got < 1)).all()
             item = onnx_session(bundle.path / f"{kind}.item.onnx")
             score = onnx_session(bundle.path / f"{kind}.score.onnx")
-            split = run_split(item, score, case.graph_inputs)
+            split, split_logit = run_split(item, score, case.graph_inputs)
             assert np.abs(split - want).max() <= TOL, (kind, case.name, "split")
+            assert np.abs(split_logit - want_logit).max() <= 1e-4, (kind, case.name, "split")
 
 
 def test_item_states_are_per_row_and_compose_to_the_model(trained: Trained) -> None:
@@ -230,9 +232,9 @@ def test_dynamic_batch(bundle: ExportResult, trained: Trained) -> None:
         session = onnx_session(path)
         graph = ServingGraph(model, prep)
         for case in random_cases(prep, sizes=[(1, 1), (1, 1000), (2, 1000)], seed=7):
-            got = run_onnx(session, case.graph_inputs)
+            got, _ = run_onnx(session, case.graph_inputs)
             assert got.shape == (case.rows,)
-            assert np.abs(got - run_graph(graph, case.graph_inputs)).max() <= TOL
+            assert np.abs(got - run_graph(graph, case.graph_inputs)[0]).max() <= TOL
 
 
 def test_cross_in_graph_is_training_cross_features(trained: Trained) -> None:
@@ -329,6 +331,36 @@ def test_broken_export_fails_parity_and_leaves_no_bundle(
     assert (kept.path / MANIFEST).read_bytes() == before
     verify_bundle(kept.path)
     assert not _leftovers(tmp_path)
+
+
+def test_a_wrong_logit_fails_parity_even_with_right_probabilities(
+    trained: Trained, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The service ranks by the `logit` output: a graph whose probability is right but whose
+    logit is 3 * logit + 1 must not pass."""
+    real = cases_from_data(
+        trained.prepared.valid, trained.prepared.embeddings, trained.prepared.prep
+    )
+    original = onnx_export.export_graph
+
+    class WrongLogit(torch.nn.Module):
+        def __init__(self, graph: ServingGraph) -> None:
+            super().__init__()
+            self.graph = graph
+
+        def forward(self, *inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            prob, logit = self.graph(*inputs)
+            return prob, 3.0 * logit + 1.0
+
+    def wrong_logit(graph: ServingGraph, *args: Any, **kwargs: Any) -> str:
+        return original(WrongLogit(graph), *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(onnx_export, "export_graph", wrong_logit)
+    with pytest.raises(ExportParityError, match="relative logit difference") as info:
+        export_bundle(trained.model_dir, tmp_path / "b", real_rows=real)
+    report = info.value.report
+    assert report.max_abs_diff <= TOL and report.max_logit_diff > report.logit_tolerance
+    assert {c["model"] for c in report.failures()} == {"light", "expressive"}
 
 
 def test_broken_split_graphs_fail_parity(

@@ -204,3 +204,81 @@ def test_category_ids_follow_each_snapshot(rs_client: tuple[RedisServed, TestCli
     assert plan.category_ids(first, rows).tolist() == [1, 2]
     assert plan.category_ids(second, rows).tolist() == [2, 1]
     assert plan.category_ids(first, rows).tolist() == [1, 2]
+
+
+def test_items_without_vectors_first_do_not_break_start_up(redis_served: RedisServed) -> None:
+    """70 items sorting before every other id have item_content rows but no content vector.
+    The cache's width comes from the bundle, not from the first ids the store lists."""
+    rs = redis_served
+    when = pd.Timestamp(rs.served.as_of + timedelta(minutes=30))
+    for k in range(70):
+        _new_item_row(rs, f"a{k:03d}", when)
+    materialize(rs.store, end=rs.served.as_of + timedelta(hours=1), views=["item_content"])
+    with _client(rs) as client:
+        assert client.get("/v1/ready").status_code == 200
+        out = _prerank(rs, client, ["a000", *rs.served.items[:5]])
+        assert len(out["items"]) == 6 and out["stats"]["unknown_items"] <= 1  # a000: no SID
+        state = _state(client)
+        assert state.plan is not None and state.layout.dim == state.plan.bundle.embedding_dim
+        assert state.items.bad_vectors == 0
+
+
+def test_a_failed_refresh_after_a_materialization_is_retried(
+    rs_client: tuple[RedisServed, TestClient], monkeypatch
+) -> None:
+    """The store fails the refresh a materialization started (once): the watcher retries after
+    the back-off instead of waiting for the next materialization."""
+    from gpl_service.online import StoreUnavailableError
+
+    rs, client = rs_client
+    state = _state(client)
+    calls = {"n": 0}
+    listed = state.reader.entity_ids
+
+    def flaky(*args: object, **kwargs: object) -> list[str]:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise StoreUnavailableError("timed out while a materialization writes")
+        return listed(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state.reader, "entity_ids", flaky)
+    _new_item_row(rs, "i-retried", pd.Timestamp(rs.served.as_of + timedelta(minutes=30)))
+    materialize(rs.store, end=rs.served.as_of + timedelta(hours=1), views=["item_content"])
+    assert _wait(lambda: "i-retried" in state.items.index)
+    assert calls["n"] >= 2
+    assert 'gpl_item_cache_refreshes_total{result="failed"} 1.0' in client.get("/metrics").text
+
+
+def test_a_reload_waits_for_a_refresh_in_progress(
+    rs_client: tuple[RedisServed, TestClient], monkeypatch
+) -> None:
+    """A reload landing while a refresh reads the store swaps in after it, with item states of
+    the snapshot then served (not of the one it replaced)."""
+    import threading
+
+    import gpl_service.state as state_module
+
+    _, client = rs_client
+    state = _state(client)
+    reading, release = threading.Event(), threading.Event()
+    fill = state_module._fill
+
+    def slow_fill(*args: object, **kwargs: object) -> ItemSnapshot:
+        reading.set()
+        release.wait(10)
+        return fill(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(state_module, "_fill", slow_fill)
+    refresh = threading.Thread(target=state.refresh_items, args=("test",))
+    refresh.start()
+    assert reading.wait(10)
+    reload = threading.Thread(target=state.load, args=(state.settings.bundle_path,))
+    reload.start()
+    time.sleep(0.3)
+    assert reload.is_alive()  # waits for the refresh
+    release.set()
+    refresh.join(10)
+    reload.join(30)
+    assert state.plan is not None and state.plan.states is not None
+    table = state.plan.states._table
+    assert table is not None and table.snapshot is state.items
