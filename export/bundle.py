@@ -102,9 +102,10 @@ def write_checksums(directory: Path) -> Path:
     return path
 
 
-def _read_checksums(path: Path) -> dict[str, str]:
+def _read_checksums(path: Path, text: str | None = None) -> dict[str, str]:
     sums: dict[str, str] = {}
-    for k, line in enumerate(path.read_text().splitlines(), start=1):
+    lines = (path.read_text() if text is None else text).splitlines()
+    for k, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         digest, sep, name = line.partition("  ")
@@ -123,6 +124,22 @@ def _read_checksums(path: Path) -> dict[str, str]:
     return sums
 
 
+@dataclass(frozen=True)
+class VerifiedBundle:
+    """A bundle's files as they were verified: what a loader must use, not the paths.
+
+    Attributes:
+        manifest: The parsed manifest.
+        files: Every listed file's bytes, exactly those whose sha256 was checked (a writer
+            replacing a file after the check cannot slip another one in).
+        checksums: The bytes of ``checksums.sha256`` (the bundle's version is their digest).
+    """
+
+    manifest: dict[str, Any]
+    files: dict[str, bytes]
+    checksums: bytes
+
+
 def verify_bundle(path: Path) -> dict[str, Any]:
     """Check a bundle directory against its checksums and return its manifest.
 
@@ -133,31 +150,47 @@ def verify_bundle(path: Path) -> dict[str, Any]:
         BundleError: naming every missing, altered or unlisted file (or why the directory is
             not a bundle).
     """
+    return read_bundle(path).manifest
+
+
+def read_bundle(path: Path) -> VerifiedBundle:
+    """:func:`verify_bundle`, keeping the verified bytes of every file for the loader."""
     path = Path(path)
     if not path.is_dir():
         raise BundleError(f"{path}: no bundle directory here; run `gpl export` first")
     sums_path = path / CHECKSUMS
     if not sums_path.is_file():
         raise BundleError(f"{path}: no {CHECKSUMS}; not a complete bundle")
-    sums = _read_checksums(sums_path)
+    checksums = sums_path.read_bytes()
+    try:
+        text = checksums.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BundleError(f"{sums_path}: not text: {exc}") from exc
+    sums = _read_checksums(sums_path, text)
     problems: list[str] = []
     for name in [MANIFEST, *MODEL_FILES.values()]:
         if name not in sums:
             problems.append(f"{name} is not listed in {CHECKSUMS}")
+    files: dict[str, bytes] = {}
     for name, digest in sorted(sums.items()):
         file = path / name
         if not file.is_file():
             problems.append(f"{name} is missing")
-        elif sha256_file(file) != digest:
+            continue
+        data = file.read_bytes()
+        if hashlib.sha256(data).hexdigest() != digest:
             problems.append(f"{name} does not match its sha256 (altered or corrupt)")
+        files[name] = data
     extra = sorted(p.name for p in path.iterdir() if p.name != CHECKSUMS and p.name not in sums)
     problems += [f"{name} is not listed in {CHECKSUMS}" for name in extra]
     if problems:
         raise BundleError(f"{path}: bundle verification failed: " + "; ".join(problems))
     try:
-        manifest: dict[str, Any] = json.loads((path / MANIFEST).read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(files[MANIFEST])
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise BundleError(f"{path / MANIFEST}: not valid JSON: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise BundleError(f"{path / MANIFEST}: not a JSON object")
     if manifest.get("format") != BUNDLE_FORMAT:
         raise BundleError(f"{path / MANIFEST}: format is {manifest.get('format')!r}, not a bundle")
     if manifest.get("format_version") != FORMAT_VERSION:
@@ -165,12 +198,15 @@ def verify_bundle(path: Path) -> dict[str, Any]:
             f"{path / MANIFEST}: format_version {manifest.get('format_version')!r}; this code "
             f"reads version {FORMAT_VERSION}"
         )
-    split = manifest.get("split") or {}
-    unlisted = [f for rec in split.values() for f in (rec["item"]["file"], rec["score"]["file"])]
-    unlisted = [f for f in unlisted if f not in sums]
+    try:
+        split = manifest.get("split") or {}
+        listed = [f for rec in split.values() for f in (rec["item"]["file"], rec["score"]["file"])]
+    except (AttributeError, KeyError, TypeError) as exc:
+        raise BundleError(f"{path / MANIFEST}: its 'split' section lacks or mangles {exc}") from exc
+    unlisted = [f for f in listed if f not in sums]
     if unlisted:
         raise BundleError(f"{path}: split graphs {unlisted} are not listed in {CHECKSUMS}")
-    return manifest
+    return VerifiedBundle(manifest=manifest, files=files, checksums=checksums)
 
 
 # --- manifest --------------------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 import numpy.typing as npt
 import onnxruntime as ort
 
-from export.bundle import CHECKSUMS, MODEL_FILES, BundleError, verify_bundle
+from export.bundle import MODEL_FILES, BundleError, VerifiedBundle, read_bundle
 from export.signature import (
     INPUT_NAMES,
     ITEM_INPUT_NAMES,
@@ -166,7 +166,7 @@ class LoadedBundle:
 
 
 def _session(
-    path: Path, providers: list[str], threads: int, spinning: bool = False
+    model: bytes, providers: list[str], threads: int, spinning: bool = False
 ) -> ort.InferenceSession:
     opts = ort.SessionOptions()
     opts.log_severity_level = 3
@@ -179,7 +179,9 @@ def _session(
         # the store client that steals the CPU the next request needs (measured: p50 9.6 ms
         # spinning vs 5.1 ms not, one request of 2,000 candidates on 2 cores).
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    return ort.InferenceSession(str(path), opts, providers=providers)
+    # From the verified bytes, never the path: a file replaced after the checksum check
+    # cannot be loaded under the verified bundle's version.
+    return ort.InferenceSession(model, opts, providers=providers)
 
 
 def smoke_inputs(bundle: LoadedBundle, n: int = 3) -> dict[str, npt.NDArray[Any]]:
@@ -208,22 +210,23 @@ def _check_signature(
 
 
 def _load_split(
-    path: Path, manifest: dict[str, Any], chosen: list[str], threads: int, spinning: bool
+    path: Path, verified: VerifiedBundle, chosen: list[str], threads: int, spinning: bool
 ) -> dict[str, SplitModel]:
     """The split graphs the manifest lists (none for a bundle exported without them)."""
     split: dict[str, SplitModel] = {}
-    for kind, record in (manifest.get("split") or {}).items():
+    for kind, record in (verified.manifest.get("split") or {}).items():
         if kind not in MODEL_FILES:
             raise BundleLoadError(f"{path}: manifest lists split graphs of unknown model {kind!r}")
         try:
-            files = (path / record["item"]["file"], path / record["score"]["file"])
+            names = (record["item"]["file"], record["score"]["file"])
             width = int(record["state_width"])
         except (KeyError, TypeError, ValueError) as exc:
             raise BundleLoadError(f"{path}: manifest 'split.{kind}' lacks {exc}") from exc
+        files = tuple(path / n for n in names)
         sessions = []
-        for file in files:
+        for name, file in zip(names, files, strict=True):
             try:
-                sessions.append(_session(file, chosen, threads, spinning))
+                sessions.append(_session(verified.files[name], chosen, threads, spinning))
             except Exception as exc:
                 raise BundleLoadError(f"{file}: ONNX Runtime cannot load it: {exc}") from exc
         _check_signature(sessions[0], files[0], ITEM_INPUT_NAMES, ITEM_OUTPUT_NAMES)
@@ -287,26 +290,31 @@ def load_bundle(
     """
     path = Path(path)
     try:
-        manifest = verify_bundle(path)
+        verified = read_bundle(path)
     except BundleError as exc:
         raise BundleLoadError(str(exc)) from exc
+    manifest = verified.manifest
     try:
         features = manifest["features"]
         fitted = manifest["preprocessing"]["fitted"]
         user_columns = list(features["user"]["columns"])
         item_columns = list(features["item"]["columns"])
         categories = list(features["category"]["vocabulary"])
+        # What ServingPlan.build binds: checked here so a mangled manifest is a load error.
+        for section in ("history", "anchors", "category"):
+            if not isinstance(features[section]["column"], str):
+                raise TypeError(f"features.{section}.column is not a string")
         history_length = int(fitted["history_length"])
         num_anchors = int(fitted["num_anchors"])
         embedding_dim = int(fitted["embedding_dim"])
         trained_fraction = float(manifest["routing"]["hard_fraction"])
-    except (KeyError, TypeError, ValueError) as exc:
+    except (KeyError, TypeError, ValueError, AttributeError) as exc:
         raise BundleLoadError(f"{path}: manifest lacks or mangles {exc}") from exc
     chosen = _providers(providers)
     sessions: dict[str, ort.InferenceSession] = {}
     for kind, name in MODEL_FILES.items():
         try:
-            session = _session(path / name, chosen, threads, spinning)
+            session = _session(verified.files[name], chosen, threads, spinning)
         except Exception as exc:  # ORT raises its own Fail/InvalidGraph types
             raise BundleLoadError(f"{path / name}: ONNX Runtime cannot load it: {exc}") from exc
         _check_signature(session, path / name, INPUT_NAMES, OUTPUT_NAMES)
@@ -316,7 +324,7 @@ def load_bundle(
                 "provider (CUDA 13 / cuDNN 9 libraries missing?) and fell back to the CPU"
             )
         sessions[kind] = session
-    digest = hashlib.sha256((path / CHECKSUMS).read_bytes()).hexdigest()[:16]
+    digest = hashlib.sha256(verified.checksums).hexdigest()[:16]
     bundle = LoadedBundle(
         path=path.resolve(),
         manifest=manifest,
@@ -330,7 +338,7 @@ def load_bundle(
         num_anchors=num_anchors,
         embedding_dim=embedding_dim,
         hard_fraction=hard_fraction if hard_fraction is not None else trained_fraction,
-        split=_load_split(path, manifest, chosen, threads, spinning) if precompute else {},
+        split=_load_split(path, verified, chosen, threads, spinning) if precompute else {},
     )
     smoke = smoke_inputs(bundle)
     for kind in MODEL_FILES:

@@ -209,8 +209,13 @@ class ServiceState:
                 if width_changed
                 else self.layout
             )
-            plan = ServingPlan.build(bundle, self.reader, layout)
-            bundle.warnings.extend(self._feature_service_drift(bundle))
+            try:
+                plan = ServingPlan.build(bundle, self.reader, layout)
+                bundle.warnings.extend(self._feature_service_drift(bundle))
+            except (KeyError, TypeError, ValueError, AttributeError) as exc:
+                # A manifest that verify_bundle and load_bundle let through but that does not
+                # bind: a load error (409 on reload, one line at start-up), not a 500.
+                raise BundleLoadError(f"{path}: manifest lacks or mangles {exc!r}") from exc
             for warning in bundle.warnings:
                 log.warning("bundle %s: %s", bundle.model_version, warning)
             if plan.states is None:

@@ -88,6 +88,22 @@ def _bad_bundles(served: Served, root: Path) -> dict[str, Any]:
     (foreign / "manifest.json").write_text(json.dumps(manifest))
     write_checksums(foreign)
     bad["foreign"] = foreign
+    mangled: dict[str, Any] = {
+        "no_history_section": lambda m: m["features"].pop("history"),
+        "no_split_item": lambda m: m["split"]["light"].pop("item"),
+        "feature_service_a_string": lambda m: m.update(feature_service="preranker"),
+    }
+    for name, change in mangled.items():
+        d = _copy(served, root / name)
+        manifest = json.loads((d / "manifest.json").read_text())
+        change(manifest)
+        (d / "manifest.json").write_text(json.dumps(manifest))
+        write_checksums(d)
+        bad[name] = d
+    listed = _copy(served, root / "a_list")
+    (listed / "manifest.json").write_text("[]")
+    write_checksums(listed)
+    bad["a_list"] = listed
     return bad
 
 
@@ -100,6 +116,10 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
         "tampered": "light.onnx does not match its sha256",
         "garbage": "ONNX Runtime cannot load it",
         "foreign": "no_such_feature",
+        "no_history_section": "manifest lacks or mangles 'history'",
+        "no_split_item": "'split' section lacks or mangles 'item'",
+        "feature_service_a_string": "manifest lacks or mangles",
+        "a_list": "not a JSON object",
     }
     for name, path in _bad_bundles(served, tmp_path).items():
         got = client.post("/v1/admin/reload", headers=AUTH, json={"bundle_dir": str(path)})
@@ -110,7 +130,7 @@ def test_bad_bundles_are_refused_and_the_old_one_keeps_serving(
         assert old in error["message"]
         assert _version(client) == old
         _still_serves(served, client, old)
-    assert 'gpl_bundle_reloads_total{result="rejected"} 4.0' in client.get("/metrics").text
+    assert 'gpl_bundle_reloads_total{result="rejected"} 8.0' in client.get("/metrics").text
 
 
 def test_reload_body_is_validated(client: TestClient) -> None:
@@ -131,3 +151,30 @@ def test_a_bundle_from_another_feature_service_version_loads_with_a_warning(
     assert got.status_code == 200
     warnings = client.get("/v1/models").json()["warnings"]
     assert len(warnings) == 1 and "version '1'" in warnings[0]
+
+
+def test_a_file_replaced_after_verification_is_not_loaded(
+    served: Served, tmp_path: Path, monkeypatch: Any
+) -> None:
+    """The sessions are built from the bytes whose sha256 was checked: replacing light.onnx by
+    the expressive graph right after the check changes nothing that is loaded."""
+    import numpy as np
+
+    import export.bundle as bundle_module
+    from gpl_service import models
+
+    bundle = _copy(served, tmp_path / "b")
+    honest = models.load_bundle(bundle, providers="cpu", precompute=False)
+    read = bundle_module.read_bundle
+
+    def read_then_swap(path: Path) -> Any:
+        verified = read(path)
+        (path / "light.onnx").write_bytes((path / "expressive.onnx").read_bytes())
+        return verified
+
+    monkeypatch.setattr(models, "read_bundle", read_then_swap)
+    loaded = models.load_bundle(bundle, providers="cpu", precompute=False)
+    inputs = models.smoke_inputs(loaded)
+    assert loaded.model_version == honest.model_version
+    np.testing.assert_array_equal(loaded.run("light", inputs), honest.run("light", inputs))
+    assert not np.array_equal(loaded.run("light", inputs), loaded.run("expressive", inputs))
