@@ -87,7 +87,7 @@ _PAD_COSINE: Final = -2.0  # below any cosine: masked slots never win the max
 
 
 class _Standardize(nn.Module):
-    """NaN -> 0, signed log1p where the spec says so, then (x - mean) / std; float64 inside."""
+    """Non-finite -> 0, signed log1p where the spec says so, then (x - mean) / std; float64."""
 
     log1p: Tensor
     mean: Tensor
@@ -102,7 +102,9 @@ class _Standardize(nn.Module):
     def forward(self, raw: Tensor) -> Tensor:
         """Standardized float32 features, same shape as ``raw``."""
         x = raw.to(torch.float64)
-        x = torch.where(torch.isnan(x), torch.zeros_like(x), x)
+        # NaN and +-inf alike are a missing value (training's _as_float does the same): an
+        # infinite feature in the store must not turn into a NaN score.
+        x = torch.where(torch.isfinite(x), x, torch.zeros_like(x))
         logged = torch.sign(x) * torch.log1p(torch.abs(x))
         x = torch.where(self.log1p, logged, x)
         return ((x - self.mean) / self.std).to(torch.float32)

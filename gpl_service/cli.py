@@ -1105,14 +1105,36 @@ def export(
             )
 
 
+class ServerLogLevel(enum.StrEnum):
+    """uvicorn's log levels (``GPL_SERVE_LOG_LEVEL``)."""
+
+    critical = "critical"
+    error = "error"
+    warning = "warning"
+    info = "info"
+    debug = "debug"
+
+
 @app.command("serve")
 def serve(
-    run_dir: RunDir = DEFAULT_RUN_DIR,
+    run_dir: Annotated[
+        Path | None,
+        typer.Option(
+            "--run-dir",
+            envvar="GPL_RUN_DIR",
+            help="Run directory holding the bundle and feature_store.yaml (env GPL_RUN_DIR, "
+            "else GPL_SERVE_RUN_DIR; default runs/demo).",
+        ),
+    ] = None,
     bundle: Annotated[
         Path | None, typer.Option(help="Bundle directory (default RUN_DIR/bundle).")
     ] = None,
-    host: Annotated[str, typer.Option(help="Address to bind.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port to bind.")] = 8000,
+    host: Annotated[
+        str | None, typer.Option(help="Address to bind (env GPL_SERVE_HOST; default 127.0.0.1).")
+    ] = None,
+    port: Annotated[
+        int | None, typer.Option(help="Port to bind (env GPL_SERVE_PORT; default 8000).")
+    ] = None,
     max_candidates: Annotated[
         int | None, typer.Option(help="Most candidates per request (default 10,000).")
     ] = None,
@@ -1123,7 +1145,10 @@ def serve(
             help="Judge feature ttl as if it were this time (replaying historical data only).",
         ),
     ] = None,
-    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+    log_level: Annotated[
+        ServerLogLevel | None,
+        typer.Option(help="uvicorn log level (env GPL_SERVE_LOG_LEVEL; default info)."),
+    ] = None,
     workers: Annotated[
         int,
         typer.Option(
@@ -1148,13 +1173,17 @@ def serve(
     from gpl_service.settings import ServeSettings
 
     with _user_errors():
-        overrides: dict[str, Any] = {"run_dir": run_dir, "host": host, "port": port}
-        if bundle is not None:
-            overrides["bundle_dir"] = bundle
-        if max_candidates is not None:
-            overrides["max_candidates"] = max_candidates
-        if as_of is not None:
-            overrides["as_of"] = _as_utc(as_of)
+        # Only what was given on the command line overrides the GPL_SERVE_* environment.
+        given: dict[str, Any] = {
+            "run_dir": run_dir,
+            "bundle_dir": bundle,
+            "host": host,
+            "port": port,
+            "max_candidates": max_candidates,
+            "as_of": None if as_of is None else _as_utc(as_of),
+            "log_level": None if log_level is None else log_level.value,
+        }
+        overrides = {k: v for k, v in given.items() if v is not None}
         settings = ServeSettings(**overrides)
         # Fail here, in one line, rather than in uvicorn's start-up traceback.
         open_service_store(settings.run_dir)
@@ -1164,7 +1193,7 @@ def serve(
             create_app(settings),
             host=settings.host,
             port=settings.port,
-            log_level=log_level,
+            log_level=settings.log_level,
             access_log=False,
         )
         return
@@ -1180,7 +1209,7 @@ def serve(
         workers=workers,
         host=settings.host,
         port=settings.port,
-        log_level=log_level,
+        log_level=settings.log_level,
         access_log=False,
     )
 

@@ -121,7 +121,7 @@ class ItemSnapshot:
     fill_seconds: float = 0.0
     materialized: dict[str, float] = field(default_factory=dict)
     unknown: OrderedDict[str, None] = field(default_factory=OrderedDict)
-    bad_vectors: int = 0  # items whose content vector has the wrong width (zeros used)
+    bad_vectors: int = 0  # items whose content vector is the wrong width or not finite (zeros)
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _string_codes: dict[str, dict[str, int]] = field(default_factory=dict)
 
@@ -212,9 +212,14 @@ class ItemSnapshot:
                         col = f"{spec.name}__{name}"
                         value = values.get(name)
                         if spec.name == EMBEDDING_VIEW and name == EMBEDDING_FEATURE:
-                            if value is not None and len(value) == layout.dim:
-                                self.emb[r] = value
-                            elif value:  # a vector of another width: the item has no content
+                            vector = None if value is None else np.asarray(value, np.float32)
+                            if (
+                                vector is not None
+                                and len(vector) == layout.dim
+                                and np.isfinite(vector).all()
+                            ):
+                                self.emb[r] = vector
+                            elif value:  # another width or non-finite: the item has no content
                                 self.bad_vectors += 1
                         elif col in col_of and value is not None:
                             row[col_of[col]] = float(value)

@@ -30,6 +30,7 @@ from typing import Any, Final
 import numpy as np
 import numpy.typing as npt
 
+from gpl_service.errors import ServiceError
 from gpl_service.item_cache import (
     EMBEDDING_FEATURE,
     EMBEDDING_VIEW,
@@ -529,6 +530,13 @@ class Scorer:
             "item_states": "precomputed" if table is not None else "per request",
             "timings_ms": {k: round(v, 3) for k, v in timings.items()},
         }
+        if not np.isfinite(score).all():
+            # Inputs are cleaned of non-finite values, so this is a model fault: never a 200
+            # whose scores JSON cannot carry (they would read as null).
+            raise ServiceError(
+                f"the model returned {int((~np.isfinite(score)).sum())} non-finite scores for "
+                f"user {user_id!r}"
+            )
         names = ("light", "expressive")
         return Scored(
             item_ids=[candidates[k] for k in order],

@@ -66,3 +66,30 @@ def test_serves_over_http_until_stopped(served: Served, workers: int) -> None:
         proc.terminate()
         # uvicorn shuts down gracefully (lifespan stops the watcher), then re-raises SIGTERM
         assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+
+
+def test_gpl_serve_settings_come_from_the_environment(served: Served) -> None:
+    """GPL_SERVE_RUN_DIR / _PORT / _LOG_LEVEL / _AS_OF without any flag: the service binds that
+    port and serves that run; a log level uvicorn lacks is one line, exit 2."""
+    result = runner.invoke(app, ["serve", "--log-level", "verbose"])
+    assert result.exit_code == 2 and "verbose" in result.output
+    assert "Traceback" not in result.output
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GPL_RUN_DIR"}
+    env.update(
+        GPL_PROJECT=PROJECT,
+        GPL_SERVE_RUN_DIR=str(served.root),
+        GPL_SERVE_PORT=str(port),
+        GPL_SERVE_LOG_LEVEL="warning",
+        GPL_SERVE_AS_OF=served.as_of.isoformat(),
+    )
+    proc = subprocess.Popen([sys.executable, "-m", "gpl_service.cli", "serve"], env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(proc, f"{url}/v1/ready", timeout=180)
+        body = {"user_id": served.users[0], "candidates": served.items[:5], "top_k": 2}
+        got = httpx.post(f"{url}/v1/prerank", json=body, timeout=10)
+        assert got.status_code == 200 and got.json()["stats"]["history_items"] > 0
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)

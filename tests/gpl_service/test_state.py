@@ -282,3 +282,45 @@ def test_a_reload_waits_for_a_refresh_in_progress(
     assert state.plan is not None and state.plan.states is not None
     table = state.plan.states._table
     assert table is not None and table.snapshot is state.items
+
+
+def test_infinite_features_and_vectors_score_as_missing(
+    rs_client: tuple[RedisServed, TestClient],
+) -> None:
+    """+-inf in an item's statistics or content vector: scored as a missing value (never a
+    NaN score, which JSON would carry as null), the same score as the value left out."""
+    rs, client = rs_client
+    when = pd.Timestamp(rs.served.as_of) - pd.Timedelta(hours=1)
+    popularity = {
+        "event_timestamp": [when],
+        "candidate_count": [5],
+        "impressions": [2],
+        "clicks": [1],
+        "exposure_rate": [0.4],
+        "log_candidate_count": [1.79],
+    }
+    for item, ctr in (("zz_inf", float("inf")), ("zz_none", None), ("zz_ninf", float("-inf"))):
+        row = pd.DataFrame({"item_id": [item], **popularity, "ctr_smoothed": [ctr]})
+        rs.store.write_to_online_store("item_popularity", row)
+    dim = _state(client).layout.dim
+    vector = [float("inf")] + [0.1] * (dim - 1)
+    rs.store.write_to_online_store(
+        "item_semantics",
+        pd.DataFrame(
+            {
+                "item_id": ["zz_vec"],
+                "event_timestamp": [when],
+                "content_embedding": [vector],
+                "sid": ["<a_0><b_0><c_0>"],
+                "sid_codes": [[0, 0, 0]],
+            }
+        ),
+    )
+    # One request each: with ties the cascade would route only the first to the expressive model.
+    scores = {}
+    for item in ("zz_inf", "zz_none", "zz_ninf", "zz_vec"):
+        (answer,) = _prerank(rs, client, [item])["items"]
+        scores[item] = (answer["score"], answer["model"])
+    assert all(isinstance(s, float) and np.isfinite(s) for s, _ in scores.values()), scores
+    assert scores["zz_inf"] == scores["zz_none"] == scores["zz_ninf"]
+    assert _state(client).items.bad_vectors == 1

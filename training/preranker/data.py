@@ -145,7 +145,8 @@ class Preprocessing(BaseModel):
 
 def _as_float(column: pa.ChunkedArray | pa.Array) -> npt.NDArray[np.float64]:
     values = column.cast(pa.float64()).to_numpy(zero_copy_only=False)
-    return np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0)
+    # Non-finite values are missing (0), as in the exported graph's preprocessing.
+    return np.nan_to_num(np.asarray(values, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
 
 
 @dataclass
