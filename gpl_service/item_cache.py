@@ -207,7 +207,9 @@ class ItemSnapshot:
                     if values is None:
                         continue
                     self.event_ts[spec.name][r] = got.event_ts if got.event_ts else np.nan
-                    row[col_of[f"{spec.name}__missing"]] = 0.0
+                    # As the training join does: a row whose features are all null is missing.
+                    if any(values.get(name) is not None for name in spec.features):
+                        row[col_of[f"{spec.name}__missing"]] = 0.0
                     for name in spec.features:
                         col = f"{spec.name}__{name}"
                         value = values.get(name)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, create_model
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StringConstraints, create_model
 
 Id = Annotated[
     str,
@@ -39,7 +39,8 @@ def prerank_request_model(max_candidates: int, default_top_k: int) -> type[Prera
             ),
         ),
         top_k=(
-            int | None,
+            # Strict: JSON true or "3" is a caller's bug, not 1 or 3.
+            StrictInt | None,
             Field(
                 default=None,
                 ge=1,

@@ -284,7 +284,9 @@ class Scorer:
         for j, (view, feature) in enumerate(plan.user_sources):
             values = live[view]
             if feature == MISSING:
-                raw[0, j] = 1.0 if values is None else 0.0
+                # As the training join does: a row whose features are all null is missing.
+                absent = values is None or all(values.get(f) is None for f in specs[view].features)
+                raw[0, j] = 1.0 if absent else 0.0
                 continue
             value = values.get(feature) if values is not None else None
             raw[0, j] = float(specs[view].defaults[feature] if value is None else value)

@@ -324,3 +324,28 @@ def test_infinite_features_and_vectors_score_as_missing(
     assert all(isinstance(s, float) and np.isfinite(s) for s, _ in scores.values()), scores
     assert scores["zz_inf"] == scores["zz_none"] == scores["zz_ninf"]
     assert _state(client).items.bad_vectors == 1
+
+
+def test_a_row_of_nulls_is_missing_as_in_training(
+    rs_client: tuple[RedisServed, TestClient],
+) -> None:
+    """The training join marks a view missing when all its features are null; serving must too
+    (a stored row of nulls is no information), for user and item views alike."""
+    rs, client = rs_client
+    state = _state(client)
+    plan = state.plan
+    assert plan is not None
+    at = rs.served.as_of.timestamp()
+    nulls = {s.name: Row(at - 60, dict.fromkeys(s.features)) for s in plan.user_views}
+    absent: dict[str, Row] = {s.name: Row(None, None) for s in plan.user_views}
+    with_nulls, *_ = state.scorer._user_inputs(plan, nulls, at)
+    without, *_ = state.scorer._user_inputs(plan, absent, at)
+    np.testing.assert_array_equal(with_nulls, without)
+    assert any(f == "missing" for _, f in plan.user_sources)
+    snap = ItemSnapshot.empty(state.layout, 99, 2)
+    rows = {s.name: [Row(at - 60, dict.fromkeys(s.features))] for s in state.layout.views}
+    snap.add(["x-nulls"], rows)
+    snap.add(["x-absent"], {s.name: [Row(None, None)] for s in state.layout.views})
+    np.testing.assert_array_equal(
+        snap.numeric[snap.index.get("x-nulls")], snap.numeric[snap.index.get("x-absent")]
+    )
