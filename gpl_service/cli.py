@@ -1026,8 +1026,11 @@ def evaluate(
 
     Writes RUN_DIR/evaluation/report.md, report.html (plots embedded), report.json: AUC, GAUC,
     HR/Recall/NDCG@K over all and over unexposed candidates, diversity, long-tail recall, and
-    the routing curve (quality vs FLOPs as the expressive model's share M grows).
+    the routing curve (quality vs FLOPs as the expressive model's share M grows). Warns (and
+    says so in the report) when the anchor LM, the pseudo-labels' calibration or the SIDs'
+    collaborative block was fitted on data from after the cutoff.
     """
+    from training.evaluation.leakage import upstream_leaks
     from training.features.store import open_store
     from training.io import read_table
     from training.preranker.config import OBJECTIVES, PrerankerConfig
@@ -1046,6 +1049,9 @@ def evaluate(
         cutoff, train_requests, eval_requests = _train_eval_split(run_dir, since, split_quantile)
         if eval_requests.num_rows == 0:
             raise UsageError(f"no request at or after {cutoff}: choose an earlier cutoff")
+        warnings = upstream_leaks(run_dir, cutoff)
+        for warning in warnings:
+            typer.echo(f"warning: {warning}", err=True)
         store = open_store(run_dir)
         result = evaluate_suite(
             join_features(store, train_requests),
@@ -1058,6 +1064,7 @@ def evaluate(
             objectives=chosen,
             seeds=seeds,
             title=f"Pre-ranker evaluation ({run_dir.name}, cutoff {cutoff:%Y-%m-%d %H:%M})",
+            warnings=warnings,
         )
         _say(f"report -> {result.report.markdown} and {result.report.html}")
         keys = ["auc", "unexposed_recall@50", "longtail_recall@50", "ndcg@50"]

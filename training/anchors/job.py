@@ -14,7 +14,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from functools import partial
 from pathlib import Path
 from typing import Any, Final
@@ -263,6 +263,10 @@ def train_anchor_model(
         "items": catalog.n_items,
         "positives": len(seqs.items),
         "positives_dropped_unknown_items": seqs.dropped_unknown_items,
+        # What an evaluation must start after (gpl evaluate warns when it does not).
+        "latest_positive": datetime.fromtimestamp(int(seqs.timestamps.max()) / 1e6, UTC).isoformat()
+        if len(seqs.timestamps)
+        else None,
         "train_examples": len(examples),
         "eval_users": len(eval_set.targets),
         "epochs_run": len(history.epochs),

@@ -393,6 +393,7 @@ def evaluate_suite(
     objectives: list[str] | None = None,
     seeds: int = 3,
     title: str = "Pre-ranker evaluation",
+    warnings: list[str] | None = None,
 ) -> SuiteResult:
     """Train every objective for ``seeds`` seeds and evaluate light, expressive and cascade.
 
@@ -450,6 +451,7 @@ def evaluate_suite(
         "Methods are the light model unless marked: 'expressive-all' scores every candidate "
         "with the expressive model, 'routing@M' re-scores the top M share by light score.",
         "unexposed_* metrics rank only the candidates that were not exposed.",
+        *(f"Warning: {w}." for w in warnings or []),
     ]
     first = next(iter(results.values()), [])
     if first:

@@ -78,6 +78,9 @@ def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
     code, out = evaluate(run_dir, "--seeds", "2")
     assert code == 0, out
     report = (run_dir / "evaluation" / "report.md").read_text()
+    # The fixture's pseudo-labels were calibrated on the whole log, evaluation period included.
+    assert "warning: the pseudo-labels' calibration was fitted on exposed rows of the whole" in out
+    assert "Warning: the pseudo-labels' calibration" in report
     for method in ("exposed", "gpl_hap", "gpl_hap expressive-all", "gpl_hap routing@0.2"):
         assert f"| {method} |" in report or method in report, method
     assert "±" in report
