@@ -224,10 +224,21 @@ DeviceName = Annotated[
 
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> cuda when available else cpu; anything else as given."""
+    """``auto`` -> cuda when available else cpu; anything else as given.
+
+    Raises:
+        AnchorInputError: for a CUDA device that is not visible here (one line from the CLI,
+            rather than torch's assertion deep inside the first transfer).
+    """
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
+    device = torch.device(name)
+    if device.type == "cuda" and (device.index or 0) >= torch.cuda.device_count():
+        raise AnchorInputError(
+            f"device {name!r}: {torch.cuda.device_count()} CUDA devices are visible here; use "
+            "'auto', 'cpu' or a visible 'cuda:N'"
+        )
+    return device
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
@@ -1003,10 +1014,17 @@ def is_out_of_memory(exc: BaseException) -> bool:
     )
 
 
+@dataclass
+class BatchSize:
+    """Users per batch, shared by every call of one run: an out-of-memory halving lasts."""
+
+    size: int
+
+
 def search_in_batches(
     search: SearchFn,
     prompts: Sequence[Sequence[int]],
-    batch_size: int,
+    batch_size: int | BatchSize,
     progress: Callable[[int], object] | None = None,
     prior_of: PriorFn | None = None,
 ) -> BeamOutput:
@@ -1014,12 +1032,13 @@ def search_in_batches(
 
     Prompts are sorted by length so a batch pads little; results come back in input order. On an
     out-of-memory error the failing batch is split in half and retried, and the smaller size is
-    kept for the rest of the run (the next batch of the same size would fail the same way).
+    kept for the rest of the call, and of the run when ``batch_size`` is a :class:`BatchSize`
+    shared by its calls (the next batch of the same size would fail the same way).
 
     Args:
         search: Beam search over one batch of prompts.
         prompts: Token ids per user.
-        batch_size: Prompts per batch to start with.
+        batch_size: Prompts per batch to start with; a :class:`BatchSize` is updated in place.
         progress: Called with the number of prompts finished after each batch.
         prior_of: When given, each batch's prior rows (``prior_of(indices)``) are passed to
             ``search`` as ``prior=``; computed per batch, so memory stays ``batch x n_items``.
@@ -1031,7 +1050,8 @@ def search_in_batches(
         return BeamOutput(np.zeros((0, 0), np.int64), np.zeros((0, 0), np.float32))
     order = np.argsort([len(p) for p in prompts], kind="stable")
     parts: list[BeamOutput] = []
-    done, size = 0, batch_size
+    held = batch_size if isinstance(batch_size, BatchSize) else BatchSize(batch_size)
+    done, size = 0, held.size
     while done < len(order):
         chunk = order[done : done + size]
         out_of_memory = False
@@ -1047,6 +1067,7 @@ def search_in_batches(
             out_of_memory = True
         if out_of_memory:
             size = (len(chunk) + 1) // 2  # the first half; the rest follows at the same size
+            held.size = min(held.size, size)
             logger.warning(
                 "out of memory on a batch of %d users; splitting in half and retrying with %d",
                 len(chunk),

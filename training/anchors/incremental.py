@@ -118,12 +118,19 @@ def plan_reuse(
         why = "no earlier output"
     elif manifest.get("metrics", {}).get("generation_key") != key:
         why = "the model, the catalog or a generation setting changed since the earlier run"
-    elif not pq.read_schema(path).equals(schema):
-        why = "the earlier output has another schema (written by an older version)"
+    else:
+        try:
+            if not pq.read_schema(path).equals(schema):
+                why = "the earlier output has another schema (written by an older version)"
+            else:
+                old = pq.read_table(
+                    path, columns=["user_id", "event_timestamp", "history_hash", "num_anchors"]
+                )
+        except (OSError, ValueError) as exc:  # ArrowInvalid: a truncated or corrupt file
+            why = f"the earlier output is unreadable ({exc})"
     if why is not None:
-        logger.info("incremental generation: %s; decoding every set", why)
+        logger.warning("incremental generation: %s; decoding every set", why)
         return None
-    old = pq.read_table(path, columns=["user_id", "event_timestamp", "history_hash", "num_anchors"])
     # One hash join in Arrow on (user, cutoff, history): no Python object per set.
     n = len(hashes)
     wanted = pa.table(

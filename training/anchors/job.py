@@ -30,6 +30,7 @@ from tqdm import tqdm
 from training.anchors.catalog import SidCatalog
 from training.anchors.errors import AnchorInputError
 from training.anchors.generate import (
+    BatchSize,
     BeamOutput,
     GenerateConfig,
     beam_search_fast,
@@ -691,7 +692,8 @@ def generate_anchors(
             pool = stack.enter_context(DevicePool(workers, spec))
         seqs = user_sequences(positives, catalog.item_ids)
         requests = anchor_requests(seqs, cutoffs, max_history, users)
-        batch_size = gc.batch_size_on(device)
+        # One holder for every chunk: a size halved on running out of memory stays halved.
+        batch_size = BatchSize(gc.batch_size_on(device))
         item_tokens = vocab.item_tokens(catalog.codes)
         n_sets = len(requests.user_ids)
         key = generation_key(
@@ -707,10 +709,13 @@ def generate_anchors(
         )
         reuse: Reuse | None = None
         if gc.incremental:
-            manifest_path = out_dir / MANIFEST_NAME
+            try:
+                earlier = read_manifest(out_dir) if (out_dir / MANIFEST_NAME).exists() else None
+            except ValueError:  # a truncated manifest: nothing to trust, decode every set
+                earlier = None
             reuse = plan_reuse(
                 out_dir / ANCHORS_FILE,
-                read_manifest(out_dir) if manifest_path.exists() else None,
+                earlier if isinstance(earlier, dict) else None,
                 key,
                 requests,
                 history_hashes(requests.histories),
@@ -794,7 +799,9 @@ def generate_anchors(
         "generation_seconds": round(gen_seconds, 3),
         "users_per_second": round(n_todo / gen_seconds, 2) if gen_seconds > 0 else None,
         "device": ", ".join(str(d) for d in workers) if workers else str(device),
-        "batch_size": batch_size if not workers else [gc.batch_size_on(d) for d in workers],
+        # The size in use at the end (smaller than configured after running out of memory);
+        # with workers, each worker's configured size (each halves its own on OOM).
+        "batch_size": batch_size.size if not workers else [gc.batch_size_on(d) for d in workers],
         "worker_start_seconds": worker_start,
         "dtype": decode_dtype,
         "implementation": gc.implementation,

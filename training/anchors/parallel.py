@@ -33,6 +33,7 @@ import torch
 
 from training.anchors.errors import AnchorInputError
 from training.anchors.generate import (
+    BatchSize,
     BeamOutput,
     GenerateConfig,
     SearchFn,
@@ -74,7 +75,7 @@ class WorkerSpec:
 @dataclass
 class _Worker:
     search: SearchFn
-    batch_size: int
+    batch_size: BatchSize  # shared by the worker's tasks: an out-of-memory halving lasts
     spec: WorkerSpec
 
 
@@ -100,7 +101,7 @@ def _start_worker(counter: Any, devices: list[str], spec: WorkerSpec, cpu_thread
     models = members[0].model if len(members) == 1 else [m.model for m in members]
     trie = SidTrie(spec.codes, vocab.codebook_sizes)
     search = make_search(models, trie, vocab, spec.generation, spec.prior_weight)
-    _WORKER = _Worker(search, spec.generation.batch_size_on(device), spec)
+    _WORKER = _Worker(search, BatchSize(spec.generation.batch_size_on(device)), spec)
 
 
 def _ready() -> None:

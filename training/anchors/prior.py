@@ -48,6 +48,7 @@ HR@10 by 13-30% (BENCHMARKS.md).
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -88,6 +89,7 @@ class PriorConfig(BaseModel):
     train_weight: float = Field(
         default=0.0,
         ge=0,
+        allow_inf_nan=False,
         description="Fuse the prior into the training loss with this weight (0: off). The LM "
         "is then trained as the second expert of the product decoding uses, learning what "
         "co-occurrence does not already say; each training row's prior leaves out what its own "
@@ -132,15 +134,15 @@ class PriorConfig(BaseModel):
     @field_validator("weight")
     @classmethod
     def _non_negative(cls, value: float | str | None) -> float | str | None:
-        if isinstance(value, float) and value < 0:
-            raise ValueError("prior weight must be >= 0 (or 'auto')")
+        if isinstance(value, float) and not (math.isfinite(value) and value >= 0):
+            raise ValueError("prior weight must be a finite number >= 0 (or 'auto')")
         return value
 
     @field_validator("weight_grid")
     @classmethod
     def _grid_non_negative(cls, value: tuple[float, ...]) -> tuple[float, ...]:
-        if any(w < 0 for w in value):
-            raise ValueError("prior weight_grid values must be >= 0")
+        if any(not (math.isfinite(w) and w >= 0) for w in value):
+            raise ValueError("prior weight_grid values must be finite numbers >= 0")
         return value
 
 

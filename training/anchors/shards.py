@@ -154,28 +154,68 @@ class Shard:
         return [u for u, k in zip(listed, keep, strict=True) if k]
 
 
+def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
+    """splitmix64's finalizer, elementwise: a well-spread 64-bit value per input (wrapping)."""
+    x = x ^ (x >> np.uint64(30))
+    x = x * np.uint64(0xBF58476D1CE4E5B9)
+    x = x ^ (x >> np.uint64(27))
+    x = x * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def _ranks(ids: pa.ChunkedArray | pa.Array, digest: Any) -> npt.NDArray[np.uint64]:
+    """Each id's rank among the sorted distinct ids (nulls: 2**64 - 1); the ids go in ``digest``."""
+    ids = pc.cast(ids, pa.large_string())
+    unique = pc.unique(ids).drop_null()
+    values = pc.take(unique, pc.sort_indices(unique))
+    # All ids joined in Arrow (one buffer, no Python string per id).
+    joined = pc.binary_join(
+        pa.LargeListArray.from_arrays([0, len(values)], values), pa.scalar("\0", pa.large_string())
+    )[0]
+    digest.update(joined.as_buffer() or b"")
+    where = pc.index_in(ids, value_set=values)
+    if isinstance(where, pa.ChunkedArray):
+        where = where.combine_chunks()
+    ranks = where.fill_null(-1).to_numpy(zero_copy_only=False).astype(np.int64)
+    return ranks.astype(np.uint64)  # -1 wraps to 2**64 - 1
+
+
+def _rows_sum(*columns: npt.NDArray[np.uint64]) -> int:
+    """An order-free digest of rows: the wrapping sum of each row's mixed columns."""
+    acc = np.zeros(len(columns[0]), np.uint64)
+    for k, col in enumerate(columns):
+        salt = np.uint64(((k + 1) * 0x9E3779B97F4A7C15) % 2**64)  # one constant per column
+        acc = _mix(acc ^ (col + salt))
+    return int(acc.sum(dtype=np.uint64))
+
+
 def inputs_fingerprint(
     positives: pa.Table, cutoffs: Sequence[datetime] | UserCutoffs, users: Sequence[str] | None
 ) -> str:
     """A fingerprint of a job's whole inputs (before sharding), for merge to compare.
 
-    The row count and the wrap-around sum of the positives' and cutoffs' microsecond timestamps,
-    and the users asked for: a log that gained, lost or moved a row changes it (the sum is
-    order-free, so hosts that read the same rows in another order agree).
+    Every positive's (user, item, time), every cutoff's (user, time) and the users asked for:
+    a log that gained, lost, moved or changed a row changes it. Order-free (each row is mixed
+    to 64 bits and the rows summed), so hosts that read the same rows in another order agree.
     """
     digest = hashlib.sha256()
     ts = pc.cast(positives.column("event_timestamp"), pa.timestamp("us", "UTC"))
     micros = pc.cast(ts, pa.int64()).fill_null(0).to_numpy().astype(np.uint64)
-    digest.update(f"positives:{positives.num_rows}:{int(micros.sum())}".encode())
+    user_rank = _ranks(positives.column("user_id"), digest)
+    item_rank = _ranks(positives.column("item_id"), digest)
+    rows = _rows_sum(user_rank, item_rank, micros)
+    digest.update(f"positives:{positives.num_rows}:{rows}".encode())
     if isinstance(cutoffs, UserCutoffs):
-        digest.update(
-            f"user cutoffs:{len(cutoffs.user_ids)}:{len(cutoffs.cutoffs)}:"
-            f"{int(cutoffs.cutoffs.astype(np.uint64).sum())}".encode()
-        )
+        owner = np.repeat(np.arange(len(cutoffs.user_ids)), np.diff(cutoffs.offsets))
+        for u in cutoffs.user_ids.tolist():
+            digest.update(u.encode("utf-8") + b"\0")
+        pairs = _rows_sum(owner.astype(np.uint64), cutoffs.cutoffs.astype(np.uint64))
+        digest.update(f"user cutoffs:{len(cutoffs.cutoffs)}:{pairs}".encode())
     else:
         cuts = sorted({c.isoformat() for c in cutoffs})
         digest.update(("shared cutoffs:" + ",".join(cuts)).encode())
     if users is not None:
+        digest.update(b"users:")
         for u in sorted(set(users)):
             digest.update(u.encode("utf-8") + b"\0")
     return digest.hexdigest()[:32]
@@ -222,19 +262,25 @@ def _shard_manifest(directory: Path, index: int, count: int) -> dict[str, Any]:
             f"{directory}: shard {index}/{count} has not finished (no manifest or no "
             f"{ANCHORS_FILE}); run or re-run `gpl anchors generate --shard {index}/{count}`"
         )
-    manifest = read_manifest(directory)
-    metrics = manifest.get("metrics", {})
+    try:
+        manifest = read_manifest(directory)
+        rows = pq.ParquetFile(path).metadata.num_rows
+        schema = pq.read_schema(path)
+    except (OSError, ValueError) as exc:  # JSONDecodeError, ArrowInvalid: half-copied files
+        raise AnchorInputError(
+            f"{directory}: shard {index}/{count} is unreadable ({exc}); re-run or re-copy it"
+        ) from exc
+    metrics = manifest.get("metrics", {}) if isinstance(manifest, dict) else {}
     if metrics.get("shard") != {"index": index, "count": count}:
         raise AnchorInputError(
             f"{directory}: its manifest records shard {metrics.get('shard')}, not {index}/{count}"
         )
-    rows = pq.ParquetFile(path).metadata.num_rows
     if rows != metrics.get("anchor_sets"):
         raise AnchorInputError(
             f"{path}: {rows} rows but its manifest counts {metrics.get('anchor_sets')} sets (a "
             "run overwrote it half way?); re-run the shard"
         )
-    if not pq.read_schema(path).equals(ANCHORS_SCHEMA):
+    if not schema.equals(ANCHORS_SCHEMA):
         raise AnchorInputError(f"{path}: not the anchors schema (written by another version?)")
     return manifest
 
@@ -276,7 +322,13 @@ def merge_anchor_shards(
         for k, d in enumerate(dirs):
             source = pq.ParquetFile(d / ANCHORS_FILE)
             for g in range(source.num_row_groups):
-                group = source.read_row_group(g)
+                try:
+                    group = source.read_row_group(g)
+                except (OSError, ValueError) as exc:  # a corrupt page past the footer
+                    raise AnchorInputError(
+                        f"{d / ANCHORS_FILE}: row group {g} is unreadable ({exc}); re-run or "
+                        f"re-copy shard {k}/{count}"
+                    ) from exc
                 if not (shard_of(group.column("user_id"), count) == k).all():
                     raise AnchorInputError(
                         f"{d / ANCHORS_FILE}: rows of users outside shard {k}/{count}"

@@ -580,3 +580,13 @@ def test_a_sparse_prior_of_the_wrong_width_is_refused(toy) -> None:
     rows = _cooccurrence_rows(len(prompts), trie.n_items + 2)
     with pytest.raises(ValueError, match="expected"):
         beam_search_fast(model, prompts, trie, vocab, 8, 5, prior=rows, prior_weight=1.0)
+
+
+def test_a_cuda_device_that_is_not_visible_is_one_clear_error() -> None:
+    from training.anchors.errors import AnchorInputError
+    from training.anchors.generate import resolve_device
+
+    visible = torch.cuda.device_count()
+    with pytest.raises(AnchorInputError, match=f"{visible} CUDA devices are visible"):
+        resolve_device(f"cuda:{visible}")
+    assert resolve_device("cpu") == torch.device("cpu")

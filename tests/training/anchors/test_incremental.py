@@ -109,3 +109,22 @@ def test_the_key_follows_the_model_files_contents_not_their_times(
     weights.write_bytes(bytes(data))
     changed = generate_anchors(semantics, positives, cutoffs, copy, _incremental(), tmp_path)
     assert changed.metrics["sets_reused"] == 0
+
+
+def test_an_unreadable_earlier_output_decodes_every_set(
+    tmp_path, toy_data, trained_compact
+) -> None:
+    """A truncated earlier file or manifest (a crashed copy): logged, every set decoded."""
+    semantics, positives, _ = toy_data
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    model = trained_compact.model_dir
+    first = generate_anchors(semantics, positives, cutoffs, model, tiny_config(), tmp_path)
+    path = tmp_path / ANCHORS_FILE
+    path.write_bytes(path.read_bytes()[:300])
+    again = generate_anchors(semantics, positives, cutoffs, model, _incremental(), tmp_path)
+    assert again.metrics["sets_reused"] == 0
+    assert again.metrics["sets_decoded"] == first.metrics["anchor_sets"]
+    manifest = tmp_path / "manifest.json"
+    manifest.write_text(manifest.read_text()[:50])
+    third = generate_anchors(semantics, positives, cutoffs, model, _incremental(), tmp_path)
+    assert third.metrics["sets_reused"] == 0

@@ -702,3 +702,41 @@ def test_the_prior_follows_items_by_id_into_a_changed_catalog(
     )[0]
     assert prior is not None and prior.item_ids[-1] == "zz-new"
     assert prior.matrix[-1].nnz == 0 and prior.counts[-1] == 0
+
+
+def test_a_batch_size_halved_on_running_out_of_memory_stays_halved(
+    tmp_path, toy_data, trained_compact, monkeypatch
+) -> None:
+    """Chunks of 8 sets, batches of 8, a device that fits only 4: the first chunk halves the
+    size, every later chunk starts at 4 (no out-of-memory error per chunk), and the manifest
+    records the size used."""
+    import torch
+
+    from training.anchors import job
+
+    semantics, positives, _ = toy_data
+    tried: list[int] = []
+    real = job.make_search
+
+    def limited_make(*args, **kwargs):
+        search = real(*args, **kwargs)
+
+        def limited(batch, **kw):
+            tried.append(len(batch))
+            if len(batch) > 4:
+                raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+            return search(batch, **kw)
+
+        return limited
+
+    monkeypatch.setattr(job, "make_search", limited_make)
+    cfg = tiny_config()
+    cfg.generation.batch_size = 8
+    cfg.generation.chunk_sets = 8
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    result = generate_anchors(
+        semantics, positives, cutoffs, trained_compact.model_dir, cfg, tmp_path
+    )
+    assert result.metrics["anchor_sets"] > 16  # several chunks
+    assert tried.count(8) == 1 and max(tried[1:]) == 4, tried
+    assert result.metrics["batch_size"] == 4

@@ -164,3 +164,19 @@ def test_training_rows_leave_out_the_rows_own_later_items(
         alone = CooccurrencePrior.fit(others, ids, cfg)
         expected = alone.probabilities([items[h0:p]], cfg)[0]
         np.testing.assert_allclose(got[row], expected, rtol=2e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"weight": float("inf")},
+        {"weight": float("nan")},
+        {"train_weight": float("inf")},
+        {"weight_grid": [1.0, float("inf")]},
+    ],
+)
+def test_weights_must_be_finite(values) -> None:
+    """An infinite weight turned every log-probability into NaN (and the manifest into invalid
+    JSON); NaN silently decoded with the LM alone."""
+    with pytest.raises(ValidationError):
+        PriorConfig.model_validate(values)

@@ -165,6 +165,17 @@ def test_merge_refuses_missing_stale_or_mixed_shards(three_shards, toy_data) -> 
     run(1, positives=pa.concat_tables([positives, later]))
     with pytest.raises(AnchorInputError, match=r"shard 1/3 differs.*inputs_fingerprint"):
         merge_anchor_shards(out)
+    # Or on one whose row of a shard-1 user names another item at the same time.
+    ids = positives.column("user_id").to_pylist()
+    row = next(k for k, u in enumerate(ids) if shard_of([u], 3)[0] == 1)
+    items = positives.column("item_id").to_pylist()
+    items[row] = "i0" if items[row] != "i0" else "i1"
+    changed = positives.set_column(
+        positives.schema.get_field_index("item_id"), "item_id", pa.array(items)
+    )
+    run(1, positives=changed)
+    with pytest.raises(AnchorInputError, match=r"shard 1/3 differs.*inputs_fingerprint"):
+        merge_anchor_shards(out)
     run(1, num_anchors=4)
     with pytest.raises(AnchorInputError, match=r"shard 1/3 differs.*generation_key"):
         merge_anchor_shards(out)
@@ -198,6 +209,18 @@ def test_merge_checks_each_file_against_its_manifest_and_shard(three_shards) -> 
         merge_anchor_shards(out)
     shutil.rmtree(out / "shards")
     with pytest.raises(AnchorInputError, match="no shard outputs"):
+        merge_anchor_shards(out)
+
+
+def test_merge_refuses_a_half_copied_shard(three_shards) -> None:
+    out, _ = three_shards
+    path = out / "shards" / "00001-of-00003" / ANCHORS_FILE
+    path.write_bytes(path.read_bytes()[:500])
+    with pytest.raises(AnchorInputError, match="shard 1/3 is unreadable"):
+        merge_anchor_shards(out)
+    manifest = out / "shards" / "00002-of-00003" / MANIFEST_NAME
+    manifest.write_text(manifest.read_text()[:40])
+    with pytest.raises(AnchorInputError, match="unreadable"):
         merge_anchor_shards(out)
 
 
