@@ -240,6 +240,13 @@ def check_columns(schema: pa.Schema, name: str, columns: Sequence[str]) -> list[
     return problems
 
 
+def _cast(column: pa.ChunkedArray, typ: pa.DataType) -> pa.ChunkedArray:
+    """``column`` as ``typ``; timestamps finer than microseconds are truncated to them."""
+    if typ == TIMESTAMP and pa.types.is_timestamp(column.type):
+        return pc.cast(column, typ, safe=False)
+    return column.cast(typ)
+
+
 def _is_string(typ: pa.DataType) -> bool:
     return bool(pa.types.is_string(typ) or pa.types.is_large_string(typ))
 
@@ -410,7 +417,7 @@ def conform(table: pa.Table, name: str) -> pa.Table:
             parsed, _ = parse_timestamps(col, fld.name)
             assert parsed is not None  # validate() accepted it
             col = parsed
-        columns[fld.name] = col.cast(fld.type)
+        columns[fld.name] = _cast(col, fld.type)
     for col, typ in optional.items():
         if col in table.column_names:
             values = table.column(col)
@@ -418,7 +425,7 @@ def conform(table: pa.Table, name: str) -> pa.Table:
                 parsed, _ = parse_timestamps(values, col)
                 assert parsed is not None  # validate() accepted it
                 values = parsed
-            columns[col] = values.cast(typ)
+            columns[col] = _cast(values, typ)
     for col in table.column_names:
         if col not in columns:
             columns[col] = table.column(col)

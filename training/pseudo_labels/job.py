@@ -363,25 +363,12 @@ def load_anchor_bank(
         raise PseudoLabelInputError(
             f"user_interest_anchors: {int((counts < 0).sum())} sets have a negative num_anchors"
         )
-    n_max = int(counts.max()) if len(counts) else 0
     num_sets = anchors.num_rows
-    # Ragged sets are scattered into the padded (S, N) layout in one step: anchor j overall is
-    # set ``set_of[j]``'s slot ``slot[j]``.
-    set_of = np.repeat(np.arange(num_sets), counts)
-    slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
-    mask = np.zeros((num_sets, n_max), bool)
-    mask[set_of, slot] = True
     lp_flat = _log_probs(anchors.column("anchor_log_probs"), counts)
-    logp = np.full((num_sets, n_max), -np.inf, np.float32)
-    logp[set_of, slot] = lp_flat
     rows = _catalog_rows(anchors, items, counts)
-    source: Literal["catalog", "anchor_embeddings"]
-    if rows is not None:
-        slots = np.zeros((num_sets, n_max), np.int64)
-        slots[set_of, slot] = rows
-        vectors = AnchorVectors(vectors=items.embeddings, rows=slots)
-        source = "catalog"
-    else:
+    flat: npt.NDArray[np.float32] | None = None
+    source: Literal["catalog", "anchor_embeddings"] = "catalog"
+    if rows is None:
         if "anchor_embeddings" in anchors.column_names:
             column = anchors.column("anchor_embeddings")
         elif read_embeddings is not None:
@@ -391,20 +378,61 @@ def load_anchor_bank(
                 "user_interest_anchors: anchor_item_ids name items missing from item_semantics "
                 "and there are no anchor_embeddings to fall back on"
             )
-        vectors = _own_vectors(column, counts, set_of, slot, items.embeddings.shape[1])
+        flat, usable = _own_vectors(column, counts, items.embeddings.shape[1])
         source = "anchor_embeddings"
+        if not usable.all():
+            # A zero-length vector has no direction: as an anchor it would score every candidate
+            # 0 and pass for a match. It is left out of its set, like a missing anchor.
+            logger.warning(
+                "%d anchor(s) have zero-length embeddings (an item without content?); left out "
+                "of their sets",
+                int((~usable).sum()),
+            )
+            owner = np.repeat(np.arange(num_sets), counts)
+            counts = np.bincount(owner[usable], minlength=num_sets).astype(np.int64)
+            flat, lp_flat = flat[usable], lp_flat[usable]
+    n_max = int(counts.max()) if len(counts) else 0
+    # Ragged sets are scattered into the padded (S, N) layout in one step: anchor j overall is
+    # set ``set_of[j]``'s slot ``slot[j]``.
+    set_of = np.repeat(np.arange(num_sets), counts)
+    slot = np.arange(len(set_of)) - np.repeat(np.cumsum(counts) - counts, counts)
+    mask = np.zeros((num_sets, n_max), bool)
+    mask[set_of, slot] = True
+    logp = np.full((num_sets, n_max), -np.inf, np.float32)
+    logp[set_of, slot] = lp_flat
+    if flat is None:
+        assert rows is not None
+        slots = np.zeros((num_sets, n_max), np.int64)
+        slots[set_of, slot] = rows
+        vectors = AnchorVectors(vectors=items.embeddings, rows=slots)
+    elif (counts == n_max).all():
+        # Every set full (the usual case): the flat rows already are the (S, N, D) layout.
+        vectors = AnchorVectors.of(as_unit(flat.reshape(num_sets, n_max, flat.shape[1])))
+    else:
+        emb = np.zeros((num_sets, n_max, flat.shape[1]), np.float32)
+        emb[set_of, slot] = flat
+        vectors = AnchorVectors.of(as_unit(emb))
 
     # Historical consistency needs each set's history: the user's latest positives before the
     # cutoff, found for all sets at once.
     events = latest_before(
         positives.column("user_id"),
-        positives.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy(),
+        pc.cast(positives.column("event_timestamp"), TIMESTAMP, safe=False)
+        .cast(pa.int64())
+        .to_numpy(),
         anchors.column("user_id"),
-        anchors.column("event_timestamp").cast(TIMESTAMP).cast(pa.int64()).to_numpy(),
+        pc.cast(anchors.column("event_timestamp"), TIMESTAMP, safe=False)
+        .cast(pa.int64())
+        .to_numpy(),
         history_items,
     )
     pos_items = items.lookup(positives.column("item_id"))
-    history = np.where(events >= 0, pos_items[np.maximum(events, 0)], -1)
+    # No positives at all: every set's history is empty (the factor is then 0, as documented).
+    history = (
+        np.where(events >= 0, pos_items[np.maximum(events, 0)], -1)
+        if len(pos_items)
+        else np.full(events.shape, -1, np.int64)
+    )
     hist = history_factors(vectors, mask, items.embeddings, history, form=history_form)
     keys = pa.table(
         {
@@ -476,38 +504,36 @@ def _catalog_rows(
 
 
 def _own_vectors(
-    column: pa.ChunkedArray | pa.Array,
-    counts: npt.NDArray[np.int64],
-    set_of: npt.NDArray[np.int64],
-    slot: npt.NDArray[np.int64],
-    dim: int,
-) -> AnchorVectors:
-    """The anchors' own ``anchor_embeddings`` as an ``(S, N, D)`` bank, checked and normalized.
+    column: pa.ChunkedArray | pa.Array, counts: npt.NDArray[np.int64], dim: int
+) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.bool_]]:
+    """The anchors' own ``anchor_embeddings``, one row per anchor (set by set), checked.
 
-    ``set_of`` and ``slot`` place each flat anchor in the padded layout (see the caller).
+    Returns:
+        The ``(total anchors, D)`` vectors (rows too long for float32's squared norm scaled
+        down, directions kept) and which have a direction (a nonzero length).
     """
     if isinstance(column, pa.ChunkedArray):
         column = column.combine_chunks()
-    flat = column.flatten().to_numpy(zero_copy_only=False)
-    if flat.size != counts.sum() * dim:
+    values = column.flatten().to_numpy(zero_copy_only=False)
+    if values.size != counts.sum() * dim:
         raise PseudoLabelInputError(
-            f"anchor_embeddings hold {flat.size} values, expected num_anchors x {dim} (the item "
-            "embedding size); were the anchors built from another item_semantics?"
+            f"anchor_embeddings hold {values.size} values, expected num_anchors x {dim} (the "
+            "item embedding size); were the anchors built from another item_semantics?"
         )
-    if not np.isfinite(flat).all():
-        rows = np.unique(np.flatnonzero(~np.isfinite(flat)) // dim)
+    if not np.isfinite(values).all():
+        bad = np.unique(np.flatnonzero(~np.isfinite(values)) // dim)
         raise PseudoLabelInputError(
-            f"anchor_embeddings hold NaN or infinite values ({len(rows)} of {flat.size // dim} "
+            f"anchor_embeddings hold NaN or infinite values ({len(bad)} of {values.size // dim} "
             "anchors); regenerate the anchors (`gpl anchors generate`)"
         )
-    num_sets = len(counts)
-    n_max = int(counts.max()) if num_sets else 0
-    if (counts == n_max).all():
-        # Every set full (the usual case): the flat values already are the (S, N, D) layout.
-        return AnchorVectors.of(as_unit(flat.reshape(num_sets, n_max, dim)))
-    emb = np.zeros((num_sets, n_max, dim), np.float32)
-    emb[set_of, slot] = flat.reshape(-1, dim)
-    return AnchorVectors.of(as_unit(emb))
+    flat = np.asarray(values, np.float32).reshape(-1, dim)
+    squared = np.einsum("ij,ij->i", flat, flat)
+    huge = ~np.isfinite(squared)
+    if huge.any():  # finite values whose squared length overflows: scale them into range
+        flat = flat.copy()
+        flat[huge] /= np.abs(flat[huge]).max(axis=1, keepdims=True)
+        squared[huge] = np.einsum("ij,ij->i", flat[huge], flat[huge])
+    return flat, squared > 0
 
 
 @dataclass
@@ -860,7 +886,7 @@ def generate_pseudo_labels(
                     "request_id": _dictionary(t.column("request_id")),
                     "user_id": _dictionary(t.column("user_id")),
                     "item_id": _dictionary(t.column("item_id")),
-                    "event_timestamp": t.column("event_timestamp").cast(TIMESTAMP),
+                    "event_timestamp": pc.cast(t.column("event_timestamp"), TIMESTAMP, safe=False),
                     "group": _dictionary(t.column("group")),
                     "anchor_cutoff": scored["anchor_cutoff"],
                     **{name: _nullable(scored[name]) for name in _FLOAT_OUTPUTS},

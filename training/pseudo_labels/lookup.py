@@ -82,7 +82,8 @@ def _positions(values: pa.Array, value_set: pa.Array) -> I64:
 
 def _micros(column: Column) -> tuple[I64, npt.NDArray[np.bool_]]:
     """Timestamps as int64 microseconds (UTC) and which are present."""
-    ts = column.cast(TIMESTAMP).cast(pa.int64())
+    # Finer units (a log written in ns) are truncated to microseconds, the contract's unit.
+    ts = pc.cast(column, TIMESTAMP, safe=False).cast(pa.int64())
     present = pc.is_valid(ts).to_numpy(zero_copy_only=False)
     return pc.fill_null(ts, 0).to_numpy(zero_copy_only=False).astype(np.int64), present
 

@@ -302,6 +302,11 @@ def max_cosine(
     Raises:
         ValueError: When a set's real anchors do not come first in ``anchor_mask``, or an item or
             set index is out of range (the compiled loop does not check bounds).
+
+    Vectors must be finite: the loop does not scan its inputs (it runs at memory speed), and a
+    NaN makes it disagree with :func:`max_cosine_blas` (NaN never wins a comparison here, it
+    propagates there). The job guarantees it: items with non-finite or zero vectors have no
+    usable embedding, and anchors with non-finite vectors stop it.
     """
     bank = np.ascontiguousarray(anchors, np.float32)
     n_sets, n_slots, dim = bank.shape

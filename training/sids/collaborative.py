@@ -49,7 +49,7 @@ _EIGEN_FLOOR: Final = 1e-9
 class CollaborativeConfig(BaseModel):
     """Settings of the collaborative block of the item space (off by default)."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     weight: float = Field(
         default=0.0,

@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from training.sids.collaborative import CollaborativeConfig
 from training.sids.encoder import EncoderConfig
@@ -14,7 +14,8 @@ from training.sids.ids import MAX_LEVELS
 class SidConfig(BaseModel):
     """Every setting of ``train_sids``; ``docs/semantic_ids.md`` explains the defaults."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # No inf or NaN in any number: an infinite learning rate or weight trains to NaN silently.
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     method: Literal["rqvae", "rkmeans"] = Field(
         default="rqvae",
@@ -34,7 +35,7 @@ class SidConfig(BaseModel):
         description="Width of the RQ-VAE latent and its codewords (rkmeans quantizes the content "
         "vector itself and ignores this).",
     )
-    hidden_dims: tuple[int, ...] = Field(
+    hidden_dims: tuple[Annotated[int, Field(ge=1)], ...] = Field(
         default=(256, 128),
         description="Hidden layer widths of the RQ-VAE encoder MLP; the decoder mirrors them.",
     )
@@ -125,3 +126,12 @@ class SidConfig(BaseModel):
         description="A collaborative block fused into the item space, built from the "
         "interaction log (off by default; see docs/semantic_ids.md).",
     )
+
+    @model_validator(mode="after")
+    def _enough_samples(self) -> SidConfig:
+        if self.kmeans_samples < self.codebook_size:
+            raise ValueError(
+                f"kmeans_samples ({self.kmeans_samples}) must be >= codebook_size "
+                f"({self.codebook_size}): k-means needs a sample per code"
+            )
+        return self

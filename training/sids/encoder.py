@@ -67,7 +67,7 @@ CACHE_SCHEMA = pa.schema(
 class EncoderConfig(BaseModel):
     """Settings of the frozen content encoder."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model_path: str | None = Field(
         default=None,

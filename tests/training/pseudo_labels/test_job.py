@@ -769,3 +769,65 @@ def test_default_confidence_is_the_history_coverage_and_the_weights_are_configur
     for bad in (float("inf"), float("nan")):
         with pytest.raises(ValueError, match="finite number"):
             ConfidenceWeights(dispersion=bad)
+
+
+def test_zero_length_anchor_vectors_are_left_out_of_their_sets(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """An anchor with a zero vector (and no catalog row) has no direction: it is left out of its
+    set, so it cannot pass for a match of cosine 0; a set of only such anchors has none."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    own = anchors.drop_columns(["anchor_item_ids"])
+    emb = own.column("anchor_embeddings").to_pylist()
+    counts = own.column("num_anchors").to_pylist()
+    emb[2][:DIM] = [0.0] * DIM  # set 2 loses its first anchor
+    emb[5] = [0.0] * (DIM * counts[5])  # set 5 loses every anchor
+    zeroed = own.set_column(
+        own.schema.get_field_index("anchor_embeddings"),
+        "anchor_embeddings",
+        pa.array(emb, pa.list_(pa.float32())),
+    )
+    # The same sets without those anchors (set 5 empty), written the way the job reads them.
+    trimmed_emb = [list(e) for e in emb]
+    trimmed_emb[2] = trimmed_emb[2][DIM:]
+    trimmed_emb[5] = []
+    lp = own.column("anchor_log_probs").to_pylist()
+    lp[2], lp[5] = lp[2][1:], []
+    sids = own.column("anchor_sids").to_pylist()
+    sids[2], sids[5] = sids[2][1:], []
+    n = list(counts)
+    n[2], n[5] = n[2] - 1, 0
+    trimmed = zeroed
+    for name, values, typ in (
+        ("anchor_embeddings", trimmed_emb, pa.list_(pa.float32())),
+        ("anchor_log_probs", lp, pa.list_(pa.float32())),
+        ("anchor_sids", sids, pa.list_(pa.string())),
+        ("num_anchors", n, own.schema.field("num_anchors").type),
+    ):
+        trimmed = trimmed.set_column(
+            trimmed.schema.get_field_index(name), name, pa.array(values, typ)
+        )
+    got = generate_pseudo_labels(requests, items, zeroed, positives, cfg, tmp_path / "a")
+    want = generate_pseudo_labels(requests, items, trimmed, positives, cfg, tmp_path / "b")
+    assert pq.read_table(got.path).equals(pq.read_table(want.path))
+    assert got.metrics["ok_rows"] == want.metrics["ok_rows"]
+
+
+def test_a_log_in_nanoseconds_and_no_positives_at_all(inputs, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """A request log written in ns (sub-microsecond parts truncated to the contract's us) labels
+    like the us log; with no positives every history is empty, not a crash."""
+    requests, items, anchors, positives = inputs
+    cfg = PseudoLabelConfig(progress=False)
+    ts = requests.column("event_timestamp").cast(pa.timestamp("ns", tz="UTC"))
+    nanos = pc.add(ts.cast(pa.int64()), 1).cast(pa.timestamp("ns", tz="UTC"))
+    ns_log = requests.set_column(
+        requests.schema.get_field_index("event_timestamp"), "event_timestamp", nanos
+    )
+    path = tmp_path / "requests_ns.parquet"
+    pq.write_table(ns_log, path)
+    us = generate_pseudo_labels(requests, items, anchors, positives, cfg, tmp_path / "us")
+    ns = generate_pseudo_labels(path, items, anchors, positives, cfg, tmp_path / "ns")
+    assert pq.read_table(ns.path).equals(pq.read_table(us.path))
+    none = generate_pseudo_labels(
+        requests, items, anchors, positives.slice(0, 0), cfg, tmp_path / "none"
+    )
+    assert none.metrics["ok_rows"] == us.metrics["ok_rows"]
