@@ -33,6 +33,16 @@ def _after(value: str | None, cutoff: datetime, *, inclusive: bool) -> bool:
     return when >= cutoff if inclusive else when > cutoff
 
 
+def _past(until: str | None, cutoff: datetime, what: str, fix: str) -> list[str]:
+    """A warning when an exclusive bound ``until`` is unset or after ``cutoff``."""
+    if until is not None and not _after(until, cutoff, inclusive=False):
+        return []
+    seen = "of the whole log" if until is None else f"up to {until}"
+    return [
+        f"{what} {seen}, past the evaluation cutoff {cutoff.isoformat()}: run `{fix}` the cutoff"
+    ]
+
+
 def upstream_leaks(run_dir: Path, cutoff: datetime) -> list[str]:
     """One line per upstream stage of ``run_dir`` fitted on data at or after ``cutoff``.
 
@@ -50,27 +60,21 @@ def upstream_leaks(run_dir: Path, cutoff: datetime) -> list[str]:
                 "--until` the cutoff"
             )
     labels = _manifest(run_dir / "pseudo_labels" / "manifest.json")
-    if labels is not None:
-        calibration = labels.get("metrics", {}).get("calibration", {})
-        if calibration.get("method") == "platt":
-            until = calibration.get("until")
-            if until is None or _after(until, cutoff, inclusive=False):  # an exclusive bound
-                out.append(
-                    "the pseudo-labels' calibration was fitted on exposed rows "
-                    + ("of the whole log" if until is None else f"up to {until}")
-                    + f", past the evaluation cutoff {cutoff.isoformat()}: run `gpl "
-                    "pseudo-labels --calibrate-until` the cutoff"
-                )
+    calibration = (labels or {}).get("metrics", {}).get("calibration", {})
+    if calibration.get("method") == "platt":
+        out += _past(
+            calibration.get("until"),
+            cutoff,
+            "the pseudo-labels' calibration was fitted on exposed rows",
+            "gpl pseudo-labels --calibrate-until",
+        )
     sids = _manifest(run_dir / "sids" / "manifest.json")
-    if sids is not None:
-        block = sids.get("metrics", {}).get("collaborative")
-        if isinstance(block, dict):
-            until = block.get("until")
-            if until is None or _after(until, cutoff, inclusive=False):  # an exclusive bound
-                out.append(
-                    "the SIDs' collaborative block was built from interactions "
-                    + ("of the whole log" if until is None else f"up to {until}")
-                    + f", past the evaluation cutoff {cutoff.isoformat()}: run `gpl sids train "
-                    "--collaborative-until` the cutoff"
-                )
+    block = (sids or {}).get("metrics", {}).get("collaborative")
+    if isinstance(block, dict):
+        out += _past(
+            block.get("until"),
+            cutoff,
+            "the SIDs' collaborative block was built from interactions",
+            "gpl sids train --collaborative-until",
+        )
     return out
