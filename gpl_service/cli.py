@@ -894,6 +894,10 @@ def pseudo_labels(
                 positives,
                 cfg,
                 run_dir / PSEUDO_LABELS_DIR,
+                sources={
+                    "item_semantics": "sids/item_semantics.parquet",
+                    "positives": "data/interactions.parquet",
+                },
             )
         except (CalibrationError, PseudoLabelInputError) as exc:
             raise UsageError(str(exc)) from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import shutil
+from datetime import datetime
 from pathlib import Path
 
 import pyarrow as pa
@@ -386,6 +387,13 @@ def test_demo_end_to_end_with_a_lora_anchor_model(tmp_path: Path) -> None:
     block = read_manifest(run / "sids")["metrics"]["collaborative"]
     assert block["until"] == cutoff.isoformat()
     assert block["interactions_before_until"] == before
+    # ... so `gpl evaluate` found no upstream stage that saw its evaluation period.
+    assert "past the evaluation cutoff" not in out and "at or after the evaluation" not in out
+    latest = read_manifest(run / "anchors" / "model")["metrics"]["latest_positive"]
+    assert datetime.fromisoformat(latest) < cutoff
+    assert read_manifest(run / "pseudo_labels")["inputs"]["positives"] == (
+        "data/interactions.parquet"
+    )
     assert re.search(r"relevance AUC on them 0\.\d+", out)
     # The simulated clicks come days after their impressions: some before the training cutoff
     # are known only after it, and training saw them as the negatives they were then.

@@ -41,7 +41,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -773,6 +773,8 @@ def generate_pseudo_labels(
     positives: pa.Table,
     cfg: PseudoLabelConfig,
     out_dir: Path,
+    *,
+    sources: Mapping[str, str] | None = None,
 ) -> PseudoLabelResult:
     """Pseudo-label every unexposed candidate; write parquet + manifest into ``out_dir``.
 
@@ -784,6 +786,7 @@ def generate_pseudo_labels(
         positives: Positive interactions, for the historical-consistency factor.
         cfg: Job settings.
         out_dir: Output directory (``RUN_DIR/pseudo_labels``).
+        sources: Files the tables passed in were read from, for the manifest's ``inputs``.
 
     Returns:
         The output path and the metrics written to the manifest.
@@ -944,9 +947,13 @@ def generate_pseudo_labels(
         out_dir,
         "pseudo_labels",
         inputs={
+            # What was read: a path when given one, else a table passed in by the caller
+            # (whose files, when it read them, are in ``sources``).
             "requests": str(requests) if isinstance(requests, Path) else "table",
-            "item_semantics": "sids/item_semantics.parquet",
-            "anchors": "anchors/user_interest_anchors.parquet",
+            "item_semantics": "table",
+            "anchors": str(anchors) if isinstance(anchors, Path) else "table",
+            "positives": "table",
+            **(sources or {}),
         },
         outputs={"pseudo_labels": OUTPUT_NAME},
         config=cfg.model_dump(),
