@@ -212,6 +212,20 @@ def read_bundle(path: Path) -> VerifiedBundle:
 # --- manifest --------------------------------------------------------------------------------
 
 
+def _trained_on(source: dict[str, Any]) -> str | None:
+    """The FeatureService version the model was trained on.
+
+    Its manifest's (what `gpl train` read from the registry), else the feature_repo code's (a
+    model saved before the version was recorded there).
+    """
+    inputs = source.get("inputs")
+    service = inputs.get("feature_service") if isinstance(inputs, dict) else None
+    if isinstance(service, dict) and "version" in service:
+        version = service["version"]
+        return None if version is None else str(version)
+    return feature_service_version()
+
+
 def feature_service_version() -> str | None:
     """The ``version`` tag of the ``preranker`` FeatureService in feature_repo."""
     from feature_repo.feature_services import preranker
@@ -495,7 +509,7 @@ def export_bundle(
             "format_version": FORMAT_VERSION,
             "created_at": datetime.now(UTC).isoformat(),
             "code_version": code_version(),
-            "feature_service": {"name": FEATURE_SERVICE, "version": feature_service_version()},
+            "feature_service": {"name": FEATURE_SERVICE, "version": _trained_on(source)},
             "data_cutoff": cutoff,
             "objective": loaded.objective,
             "routing": loaded.config.routing.model_dump(),

@@ -974,7 +974,14 @@ def train(
     from training.features.store import open_store
     from training.io import read_table
     from training.preranker.config import PrerankerConfig
-    from training.preranker.job import PRERANKER_DIR, fit, join_features, prepare, save_preranker
+    from training.preranker.job import (
+        FEATURE_SERVICE,
+        PRERANKER_DIR,
+        fit,
+        join_features,
+        prepare,
+        save_preranker,
+    )
 
     with _user_errors():
         cfg = _load_config(PrerankerConfig, config)
@@ -997,7 +1004,16 @@ def train(
             prepared,
             cfg,
             run_dir / PRERANKER_DIR,
-            inputs={"requests_before": str(cutoff), "rows": requests.num_rows},
+            inputs={
+                "requests_before": str(cutoff),
+                "rows": requests.num_rows,
+                # The registry's version, not the code's: what the join above really used
+                # (`gpl export` carries it into the bundle for the service's drift check).
+                "feature_service": {
+                    "name": FEATURE_SERVICE,
+                    "version": store.get_feature_service(FEATURE_SERVICE).tags.get("version"),
+                },
+            },
         )
         _say(f"pre-ranker ({fitted.objective}) trained on requests before {cutoff} -> {out}")
         for m in (fitted.light, fitted.expressive):

@@ -416,3 +416,18 @@ def test_export_needs_a_model_and_real_rows(trained: Trained, tmp_path: Path) ->
     with pytest.raises(ExportError, match="no real rows"):
         export_bundle(alone, tmp_path / "out")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_bundle_records_the_feature_service_version_training_used(
+    trained: Trained, tmp_path: Path
+) -> None:
+    """Not the feature_repo code's at export time: the service compares it with the registry."""
+    model_dir = shutil.copytree(trained.model_dir, tmp_path / "model")
+    manifest = json.loads((model_dir / "manifest.json").read_text())
+    manifest["inputs"]["feature_service"] = {"name": "preranker", "version": "trained-7"}
+    (model_dir / "manifest.json").write_text(json.dumps(manifest))
+    real = cases_from_data(
+        trained.prepared.valid, trained.prepared.embeddings, trained.prepared.prep
+    )
+    result = export_bundle(model_dir, tmp_path / "bundle", real_rows=real)
+    assert result.manifest["feature_service"] == {"name": "preranker", "version": "trained-7"}

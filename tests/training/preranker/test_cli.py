@@ -59,6 +59,12 @@ def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
     manifest = json.loads((run_dir / "preranker" / "manifest.json").read_text())
     assert manifest["config"]["objective"] == "gpl_hap"
     assert manifest["metrics"]["pseudo_labelled_rows"] > 0
+    from feature_repo.feature_services import preranker as service
+
+    assert manifest["inputs"]["feature_service"] == {
+        "name": "preranker",
+        "version": service.tags["version"],  # as `features apply` registered it
+    }
     for name in ("light.safetensors", "expressive.safetensors", "preprocessing.json"):
         assert (run_dir / "preranker" / name).exists()
 
