@@ -180,11 +180,27 @@ def _user_errors() -> Iterator[None]:
         for line in str(exc).splitlines():
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from exc
-    except Exception as exc:
-        if not isinstance(exc, _stage_errors()):
-            raise
-        typer.echo(f"error: {type(exc).__name__}: {exc}", err=True)
+    except OSError as exc:  # a run directory that cannot be written, a path that is a folder
+        typer.echo(f"error: {exc}", err=True)
         raise typer.Exit(2) from exc
+    except Exception as exc:
+        hint = _environment_hint(exc)
+        if hint is None and not isinstance(exc, _stage_errors()):
+            raise
+        typer.echo(f"error: {type(exc).__name__}: {exc}{hint or ''}", err=True)
+        raise typer.Exit(2) from exc
+
+
+def _environment_hint(exc: Exception) -> str | None:
+    """What to do about errors of the feature store's environment (None: not one of them)."""
+    from feast.errors import FeatureServiceNotFoundException, FeatureViewNotFoundException
+
+    if isinstance(exc, FeatureServiceNotFoundException | FeatureViewNotFoundException):
+        return "; run `gpl features apply` first (it registers the views and services)"
+    module = type(exc).__module__
+    if module.startswith("redis") and "Connection" in type(exc).__name__:
+        return "; is the Redis server of GPL_REDIS_URL running? (`make redis` starts one)"
+    return None
 
 
 def _stage_errors() -> tuple[type[BaseException], ...]:
@@ -226,9 +242,14 @@ def _raw_config(path: Path | None) -> dict[str, Any]:
     """A config file's settings, not yet validated (empty without a file)."""
     if path is None:
         return {}
-    if not path.exists():
-        raise FileNotFoundError(f"config file {path} does not exist")
-    loaded = yaml.safe_load(path.read_text()) or {}
+    if not path.is_file():
+        raise FileNotFoundError(f"config file {path} does not exist or is not a file")
+    try:
+        loaded = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except (yaml.YAMLError, UnicodeDecodeError) as exc:
+        raise UsageError(
+            f"config file {path} is not valid YAML: {' '.join(str(exc).split())}"
+        ) from exc
     if not isinstance(loaded, dict):
         raise UsageError(f"config file {path} must hold a mapping of settings")
     return loaded
@@ -276,9 +297,9 @@ def _timed(label: str, timings: dict[str, float] | None = None) -> Iterator[None
 def data_synth(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: ConfigFile = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
-    n_items: Annotated[int | None, typer.Option(help="Catalog size.")] = None,
-    n_users: Annotated[int | None, typer.Option(help="Number of users.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 7).")] = None,
+    n_items: Annotated[int | None, typer.Option(help="Catalog size (default 2,000).")] = None,
+    n_users: Annotated[int | None, typer.Option(help="Number of users (default 500).")] = None,
 ) -> None:
     """Generate a synthetic catalog and interaction log.
 
@@ -319,6 +340,11 @@ def import_movielens(
         if not path.is_dir():
             raise NotADirectoryError(f"{path} is not a directory")
         dataset = load_movielens_100k(path, min_rating=min_rating)
+        if dataset.interactions.num_rows == 0:
+            raise UsageError(
+                f"no rating is >= --min-rating {min_rating} (MovieLens ratings are 1-5): nothing "
+                "to import"
+            )
         dataset.write(run_dir / "data", {"source": str(path), "min_rating": min_rating})
         _say(
             f"ml-100k: {dataset.items.num_rows} items, {dataset.interactions.num_rows} "
@@ -372,9 +398,9 @@ def data_validate(
 def data_simulate(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: ConfigFile = None,
-    seed: Annotated[int | None, typer.Option(help="Random seed.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Random seed (default 0).")] = None,
     requests_per_user: Annotated[
-        int | None, typer.Option(help="Requests simulated per user.")
+        int | None, typer.Option(help="Requests simulated per user (default 4).")
     ] = None,
 ) -> None:
     """Run the funnel simulator on RUN_DIR/data: writes RUN_DIR/funnel/{requests,truth}.parquet.
@@ -389,7 +415,17 @@ def data_simulate(
         cfg = _load_config(SimulatorConfig, config, seed=seed, requests_per_user=requests_per_user)
         items = read_table(run_dir / "data" / "items.parquet", "items")
         interactions = read_table(run_dir / "data" / "interactions.parquet", "interactions")
+        if interactions.num_rows == 0:
+            raise UsageError(
+                f"{run_dir / 'data' / 'interactions.parquet'} holds no interactions: there is "
+                "nothing to simulate requests from"
+            )
         result = simulate_funnel(items, interactions, cfg)
+        if result.requests.num_rows == 0:
+            raise UsageError(
+                "the simulator made no request from these interactions (users need a history "
+                "before their first request; see `gpl config simulate`)"
+            )
         result.write(
             run_dir / "funnel",
             cfg.model_dump(mode="json"),
@@ -458,9 +494,20 @@ def features_materialize(
     end: Annotated[
         datetime | None, typer.Option(help="Latest feature timestamp to load (UTC); default: now.")
     ] = None,
-    full: Annotated[bool, typer.Option(help="Reload everything instead of incrementally.")] = False,
+    full: Annotated[
+        bool,
+        typer.Option(
+            help="Reload everything instead of incrementally. Needed for a first load of data "
+            "from the past (the demo's, a replayed log): an incremental first load starts at "
+            "end minus each view's ttl."
+        ),
+    ] = False,
 ) -> None:
-    """Load the latest feature values into the online store (SQLite, or Redis by GPL_REDIS_URL)."""
+    """Load the latest feature values into the online store (SQLite, or Redis by GPL_REDIS_URL).
+
+    Needs `gpl features apply` first. Incremental by default (from each view's last
+    materialization); warns when a first incremental load would leave a view empty.
+    """
     from training.features.store import materialize, open_store
 
     with _user_errors():
@@ -468,12 +515,25 @@ def features_materialize(
         end_utc = _as_utc(end) if end else datetime.now(UTC)
         start = datetime(1970, 1, 1, tzinfo=UTC) if full else None
         report = materialize(store, end=end_utc, start=start)
+        if not report.views and not report.skipped:
+            raise UsageError(
+                f"{run_dir}: the registry has no online feature views; run `gpl features apply` "
+                "first"
+            )
         _say(
             f"materialized {', '.join(report.views) or 'nothing'} up to "
             f"{report.end:%Y-%m-%d %H:%M} in {report.seconds:.2f}s"
         )
         if report.skipped:
             _say(f"skipped (their stage has not run yet): {', '.join(report.skipped)}")
+        if report.outside_window:
+            typer.echo(
+                "warning: loaded nothing of "
+                f"{', '.join(report.outside_window)}: never materialized before, and all their "
+                "rows are older than the first incremental window (end minus the view's ttl); "
+                "load a log from the past with --full",
+                err=True,
+            )
 
 
 @features_app.command("training-set")
@@ -512,7 +572,8 @@ def sids_train(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: ConfigFile = None,
     method: Annotated[
-        str | None, typer.Option(help="rqvae (trained quantizer) or rkmeans (no training).")
+        str | None,
+        typer.Option(help="rqvae (trained quantizer; default) or rkmeans (no training)."),
     ] = None,
     encoder: Annotated[
         str | None,
@@ -632,12 +693,15 @@ def anchors_train(
             "period you will evaluate on, or the model will have seen that period's future."
         ),
     ] = None,
-    epochs: Annotated[int | None, typer.Option(help="Most training epochs.")] = None,
+    epochs: Annotated[
+        int | None,
+        typer.Option(help="Most training epochs (default 20; early stopping may end sooner)."),
+    ] = None,
     ensemble_size: Annotated[
         int | None,
         typer.Option(
             help="Train this many models (seeds seed, seed+1, ...) that generation decodes "
-            "together; K times the time, +3-8% HR@10 with 3-4 on Amazon Scientific."
+            "together (default 1); K times the time, +3-8% HR@10 with 3-4 on Amazon Scientific."
         ),
     ] = None,
     prior_train_weight: Annotated[
@@ -654,8 +718,10 @@ def anchors_train(
 ) -> None:
     """Train the anchor LM on users' positive SID sequences: RUN_DIR/anchors/model/.
 
-    With training.ensemble_size K > 1 (or --ensemble-size), members 2..K go to
-    RUN_DIR/anchors/model/members/ and `gpl anchors generate` decodes all of them together.
+    Reads RUN_DIR/sids/item_semantics.parquet (`gpl sids train`) and the positives of
+    RUN_DIR/data/interactions.parquet (before --until). With training.ensemble_size K > 1 (or
+    --ensemble-size), members 2..K go to RUN_DIR/anchors/model/members/ and `gpl anchors
+    generate` decodes all of them together.
     """
     from training.anchors.catalog import read_codebook_sizes
     from training.anchors.job import AnchorConfig, train_anchor_model
@@ -689,7 +755,8 @@ def anchors_generate(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     config: ConfigFile = None,
     implementation: Annotated[
-        str | None, typer.Option(help="fast (batched, KV-cache reuse) or reference (HF generate).")
+        str | None,
+        typer.Option(help="fast (batched, KV-cache reuse; default) or reference (HF generate)."),
     ] = None,
     prior_weight: Annotated[
         str | None,
@@ -714,7 +781,7 @@ def anchors_generate(
             "--incremental/--full",
             help="Keep the earlier output's sets whose user, cutoff and history are requested "
             "again, when the model, catalog and settings are unchanged, and decode only the rest "
-            "(generation.incremental); --full decodes every set.",
+            "(generation.incremental); --full (the default) decodes every set.",
         ),
     ] = None,
     shard: Annotated[
@@ -729,6 +796,8 @@ def anchors_generate(
 ) -> None:
     """Generate interest anchors for every user and request of RUN_DIR's request log.
 
+    Reads the model of `gpl anchors train`, RUN_DIR/sids/item_semantics.parquet,
+    RUN_DIR/funnel/requests.parquet and the positives of RUN_DIR/data/interactions.parquet.
     One anchor set per (user, request time) whose history changed, from positives strictly
     before it (generation.cutoffs: request; 'day' makes one per request day instead):
     RUN_DIR/anchors/user_interest_anchors.parquet. With --prior-weight (prior.weight) the beam
@@ -842,7 +911,7 @@ def pseudo_labels(
         bool | None,
         typer.Option(
             "--include-global-negatives/--no-global-negatives",
-            help="Also label global random negatives.",
+            help="Also label global random negatives (default: no).",
         ),
     ] = None,
     calibrate_until: Annotated[
@@ -927,7 +996,8 @@ SplitQuantile = Annotated[
     typer.Option(
         min=0.05,
         max=0.95,
-        help="Without --until/--since: the cutoff is this quantile of request times.",
+        help="The cutoff, unless given as a time (`train --until`, `evaluate --since`): this "
+        "quantile of request times.",
     ),
 ]
 
@@ -968,7 +1038,8 @@ def train(
     """Train the light and expressive pre-rankers: RUN_DIR/preranker/.
 
     The request log before the cutoff is the entity dataframe of a point-in-time join through
-    the `preranker` (features) and `training_labels` (pseudo-labels) FeatureServices; the truth
+    the `preranker` (features) and `training_labels` (pseudo-labels) FeatureServices, so it
+    needs `gpl features build` and `gpl features apply` (and the pseudo-labels) first; the truth
     table is never read.
     """
     from training.features.store import open_store
@@ -1044,6 +1115,9 @@ def evaluate(
 ) -> None:
     """Train every objective on the earlier requests and evaluate on the later ones.
 
+    Needs what `gpl train` needs (the features built and applied, the pseudo-labels) and a truth
+    table (RUN_DIR/funnel/truth.parquet from `gpl data simulate`, or --truth).
+
     Writes RUN_DIR/evaluation/report.md, report.html (plots embedded), report.json: AUC, GAUC,
     HR/Recall/NDCG@K over all and over unexposed candidates, diversity, long-tail recall, and
     the routing curve (quality vs FLOPs as the expressive model's share M grows). Warns (and
@@ -1059,7 +1133,9 @@ def evaluate(
     with _user_errors():
         cfg = _load_config(PrerankerConfig, config)
         chosen: list[str] = (
-            [o.strip() for o in objectives.split(",")] if objectives else list(OBJECTIVES)
+            [o.strip() for o in objectives.split(",") if o.strip()]
+            if objectives
+            else list(OBJECTIVES)
         )
         unknown = [o for o in chosen if o not in OBJECTIVES]
         if unknown:
@@ -1299,7 +1375,13 @@ def config_cmd(
 @app.command("demo")
 def demo(
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    n_items: Annotated[int, typer.Option(help="Synthetic catalog size.")] = 2000,
+    n_items: Annotated[
+        int,
+        typer.Option(
+            min=64,
+            help="Synthetic catalog size (below 1,024 the SID codebooks shrink to fit it).",
+        ),
+    ] = 2000,
     n_users: Annotated[int, typer.Option(help="Synthetic users.")] = 500,
     lm_epochs: Annotated[int, typer.Option(help="Anchor LM training epochs.")] = 4,
     base_model: Annotated[
@@ -1354,6 +1436,13 @@ def demo(
 
     preranker_config = configs / "preranker.yaml"
     preranker_config.write_text(yaml.safe_dump(DEMO_PRERANKER_CONFIG, sort_keys=False))
+    # The default codebooks (256 codes) need a catalog several times their size; a smaller demo
+    # catalog gets the largest power of two that leaves about four items a code.
+    sids_config: Path | None = None
+    if n_items < 1024:
+        sids_config = configs / "sids.yaml"
+        size = max(8, 1 << max(3, (n_items // 4).bit_length() - 1))
+        sids_config.write_text(yaml.safe_dump({"codebook_size": size}, sort_keys=False))
     steps: list[tuple[str, Callable[[], None]]] = [
         (
             "data synth",
@@ -1371,7 +1460,7 @@ def demo(
             "sids train",
             lambda: sids_train(
                 run_dir=run_dir,
-                config=None,
+                config=sids_config,
                 method=None,
                 encoder=None,
                 collaborative_weight=collaborative_weight,

@@ -16,7 +16,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Final
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -48,6 +48,23 @@ def write_table(table: pa.Table, path: Path) -> Path:
     return path
 
 
+# The command that writes each run-directory file, for "no such file" errors.
+_PRODUCERS: Final = {
+    ("data", "items.parquet"): "`gpl data synth` or `gpl data import`",
+    ("data", "interactions.parquet"): "`gpl data synth` or `gpl data import`",
+    ("funnel", "requests.parquet"): "`gpl data simulate`",
+    ("funnel", "truth.parquet"): "`gpl data simulate` (or pass --truth)",
+    ("sids", "item_semantics.parquet"): "`gpl sids train`",
+    ("anchors", "user_interest_anchors.parquet"): "`gpl anchors generate`",
+    ("pseudo_labels", "pseudo_labels.parquet"): "`gpl pseudo-labels`",
+}
+
+
+def _producer_hint(path: Path) -> str:
+    producer = _PRODUCERS.get((path.parent.name, path.name))
+    return f"; run {producer} first" if producer else ""
+
+
 def read_table(path: Path, contract: str | None = None) -> pa.Table:
     """Read a parquet table, optionally checking and casting it to a contract table.
 
@@ -60,7 +77,7 @@ def read_table(path: Path, contract: str | None = None) -> pa.Table:
         ContractError: when the table breaks the contract (every problem listed).
     """
     if not path.exists():
-        raise FileNotFoundError(f"{path}: no such file")
+        raise FileNotFoundError(f"{path}: no such file{_producer_hint(path)}")
     try:
         table = pq.read_table(path)
     except pa.ArrowInvalid as exc:

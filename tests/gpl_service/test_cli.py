@@ -250,6 +250,50 @@ def test_sharded_generation_from_the_command_line(tmp_path: Path, sids_run: Path
     assert code == 2 and "shard 2/2" in out and "Traceback" not in out, out
 
 
+def test_environment_errors_are_one_line_saying_what_to_do(tmp_path: Path, sids_run: Path) -> None:
+    """A config that is not YAML (or not a file), a checkpoint folder without a model, the
+    feature registry not applied yet, a stage's input not written yet: one line, exit 2."""
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("a: [1\n")
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    empty = tmp_path / "not_a_checkpoint"
+    empty.mkdir()
+    cases = [
+        (("data", "synth", "--run-dir", str(run), "--config", str(bad)), "not valid YAML"),
+        (("data", "synth", "--run-dir", str(run), "--config", str(tmp_path)), "not a file"),
+        (
+            ("anchors", "train", "--run-dir", str(run), "--base-model", str(empty)),
+            "not a usable Hugging Face checkpoint",
+        ),
+        (("train", "--run-dir", str(run)), "run `gpl features apply` first"),
+        (
+            ("sids", "train", "--run-dir", str(tmp_path / "fresh")),
+            "run `gpl data synth` or `gpl data import` first",
+        ),
+    ]
+    for args, says in cases:
+        code, out = gpl(*args)
+        assert code == 2 and says in out and "Traceback" not in out, (args, out)
+
+
+def test_materialize_warns_when_a_first_incremental_load_leaves_views_empty(
+    tmp_path: Path, sids_run: Path
+) -> None:
+    """The synthetic log is from the past: a first incremental load starts at now - ttl and loads
+    none of it. That is said (exit 0: nothing failed), --full loads it; before `features apply`
+    there is nothing to load at all (exit 2)."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    code, out = gpl("features", "materialize", "--run-dir", str(run))
+    assert code == 2 and "run `gpl features apply` first" in out, out
+    for verb in ("build", "apply"):
+        code, out = gpl("features", verb, "--run-dir", str(run))
+        assert code == 0, out
+    code, out = gpl("features", "materialize", "--run-dir", str(run))
+    assert code == 0 and "warning: loaded nothing of" in out and "item_popularity" in out, out
+    code, out = gpl("features", "materialize", "--run-dir", str(run), "--full")
+    assert code == 0 and "warning" not in out, out
+
+
 def test_co_occurrence_prior_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
     """`prior: {weight: auto}` in the file: train chooses the weight on the held-out users and
     generate decodes with it; `--prior-weight` overrides the file; a bad value is one line."""
@@ -354,6 +398,18 @@ def test_lora_anchor_model_from_the_command_line(tmp_path: Path, sids_run: Path)
     assert info["kind"] == "lora" and info["base_model_path"] == str(base)
     assert (run / "anchors" / "model" / "adapter").is_dir()
     assert pq.read_table(run / "anchors" / "user_interest_anchors.parquet").num_rows > 0
+
+
+@pytest.mark.slow
+def test_demo_on_a_catalog_smaller_than_the_default_codebooks(tmp_path: Path) -> None:
+    """200 items (the default codebooks have 256 codes): the demo shrinks them and runs."""
+    code, out = gpl(
+        "demo", "--run-dir", str(tmp_path / "run"), "--n-items", "200", "--n-users", "40"
+    )  # fmt: skip
+    assert code == 0, out
+    assert "sids: 200 items, codebook sizes [32, 32, 32" in out
+    code, out = gpl("demo", "--run-dir", str(tmp_path / "other"), "--n-items", "10")
+    assert code == 2 and "--n-items" in out, out
 
 
 @pytest.mark.slow

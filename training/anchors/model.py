@@ -244,11 +244,18 @@ def build_lora_model(
     path = Path(cfg.base_model_path)
     if not path.is_dir():
         raise FileNotFoundError(f"{path}: base_model_path must be a local checkpoint directory")
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    except (OSError, ValueError, KeyError) as exc:  # no tokenizer or weights, unknown model type
+        raise AnchorInputError(
+            f"{path}: not a usable Hugging Face checkpoint (a causal LM with its tokenizer, "
+            f"e.g. written by `python -m training.anchors.base_checkpoint DIR`): "
+            f"{' '.join(str(exc).split())[:300]}"
+        ) from exc
     new_ids = add_sid_tokens(tokenizer, codebook_sizes)
     vocab = SidVocab.from_tokenizer(tokenizer, codebook_sizes, cfg.text_prefix)
-    # float32 master weights; training autocasts to bf16 on GPU.
-    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # (The model was loaded above in float32: master weights; training autocasts to bf16 on GPU.)
     if len(tokenizer) > embedding_rows(model):
         # Multiples of 64 keep the LM head's matrix shapes tensor-core friendly.
         model.resize_token_embeddings(len(tokenizer), pad_to_multiple_of=64, mean_resizing=False)

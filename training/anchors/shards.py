@@ -102,10 +102,12 @@ class Shard:
     count: int
 
     def __post_init__(self) -> None:
-        if self.count < 1 or not 0 <= self.index < self.count:
+        if self.count < 1:
+            raise AnchorInputError(f"shard {self.index}/{self.count}: the count must be >= 1")
+        if not 0 <= self.index < self.count:
             raise AnchorInputError(
-                f"shard {self.index}/{self.count}: the count must be >= 1 and the index in "
-                f"0..{max(self.count - 1, 0)} (shards are numbered from 0)"
+                f"shard {self.index}/{self.count}: the index must be in 0..{self.count - 1} "
+                "(shards are numbered from 0)"
             )
         if self.count > 99_999:
             raise AnchorInputError(f"shard count {self.count}: at most 99,999 shards")

@@ -15,6 +15,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import yaml
 from feast import FeatureStore, FileSource
 from pydantic import Field, field_validator
@@ -124,6 +126,10 @@ class MaterializeReport:
     seconds: float
     skipped: list[str] = field(default_factory=list)
     """Online views left out because their stage has not written its table yet."""
+    outside_window: list[str] = field(default_factory=list)
+    """Views materialized incrementally for the first time whose data all predates the window
+    Feast then uses (``end - ttl``): nothing of them was loaded (a replayed log needs a full
+    load)."""
 
 
 def apply_definitions(store: FeatureStore, objects: list[Any] | None = None) -> list[str]:
@@ -168,10 +174,37 @@ def materialize(
                 skipped.append(fv.name)
     if not views:
         return MaterializeReport(end, end, [], 0.0, skipped)
+    outside: list[str] = []
     if start is None:
+        outside = _first_loads_outside_window(store, views, end)
         store.materialize_incremental(end_date=end, feature_views=views)
         start_used = datetime.fromtimestamp(0, UTC)
     else:
         store.materialize(start_date=start, end_date=end, feature_views=views)
         start_used = start
-    return MaterializeReport(start_used, end, views, time.perf_counter() - began, skipped)
+    return MaterializeReport(start_used, end, views, time.perf_counter() - began, skipped, outside)
+
+
+def _first_loads_outside_window(store: FeatureStore, views: list[str], end: datetime) -> list[str]:
+    """Views never materialized whose latest row is older than ``end - ttl``.
+
+    Feast's first incremental load of a view starts at ``end - ttl``; data older than that (a
+    log replayed from the past, the demo's) is silently not loaded.
+    """
+    from training.features.offline_store import source_path
+
+    out: list[str] = []
+    for name in views:
+        fv = store.get_feature_view(name)
+        if (
+            fv.materialization_intervals
+            or not fv.ttl
+            or not isinstance(fv.batch_source, FileSource)
+        ):
+            continue
+        path = source_path(store.config, fv.batch_source)
+        column = fv.batch_source.timestamp_field or "event_timestamp"
+        latest = pc.max(pq.read_table(path, columns=[column]).column(column)).as_py()
+        if latest is not None and latest < end - fv.ttl:
+            out.append(name)
+    return out

@@ -159,7 +159,7 @@ def input_problems(
     if min_items is not None and items.num_rows < min_items:
         problems.append(
             f"{items.num_rows} items; training needs at least codebook_size = {min_items} items "
-            "(one per code)"
+            "(one per code): set a smaller codebook_size in a --config file (`gpl config sids`)"
         )
     return problems
 

@@ -147,3 +147,18 @@ def test_unknown_rated_item_is_reported(tmp_path: Path) -> None:
     directory = write_ml100k(tmp_path / "ml", ratings=[*RATINGS, (2, 99, 4, 881250000)])
     with pytest.raises(ValueError, match=r"1 rated item ids .* e\.g\. 99"):
         load_movielens_100k(directory)
+
+
+def test_importing_nothing_is_an_error_not_an_empty_run(ml_dir: Path, tmp_path: Path) -> None:
+    """`--min-rating 10` keeps no rating: one line, exit 2, and no data written for the next
+    stages to fail on later with a misleading message."""
+    from tests.gpl_service.test_cli import gpl
+
+    run = tmp_path / "run"
+    code, out = gpl(
+        "data", "import", "movielens", str(ml_dir), "--run-dir", str(run), "--min-rating", "10"
+    )
+    assert code == 2 and "nothing to import" in out and "Traceback" not in out, out
+    assert not (run / "data" / "interactions.parquet").exists()
+    code, out = gpl("data", "import", "movielens", str(ml_dir), "--run-dir", str(run))
+    assert code == 0, out
