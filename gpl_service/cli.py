@@ -1338,7 +1338,7 @@ CONFIG_STAGES: Final[dict[str, tuple[str, str, str]]] = {
     "synth": ("training.data.synthetic", "SynthConfig", "gpl data synth"),
     "simulate": ("training.data.simulator", "SimulatorConfig", "gpl data simulate"),
     "features": ("training.features.stats", "StatsConfig", "gpl features build"),
-    "sids": ("training.sids.config", "SidConfig", "gpl sids train / assign"),
+    "sids": ("training.sids.config", "SidConfig", "gpl sids train"),
     "anchors": ("training.anchors.job", "AnchorConfig", "gpl anchors train / generate"),
     "pseudo-labels": ("training.pseudo_labels.job", "PseudoLabelConfig", "gpl pseudo-labels"),
     "preranker": ("training.preranker.config", "PrerankerConfig", "gpl train / evaluate"),
