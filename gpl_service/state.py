@@ -115,9 +115,11 @@ class ServiceState:
         try:
             materialized = _materialized(self.store, names)
             ids = self.reader.entity_ids("item_id", names)
-            layout = ItemLayout.of(
-                self.layout.views, self._embedding_dim(ids) if dim is None else dim
-            )
+            if dim is None:
+                # The bundle says how wide the vectors are (the store alone may not: items
+                # without one). Before any bundle, 0; loading one then refills at its width.
+                dim = self.plan.bundle.embedding_dim if self.plan is not None else 0
+            layout = ItemLayout.of(self.layout.views, dim)
             snap = _fill(
                 self.reader,
                 layout,
@@ -174,17 +176,6 @@ class ServiceState:
             table.seconds,
             ", ".join(f"{k} {v.shape[1]}-wide" for k, v in table.states.items()),
         )
-
-    def _embedding_dim(self, ids: list[str], probe: int = 64) -> int:
-        """Width of the content vectors: the served bundle's, else the store's (0: none)."""
-        if self.plan is not None:
-            return self.plan.bundle.embedding_dim
-        one = ViewSpec.of(self.reader.view(EMBEDDING_VIEW), [EMBEDDING_FEATURE])
-        for row in self.reader.read(one, ids[:probe]):
-            value = (row.values or {}).get(EMBEDDING_FEATURE)
-            if value:
-                return len(value)
-        return 0
 
     # --- bundle ---------------------------------------------------------------------------
 

@@ -634,11 +634,7 @@ def generate_anchors(
     fingerprint = inputs_fingerprint(positives, cutoffs, users)
     write_dir = out_dir
     if shard is not None:
-        positives, cutoffs, users = (
-            shard.positives(positives),
-            shard.cutoffs(cutoffs),
-            shard.users(users),
-        )
+        positives, cutoffs, users = shard.restrict(positives, cutoffs, users)
         write_dir = shard.directory(out_dir)
     workers = gc.worker_devices()
     # With worker processes this one only checks the models, on the CPU, and writes.

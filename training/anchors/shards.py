@@ -131,29 +131,37 @@ class Shard:
         """Where the shard writes its file and manifest: ``out_dir/shards/<name>``."""
         return out_dir / SHARDS_DIR / self.name
 
-    def mask(self, user_ids: pa.Array | pa.ChunkedArray | Sequence[str]) -> npt.NDArray[np.bool_]:
-        """Which ids belong to this shard."""
-        return shard_of(user_ids, self.count) == self.index
+    def restrict(
+        self,
+        positives: pa.Table,
+        cutoffs: Sequence[datetime] | UserCutoffs,
+        users: Sequence[str] | None,
+    ) -> tuple[pa.Table, Sequence[datetime] | UserCutoffs, list[str] | None]:
+        """A job's inputs cut to this shard's users.
 
-    def positives(self, positives: pa.Table) -> pa.Table:
-        """The rows of this shard's users."""
-        return positives.filter(pa.array(self.mask(positives.column("user_id"))))
-
-    def cutoffs(
-        self, cutoffs: Sequence[datetime] | UserCutoffs
-    ) -> Sequence[datetime] | UserCutoffs:
-        """Per-user cutoffs of this shard's users; shared cutoffs as they are."""
+        Each distinct id of the three is hashed once (the hash is a Python call per id), then
+        every input keeps its rows by a set lookup.
+        """
+        ids: list[pa.Array | pa.ChunkedArray] = [pc.cast(positives.column("user_id"), pa.string())]
         if isinstance(cutoffs, UserCutoffs):
-            return cutoffs.subset(self.mask(cutoffs.user_ids.tolist()))
-        return cutoffs
+            ids.append(pa.array(cutoffs.user_ids.tolist(), pa.string()))
+        if users is not None:
+            ids.append(pa.array(list(users), pa.string()))
+        distinct = pc.unique(pa.chunked_array([c for a in ids for c in _chunks(a)], pa.string()))
+        mine = pc.filter(distinct, pa.array(shard_of(distinct, self.count) == self.index))
 
-    def users(self, users: Sequence[str] | None) -> list[str] | None:
-        """This shard's share of ``users`` (None: all users, then restricted by the positives)."""
-        if users is None:
-            return None
-        listed = list(users)
-        keep = self.mask(listed)
-        return [u for u, k in zip(listed, keep, strict=True) if k]
+        def keep(values: pa.Array | pa.ChunkedArray) -> pa.Array | pa.ChunkedArray:
+            return pc.is_in(values, value_set=mine)
+
+        positives = positives.filter(keep(ids[0]))
+        if isinstance(cutoffs, UserCutoffs):
+            cutoffs = cutoffs.subset(keep(ids[1]).to_numpy(zero_copy_only=False))
+        kept_users = None if users is None else pc.filter(ids[-1], keep(ids[-1])).to_pylist()
+        return positives, cutoffs, kept_users
+
+
+def _chunks(values: pa.Array | pa.ChunkedArray) -> list[pa.Array]:
+    return list(values.chunks) if isinstance(values, pa.ChunkedArray) else [values]
 
 
 def _mix(x: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint64]:
