@@ -37,12 +37,44 @@ import typer
 import yaml
 from pydantic import BaseModel, ValidationError
 
+# typer 0.29 vendors click; its context is the one a typer command runs in (typer is pinned, and
+# tests/test_cli.py fails if these stop naming the options a user typed).
+from typer._click.core import Context, ParameterSource
+from typer._click.globals import get_current_context
+from typer.core import TyperGroup, TyperOption
+
 from training.data.contract import ContractError
 
 # "\b" alone on a line tells click not to re-wrap the next paragraph: the verb table.
 _HELP = (__doc__ or "").replace("right.\n\n", "right.\n\n\b\n", 1)
 
+#: The verbs in ``gpl --help``, in pipeline order (click would list them alphabetically).
+_PIPELINE_ORDER: Final = (
+    "data",
+    "sids",
+    "anchors",
+    "pseudo-labels",
+    "features",
+    "train",
+    "evaluate",
+    "export",
+    "serve",
+    "demo",
+    "config",
+)
+
+
+class _PipelineOrderGroup(TyperGroup):
+    """Lists the top-level verbs in the order the pipeline runs them."""
+
+    def list_commands(self, ctx: Context) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(_PIPELINE_ORDER)}
+        return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
+
+
 app = typer.Typer(
+    cls=_PipelineOrderGroup,
     help=_HELP,
     no_args_is_help=True,
     rich_markup_mode=None,
@@ -88,6 +120,15 @@ ConfigFile = Annotated[
 ]
 
 M = TypeVar("M", bound=BaseModel)
+
+#: Every time option accepts these (a time without an offset is UTC): a date, a time to the
+#: second with "T" or a space, and an ISO time with its offset.
+TIME_FORMATS: Final = [
+    "%Y-%m-%d",
+    "%Y-%m-%dT%H:%M:%S",
+    "%Y-%m-%d %H:%M:%S",
+    "%Y-%m-%dT%H:%M:%S%z",
+]
 
 #: The packages whose log records the command line shows (third-party loggers stay at WARNING).
 _OWN_LOGGERS: Final = ("training", "gpl_service", "export", "feature_repo")
@@ -172,9 +213,9 @@ def _user_errors() -> Iterator[None]:
             typer.echo(f"error: {line}", err=True)
         raise typer.Exit(2) from exc
     except ValidationError as exc:
+        typed = _options_typed()
         for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "config"
-            typer.echo(f"error: {loc}: {err['msg']}", err=True)
+            typer.echo(f"error: {_setting_name(err['loc'], typed)}: {err['msg']}", err=True)
         raise typer.Exit(2) from exc
     except (UsageError, FileNotFoundError, NotADirectoryError) as exc:
         for line in str(exc).splitlines():
@@ -187,8 +228,41 @@ def _user_errors() -> Iterator[None]:
         hint = _environment_hint(exc)
         if hint is None and not isinstance(exc, _stage_errors()):
             raise
-        typer.echo(f"error: {type(exc).__name__}: {exc}{hint or ''}", err=True)
+        # The project's own errors are written for the user; a dependency's keeps its class
+        # name (``OutOfMemoryError: ...``, ``ConnectionError: ...``), which says what failed.
+        own = type(exc).__module__.split(".")[0] in _OWN_LOGGERS
+        label = "" if own else f"{type(exc).__name__}: "
+        typer.echo(f"error: {label}{exc}{hint or ''}", err=True)
         raise typer.Exit(2) from exc
+
+
+def _options_typed() -> dict[str, str]:
+    """The current command's options the user gave (command line or environment): name -> flag."""
+    ctx = get_current_context(silent=True)
+    if ctx is None:
+        return {}
+    typed: dict[str, str] = {}
+    for param in ctx.command.params:
+        if not isinstance(param, TyperOption) or param.name is None:
+            continue
+        source = ctx.get_parameter_source(param.name)
+        if source in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
+            typed[param.name] = max(param.opts, key=len)
+    return typed
+
+
+def _setting_name(loc: tuple[int | str, ...], typed: dict[str, str]) -> str:
+    """How an error names a setting: the option the user typed where it came from one.
+
+    A user who typed ``--n-items 0`` should read ``--n-items``, not the setting key ``n_items``;
+    a nested setting keeps its key too (``--batch-size (generation.batch_size)``), since a
+    config file may hold it as well.
+    """
+    key = ".".join(str(part) for part in loc) or "config"
+    last = loc[-1] if loc else None
+    if not isinstance(last, str) or last not in typed:
+        return key
+    return typed[last] if len(loc) == 1 else f"{typed[last]} ({key})"
 
 
 def _environment_hint(exc: Exception) -> str | None:
@@ -492,7 +566,10 @@ def features_apply(run_dir: RunDir = DEFAULT_RUN_DIR) -> None:
 def features_materialize(
     run_dir: RunDir = DEFAULT_RUN_DIR,
     end: Annotated[
-        datetime | None, typer.Option(help="Latest feature timestamp to load (UTC); default: now.")
+        datetime | None,
+        typer.Option(
+            formats=TIME_FORMATS, help="Latest feature timestamp to load (UTC); default: now."
+        ),
     ] = None,
     full: Annotated[
         bool,
@@ -589,8 +666,9 @@ def sids_train(
     collaborative_until: Annotated[
         datetime | None,
         typer.Option(
+            formats=TIME_FORMATS,
             help="Build the collaborative block from interactions before this time (UTC) only. "
-            "Set it to the start of any period you will evaluate on."
+            "Set it to the start of any period you will evaluate on.",
         ),
     ] = None,
 ) -> None:
@@ -689,8 +767,9 @@ def anchors_train(
     until: Annotated[
         datetime | None,
         typer.Option(
+            formats=TIME_FORMATS,
             help="Train only on positives before this time (UTC). Set it to the start of any "
-            "period you will evaluate on, or the model will have seen that period's future."
+            "period you will evaluate on, or the model will have seen that period's future.",
         ),
     ] = None,
     epochs: Annotated[
@@ -917,6 +996,7 @@ def pseudo_labels(
     calibrate_until: Annotated[
         datetime | None,
         typer.Option(
+            formats=TIME_FORMATS,
             help="Fit the relevance -> click calibration only on exposed rows before this time "
             "(UTC), with the clicks known then. Set it to the training cutoff of any period you "
             "will evaluate on, or that period's clicks will shape the training labels.",
@@ -1031,7 +1111,10 @@ def train(
     ] = None,
     until: Annotated[
         datetime | None,
-        typer.Option(help="Train on requests before this time (UTC); evaluate from it on."),
+        typer.Option(
+            formats=TIME_FORMATS,
+            help="Train on requests before this time (UTC); evaluate from it on.",
+        ),
     ] = None,
     split_quantile: SplitQuantile = 0.8,
 ) -> None:
@@ -1104,7 +1187,10 @@ def evaluate(
     ] = None,
     since: Annotated[
         datetime | None,
-        typer.Option(help="Evaluate requests from this time (UTC); train on those before it."),
+        typer.Option(
+            formats=TIME_FORMATS,
+            help="Evaluate requests from this time (UTC); train on those before it.",
+        ),
     ] = None,
     split_quantile: SplitQuantile = 0.8,
     seeds: Annotated[int, typer.Option(min=1, help="Seeds per objective (mean +- std).")] = 3,
@@ -1244,7 +1330,7 @@ def serve(
     as_of: Annotated[
         datetime | None,
         typer.Option(
-            formats=["%Y-%m-%dT%H:%M:%S%z", "%Y-%m-%d"],
+            formats=TIME_FORMATS,
             help="Judge feature ttl as if it were this time (replaying historical data only).",
         ),
     ] = None,

@@ -51,6 +51,70 @@ def test_help_teaches_the_pipeline() -> None:
     assert code == 0 and "GPL_REDIS_URL" in out
 
 
+def test_help_lists_the_verbs_in_pipeline_order() -> None:
+    code, out = gpl("--help")
+    assert code == 0
+    listed = re.findall(r"^  ([a-z-]+)  ", out.split("Commands:")[1], flags=re.MULTILINE)
+    assert listed == [
+        "data",
+        "sids",
+        "anchors",
+        "pseudo-labels",
+        "features",
+        "train",
+        "evaluate",
+        "export",
+        "serve",
+        "demo",
+        "config",
+    ]
+
+
+def test_errors_name_the_option_the_user_typed(tmp_path: Path) -> None:
+    """A bad value from the command line is reported under its flag, not the setting's key;
+    one from a config file keeps the key (the user typed no flag for it)."""
+    code, out = gpl("data", "synth", "--run-dir", str(tmp_path), "--n-items", "0")
+    assert code == 2
+    assert "error: --n-items: Input should be greater than or equal to 1" in out, out
+    code, out = gpl("anchors", "train", "--run-dir", str(tmp_path), "--epochs", "0")
+    assert code == 2
+    assert "error: --epochs (training.epochs): Input should be greater" in out, out
+    config = tmp_path / "synth.yaml"
+    config.write_text("n_items: 0\n")
+    code, out = gpl("data", "synth", "--run-dir", str(tmp_path), "--config", str(config))
+    assert code == 2
+    assert "error: n_items: Input should be greater than or equal to 1" in out, out
+
+
+TIME_OPTIONS = [
+    ("features", "materialize", "--end"),
+    ("sids", "train", "--collaborative-until"),
+    ("anchors", "train", "--until"),
+    ("pseudo-labels", "--calibrate-until"),
+    ("train", "--until"),
+    ("evaluate", "--since"),
+    ("serve", "--as-of"),
+]
+
+
+@pytest.mark.parametrize("command", TIME_OPTIONS, ids=lambda c: c[-1])
+def test_every_time_option_takes_the_same_formats(tmp_path: Path, command: tuple[str, ...]) -> None:
+    """`serve --as-of` once took two formats, the other time options three others: every one
+    now takes a date, a time with "T" or a space, and an ISO time with an offset."""
+    for moment in (
+        "2024-03-01",
+        "2024-03-01T12:30:00",
+        "2024-03-01 12:30:00",
+        "2024-03-01T14:30:00+0200",
+    ):
+        # An empty run directory: the command parses its options, then stops at its missing input.
+        code, out = gpl(*command, moment, "--run-dir", str(tmp_path))
+        assert "Invalid value" not in out, (moment, out)
+        assert code == 2, out
+    code, out = gpl(*command, "01/03/2024", "--run-dir", str(tmp_path))
+    assert code == 2 and f"Invalid value for '{command[-1]}'" in out, out
+
+
 def test_validate_reports_every_problem_capped_at_20(tmp_path: Path) -> None:
     rows = make_requests(n_requests=3, n_users=2, n_items=40).to_pylist()
     for k, row in enumerate(rows):
@@ -375,7 +439,8 @@ def test_anchor_input_errors_are_one_line_not_a_traceback(tmp_path: Path, sids_r
     )
     code, out = gpl("anchors", "train", "--run-dir", str(run), "--config", str(anchors))
     assert code == 2, out
-    assert "error: AnchorInputError: sequences of up to" in out and "Traceback" not in out
+    # The project's own errors are written for the user: no class name in front.
+    assert "error: sequences of up to" in out and "Traceback" not in out
     assert not (run / "anchors" / "model").exists()
 
 
