@@ -117,7 +117,9 @@ class Metrics:
             "gpl_online_store_errors", "Failed online store reads.", registry=r
         )
         self.store_up = Gauge(
-            "gpl_online_store_up", "1 when the last online store read succeeded.", registry=r
+            "gpl_online_store_up",
+            "1 unless the online store's last read or readiness ping failed.",
+            registry=r,
         )
         self.reloads = Counter(
             "gpl_bundle_reloads",
@@ -153,7 +155,6 @@ class Metrics:
                 self.feature_age.labels(view).observe(age)
         if degraded:
             self.degraded.inc()
-        self.store_up.set(0 if degraded else 1)
 
     def set_model(self, version: str) -> None:
         """Mark ``version`` as the served bundle."""

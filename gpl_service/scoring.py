@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, Final
 
@@ -163,8 +164,18 @@ class ServingPlan:
 class StoreHealth:
     """Whether to try the online store now; counts failures and recoveries."""
 
-    def __init__(self, retry_seconds: float) -> None:
+    def __init__(
+        self, retry_seconds: float, on_change: Callable[[bool], None] | None = None
+    ) -> None:
+        """A store taken as up.
+
+        Args:
+            retry_seconds: How long to skip the store after a failure.
+            on_change: Called with the new state (True: up) at every failure and success, so a
+                gauge follows the store from start-up on, not only from the first request.
+        """
         self.retry_seconds = retry_seconds
+        self._on_change = on_change
         self._down_until = 0.0
         self.down_since: float | None = None
         self.last_error: str | None = None
@@ -179,12 +190,16 @@ class StoreHealth:
         if self.down_since is None:
             self.down_since = time.time()
         self.last_error = error
+        if self._on_change is not None:
+            self._on_change(False)
 
     def succeeded(self) -> None:
         """Record a success: the store is back."""
         self._down_until = 0.0
         self.down_since = None
         self.last_error = None
+        if self._on_change is not None:
+            self._on_change(True)
 
     @property
     def up(self) -> bool:
@@ -302,20 +317,28 @@ class Scorer:
 
     def _item_rows(
         self, snap: ItemSnapshot, ids: list[str], store_ok: bool
-    ) -> tuple[I64, npt.NDArray[np.bool_]]:
-        """Cache rows of ``ids`` (0 = unknown) and which of them the cache held already."""
+    ) -> tuple[I64, npt.NDArray[np.bool_], bool]:
+        """Cache rows of ``ids`` (0 = unknown), which the cache held, and whether it is complete.
+
+        Complete: every item the cache lacked was looked up in the store (False: some were not,
+        or the read failed, so the answer is degraded).
+        """
         rows = snap.index.rows(ids)
         cached = rows > 0
         miss = [ids[k] for k in np.flatnonzero(~cached)]
+        complete = True
         if miss:
             unknown = snap.unknown
             ask = list(dict.fromkeys(i for i in miss if i not in unknown))
-            if ask and store_ok and self.health.should_try():
+            if ask and not (store_ok and self.health.should_try()):
+                complete = False
+            elif ask:
                 try:
                     got = read_items(self.reader, snap.layout, ask, self.read_chunk)
                 except StoreUnavailableError as exc:
                     self.health.failed(str(exc))
                     self.metrics.store_errors.inc()
+                    complete = False
                 else:
                     added = snap.add(ask, got)
                     absent = [i for i, r in zip(ask, added, strict=True) if not r]
@@ -324,7 +347,7 @@ class Scorer:
                     if found:
                         for k in np.flatnonzero(rows == 0):
                             rows[k] = found.get(ids[k], 0)
-        return rows, cached
+        return rows, cached, complete
 
     def _item_inputs(
         self, plan: ServingPlan, snap: ItemSnapshot, rows: I64, at: float
@@ -423,8 +446,11 @@ class Scorer:
         history_ids = _take(history_ids, bundle.history_length, "last")
         anchor_ids = _take(anchor_ids, bundle.num_anchors, "first")
         all_ids = [*candidates, *history_ids, *anchor_ids]
-        rows, cached = self._item_rows(snap, all_ids, store_ok)
-        store_ok = store_ok and self.health.up
+        rows, cached, items_complete = self._item_rows(snap, all_ids, store_ok)
+        # Degraded means *this* answer lacks store data (its user read or an item lookup it
+        # needed failed or was skipped in back-off), not that another request's read failed
+        # meanwhile: cached items and a fresh user row make a full answer.
+        store_ok = store_ok and items_complete
         n = len(candidates)
         cand_rows = rows[:n]
         unknown = int((cand_rows == 0).sum())

@@ -60,7 +60,9 @@ class ServiceState:
         self.store = store
         self.metrics = metrics
         self.reader = OnlineReader(store, settings.store_timeout_seconds)
-        self.health = StoreHealth(settings.store_retry_seconds)
+        self.health = StoreHealth(
+            settings.store_retry_seconds, lambda up: metrics.store_up.set(1 if up else 0)
+        )
         self.scorer = Scorer(
             self.reader,
             self.health,
@@ -258,6 +260,8 @@ class ServiceState:
     def ready(self) -> dict[str, Any]:
         """What ``GET /v1/ready`` reports."""
         store_up = self.reader.ping()
+        # Readiness probes run without traffic too: the gauge follows them, not only requests.
+        self.metrics.store_up.set(1 if store_up else 0)
         return {
             "ready": self.plan is not None and self.items_ready,
             "model_loaded": self.plan is not None,

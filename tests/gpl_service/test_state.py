@@ -7,11 +7,13 @@ from __future__ import annotations
 import time
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import pytest
 from fastapi.testclient import TestClient
 
 from gpl_service.app import create_app
@@ -349,3 +351,47 @@ def test_a_row_of_nulls_is_missing_as_in_training(
     np.testing.assert_array_equal(
         snap.numeric[snap.index.get("x-nulls")], snap.numeric[snap.index.get("x-absent")]
     )
+
+
+def test_degraded_is_this_answers_own_reads(
+    rs_client: tuple[RedisServed, TestClient], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An answer is degraded when *its* reads lacked the store, not because another request's
+    read failed meanwhile: a fresh user row and cached items are a full answer; an item it had
+    to look up, skipped in the back-off that failure started, is not."""
+    rs, client = rs_client
+    state = _state(client)
+    assert _prerank(rs, client)["degraded"] is False  # the candidates are cached now
+    user_rows = state.scorer._user_rows
+
+    def then_another_request_fails(*args: Any, **kwargs: Any) -> Any:
+        rows = user_rows(*args, **kwargs)
+        state.health.failed("a concurrent request's read timed out")
+        return rows
+
+    monkeypatch.setattr(state.scorer, "_user_rows", then_another_request_fails)
+    monkeypatch.setattr(state.health, "retry_seconds", 60.0)  # the tests' 0.2 s could lapse
+    full = _prerank(rs, client)
+    assert full["degraded"] is False and full["stats"]["history_items"] > 0
+    # The failure's back-off has begun: the next user read is skipped, degraded.
+    assert _prerank(rs, client)["degraded"] is True
+    state.health.succeeded()
+    # An item the cache lacks, skipped because the back-off began after the user's read.
+    partial = _prerank(rs, client, ["i-not-cached", *rs.served.items[:3]])
+    assert partial["degraded"] is True
+    metrics = client.get("/metrics").text
+    assert "gpl_degraded_responses_total 2.0" in metrics
+    assert "gpl_online_store_up 0.0" in metrics  # the back-off the last failure began
+
+
+def test_store_up_gauge_follows_readiness_probes_without_traffic(
+    rs_client: tuple[RedisServed, TestClient],
+) -> None:
+    rs, client = rs_client
+    assert "gpl_online_store_up 1.0" in client.get("/metrics").text
+    rs.redis.stop()
+    assert client.get("/v1/ready").json()["online_store"]["reachable"] is False
+    assert "gpl_online_store_up 0.0" in client.get("/metrics").text
+    rs.redis.start()
+    assert _wait(lambda: client.get("/v1/ready").json()["online_store"]["reachable"] is True)
+    assert "gpl_online_store_up 1.0" in client.get("/metrics").text
