@@ -25,7 +25,6 @@ from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any, Literal
 
-import duckdb
 import numpy as np
 import pandas as pd
 import pyarrow as pa
@@ -164,6 +163,11 @@ def match_rows(
     Returns:
         An int64 array aligned with ``entity``: feature row index, or null.
     """
+    # Imported here, not at the top: Feast imports this module whenever it opens the store, the
+    # service included, which never joins offline; DuckDB's binding loaded there prints ~45
+    # lines of nanobind "leaked" reports when `gpl serve` exits.
+    import duckdb
+
     con = duckdb.connect()
     try:
         ent = pa.table(
@@ -347,6 +351,8 @@ class GplOfflineStore(DaskOfflineStore):
 
 
 def _latest_per_key(table: pa.Table, keys: list[str], ts: str, created: str | None) -> pa.Table:
+    import duckdb  # here, not at the top: see match_rows
+
     con = duckdb.connect()
     try:
         light = pa.table(

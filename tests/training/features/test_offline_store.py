@@ -184,3 +184,19 @@ def test_materialize_loads_latest_row_per_key(gpl_store: FeatureStore) -> None:
     # Within the window i0's latest is the day-5 row created last (version 3); day 10 is outside.
     assert got["version"] == [3, 5]
     assert got["embedding"][0] == [3.0] * DIM
+
+
+def test_opening_the_store_does_not_load_duckdb() -> None:
+    """Feast imports the offline store whenever a store is opened, the service's included; the
+    service never joins offline, and DuckDB's binding loaded there printed ~45 lines of
+    nanobind leak reports at every `gpl serve` exit."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys\n"
+        "import training.features.offline_store, training.features.store, gpl_service.app\n"
+        "assert 'duckdb' not in sys.modules, 'duckdb imported'\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
