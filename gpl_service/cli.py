@@ -574,25 +574,27 @@ def features_materialize(
     full: Annotated[
         bool,
         typer.Option(
-            help="Reload everything instead of incrementally. Needed for a first load of data "
-            "from the past (the demo's, a replayed log): an incremental first load starts at "
-            "end minus each view's ttl."
+            help="Empty every view online and reload it from the beginning. Needed after a "
+            "stage re-ran over past data (a new `gpl sids train`, rebuilt statistics): their "
+            "rows keep their timestamps, which an incremental load never revisits and Redis "
+            "keeps unless a row is newer. Each view reads as missing while it reloads."
         ),
     ] = False,
 ) -> None:
     """Load the latest feature values into the online store (SQLite, or Redis by GPL_REDIS_URL).
 
-    Needs `gpl features apply` first. Incremental by default (from each view's last
-    materialization); warns when a first incremental load would leave a view empty.
+    Needs `gpl features apply` first. Incremental by default: each view from its last load
+    into this online store; a view the store never had (a new view, or the run just switched
+    between SQLite and Redis) loads from the beginning. Warns when a view's table was rewritten
+    without newer rows (use --full).
     """
     from training.features.store import materialize, open_store
 
     with _user_errors():
         store = open_store(run_dir)
         end_utc = _as_utc(end) if end else datetime.now(UTC)
-        start = datetime(1970, 1, 1, tzinfo=UTC) if full else None
-        report = materialize(store, end=end_utc, start=start)
-        if not report.views and not report.skipped:
+        report = materialize(store, end=end_utc, replace=full)
+        if not report.views and not report.skipped and not report.up_to_date:
             raise UsageError(
                 f"{run_dir}: the registry has no online feature views; run `gpl features apply` "
                 "first"
@@ -601,14 +603,20 @@ def features_materialize(
             f"materialized {', '.join(report.views) or 'nothing'} up to "
             f"{report.end:%Y-%m-%d %H:%M} in {report.seconds:.2f}s"
         )
+        if report.first_loads:
+            _say(f"loaded in full (new to this online store): {', '.join(report.first_loads)}")
+        if report.up_to_date:
+            _say(
+                f"already loaded up to {report.end:%Y-%m-%d %H:%M} or later: "
+                f"{', '.join(report.up_to_date)}"
+            )
         if report.skipped:
             _say(f"skipped (their stage has not run yet): {', '.join(report.skipped)}")
-        if report.outside_window:
+        if report.rewritten:
             typer.echo(
-                "warning: loaded nothing of "
-                f"{', '.join(report.outside_window)}: never materialized before, and all their "
-                "rows are older than the first incremental window (end minus the view's ttl); "
-                "load a log from the past with --full",
+                f"warning: {', '.join(report.rewritten)}: the table was rewritten since the last "
+                "load but has no newer rows (a stage re-run over past data?); an incremental "
+                "load does not bring those online: run `gpl features materialize --full`",
                 err=True,
             )
 

@@ -340,12 +340,15 @@ def test_environment_errors_are_one_line_saying_what_to_do(tmp_path: Path, sids_
         assert code == 2 and says in out and "Traceback" not in out, (args, out)
 
 
-def test_materialize_warns_when_a_first_incremental_load_leaves_views_empty(
+def test_materialize_loads_a_log_from_the_past_and_flags_rewritten_tables(
     tmp_path: Path, sids_run: Path
 ) -> None:
-    """The synthetic log is from the past: a first incremental load starts at now - ttl and loads
-    none of it. That is said (exit 0: nothing failed), --full loads it; before `features apply`
+    """The synthetic log is from the past: a first incremental load loads all of it (Feast's own
+    first window, now - ttl, loaded none). Statistics rebuilt with other settings keep their
+    timestamps: an incremental load says so, --full brings them online. Before `features apply`
     there is nothing to load at all (exit 2)."""
+    from training.features.store import open_store
+
     run = shutil.copytree(sids_run, tmp_path / "run")
     code, out = gpl("features", "materialize", "--run-dir", str(run))
     assert code == 2 and "run `gpl features apply` first" in out, out
@@ -353,9 +356,30 @@ def test_materialize_warns_when_a_first_incremental_load_leaves_views_empty(
         code, out = gpl("features", verb, "--run-dir", str(run))
         assert code == 0, out
     code, out = gpl("features", "materialize", "--run-dir", str(run))
-    assert code == 0 and "warning: loaded nothing of" in out and "item_popularity" in out, out
+    assert code == 0 and "loaded in full (new to this online store)" in out, out
+    assert "item_popularity" in out and "warning" not in out, out
+    items = pq.read_table(run / "features" / "item_popularity.parquet", columns=["item_id"])
+    some = sorted(set(items.column("item_id").to_pylist()))[:5]
+
+    def online_ctr() -> list[float]:
+        got = open_store(run).get_online_features(
+            features=["item_popularity:ctr_smoothed"], entity_rows=[{"item_id": i} for i in some]
+        )
+        return list(got.to_dict()["ctr_smoothed"])
+
+    before = online_ctr()
+    assert all(v is not None for v in before)
+    config = tmp_path / "features.yaml"
+    config.write_text("ctr_prior_impressions: 500\n")
+    code, out = gpl("features", "build", "--run-dir", str(run), "--config", str(config))
+    assert code == 0, out
+    code, out = gpl("features", "materialize", "--run-dir", str(run))
+    assert code == 0 and "warning: " in out and "materialize --full" in out, out
+    assert "item_popularity" in out.split("warning: ")[1], out
     code, out = gpl("features", "materialize", "--run-dir", str(run), "--full")
     assert code == 0 and "warning" not in out, out
+    after = online_ctr()
+    assert after != before
 
 
 def test_co_occurrence_prior_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:

@@ -8,6 +8,7 @@ open exactly the same store.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -116,6 +117,26 @@ def open_store(run_dir: Path, settings: StoreSettings | None = None) -> FeatureS
     return FeatureStore(repo_path=str(run_dir.resolve()))
 
 
+#: Beside the registry: which online store each view was last loaded into, and its source
+#: file then. Feast's registry records when a view was materialized, not where: a run switched
+#: from SQLite to Redis (``GPL_REDIS_URL``) would otherwise load only "since the last time".
+MARKER_FILE = "online_loads.json"
+EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def online_store_identity(store: FeatureStore) -> str:
+    """Where ``store`` writes online values: ``redis://host:port/db`` or ``sqlite:PATH``.
+
+    A Redis password is left out (it changes nothing about which data is there).
+    """
+    online = store.config.online_store
+    if getattr(online, "type", "") == "redis":
+        parts = str(online.connection_string).split(",")
+        db = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("db=")), "0")
+        return f"redis://{parts[0]}/{db}"
+    return f"sqlite:{Path(str(online.path)).resolve()}"
+
+
 @dataclass
 class MaterializeReport:
     """What ``materialize`` did: the window, the views and how long it took."""
@@ -126,10 +147,14 @@ class MaterializeReport:
     seconds: float
     skipped: list[str] = field(default_factory=list)
     """Online views left out because their stage has not written its table yet."""
-    outside_window: list[str] = field(default_factory=list)
-    """Views materialized incrementally for the first time whose data all predates the window
-    Feast then uses (``end - ttl``): nothing of them was loaded (a replayed log needs a full
-    load)."""
+    first_loads: list[str] = field(default_factory=list)
+    """Views loaded in full because this online store never had them (a new view, a new store)."""
+    up_to_date: list[str] = field(default_factory=list)
+    """Views already loaded up to ``end`` or later: nothing to load (an earlier ``end``)."""
+    rewritten: list[str] = field(default_factory=list)
+    """Views loaded incrementally whose table was rewritten since the last load without a row
+    newer than it: a stage re-run over past data, which only a full load (``replace``) brings
+    online."""
 
 
 def apply_definitions(store: FeatureStore, objects: list[Any] | None = None) -> list[str]:
@@ -147,15 +172,25 @@ def materialize(
     end: datetime | None = None,
     start: datetime | None = None,
     views: list[str] | None = None,
+    *,
+    replace: bool = False,
 ) -> MaterializeReport:
     """Load the latest feature values up to ``end`` into the online store.
+
+    Incremental by default: each view from its last load into *this* online store. A view this
+    store never had (new, or the run just switched stores) is loaded from the beginning, so a
+    first load never depends on Feast's window (``now - ttl``, empty for a log from the past).
 
     Args:
         store: The feature store.
         end: Upper bound of feature timestamps (default: now).
-        start: Lower bound; default: incremental from the last materialization.
+        start: Lower bound for every view (a window load); default: incremental.
         views: Feature view names; default: every online view whose source table exists (a
             stage that has not run yet is reported in ``skipped``, not an error).
+        replace: Empty each view online, then load it from ``start`` (default: the beginning).
+            Needed after a stage re-ran over past data: Feast's Redis writer keeps a stored row
+            unless the new one is strictly newer, and rebuilt tables keep their timestamps.
+            The view reads as missing while it reloads.
     """
     end = end or datetime.now(UTC)
     began = time.perf_counter()
@@ -174,37 +209,87 @@ def materialize(
                 skipped.append(fv.name)
     if not views:
         return MaterializeReport(end, end, [], 0.0, skipped)
-    outside: list[str] = []
-    if start is None:
-        outside = _first_loads_outside_window(store, views, end)
-        store.materialize_incremental(end_date=end, feature_views=views)
-        start_used = datetime.fromtimestamp(0, UTC)
-    else:
-        store.materialize(start_date=start, end_date=end, feature_views=views)
-        start_used = start
-    return MaterializeReport(start_used, end, views, time.perf_counter() - began, skipped, outside)
-
-
-def _first_loads_outside_window(store: FeatureStore, views: list[str], end: datetime) -> list[str]:
-    """Views never materialized whose latest row is older than ``end - ttl``.
-
-    Feast's first incremental load of a view starts at ``end - ttl``; data older than that (a
-    log replayed from the past, the demo's) is silently not loaded.
-    """
-    from training.features.offline_store import source_path
-
-    out: list[str] = []
+    identity = online_store_identity(store)
+    marker_path = Path(store.config.registry.path).parent / MARKER_FILE
+    marker = _read_marker(marker_path)
+    loaded: dict[str, dict[str, Any]] = marker.setdefault("views", {})
+    report = MaterializeReport(start or EPOCH, end, list(views), 0.0, skipped)
+    full: list[str] = []
+    incremental: list[str] = []
     for name in views:
         fv = store.get_feature_view(name)
-        if (
-            fv.materialization_intervals
-            or not fv.ttl
-            or not isinstance(fv.batch_source, FileSource)
-        ):
-            continue
-        path = source_path(store.config, fv.batch_source)
-        column = fv.batch_source.timestamp_field or "event_timestamp"
-        latest = pc.max(pq.read_table(path, columns=[column]).column(column)).as_py()
-        if latest is not None and latest < end - fv.ttl:
-            out.append(name)
-    return out
+        here = loaded.get(name, {}).get("online_store") == identity
+        if replace or start is not None:
+            full.append(name)
+        elif not here or not fv.materialization_intervals:
+            full.append(name)
+            report.first_loads.append(name)
+        elif fv.most_recent_end_time is not None and fv.most_recent_end_time >= end:
+            report.up_to_date.append(name)
+        else:
+            incremental.append(name)
+            if _rewritten_before(store, fv, loaded.get(name, {}), fv.most_recent_end_time):
+                report.rewritten.append(name)
+    if replace:
+        for name in full:  # one view at a time: each reads as missing only while it reloads
+            _clear_online(store, name)
+            store.materialize(start_date=start or EPOCH, end_date=end, feature_views=[name])
+    elif full:
+        store.materialize(start_date=start or EPOCH, end_date=end, feature_views=full)
+    if incremental:
+        store.materialize_incremental(end_date=end, feature_views=incremental)
+    for name in [*full, *incremental]:
+        loaded[name] = {"online_store": identity, "source": _source_stamp(store, name)}
+    with atomic_path(marker_path) as tmp:
+        tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
+    report.views = [*full, *incremental]
+    report.seconds = time.perf_counter() - began
+    return report
+
+
+def _read_marker(path: Path) -> dict[str, Any]:
+    """The loads marker (empty when absent or unreadable: every view then loads in full)."""
+    try:
+        marker = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return marker if isinstance(marker, dict) else {}
+
+
+def _source_stamp(store: FeatureStore, name: str) -> list[int] | None:
+    """(mtime in ns, size) of the view's source file, or None."""
+    from training.features.offline_store import source_path
+
+    source = store.get_feature_view(name).batch_source
+    if not isinstance(source, FileSource):
+        return None
+    try:
+        st = source_path(store.config, source).stat()
+    except OSError:
+        return None
+    return [st.st_mtime_ns, st.st_size]
+
+
+def _rewritten_before(
+    store: FeatureStore, fv: Any, last: dict[str, Any], loaded_until: datetime | None
+) -> bool:
+    """The view's table changed since its last load, yet holds no row newer than that load."""
+    from training.features.offline_store import source_path
+
+    stamp = _source_stamp(store, fv.name)
+    if stamp is None or last.get("source") in (None, stamp) or loaded_until is None:
+        return False
+    source = fv.batch_source
+    column = source.timestamp_field or "event_timestamp"
+    path = source_path(store.config, source)
+    latest = pc.max(pq.read_table(path, columns=[column]).column(column)).as_py()
+    return latest is not None and latest <= loaded_until
+
+
+def _clear_online(store: FeatureStore, name: str) -> None:
+    """Delete a view's online values (Redis; SQLite's writer overwrites rows in place)."""
+    if getattr(store.config.online_store, "type", "") != "redis":
+        return
+    from feast.infra.online_stores.redis import RedisOnlineStore
+
+    RedisOnlineStore().delete_table(store.config, store.get_feature_view(name))

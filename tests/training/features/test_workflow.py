@@ -4,9 +4,13 @@ from __future__ import annotations
 
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 import pytest
 import yaml
+from feast import FeatureStore
 
 from tests.factories import T0, make_items, make_requests, write_empty_anchors
 from training.features.stats import StatsConfig, compute_feature_tables
@@ -132,3 +136,78 @@ def test_anchor_vectors_stay_offline(settings: StoreSettings, tmp_path: Path) ->
     ).to_df()
     got = joined.sort_values("event_timestamp")["anchor_embeddings"].tolist()
     assert got[0] is None and list(got[1]) == [0.5, 0.25]
+
+
+def _online_impressions(store: FeatureStore, items: list[str]) -> list[Any]:
+    got = store.get_online_features(
+        features=["item_popularity:impressions"], entity_rows=[{"item_id": i} for i in items]
+    ).to_dict()
+    return list(got["impressions"])
+
+
+def _latest_impressions(path: Path, items: list[str]) -> list[Any]:
+    frame = pq.read_table(path).to_pandas().sort_values("event_timestamp")
+    latest = frame.groupby("item_id").last()
+    return [int(latest.loc[i, "impressions"]) for i in items]
+
+
+def test_incremental_first_load_full_reload_and_rewritten_tables(
+    settings: StoreSettings, tmp_path: Path
+) -> None:
+    """A first incremental load of data from the past loads all of it (Feast's own first window,
+    now - ttl, loaded none); a table rebuilt with the same timestamps is flagged by an incremental
+    load and brought online by a full one (Redis kept the old values: its writer skips rows not
+    strictly newer); an earlier end loads nothing and registers no backwards interval."""
+    items = make_items(30)
+    requests = make_requests(n_requests=80, n_users=8, n_items=30, seed=11)
+    compute_feature_tables(items, requests).write(tmp_path, StatsConfig())
+    write_empty_anchors(tmp_path)
+    store = open_store(tmp_path, settings)
+    apply_definitions(store)
+    seen = sorted(set(requests.column("item_id").to_pylist()))[:6]
+    path = tmp_path / "features" / "item_popularity.parquet"
+
+    first = materialize(store, end=T0 + timedelta(days=40))
+    assert set(first.first_loads) == set(first.views) and "item_popularity" in first.views
+    assert _online_impressions(store, seen) == _latest_impressions(path, seen)
+
+    table = pq.read_table(path)
+    index = table.schema.get_field_index("impressions")
+    bumped = pc.add(table.column("impressions"), 1000).cast(table.schema.field(index).type)
+    pq.write_table(table.set_column(index, table.schema.field(index), bumped), path)
+    again = materialize(store, end=T0 + timedelta(days=41))
+    assert again.first_loads == [] and again.rewritten == ["item_popularity"]
+    full = materialize(store, end=T0 + timedelta(days=41), replace=True)
+    assert full.rewritten == [] and "item_popularity" in full.views
+    assert _online_impressions(store, seen) == _latest_impressions(path, seen)
+
+    earlier = materialize(store, end=T0 + timedelta(days=20))
+    assert earlier.views == [] and "item_popularity" in earlier.up_to_date
+    fv = store.get_feature_view("item_popularity")
+    assert fv.most_recent_end_time is not None
+    assert fv.most_recent_end_time >= T0 + timedelta(days=41)
+
+
+def test_switching_the_online_store_loads_the_new_one_in_full(
+    redis_server: Any, tmp_path: Path
+) -> None:
+    """The registry records when views were loaded, not where: a run materialized into SQLite
+    and then pointed at Redis loaded nothing into Redis ("since the last load")."""
+    items = make_items(30)
+    requests = make_requests(n_requests=80, n_users=8, n_items=30, seed=11)
+    compute_feature_tables(items, requests).write(tmp_path, StatsConfig())
+    write_empty_anchors(tmp_path)
+    project = f"switch_{abs(hash(tmp_path)) % 10**8}"
+    sqlite = open_store(tmp_path, StoreSettings(project=project))
+    apply_definitions(sqlite)
+    assert materialize(sqlite, end=T0 + timedelta(days=40)).first_loads
+    redis = open_store(tmp_path, StoreSettings(project=project, redis_url=redis_server.url))
+    switched = materialize(redis, end=T0 + timedelta(days=41))
+    assert set(switched.first_loads) == set(switched.views) and switched.views
+    seen = sorted(set(requests.column("item_id").to_pylist()))[:6]
+    path = tmp_path / "features" / "item_popularity.parquet"
+    assert _online_impressions(redis, seen) == _latest_impressions(path, seen)
+    # And back: SQLite last had the views at day 40, but a load into Redis came in between.
+    sqlite = open_store(tmp_path, StoreSettings(project=project))
+    back = materialize(sqlite, end=T0 + timedelta(days=42))
+    assert set(back.first_loads) == set(back.views)
