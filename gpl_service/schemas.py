@@ -155,10 +155,45 @@ class FeatureViewSummary(BaseModel):
     online: bool
     ttl_seconds: float | None = Field(description="Row lifetime; null = never expires.")
     features: int
-    last_materialized: str | None = Field(description="End of the latest materialized interval.")
-    online_age_seconds: float | None = Field(
-        description="Seconds since that end: how stale the online values can be."
+    last_materialized: str | None = Field(
+        description="End of the latest materialized interval (when the job last ran up to)."
     )
+    online_age_seconds: float | None = Field(
+        description="Seconds since that end: how long since the online store was last brought "
+        "up to date. The values can be older: see data_age_seconds."
+    )
+    online_store: str | None = Field(
+        default=None,
+        description="Where the last load wrote (redis://host:port/db or sqlite:PATH); null if "
+        "this run never loaded the view.",
+    )
+    newest_online_row: str | None = Field(
+        default=None,
+        description="Timestamp of the newest feature row that load brought (ISO); null if none.",
+    )
+    data_age_seconds: float | None = Field(
+        default=None,
+        description="Seconds since that row: how old the newest online value is.",
+    )
+
+
+class FeatureServiceInfo(BaseModel):
+    """A feature service: the contract between a model's training join and its serving."""
+
+    name: str
+    description: str
+    version: str | None = Field(description="The service's version tag (the bundle records it).")
+    tags: dict[str, str]
+    views: dict[str, list[str]] = Field(description="View name -> the features it contributes.")
+
+
+class EntityInfo(BaseModel):
+    """An entity: what feature rows are keyed by."""
+
+    name: str
+    join_key: str
+    value_type: str
+    description: str
 
 
 class FeatureViewDetail(FeatureViewSummary):

@@ -6,9 +6,12 @@ import os
 import shutil
 import subprocess
 import sys
+from datetime import datetime
 from pathlib import Path
 
 import httpx
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
 from fastapi.testclient import TestClient
 
 from feature_repo.data_sources import user_interest_anchors_source
@@ -75,3 +78,34 @@ def test_feast_ui_serves_this_registry(served: Served) -> None:
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_views_say_how_old_their_online_data_is(client: TestClient, served: Served) -> None:
+    """Time since the last job is not the data's age: the newest row the load brought is."""
+    views = {v["name"]: v for v in client.get("/v1/registry/feature-views").json()}
+    activity = views["user_activity"]
+    assert activity["online_store"].startswith(("sqlite:", "redis://"))
+    newest = datetime.fromisoformat(activity["newest_online_row"])
+    assert newest <= datetime.fromisoformat(activity["last_materialized"])
+    assert activity["data_age_seconds"] >= activity["online_age_seconds"]
+    table = pq.read_table(served.root / "features" / "user_activity.parquet")
+    latest = pc.max(table.column("event_timestamp")).as_py()
+    assert newest == latest
+    assert views["pseudo_labels"]["newest_online_row"] is None  # offline only, never loaded
+
+
+def test_lists_feature_services_and_entities(client: TestClient) -> None:
+    services = {s["name"]: s for s in client.get("/v1/registry/feature-services").json()}
+    assert set(services) == {"preranker", "training_labels"}
+    preranker = services["preranker"]
+    assert preranker["version"] and "item_popularity" in preranker["views"]
+    assert "ctr_smoothed" in preranker["views"]["item_popularity"]
+    entities = {e["name"]: e for e in client.get("/v1/registry/entities").json()}
+    assert entities["user"]["join_key"] == "user_id" and entities["user"]["value_type"] == "STRING"
+    assert all(e["description"] for e in entities.values())
+
+
+def test_a_view_name_with_a_slash_gets_the_listing_404(client: TestClient) -> None:
+    got = client.get("/v1/registry/feature-views/user%2Factivity")
+    assert got.status_code == 404
+    assert "user_activity" in got.json()["error"]["message"]

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
+import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 import yaml
@@ -239,7 +240,12 @@ def materialize(
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=incremental)
     for name in [*full, *incremental]:
-        loaded[name] = {"online_store": identity, "source": _source_stamp(store, name)}
+        loaded[name] = {
+            "online_store": identity,
+            "source": _source_stamp(store, name),
+            "loaded_until": end.isoformat(),
+            "newest_row": _newest_row(store, name, end),
+        }
     with atomic_path(marker_path) as tmp:
         tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
     report.views = [*full, *incremental]
@@ -268,6 +274,31 @@ def _source_stamp(store: FeatureStore, name: str) -> list[int] | None:
     except OSError:
         return None
     return [st.st_mtime_ns, st.st_size]
+
+
+def read_online_loads(store: FeatureStore) -> dict[str, dict[str, Any]]:
+    """Per view, what the last ``materialize`` loaded (views never loaded are absent).
+
+    Each entry: ``online_store`` (where), ``loaded_until`` (the load's end, ISO),
+    ``newest_row`` (the latest feature timestamp at or before it, ISO; None for an empty table).
+    """
+    marker = _read_marker(Path(store.config.registry.path).parent / MARKER_FILE)
+    views = marker.get("views", {})
+    return views if isinstance(views, dict) else {}
+
+
+def _newest_row(store: FeatureStore, name: str, end: datetime) -> str | None:
+    """The latest feature timestamp of the view's table at or before ``end`` (ISO)."""
+    from training.features.offline_store import source_path
+
+    source = store.get_feature_view(name).batch_source
+    if not isinstance(source, FileSource):
+        return None
+    column = source.timestamp_field or "event_timestamp"
+    ts = pq.read_table(source_path(store.config, source), columns=[column]).column(column)
+    bound = pa.scalar(end, pa.timestamp("us", "UTC")).cast(ts.type)
+    newest = pc.max(ts.filter(pc.less_equal(ts, bound))).as_py()
+    return newest.isoformat() if newest is not None else None
 
 
 def _rewritten_before(
