@@ -1,7 +1,10 @@
 """The Feast feature repository: entities, sources, views and services of the pre-ranker.
 
-:func:`definitions` returns every object to ``FeatureStore.apply``; the ``gpl features apply``
-command uses it, and so does ``feast apply`` run in this directory.
+:func:`definitions` returns every object to ``FeatureStore.apply``; ``gpl features apply`` uses
+it. The folder is a Python package, not a ``feast apply`` repo (it has no
+``feature_store.yaml``, and ``feast apply`` would import each module as a definition file):
+``gpl features apply --run-dir RUN`` writes the run's ``feature_store.yaml`` and registers these
+objects, after which ``feast -c RUN ...`` (``ui``, ``feature-views list``) works on that run.
 """
 
 from typing import Any

@@ -50,8 +50,11 @@ item_content = FeatureView(
 item_popularity = FeatureView(
     name="item_popularity",
     entities=[item],
-    # Snapshots are daily; a snapshot older than 30 days describes a different popularity regime,
-    # and the default (plus the missing indicator) is more honest than a month-old count.
+    # A row is written only on a day the item had funnel activity, and its counts are all-time,
+    # so an old row is still exact: the ttl is a policy, not staleness. An item no funnel has
+    # shown for 30 days is treated as cold (defaults plus the missing indicator), like a new
+    # item, so the light model does not rank it by a popularity it no longer has; training and
+    # serving apply it identically. Set ttl to 0 to keep such counts forever.
     ttl=timedelta(days=30),
     schema=[
         Field(name="item_id", dtype=String, description="Item key."),
@@ -102,7 +105,9 @@ item_popularity = FeatureView(
 user_activity = FeatureView(
     name="user_activity",
     entities=[user],
-    # A user's activity profile older than 90 days no longer predicts today's behaviour.
+    # Written only on a day the user was active, with all-time counts: an old row is exact, and
+    # the ttl is a policy. A user away for 90 days is scored as a returning cold user (defaults
+    # plus the missing indicator) rather than by a profile of another season.
     ttl=timedelta(days=90),
     schema=[
         Field(name="user_id", dtype=String, description="User key."),
@@ -258,7 +263,8 @@ pseudo_labels = FeatureView(
         Field(
             name="status",
             dtype=String,
-            description="ok, no_anchors or no_item_embedding.",
+            description="ok, no_anchors or no_item_embedding; 'absent' (the default) when the "
+            "job wrote no row for the candidate (an exposed or unknown one).",
             tags={"default": "absent"},
         ),
     ],
@@ -272,8 +278,9 @@ pseudo_labels = FeatureView(
 item_semantics = FeatureView(
     name="item_semantics",
     entities=[item],
-    # A SID identifies the item's content and stays valid until the item is re-tokenized (a new
-    # row); like the catalog content, it does not go stale with time.
+    # A SID identifies the item's content and does not go stale with time. Re-tokenizing (a new
+    # `gpl sids train`) rewrites the rows with their old timestamps: bring them online with
+    # `gpl features materialize --full` (an incremental load warns that it cannot).
     ttl=timedelta(0),
     schema=[
         Field(name="item_id", dtype=String, description="Item key."),
@@ -294,7 +301,10 @@ item_semantics = FeatureView(
             name="content_embedding",
             dtype=Array(Float32),
             description="L2-normalized vector of the frozen content encoder (the text, fused with "
-            "the catalog's content_embedding when given) that the SID quantizes.",
+            "the catalog's content_embedding when given) that the SID quantizes; with the SID "
+            "stage's collaborative block on, also the items' co-engagement before its "
+            "--collaborative-until, whatever the row's timestamp (not point-in-time safe "
+            "then: join it only for requests after that time).",
             tags={"default": "[]"},
         ),
     ],
@@ -307,8 +317,9 @@ item_semantics = FeatureView(
 user_history = FeatureView(
     name="user_history",
     entities=[user],
-    # A history older than 90 days says little about today's interests; past it the model sees
-    # the empty default and the missing indicator.
+    # Written only on a day the user gained a positive: a row 90 days old is still the user's
+    # latest history, but says little about today's interests; past it the model sees the
+    # empty default and the missing indicator (a policy, applied alike in training and serving).
     ttl=timedelta(days=90),
     schema=[
         Field(name="user_id", dtype=String, description="User key."),
