@@ -624,15 +624,30 @@ def features_materialize(
 @features_app.command("training-set")
 def features_training_set(
     run_dir: RunDir = DEFAULT_RUN_DIR,
-    service: Annotated[str, typer.Option(help="FeatureService to join.")] = "preranker",
+    service: Annotated[
+        str,
+        typer.Option(
+            help="FeatureService to join: preranker (the features) or training_labels (the "
+            "pseudo-labels)."
+        ),
+    ] = "preranker",
 ) -> None:
-    """Point-in-time join the request log with the FeatureService: RUN_DIR/training_set/."""
+    """Point-in-time join the request log with a FeatureService.
+
+    Writes RUN_DIR/training_set/training_set.parquet (preranker) or
+    RUN_DIR/training_set/SERVICE/training_set.parquet (any other service), with a manifest.
+    """
     from training.features.store import open_store
     from training.features.training_set import build_training_set
     from training.io import read_table
 
     with _user_errors():
         store = open_store(run_dir)
+        registered = sorted(s.name for s in store.list_feature_services())
+        if registered and service not in registered:
+            raise UsageError(
+                f"no feature service {service!r}; the registry has: {', '.join(registered)}"
+            )
         requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
         ts = build_training_set(store, requests, service)
         path = ts.write(run_dir)

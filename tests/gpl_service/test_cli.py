@@ -213,6 +213,9 @@ def test_pipeline_verbs_end_to_end(tmp_path: Path) -> None:
     for manifest in ("data", "funnel", "features", "training_set"):
         assert (run / manifest / "manifest.json").exists(), manifest
     assert (run / "feature_store.yaml").exists()
+    code, out = gpl("features", "training-set", "--run-dir", str(run), "--service", "nope")
+    assert code == 2, out
+    assert "no feature service 'nope'; the registry has: preranker, training_labels" in out, out
 
 
 TINY_ANCHORS = """\

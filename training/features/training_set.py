@@ -105,8 +105,15 @@ class TrainingSet:
     coverage: dict[str, float] = field(default_factory=dict)
 
     def write(self, run_dir: Path) -> Path:
-        """Write ``run_dir/training_set/training_set.parquet`` and its manifest."""
+        """Write the table and its manifest; return the table's path.
+
+        The default service's set goes to ``run_dir/training_set/training_set.parquet``, any
+        other's to ``run_dir/training_set/SERVICE/training_set.parquet``: joining one service
+        never overwrites another's set.
+        """
         out = run_dir / TRAINING_SET_DIR
+        if self.service != DEFAULT_SERVICE:
+            out = out / self.service
         path = write_table(self.table, out / "training_set.parquet")
         write_manifest(
             out,

@@ -123,3 +123,18 @@ def test_stats_are_float32_and_int64(built) -> None:  # type: ignore[no-untyped-
     assert schema.field("event_timestamp").type == pa.timestamp("us", tz="UTC")
     ctr = tables.user_activity.column("ctr_smoothed").to_numpy()
     assert np.all((ctr > 0) & (ctr < 1))
+
+
+def test_each_service_writes_its_own_set(tmp_path: Path) -> None:
+    """Joining the labels' service once overwrote the pre-ranker's training set."""
+    import pyarrow as pa
+
+    from training.features.training_set import TrainingSet
+
+    table = pa.table({"request_id": ["r1"], "item_id": ["i1"]})
+    default = TrainingSet(table, [], [], "preranker").write(tmp_path)
+    labels = TrainingSet(table, [], [], "training_labels").write(tmp_path)
+    assert default == tmp_path / "training_set" / "training_set.parquet"
+    assert labels == tmp_path / "training_set" / "training_labels" / "training_set.parquet"
+    assert default.exists() and labels.exists()
+    assert (tmp_path / "training_set" / "training_labels" / "manifest.json").exists()
