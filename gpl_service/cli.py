@@ -1154,6 +1154,7 @@ def train(
     from training.preranker.job import (
         FEATURE_SERVICE,
         PRERANKER_DIR,
+        PSEUDO_OBJECTIVES,
         fit,
         join_features,
         prepare,
@@ -1172,7 +1173,9 @@ def train(
             )
         cutoff, requests, _ = _train_eval_split(run_dir, until, split_quantile)
         store = open_store(run_dir)
-        joined = join_features(store, requests)
+        # The pseudo-labels' join only for objectives that train on them: `--objective exposed`
+        # runs without the pseudo-label stage.
+        joined = join_features(store, requests, cfg.loss.objective in PSEUDO_OBJECTIVES)
         semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         prepared = prepare(joined, semantics, cfg)
         fitted = fit(prepared, cfg)
@@ -1237,7 +1240,12 @@ def evaluate(
     from training.features.store import open_store
     from training.io import read_table
     from training.preranker.config import OBJECTIVES, PrerankerConfig
-    from training.preranker.job import EVALUATION_DIR, evaluate_suite, join_features
+    from training.preranker.job import (
+        EVALUATION_DIR,
+        PSEUDO_OBJECTIVES,
+        evaluate_suite,
+        join_features,
+    )
 
     with _user_errors():
         cfg = _load_config(PrerankerConfig, config)
@@ -1259,8 +1267,8 @@ def evaluate(
             typer.echo(f"warning: {warning}", err=True)
         store = open_store(run_dir)
         result = evaluate_suite(
-            join_features(store, train_requests),
-            join_features(store, eval_requests),
+            join_features(store, train_requests, any(o in PSEUDO_OBJECTIVES for o in chosen)),
+            join_features(store, eval_requests, labels=False),
             truth_table,
             read_table(run_dir / "sids" / "item_semantics.parquet"),
             read_table(run_dir / "data" / "items.parquet", "items"),

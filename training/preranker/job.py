@@ -73,13 +73,16 @@ def entity_sides() -> dict[str, str]:
     return sides
 
 
-def join_features(store: FeatureStore, requests: pa.Table) -> pa.Table:
+def join_features(store: FeatureStore, requests: pa.Table, labels: bool = True) -> pa.Table:
     """Point-in-time join of the request log with the pre-ranker's FeatureServices.
 
-    ``preranker`` (features) and ``training_labels`` (pseudo-labels); one output row per
-    request row, in order.
+    ``preranker`` (features) and, with ``labels``, ``training_labels`` (pseudo-labels); one
+    output row per request row, in order. Objectives without pseudo-labels need no
+    ``labels``, nor the pseudo-label stage's output.
     """
     joined = build_training_set(store, requests, FEATURE_SERVICE).table
+    if not labels:
+        return joined
     labels = build_training_set(
         store, requests.select(["request_id", "item_id", "event_timestamp"]), LABEL_SERVICE
     ).table

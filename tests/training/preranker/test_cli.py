@@ -160,3 +160,14 @@ def test_the_cascade_is_gpl_hap_at_the_configured_fraction_and_sid_less_items_co
     methods = json.loads((run_dir / "evaluation" / "report.json").read_text())["methods"]
     assert {"gpl_hap expressive-all", "gpl_hap routing@0.25"} <= set(methods)
     assert not any(m.startswith("exposed ") for m in methods), sorted(methods)
+
+
+def test_objectives_without_pseudo_labels_need_no_pseudo_label_stage(run_dir: Path) -> None:
+    """`--objective exposed` trains, and an evaluation of such objectives runs, on a run whose
+    pseudo-label stage never ran (the labels' join read its missing output and failed)."""
+    shutil.rmtree(run_dir / "pseudo_labels")
+    cfg = str(run_dir / "preranker.yaml")
+    code, out = gpl("train", "--run-dir", str(run_dir), "--config", cfg, "--objective", "exposed")
+    assert code == 0, out
+    code, out = gpl("train", "--run-dir", str(run_dir), "--config", cfg, "--objective", "gpl")
+    assert code == 2 and "pseudo_labels" in out and "Traceback" not in out, out
