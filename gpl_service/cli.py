@@ -574,10 +574,11 @@ def features_materialize(
     full: Annotated[
         bool,
         typer.Option(
-            help="Empty every view online and reload it from the beginning. Needed after a "
-            "stage re-ran over past data (a new `gpl sids train`, rebuilt statistics): their "
+            help="Reload every view from the beginning, replacing what is online. Needed after "
+            "a stage re-ran over past data (a new `gpl sids train`, rebuilt statistics): their "
             "rows keep their timestamps, which an incremental load never revisits and Redis "
-            "keeps unless a row is newer. Each view reads as missing while it reloads."
+            "keeps unless a row is newer. In Redis each view is emptied first and reads as "
+            "missing while it reloads."
         ),
     ] = False,
 ) -> None:

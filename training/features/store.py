@@ -131,7 +131,7 @@ def online_store_identity(store: FeatureStore) -> str:
     A Redis password is left out (it changes nothing about which data is there).
     """
     online = store.config.online_store
-    if getattr(online, "type", "") == "redis":
+    if _is_redis(store):
         parts = str(online.connection_string).split(",")
         db = next((p.split("=", 1)[1] for p in parts[1:] if p.startswith("db=")), "0")
         return f"redis://{parts[0]}/{db}"
@@ -188,10 +188,12 @@ def materialize(
         start: Lower bound for every view (a window load); default: incremental.
         views: Feature view names; default: every online view whose source table exists (a
             stage that has not run yet is reported in ``skipped``, not an error).
-        replace: Empty each view online, then load it from ``start`` (default: the beginning).
-            Needed after a stage re-ran over past data: Feast's Redis writer keeps a stored row
-            unless the new one is strictly newer, and rebuilt tables keep their timestamps.
-            The view reads as missing while it reloads.
+        replace: Reload each view from ``start`` (default: the beginning), replacing what is
+            online. Needed after a stage re-ran over past data, whose rows keep their
+            timestamps: Feast's Redis writer keeps a stored row unless the new one is strictly
+            newer, so in Redis each view is emptied first and reads as missing while it
+            reloads; SQLite's writer overwrites rows in place (an entity no longer in the
+            table keeps its last row there).
     """
     end = end or datetime.now(UTC)
     began = time.perf_counter()
@@ -231,11 +233,11 @@ def materialize(
             incremental.append(name)
             if _rewritten_before(store, fv, loaded.get(name, {}), fv.most_recent_end_time):
                 report.rewritten.append(name)
-    if replace:
+    if replace and _is_redis(store):
         for name in full:  # one view at a time: each reads as missing only while it reloads
             _clear_online(store, name)
             store.materialize(start_date=start or EPOCH, end_date=end, feature_views=[name])
-    elif full:
+    elif full:  # SQLite's writer replaces rows in place: nothing to clear
         store.materialize(start_date=start or EPOCH, end_date=end, feature_views=full)
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=incremental)
@@ -317,10 +319,12 @@ def _rewritten_before(
     return latest is not None and latest <= loaded_until
 
 
+def _is_redis(store: FeatureStore) -> bool:
+    return bool(getattr(store.config.online_store, "type", "") == "redis")
+
+
 def _clear_online(store: FeatureStore, name: str) -> None:
-    """Delete a view's online values (Redis; SQLite's writer overwrites rows in place)."""
-    if getattr(store.config.online_store, "type", "") != "redis":
-        return
+    """Delete a view's online values in Redis."""
     from feast.infra.online_stores.redis import RedisOnlineStore
 
     RedisOnlineStore().delete_table(store.config, store.get_feature_view(name))
