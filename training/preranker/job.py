@@ -83,12 +83,12 @@ def join_features(store: FeatureStore, requests: pa.Table, labels: bool = True) 
     joined = build_training_set(store, requests, FEATURE_SERVICE).table
     if not labels:
         return joined
-    labels = build_training_set(
+    pseudo = build_training_set(
         store, requests.select(["request_id", "item_id", "event_timestamp"]), LABEL_SERVICE
     ).table
-    for name in labels.column_names:
+    for name in pseudo.column_names:
         if name.startswith("pseudo_labels__"):
-            joined = joined.append_column(name, labels.column(name))
+            joined = joined.append_column(name, pseudo.column(name))
     return joined
 
 
