@@ -42,8 +42,12 @@ def _lines(model: BaseModel, indent: str) -> list[str]:
     plain = model.model_dump(mode="json")
     for name, info in type(model).model_fields.items():
         value = getattr(model, name)
-        if info.description:
-            out.extend(_comment(info.description, indent))
+        # A section without a description of its own is introduced by its model's summary.
+        text = info.description
+        if not text and isinstance(value, BaseModel):
+            text = (type(value).__doc__ or "").strip().split("\n\n")[0]
+        if text:
+            out.extend(_comment(text, indent))
         if isinstance(value, BaseModel):
             out.append(f"{indent}{name}:")
             out.extend(_lines(value, indent + "  "))

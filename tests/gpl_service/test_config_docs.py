@@ -65,3 +65,13 @@ def test_unknown_stage_is_a_usage_error() -> None:
     result = runner.invoke(app, ["config", "nope"])
     assert result.exit_code == 2
     assert "unknown stage 'nope'" in result.output
+
+
+@pytest.mark.parametrize("stage", list(CONFIG_STAGES))
+def test_every_setting_and_section_has_a_comment(stage: str) -> None:
+    """Sections whose field had no description (preranker's model, loss, training, routing;
+    pseudo-labels' weights) were printed bare."""
+    lines = settings_yaml(_model(stage), "title").splitlines()
+    for k, line in enumerate(lines):
+        if line.strip() and not line.lstrip().startswith("#"):
+            assert lines[k - 1].lstrip().startswith("#"), (stage, line)
