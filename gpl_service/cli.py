@@ -285,6 +285,7 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
     from export.parity import ExportParityError
     from gpl_service.app import ServiceStartError
     from training.anchors.errors import AnchorInputError
+    from training.data.errors import DatasetFormatError
     from training.evaluation.ranking import EvaluationError
     from training.features.training_set import RowsLostError
     from training.preranker.data import PrerankerDataError
@@ -295,6 +296,7 @@ def _stage_errors() -> tuple[type[BaseException], ...]:
     from training.sids.tokenizer import CodebookFormatError
 
     return (
+        DatasetFormatError,
         SidInputError,
         ExportError,
         ExportParityError,

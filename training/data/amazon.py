@@ -45,6 +45,7 @@ import pyarrow as pa
 
 from training.data.contract import TIMESTAMP
 from training.data.dataset import LoadedDataset
+from training.data.errors import DatasetFormatError
 
 SPLITS: Final = ("train", "valid", "test")
 _MAX_EXAMPLES: Final = 5
@@ -80,7 +81,7 @@ def load_unisrec(
     Raises:
         FileNotFoundError: When the directory, the text file, an inter file or the item index
             is missing (named).
-        ValueError: On a malformed line (file and line named), an ambiguous prefix, or items
+        DatasetFormatError: On a malformed line (file and line named), an ambiguous prefix, or items
             used by the inter files that the text file or the item index does not know.
     """
     directory = Path(directory)
@@ -163,8 +164,9 @@ def _detect_prefix(directory: Path) -> str:
     if not candidates:
         raise FileNotFoundError(f"{directory}: no '<name>.text' file (UniSRec format expected)")
     if len(candidates) > 1:
-        raise ValueError(
-            f"{directory}: several datasets ({', '.join(candidates)}); pass name= to choose one"
+        raise DatasetFormatError(
+            f"{directory}: several datasets ({', '.join(candidates)}); choose one with --name "
+            "(name= in Python)"
         )
     return candidates[0]
 
@@ -195,9 +197,11 @@ def _read_texts(file: Path) -> dict[str, str]:
         asin, sep, text = line.partition("\t")
         asin, text = asin.strip(), text.strip()
         if not sep or not asin or not text:
-            raise ValueError(f"{file}:{lineno}: expected 'item_id<TAB>text', got {line[:80]!r}")
+            raise DatasetFormatError(
+                f"{file}:{lineno}: expected 'item_id<TAB>text', got {line[:80]!r}"
+            )
         if asin in texts:
-            raise ValueError(f"{file}:{lineno}: duplicate item id {asin!r}")
+            raise DatasetFormatError(f"{file}:{lineno}: duplicate item id {asin!r}")
         texts[asin] = text
     return texts
 
@@ -207,7 +211,9 @@ def _read_index(file: Path) -> dict[str, int]:
     for lineno, line in _data_lines(file):
         key, sep, value = line.partition("\t")
         if not sep or not key.strip() or not value.strip().isdigit():
-            raise ValueError(f"{file}:{lineno}: expected 'id<TAB>integer index', got {line!r}")
+            raise DatasetFormatError(
+                f"{file}:{lineno}: expected 'id<TAB>integer index', got {line!r}"
+            )
         index[key.strip()] = int(value)
     return index
 
@@ -215,7 +221,7 @@ def _read_index(file: Path) -> dict[str, int]:
 def _invert(index: dict[str, int], file: Path) -> dict[int, str]:
     inverse = {idx: key for key, idx in index.items()}
     if len(inverse) != len(index):
-        raise ValueError(f"{file}: {len(index) - len(inverse)} indices are assigned twice")
+        raise DatasetFormatError(f"{file}: {len(index) - len(inverse)} indices are assigned twice")
     return inverse
 
 
@@ -231,7 +237,7 @@ def _read_inter(file: Path) -> dict[int, list[Line]]:
             history = [int(x) for x in fields[1].split()]
             target = int(fields[2])
         except ValueError as exc:
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{file}:{lineno}: malformed line {line[:80]!r} "
                 f"(expected user<TAB>history idxs<TAB>target idx): {exc}"
             ) from exc
@@ -256,13 +262,13 @@ def _check_items(
     files = ", ".join(str(f) for f in inter_files.values())
     no_asin = sorted(used - idx_to_asin.keys())
     if no_asin:
-        raise ValueError(
+        raise DatasetFormatError(
             f"{len(no_asin)} item indices used in {files} are missing from the item index, "
             f"e.g. {', '.join(map(str, no_asin[:_MAX_EXAMPLES]))}"
         )
     no_text = sorted({idx_to_asin[i] for i in used} - texts.keys())
     if no_text:
-        raise ValueError(
+        raise DatasetFormatError(
             f"{len(no_text)} items used in {files} are missing from {text_file}, "
             f"e.g. {', '.join(no_text[:_MAX_EXAMPLES])}"
         )

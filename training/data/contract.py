@@ -21,6 +21,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -150,9 +151,13 @@ def validate(table: pa.Table, name: str) -> list[str]:
     if name not in TABLES:
         raise KeyError(f"unknown contract table {name!r}; expected one of {sorted(TABLES)}")
     schema, optional, id_columns = TABLES[name]
+    table = decode_dictionaries(table)
     problems: list[str] = []
     present = set(table.column_names)
     usable: set[str] = set()
+    # ISO-string timestamps, parsed: the row checks (a click before its impression) compare
+    # instants, whichever form each column came in.
+    parsed_columns: dict[str, pa.ChunkedArray] = {}
     for fld in schema:
         if fld.name not in present:
             problems.append(f"missing column {fld.name!r} (expected {fld.type})")
@@ -160,13 +165,16 @@ def validate(table: pa.Table, name: str) -> list[str]:
         actual = table.schema.field(fld.name).type
         if fld.type == TIMESTAMP and _is_string(actual):
             # ISO-8601 strings with an offset are accepted: say precisely which are not.
-            _, ts_problems = parse_timestamps(table.column(fld.name), fld.name)
-            if ts_problems:
+            parsed, ts_problems = parse_timestamps(table.column(fld.name), fld.name)
+            if ts_problems or parsed is None:
                 problems += ts_problems
                 continue
+            parsed_columns[fld.name] = parsed
         elif not _type_matches(actual, fld.type):
             problems.append(f"column {fld.name!r} has type {actual}, expected {fld.type}")
             continue
+        else:
+            problems += _range_problems(table.column(fld.name), fld.type, fld.name)
         usable.add(fld.name)
         nulls = table.column(fld.name).null_count
         if not fld.nullable and nulls:
@@ -176,16 +184,22 @@ def validate(table: pa.Table, name: str) -> list[str]:
             continue
         actual = table.schema.field(col).type
         if typ == TIMESTAMP and _is_string(actual):
-            _, ts_problems = parse_timestamps(table.column(col), col)
-            if ts_problems:
+            parsed, ts_problems = parse_timestamps(table.column(col), col)
+            if ts_problems or parsed is None:
                 problems += ts_problems
                 continue
+            parsed_columns[col] = parsed
         elif not _type_matches(actual, typ):
             problems.append(f"optional column {col!r} has type {actual}, expected {typ}")
             continue
+        else:
+            problems += _range_problems(table.column(col), typ, col)
         usable.add(col)
         if typ == TIMESTAMP and pa.types.is_timestamp(actual):
             problems += _zone_problems(actual, col)
+    for col, parsed in parsed_columns.items():
+        index = table.schema.get_field_index(col)
+        table = table.set_column(index, pa.field(col, parsed.type), parsed)
 
     if "event_timestamp" in usable and pa.types.is_timestamp(
         table.schema.field("event_timestamp").type
@@ -209,6 +223,38 @@ def validate(table: pa.Table, name: str) -> list[str]:
     if name in ("truth",) and "label" in usable:
         problems += _check_binary(table, "label")
     return problems
+
+
+def decode_dictionaries(table: pa.Table) -> pa.Table:
+    """``table`` with dictionary-encoded columns (pandas categoricals) as their plain values."""
+    for index, fld in enumerate(table.schema):
+        if pa.types.is_dictionary(fld.type):
+            plain = table.column(index).cast(fld.type.value_type)
+            table = table.set_column(index, pa.field(fld.name, plain.type), plain)
+    return table
+
+
+def _range_problems(column: pa.ChunkedArray, typ: pa.DataType, name: str) -> list[str]:
+    """Values of a wider integer column that the contract's narrower type cannot hold."""
+    if not (pa.types.is_integer(typ) and pa.types.is_integer(column.type)):
+        return []
+    if column.type.bit_width <= typ.bit_width and (
+        pa.types.is_signed_integer(column.type) or column.type.bit_width < typ.bit_width
+    ):
+        return []
+    info = np.iinfo(typ.to_pandas_dtype())
+    bounds = pc.min_max(column)
+    low, high = bounds["min"].as_py(), bounds["max"].as_py()
+    if low is None or (info.min <= low and high <= info.max):
+        return []
+    outside = pc.sum(
+        pc.or_(
+            pc.less(column, pa.scalar(int(info.min))), pc.greater(column, pa.scalar(int(info.max)))
+        )
+    ).as_py()
+    return [
+        f"column {name!r} has {outside} values outside the {typ} range [{info.min}, {info.max}]"
+    ]
 
 
 def _zone_problems(ts_type: pa.TimestampType, column: str) -> list[str]:
@@ -267,7 +313,10 @@ def parse_timestamps(
 
     values = column.to_pandas()
     present = values.notna()
-    parsed = pd.to_datetime(values, errors="coerce", utc=True, format="ISO8601")
+    # RFC 3339 allows a lowercase "t" and "z"; pandas reads only the uppercase ones.
+    parsed = pd.to_datetime(values.str.upper(), errors="coerce", utc=True, format="ISO8601")
+    # The contract keeps microseconds: finer digits are truncated, as for typed columns.
+    parsed = parsed.dt.floor("us")
     bad = values[present & parsed.isna()]
     problems = []
     if len(bad):
@@ -275,7 +324,9 @@ def parse_timestamps(
             f"column {name!r} has {len(bad)} unparseable timestamps, e.g. {_examples(bad.tolist())}"
         )
     # A string without an offset would be silently read as UTC: refuse it instead.
-    has_offset = values[present].astype(str).str.contains(r"(?:Z|[+-]\d\d:?\d\d)$", regex=True)
+    has_offset = (
+        values[present].astype(str).str.contains(r"(?:[Zz]|[+-]\d\d(?::?\d\d)?)$", regex=True)
+    )
     naive = values[present][~has_offset]
     if len(naive):
         problems.append(
@@ -315,6 +366,9 @@ def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
                     f"column {col!r} has unknown values {_examples(unknown.to_pylist())}; "
                     f"allowed: {', '.join(allowed)}"
                 )
+    if {"request_id", "user_id", "event_timestamp"} <= usable:
+        problems += _request_consistency(table)
+    problems += _position_problems(table, usable)
     if "label" in usable:
         problems += _check_binary(table, "label")
     if {"label", "stage"} <= usable:
@@ -371,6 +425,52 @@ def _check_requests(table: pa.Table, usable: set[str]) -> list[str]:
     return problems
 
 
+def _request_consistency(table: pa.Table) -> list[str]:
+    """A request is one user at one time: every row of a request_id must agree on both."""
+    per_request = table.group_by("request_id").aggregate(
+        [("user_id", "count_distinct"), ("event_timestamp", "count_distinct")]
+    )
+    problems = []
+    for col, what in (("user_id", "user_ids"), ("event_timestamp", "event_timestamps")):
+        counts = per_request.column(f"{col}_count_distinct")
+        mixed = per_request.filter(pc.greater(counts, 1))
+        if mixed.num_rows:
+            sample = _examples(mixed.column("request_id").to_pylist())
+            problems.append(
+                f"{mixed.num_rows} requests have rows with different {what} (a request is one "
+                f"user at one time), e.g. {sample}"
+            )
+    return problems
+
+
+def _position_problems(table: pa.Table, usable: set[str]) -> list[str]:
+    """Positions are 1-based, absent on global negatives, and ranks only past pre-ranking."""
+    problems = []
+    positions = [c for c in ("prerank_position", "rank_position") if c in usable]
+    for col in positions:
+        below = pc.sum(pc.fill_null(pc.less(table.column(col), 1), False)).as_py() or 0
+        if below:
+            problems.append(f"column {col!r} has {below} values below 1 (positions are 1-based)")
+    if "group" in usable:
+        global_negative = pc.equal(table.column("group"), "global_negative")
+        for col in positions:
+            placed = pc.sum(pc.and_(global_negative, pc.is_valid(table.column(col)))).as_py()
+            if placed:
+                problems.append(
+                    f"{placed} global_negative rows have a {col} (never in the funnel: leave it "
+                    "null)"
+                )
+    if {"rank_position", "stage"} <= usable:
+        retrieved = pc.equal(table.column("stage"), "retrieved")
+        ranked = pc.sum(pc.and_(retrieved, pc.is_valid(table.column("rank_position")))).as_py()
+        if ranked:
+            problems.append(
+                f"{ranked} rows with stage 'retrieved' have a rank_position (only rows that "
+                "passed pre-ranking are ranked)"
+            )
+    return problems
+
+
 def _check_label_timestamps(table: pa.Table, usable: set[str]) -> list[str]:
     problems: list[str] = []
     known = pc.is_valid(table.column("label_timestamp"))
@@ -409,6 +509,7 @@ def conform(table: pa.Table, name: str) -> pa.Table:
     problems = validate(table, name)
     if problems:
         raise ContractError(name, problems)
+    table = decode_dictionaries(table)
     schema, optional, _ = TABLES[name]
     columns: dict[str, pa.ChunkedArray] = {}
     for fld in schema:

@@ -28,6 +28,7 @@ import pyarrow as pa
 
 from training.data.contract import TIMESTAMP
 from training.data.dataset import LoadedDataset
+from training.data.errors import DatasetFormatError
 
 ENCODING: Final = "latin-1"
 """``u.item`` and ``u.genre`` are Latin-1 (e.g. ``Misérables``), not UTF-8."""
@@ -51,8 +52,8 @@ def load_movielens_100k(path: Path, min_rating: float | None = None) -> LoadedDa
 
     Raises:
         FileNotFoundError: When the directory or one of the three files is missing (named).
-        ValueError: On a malformed row (file and line named), or when ``u.data`` rates movies
-            that ``u.item`` does not list.
+        DatasetFormatError: On a malformed row (file and line named), or when ``u.data`` rates
+            movies that ``u.item`` does not list.
     """
     path = Path(path)
     files = {name: path / name for name in ("u.data", "u.item", "u.genre")}
@@ -67,12 +68,12 @@ def load_movielens_100k(path: Path, min_rating: float | None = None) -> LoadedDa
     known = set(movie_ids)
     unknown = sorted(set(items.tolist()) - known, key=int)
     if unknown:
-        raise ValueError(
+        raise DatasetFormatError(
             f"{files['u.data']}: {len(unknown)} rated item ids are not in {files['u.item']}, "
             f"e.g. {', '.join(unknown[:5])}"
         )
     if len(times) == 0:
-        raise ValueError(f"{files['u.data']}: no ratings")
+        raise DatasetFormatError(f"{files['u.data']}: no ratings")
 
     first_seen = _earliest_per_item(items, times)
     dataset_start = int(times.min())
@@ -126,10 +127,10 @@ def _read_genres(file: Path) -> list[str]:
             continue  # the official file ends with a blank line
         name, sep, index = line.rpartition("|")
         if not sep or not name or not index.strip().isdigit():
-            raise ValueError(f"{file}:{lineno}: expected 'name|index', got {line!r}")
+            raise DatasetFormatError(f"{file}:{lineno}: expected 'name|index', got {line!r}")
         by_index[int(index)] = name
     if sorted(by_index) != list(range(len(by_index))):
-        raise ValueError(f"{file}: genre indices must be 0..n-1, got {sorted(by_index)}")
+        raise DatasetFormatError(f"{file}: genre indices must be 0..n-1, got {sorted(by_index)}")
     return [by_index[i] for i in range(len(by_index))]
 
 
@@ -145,18 +146,18 @@ def _read_items(file: Path, genres: list[str]) -> tuple[list[str], list[str], li
             continue
         fields = line.split("|")
         if len(fields) != n_fields:
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{file}:{lineno}: expected {n_fields} '|'-separated fields "
                 f"(5 + {len(genres)} genre flags), got {len(fields)}"
             )
         movie_id = fields[0].strip()
         flags = fields[_N_ITEM_FIXED_FIELDS:]
         if not movie_id.isdigit() or any(f not in ("0", "1") for f in flags):
-            raise ValueError(
+            raise DatasetFormatError(
                 f"{file}:{lineno}: expected a numeric movie id and 0/1 genre flags: {line!r}"
             )
         if movie_id in seen:
-            raise ValueError(f"{file}:{lineno}: duplicate movie id {movie_id}")
+            raise DatasetFormatError(f"{file}:{lineno}: duplicate movie id {movie_id}")
         seen.add(movie_id)
         movie_genres = [g for g, flag in zip(genres, flags, strict=True) if flag == "1"]
         title, year = _title_and_year(fields[1], fields[2])
@@ -213,7 +214,7 @@ def _read_ratings(file: Path) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.nd
                     raise ValueError("user and item ids must be integers")
                 rating, seconds = float(fields[2]), int(fields[3])
             except ValueError as exc:
-                raise ValueError(
+                raise DatasetFormatError(
                     f"{file}:{lineno}: malformed rating row {line.rstrip()!r} "
                     f"(expected user<TAB>item<TAB>rating<TAB>unix seconds): {exc}"
                 ) from exc

@@ -171,7 +171,7 @@ class SynthConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    seed: int = Field(7, description="Seed of the numpy Generator; same seed, same tables.")
+    seed: int = Field(7, ge=0, description="Seed of the numpy Generator; same seed, same tables.")
     n_items: int = Field(2000, ge=1, description="Catalog size (at least 3 items per topic).")
     n_users: int = Field(500, ge=1, description="Number of users.")
     n_topics: int = Field(

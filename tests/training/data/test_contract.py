@@ -5,6 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from tests.factories import make_items, make_requests
@@ -175,4 +176,83 @@ def test_label_timestamp_is_optional_and_checked() -> None:
     )
     assert validate(naive, "requests") == [
         "column 'label_timestamp' is timezone-naive; timestamps must be UTC-aware"
+    ]
+
+
+def _set(table: pa.Table, name: str, values: pa.Array) -> pa.Table:
+    return table.set_column(table.schema.get_field_index(name), name, values)
+
+
+def test_a_click_before_its_impression_is_refused_in_iso_strings_too() -> None:
+    """With ISO-string event timestamps the check was skipped: a 2020 click on a 2024 impression
+    passed validation and leaked the click into features before its time."""
+    requests = make_requests(n_requests=6, n_users=2, n_items=20, seed=1)
+    rows = requests.to_pylist()
+    clicked = next(i for i, r in enumerate(rows) if r["label"] == 1)
+    known: list[datetime | None] = [None] * len(rows)
+    known[clicked] = rows[clicked]["event_timestamp"].replace(year=2000)
+    iso = pa.array([r["event_timestamp"].isoformat() for r in rows])
+    table = _with_label_timestamps(_set(requests, "event_timestamp", iso), known)
+    assert validate(table, "requests") == [
+        "1 rows have a label_timestamp before their request's event_timestamp (a click cannot "
+        "come before the impression)"
+    ]
+    strings = [None if k is None else k.isoformat() for k in known]
+    both = _set(requests, "event_timestamp", iso).append_column(
+        "label_timestamp", pa.array(strings)
+    )
+    assert len(validate(both, "requests")) == 1
+
+
+def test_sub_microsecond_strings_are_truncated_and_offsets_read() -> None:
+    requests = make_requests(n_requests=2, n_users=2, n_items=20)
+    n = requests.num_rows
+    stamps = ["2024-01-02T00:00:00.123456789Z", "2024-01-02T02:00:00+02", "2024-01-02t00:00:00z"]
+    for stamp in stamps:
+        table = _set(requests, "event_timestamp", pa.array([stamp] * n))
+        assert validate(table, "requests") == [], stamp
+        got = conform(table, "requests").column("event_timestamp")[0].as_py()
+        assert got == datetime(2024, 1, 2, 0, 0, 0, 123456 if "." in stamp else 0, tzinfo=UTC)
+
+
+def test_requests_must_be_one_user_at_one_time_with_funnel_positions() -> None:
+    requests = make_requests(n_requests=3, n_users=2, n_items=20)
+    rows = requests.to_pylist()
+    first = rows[0]["request_id"]
+    same = [i for i, r in enumerate(rows) if r["request_id"] == first]
+    rows[same[1]]["user_id"] = "someone-else"
+    rows[same[2]]["event_timestamp"] = rows[same[2]]["event_timestamp"].replace(year=2030)
+    retrieved = next(i for i, r in enumerate(rows) if r["stage"] == "retrieved")
+    rows[retrieved]["rank_position"] = 3
+    rows[same[0]]["prerank_position"] = 0
+    problems = validate(pa.Table.from_pylist(rows, requests.schema), "requests")
+    assert (
+        "1 requests have rows with different user_ids (a request is one user at one time), "
+        f"e.g. {first!r}" in problems
+    )
+    assert any("different event_timestamps" in p for p in problems)
+    assert "column 'prerank_position' has 1 values below 1 (positions are 1-based)" in problems
+    assert any("stage 'retrieved' have a rank_position" in p for p in problems), problems
+    global_rows = [
+        dict(r, group="global_negative", stage="retrieved", label=None) for r in rows[:1]
+    ]
+    global_rows[0]["prerank_position"] = 5
+    global_rows[0]["rank_position"] = None
+    global_rows[0]["request_id"] = "r-new"
+    got = validate(pa.Table.from_pylist(global_rows, requests.schema), "requests")
+    assert got == [
+        "1 global_negative rows have a prerank_position (never in the funnel: leave it null)"
+    ]
+
+
+def test_categorical_columns_and_out_of_range_integers() -> None:
+    requests = make_requests(n_requests=3, n_users=2, n_items=20)
+    categorical = _set(requests, "stage", pc.dictionary_encode(requests.column("stage")))
+    assert validate(categorical, "requests") == []
+    assert conform(categorical, "requests").schema.field("stage").type == pa.string()
+    wide = pc.cast(requests.column("prerank_position"), pa.int64()).to_pylist()
+    wide[0] = 2**40
+    problems = validate(_set(requests, "prerank_position", pa.array(wide, pa.int64())), "requests")
+    assert problems == [
+        "column 'prerank_position' has 1 values outside the int32 range [-2147483648, 2147483647]"
     ]

@@ -162,3 +162,15 @@ def test_importing_nothing_is_an_error_not_an_empty_run(ml_dir: Path, tmp_path: 
     assert not (run / "data" / "interactions.parquet").exists()
     code, out = gpl("data", "import", "movielens", str(ml_dir), "--run-dir", str(run))
     assert code == 0, out
+
+
+def test_malformed_files_are_one_line_on_the_command_line(tmp_path: Path) -> None:
+    """The loaders' format errors were tracebacks from `gpl data import` (exit 1)."""
+    from tests.gpl_service.test_cli import gpl
+
+    directory = write_ml100k(tmp_path / "ml", ratings=[*RATINGS[:2], (3, 1, "five", 881250000)])
+    code, out = gpl("data", "import", "movielens", str(directory), "--run-dir", str(tmp_path))
+    assert code == 2 and "Traceback" not in out, out
+    assert out.startswith("error: ") and "u.data:3: malformed rating row" in out, out
+    code, out = gpl("data", "synth", "--run-dir", str(tmp_path), "--seed", "-1")
+    assert code == 2 and "error: --seed: Input should be greater than or equal to 0" in out, out
