@@ -411,6 +411,7 @@ def _simulate_request(
     history: IntArray,
     future: IntArray,
     future_ts: IntArray,
+    released: npt.NDArray[np.bool_],
     rng: np.random.Generator,
     cfg: SimulatorConfig,
     counters: dict[str, int],
@@ -418,11 +419,13 @@ def _simulate_request(
     """Run one request through retrieval, pre-rank, rank and exposure; None if no candidates.
 
     ``history`` and ``future`` are catalog indices in time order, ``future_ts`` the times of the
-    ``future`` engagements (a click label becomes known at the item's first one); ``counters``
+    ``future`` engagements (a click label becomes known at the item's first one); ``released``
+    marks the items already in the catalog at the request (its ``event_timestamp`` at or before
+    the request's time): no other item is retrieved or drawn as a global negative. ``counters``
     accumulates the clamps and the funnel-recall numerators and denominator.
     """
     n_items = models.n_items
-    available = np.ones(n_items, dtype=bool)
+    available = released.copy()
     if cfg.exclude_history:
         available[history] = False
     future_mask = np.zeros(n_items, dtype=bool)
@@ -552,9 +555,13 @@ def simulate_funnel(items: pa.Table, interactions: pa.Table, cfg: SimulatorConfi
             "future_preranked",
             "future_ranked",
             "future_exposed",
+            "unreleased_items_excluded",
         ),
         0,
     )
+    # An item enters the catalog at its event_timestamp (MovieLens: its first rating): a funnel
+    # before that cannot retrieve it, nor its features exist (a point-in-time join finds none).
+    item_ts = items.column("event_timestamp").combine_chunks().cast(pa.int64()).to_numpy()
     kept: list[int] = []
     rows: list[_Rows] = []
     requests_per_bucket = np.zeros(cfg.time_buckets, dtype=np.int64)
@@ -570,7 +577,9 @@ def simulate_funnel(items: pa.Table, interactions: pa.Table, cfg: SimulatorConfi
         future_end = min(row + cfg.future_horizon, int(user_end))
         future, future_ts = log.item[row:future_end], log.ts[row:future_end]
         rng = np.random.default_rng([cfg.seed, _STREAM_REQUEST, int(log.user[row]), p])
-        result = _simulate_request(models, history, future, future_ts, rng, cfg, counters)
+        released = item_ts <= log.ts[row]
+        counters["unreleased_items_excluded"] += n_items - int(np.count_nonzero(released))
+        result = _simulate_request(models, history, future, future_ts, released, rng, cfg, counters)
         if result is None:
             continue
         kept.append(int(row))
@@ -694,4 +703,6 @@ def _stats(
         "requests_retrieval_clamped": counters["requests_retrieval_clamped"],
         "requests_skipped_no_candidates": counters["requests_skipped_no_candidates"],
         "global_negatives_shortfall": counters["global_negatives_shortfall"],
+        # Summed over requests: catalog items not yet released at each request's time.
+        "unreleased_items_excluded": counters["unreleased_items_excluded"],
     }
