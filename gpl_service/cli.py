@@ -1239,6 +1239,8 @@ def evaluate(
     says so in the report) when the anchor LM, the pseudo-labels' calibration or the SIDs'
     collaborative block was fitted on data from after the cutoff.
     """
+    import pyarrow.compute as pc
+
     from training.evaluation.leakage import upstream_leaks
     from training.features.store import open_store
     from training.io import read_table
@@ -1260,8 +1262,15 @@ def evaluate(
         unknown = [o for o in chosen if o not in OBJECTIVES]
         if unknown:
             raise UsageError(f"unknown objectives {unknown}; choose from {', '.join(OBJECTIVES)}")
+        if objectives is not None and not chosen:
+            raise UsageError(f"--objectives names none; choose from {', '.join(OBJECTIVES)}")
+        chosen = list(dict.fromkeys(chosen))
         truth_path = truth or run_dir / "funnel" / "truth.parquet"
         truth_table = read_table(truth_path, "truth")
+        if not (pc.sum(truth_table.column("label")).as_py() or 0):
+            raise UsageError(
+                f"{truth_path} has no positive label: every ranking metric would be undefined"
+            )
         cutoff, train_requests, eval_requests = _train_eval_split(run_dir, since, split_quantile)
         if eval_requests.num_rows == 0:
             raise UsageError(f"no request at or after {cutoff}: choose an earlier cutoff")

@@ -48,6 +48,9 @@ SCORED_COLUMNS: Final[tuple[str, ...]] = ("request_id", "user_id", "item_id", "s
 """Columns a scored table must have."""
 
 UNEXPOSED_PREFIX: Final = "unexposed_"
+#: The metrics that compare scores across requests (all others are per request): a score only
+#: meaningful within its request (a cascade's order offset) must not be judged by them.
+POOLED_METRICS: Final = ("auc", UNEXPOSED_PREFIX + "auc")
 
 _CHUNK_ROWS: Final = 1 << 16
 """Top-K rows gathered at once for the intra-list distance (bounds memory to chunk x dim)."""

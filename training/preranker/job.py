@@ -26,7 +26,12 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from training.data.labels import log_as_of
-from training.evaluation.ranking import LONG_TAIL_HEAD_SHARE, ItemInfo, evaluate_scores
+from training.evaluation.ranking import (
+    LONG_TAIL_HEAD_SHARE,
+    POOLED_METRICS,
+    ItemInfo,
+    evaluate_scores,
+)
 from training.evaluation.report import ReportPaths, write_report
 from training.features.training_set import build_training_set
 from training.io import atomic_path, write_manifest
@@ -46,7 +51,13 @@ from training.preranker.models import (
     build_model,
     flops_per_candidate,
 )
-from training.preranker.routing import cascade_scores, routed_mask, routing_flops, sigmoid
+from training.preranker.routing import (
+    cascade_probabilities,
+    cascade_scores,
+    routed_mask,
+    routing_flops,
+    sigmoid,
+)
 from training.preranker.train import TrainedModel, score, train_model
 
 PRERANKER_DIR: Final = "preranker"
@@ -55,6 +66,9 @@ FEATURE_SERVICE: Final = "preranker"
 LABEL_SERVICE: Final = "training_labels"
 PSEUDO_OBJECTIVES: Final = ("gpl", "gpl_hap")
 ROUTING_FRACTIONS: Final = (0.05, 0.1, 0.2, 0.3, 0.5, 1.0)
+#: Below this share of candidates with a truth row the report warns that metrics treat the rest
+#: as negatives.
+TRUTH_COVERAGE_WARNING: Final = 0.5
 
 
 def entity_sides() -> dict[str, str]:
@@ -333,6 +347,24 @@ def scored_table(data: PrerankData, scores: npt.NDArray[np.float32]) -> pa.Table
     )
 
 
+def reference_scores(data: PrerankData, items: ItemInfo) -> dict[str, npt.NDArray[np.float32]]:
+    """Untrained scorers for the report, from inputs the models have too.
+
+    ``reference: popularity``: log(1 + the candidate's training popularity);
+    ``reference: history cosine``: max cosine of the candidate's content to the user's history;
+    ``reference: anchors + history cosine``: the larger of that and the max cosine to the
+    user's anchors. A model below them has not learned what its inputs already hold.
+    """
+    index = {item_id: k for k, item_id in enumerate(items.item_ids)}
+    popularity = items.popularity[[index[i] for i in data.item_ids]]
+    history = data.cross[:, 2]
+    return {
+        "reference: popularity": np.log1p(popularity).astype(np.float32),
+        "reference: history cosine": history.astype(np.float32),
+        "reference: anchors + history cosine": np.maximum(history, data.cross[:, 0]),
+    }
+
+
 def item_info(
     table: ItemTable, items: pa.Table, train_requests: pa.Table, scored: pa.Table | None = None
 ) -> ItemInfo:
@@ -407,13 +439,16 @@ def evaluate_suite(
     sweep ``ROUTING_FRACTIONS`` and the configured ``hard_fraction``.
     """
     began = time.perf_counter()
-    objectives = objectives or list(OBJECTIVES)
+    # Listed twice, an objective would be trained twice per seed and its std faked.
+    objectives = list(dict.fromkeys(objectives or OBJECTIVES))
     cascaded_objective = "gpl_hap" if "gpl_hap" in objectives else objectives[-1]
     fractions = sorted({*ROUTING_FRACTIONS, cfg.routing.hard_fraction})
     base = prepare(train_table, semantics, cfg)
     eval_data = encode(eval_table, base.items, base.prep, need_pseudo=False)
     info_items = item_info(base.items, items, train_table, eval_table)
     results: dict[str, list[dict[str, float]]] = {}
+    for name, reference in reference_scores(eval_data, info_items).items():
+        results[name] = [evaluate_scores(scored_table(eval_data, reference), truth, info_items)]
     routing: list[dict[str, float]] = []
     runs = [(o, s) for s in range(seeds) for o in objectives]
     for objective, seed in tqdm(runs, desc="objectives x seeds", disable=not cfg.training.progress):
@@ -434,6 +469,16 @@ def evaluate_suite(
                 routed = routed_mask(light, eval_data.offsets, fraction)
                 cascaded = cascade_scores(light, expressive, routed)
                 m = evaluate_scores(scored_table(eval_data, cascaded), truth, info_items)
+                # Pooled AUCs compare rows across requests: on the served probabilities, not
+                # on the order-carrying +1 offset, which ranks every request's routed rows
+                # above every other request's rest (it lifted the cascade above both models).
+                served = evaluate_scores(
+                    scored_table(eval_data, cascade_probabilities(light, expressive, routed)),
+                    truth,
+                    info_items,
+                )
+                for pooled in POOLED_METRICS:
+                    m[pooled] = served[pooled]
                 fl = routing_flops(
                     int(routed.sum()),
                     eval_data.n_rows,
@@ -453,6 +498,13 @@ def evaluate_suite(
         f"{eval_data.n_requests} ({eval_data.n_rows} rows); {seeds} seed(s).",
         "Methods are the light model unless marked: 'expressive-all' scores every candidate "
         "with the expressive model, 'routing@M' re-scores the top M share by light score.",
+        "'reference:' rows are untrained scorers the models should beat: the candidate's "
+        "training popularity, and its content similarity to the user's history (and anchors), "
+        "two of the models' own inputs.",
+        "AUC and unexposed_auc pool every request's rows; for routing@M they are computed on "
+        "the probabilities the cascade serves. routing@M re-orders only each request's top "
+        "ceil(M x n) rows by light score, so its HR and Recall@K equal the light model's "
+        "whenever that share is at most K.",
         "unexposed_* metrics rank only the candidates that were not exposed.",
         *(f"Warning: {w}." for w in warnings or []),
     ]
@@ -463,8 +515,19 @@ def evaluate_suite(
             f"Recall and NDCG average over the {first[0]['requests_evaluated']:.0f} evaluation "
             f"requests with a positive; longtail_recall@K over the "
             f"{first[0]['longtail_requests_evaluated']:.0f} with a long-tail positive (items "
-            f"outside the top {LONG_TAIL_HEAD_SHARE:.0%} by training popularity)."
+            f"outside the top {LONG_TAIL_HEAD_SHARE:.0%} by training popularity: how often an "
+            "item was a candidate in the training requests, global negatives included)."
         )
+        coverage = first[0]["truth_coverage"]
+        notes.append(
+            f"Truth coverage: {coverage:.1%} of the evaluated candidates have a truth row; the "
+            "others count as negatives."
+        )
+        if coverage < TRUTH_COVERAGE_WARNING:
+            notes.append(
+                f"Warning: only {coverage:.1%} of the candidates have a truth row; every metric "
+                "treats the rest as negatives, so they measure agreement with a sparse truth."
+            )
     report = write_report(results, out_dir, title, notes=notes, curves=curves)
     info = {"seconds": round(time.perf_counter() - began, 1)}
     return SuiteResult(results, routing, report, info)

@@ -39,8 +39,18 @@ def sigmoid(x: F32) -> F32:
 
 
 def cascade_scores(light: F32, expressive: F32, routed: npt.NDArray[np.bool_]) -> F32:
-    """One score per row whose order within a request is the cascade's order."""
+    """One score per row whose order within a request is the cascade's order.
+
+    For per-request metrics only: the +1 puts every routed row above every other row of *any*
+    request, so a pooled AUC on it measures that offset, not the models (use
+    :func:`cascade_probabilities`).
+    """
     return np.where(routed, 1.0 + sigmoid(expressive), sigmoid(light)).astype(np.float32)
+
+
+def cascade_probabilities(light: F32, expressive: F32, routed: npt.NDArray[np.bool_]) -> F32:
+    """The probability the cascade serves for each row: the expressive model's where routed."""
+    return np.where(routed, sigmoid(expressive), sigmoid(light)).astype(np.float32)
 
 
 def routing_flops(

@@ -89,12 +89,22 @@ def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
     assert "Warning: the pseudo-labels' calibration" in report
     for method in ("exposed", "gpl_hap", "gpl_hap expressive-all", "gpl_hap routing@0.2"):
         assert f"| {method} |" in report or method in report, method
+    # Untrained references from the models' own inputs, and the truth's coverage.
+    for method in ("popularity", "history cosine", "anchors + history cosine"):
+        assert f"| reference: {method} | 1 |" in report, method
+    assert "Truth coverage: 100.0% of the evaluated candidates have a truth row" in report
     assert "±" in report
     assert "with a long-tail positive" in report
     assert (run_dir / "evaluation" / "report.html").exists()
 
     code, out = gpl("evaluate", "--run-dir", str(run_dir), "--objectives", "exposed,nope")
     assert code == 2 and "unknown objectives" in out
+    code, out = gpl("evaluate", "--run-dir", str(run_dir), "--objectives", ",")
+    assert code == 2 and "--objectives names none" in out, out
+    no_positive = truth.set_column(3, "label", pa.array(np.zeros(truth.num_rows, np.int8)))
+    write_table(no_positive, run_dir / "none.parquet")
+    code, out = evaluate(run_dir, "--truth", str(run_dir / "none.parquet"))
+    assert code == 2 and "has no positive label" in out, out
 
 
 def test_evaluate_against_a_separate_random_exposure_truth(run_dir: Path, run: Run) -> None:
@@ -171,3 +181,26 @@ def test_objectives_without_pseudo_labels_need_no_pseudo_label_stage(run_dir: Pa
     assert code == 0, out
     code, out = gpl("train", "--run-dir", str(run_dir), "--config", cfg, "--objective", "gpl")
     assert code == 2 and "pseudo_labels" in out and "Traceback" not in out, out
+
+
+def test_an_objective_listed_twice_is_trained_once_per_seed(run_dir: Path, run: Run) -> None:
+    """`--objectives exposed,exposed` trained each seed twice and reported a std of duplicates."""
+    write_table(
+        pa.table(
+            {
+                "request_id": run.requests.column("request_id"),
+                "user_id": run.requests.column("user_id"),
+                "item_id": run.requests.column("item_id"),
+                "label": pa.array(np.arange(run.requests.num_rows) % 5 == 0).cast(pa.int8()),
+            }
+        ),
+        run_dir / "funnel" / "truth.parquet",
+    )
+    config = str(run_dir / "preranker.yaml")
+    code, out = gpl(
+        "evaluate", "--run-dir", str(run_dir), "--config", config, "--seeds", "1",
+        "--objectives", "exposed,exposed",
+    )  # fmt: skip
+    assert code == 0, out
+    report = (run_dir / "evaluation" / "report.md").read_text()
+    assert "| exposed | 1 |" in report, report
