@@ -7,6 +7,7 @@ from datetime import timedelta
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import pyarrow.compute as pc
 import pytest
 
 from tests.factories import T0, make_items, make_requests
@@ -88,10 +89,15 @@ def test_counts_match_a_recount_by_the_day_each_event_was_known(seed: int) -> No
     # Some retrieved-only rows become global random negatives (never in the funnel).
     group = requests.column("group").to_numpy(zero_copy_only=False).copy()
     stage = requests.column("stage").to_numpy(zero_copy_only=False)
-    group[(stage == "retrieved") & (rng.random(requests.num_rows) < 0.5)] = "global_negative"
+    drawn = (stage == "retrieved") & (rng.random(requests.num_rows) < 0.5)
+    group[drawn] = "global_negative"
     requests = requests.set_column(
         requests.schema.get_field_index("group"), "group", pa.array(group, pa.string())
     )
+    # As the contract has it: a global negative has no funnel position.
+    index = requests.schema.get_field_index("prerank_position")
+    positions = pc.if_else(pa.array(drawn), None, requests.column(index))
+    requests = requests.set_column(index, requests.schema.field(index), positions)
     requests = conform(requests, "requests")
     tables = compute_feature_tables(make_items(15), requests)
     log = requests.to_pandas()
