@@ -63,14 +63,16 @@ _PIPELINE_ORDER: Final = (
     "config",
 )
 
+_PIPELINE_RANK: Final = {name: rank for rank, name in enumerate(_PIPELINE_ORDER)}
+
 
 class _PipelineOrderGroup(TyperGroup):
     """Lists the top-level verbs in the order the pipeline runs them."""
 
     def list_commands(self, ctx: Context) -> list[str]:
         names = super().list_commands(ctx)
-        rank = {name: i for i, name in enumerate(_PIPELINE_ORDER)}
-        return sorted(names, key=lambda name: (rank.get(name, len(rank)), name))
+        last = len(_PIPELINE_RANK)
+        return sorted(names, key=lambda name: (_PIPELINE_RANK.get(name, last), name))
 
 
 app = typer.Typer(
@@ -1264,7 +1266,6 @@ def evaluate(
             raise UsageError(f"unknown objectives {unknown}; choose from {', '.join(OBJECTIVES)}")
         if objectives is not None and not chosen:
             raise UsageError(f"--objectives names none; choose from {', '.join(OBJECTIVES)}")
-        chosen = list(dict.fromkeys(chosen))
         truth_path = truth or run_dir / "funnel" / "truth.parquet"
         truth_table = read_table(truth_path, "truth")
         if not (pc.sum(truth_table.column("label")).as_py() or 0):
@@ -1570,7 +1571,7 @@ def demo(
     sids_config: Path | None = None
     if n_items < 1024:
         sids_config = configs / "sids.yaml"
-        size = max(8, 1 << max(3, (n_items // 4).bit_length() - 1))
+        size = 1 << max(3, (n_items // 4).bit_length() - 1)
         sids_config.write_text(yaml.safe_dump({"codebook_size": size}, sort_keys=False))
     steps: list[tuple[str, Callable[[], None]]] = [
         (

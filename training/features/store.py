@@ -213,25 +213,27 @@ def materialize(
     if not views:
         return MaterializeReport(end, end, [], 0.0, skipped)
     identity = online_store_identity(store)
-    marker_path = Path(store.config.registry.path).parent / MARKER_FILE
-    marker = _read_marker(marker_path)
+    marker = _read_marker(_marker_path(store))
     loaded: dict[str, dict[str, Any]] = marker.setdefault("views", {})
     report = MaterializeReport(start or EPOCH, end, list(views), 0.0, skipped)
     full: list[str] = []
     incremental: list[str] = []
+    # Each view's source file, read once: whether it was rewritten, and its newest row loaded.
+    sources: dict[str, _Source] = {}
     for name in views:
         fv = store.get_feature_view(name)
-        here = loaded.get(name, {}).get("online_store") == identity
+        sources[name] = _Source.of(store, fv)
+        last = loaded.get(name, {})
         if replace or start is not None:
             full.append(name)
-        elif not here or not fv.materialization_intervals:
+        elif last.get("online_store") != identity or not fv.materialization_intervals:
             full.append(name)
             report.first_loads.append(name)
         elif fv.most_recent_end_time is not None and fv.most_recent_end_time >= end:
             report.up_to_date.append(name)
         else:
             incremental.append(name)
-            if _rewritten_before(store, fv, loaded.get(name, {}), fv.most_recent_end_time):
+            if sources[name].rewritten_since(last.get("source"), fv.most_recent_end_time):
                 report.rewritten.append(name)
     if replace and _is_redis(store):
         for name in full:  # one view at a time: each reads as missing only while it reloads
@@ -244,15 +246,19 @@ def materialize(
     for name in [*full, *incremental]:
         loaded[name] = {
             "online_store": identity,
-            "source": _source_stamp(store, name),
+            "source": sources[name].stamp,
             "loaded_until": end.isoformat(),
-            "newest_row": _newest_row(store, name, end),
+            "newest_row": sources[name].newest(end),
         }
-    with atomic_path(marker_path) as tmp:
+    with atomic_path(_marker_path(store)) as tmp:
         tmp.write_text(json.dumps(marker, indent=1, sort_keys=True))
     report.views = [*full, *incremental]
     report.seconds = time.perf_counter() - began
     return report
+
+
+def _marker_path(store: FeatureStore) -> Path:
+    return Path(store.config.registry.path).parent / MARKER_FILE
 
 
 def _read_marker(path: Path) -> dict[str, Any]:
@@ -264,59 +270,55 @@ def _read_marker(path: Path) -> dict[str, Any]:
     return marker if isinstance(marker, dict) else {}
 
 
-def _source_stamp(store: FeatureStore, name: str) -> list[int] | None:
-    """(mtime in ns, size) of the view's source file, or None."""
-    from training.features.offline_store import source_path
-
-    source = store.get_feature_view(name).batch_source
-    if not isinstance(source, FileSource):
-        return None
-    try:
-        st = source_path(store.config, source).stat()
-    except OSError:
-        return None
-    return [st.st_mtime_ns, st.st_size]
-
-
 def read_online_loads(store: FeatureStore) -> dict[str, dict[str, Any]]:
     """Per view, what the last ``materialize`` loaded (views never loaded are absent).
 
     Each entry: ``online_store`` (where), ``loaded_until`` (the load's end, ISO),
     ``newest_row`` (the latest feature timestamp at or before it, ISO; None for an empty table).
     """
-    marker = _read_marker(Path(store.config.registry.path).parent / MARKER_FILE)
-    views = marker.get("views", {})
+    views = _read_marker(_marker_path(store)).get("views", {})
     return views if isinstance(views, dict) else {}
 
 
-def _newest_row(store: FeatureStore, name: str, end: datetime) -> str | None:
-    """The latest feature timestamp of the view's table at or before ``end`` (ISO)."""
-    from training.features.offline_store import source_path
+@dataclass
+class _Source:
+    """A view's source file as ``materialize`` found it (both None: no file source)."""
 
-    source = store.get_feature_view(name).batch_source
-    if not isinstance(source, FileSource):
-        return None
-    column = source.timestamp_field or "event_timestamp"
-    ts = pq.read_table(source_path(store.config, source), columns=[column]).column(column)
-    bound = pa.scalar(end, pa.timestamp("us", "UTC")).cast(ts.type)
-    newest = pc.max(ts.filter(pc.less_equal(ts, bound))).as_py()
-    return newest.isoformat() if newest is not None else None
+    stamp: list[int] | None
+    """(mtime in ns, size) of the file: changes when a stage rewrites it."""
+    timestamps: pa.ChunkedArray | None
+    """Its feature timestamp column."""
 
+    @classmethod
+    def of(cls, store: FeatureStore, fv: Any) -> _Source:
+        from training.features.offline_store import source_path
 
-def _rewritten_before(
-    store: FeatureStore, fv: Any, last: dict[str, Any], loaded_until: datetime | None
-) -> bool:
-    """The view's table changed since its last load, yet holds no row newer than that load."""
-    from training.features.offline_store import source_path
+        source = fv.batch_source
+        if not isinstance(source, FileSource):
+            return cls(None, None)
+        path = source_path(store.config, source)
+        try:
+            st = path.stat()
+        except OSError:
+            return cls(None, None)
+        column = source.timestamp_field or "event_timestamp"
+        return cls([st.st_mtime_ns, st.st_size], pq.read_table(path, columns=[column])[column])
 
-    stamp = _source_stamp(store, fv.name)
-    if stamp is None or last.get("source") in (None, stamp) or loaded_until is None:
-        return False
-    source = fv.batch_source
-    column = source.timestamp_field or "event_timestamp"
-    path = source_path(store.config, source)
-    latest = pc.max(pq.read_table(path, columns=[column]).column(column)).as_py()
-    return latest is not None and latest <= loaded_until
+    def rewritten_since(self, last_stamp: Any, loaded_until: datetime | None) -> bool:
+        """Changed since the load that stamped ``last_stamp``, yet no row newer than it."""
+        if self.timestamps is None or last_stamp in (None, self.stamp) or loaded_until is None:
+            return False
+        latest = pc.max(self.timestamps).as_py()
+        return latest is not None and latest <= loaded_until
+
+    def newest(self, end: datetime) -> str | None:
+        """The latest feature timestamp at or before ``end`` (ISO), or None."""
+        if self.timestamps is None:
+            return None
+        ts = self.timestamps
+        bound = pa.scalar(end, pa.timestamp("us", "UTC")).cast(ts.type)
+        newest = pc.max(ts.filter(pc.less_equal(ts, bound))).as_py()
+        return newest.isoformat() if newest is not None else None
 
 
 def _is_redis(store: FeatureStore) -> bool:

@@ -25,6 +25,7 @@ from feast import FeatureStore
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from training.arrow import string_array
 from training.data.labels import log_as_of
 from training.evaluation.ranking import (
     LONG_TAIL_HEAD_SHARE,
@@ -355,8 +356,8 @@ def reference_scores(data: PrerankData, items: ItemInfo) -> dict[str, npt.NDArra
     ``reference: anchors + history cosine``: the larger of that and the max cosine to the
     user's anchors. A model below them has not learned what its inputs already hold.
     """
-    index = {item_id: k for k, item_id in enumerate(items.item_ids)}
-    popularity = items.popularity[[index[i] for i in data.item_ids]]
+    rows = pc.index_in(pa.array(data.item_ids), value_set=string_array(items.item_ids))
+    popularity = items.popularity[rows.to_numpy(zero_copy_only=False)]
     history = data.cross[:, 2]
     return {
         "reference: popularity": np.log1p(popularity).astype(np.float32),
