@@ -263,10 +263,12 @@ def _range_problems(column: pa.ChunkedArray, typ: pa.DataType, name: str) -> lis
 
 
 def _zone_problems(ts_type: pa.TimestampType, column: str) -> list[str]:
+    # Arrow stores every zone-aware timestamp as UTC instants and keeps the zone as display
+    # metadata, so any zone (Europe/Berlin, +02:00) names its instants exactly and converts to
+    # UTC losslessly (``conform`` does; streaming readers cast to ``TIMESTAMP``). Only a naive
+    # column is ambiguous.
     if ts_type.tz is None:
-        return [f"column {column!r} is timezone-naive; timestamps must be UTC-aware"]
-    if ts_type.tz not in ("UTC", "+00:00", "Etc/UTC"):
-        return [f"column {column!r} has time zone {ts_type.tz!r}, expected UTC"]
+        return [f"column {column!r} is timezone-naive; timestamps must be timezone-aware"]
     return []
 
 

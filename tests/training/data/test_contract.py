@@ -140,7 +140,7 @@ def test_check_columns_looks_at_the_named_columns_only() -> None:
     broken = broken.set(broken.get_field_index("label"), pa.field("label", pa.string()))
     assert check_columns(broken, "requests", read) == [
         "missing column 'item_id' (expected string)",
-        "column 'event_timestamp' is timezone-naive; timestamps must be UTC-aware",
+        "column 'event_timestamp' is timezone-naive; timestamps must be timezone-aware",
         "column 'label' has type string, expected int8",
     ]
 
@@ -175,7 +175,7 @@ def test_label_timestamp_is_optional_and_checked() -> None:
         "label_timestamp", pa.array([None] * requests.num_rows, pa.timestamp("us"))
     )
     assert validate(naive, "requests") == [
-        "column 'label_timestamp' is timezone-naive; timestamps must be UTC-aware"
+        "column 'label_timestamp' is timezone-naive; timestamps must be timezone-aware"
     ]
 
 
@@ -256,3 +256,21 @@ def test_categorical_columns_and_out_of_range_integers() -> None:
     assert problems == [
         "column 'prerank_position' has 1 values outside the int32 range [-2147483648, 2147483647]"
     ]
+
+
+def test_typed_timestamps_in_any_zone_are_converted_to_utc() -> None:
+    # A column typed timestamp[us, Europe/Berlin] names its instants exactly (Arrow stores UTC
+    # values), like an ISO string with an offset: it is converted, not refused.
+    requests = make_requests(n_requests=3, n_users=2, n_items=20)
+    for zone in ("Europe/Berlin", "+02:00", "America/New_York"):
+        zoned = requests.column("event_timestamp").cast(pa.timestamp("us", tz=zone))
+        table = _set(requests, "event_timestamp", zoned)
+        assert validate(table, "requests") == [], zone
+        assert check_columns(table.schema, "requests", ["event_timestamp"]) == [], zone
+        out = conform(table, "requests").column("event_timestamp")
+        assert out.type == pa.timestamp("us", tz="UTC")
+        assert out.to_pylist() == requests.column("event_timestamp").to_pylist()
+    # Nanoseconds in a named zone: converted and truncated like a UTC column.
+    ns = requests.column("event_timestamp").cast(pa.timestamp("ns", tz="Asia/Tokyo"))
+    out = conform(_set(requests, "event_timestamp", ns), "requests").column("event_timestamp")
+    assert out.to_pylist() == requests.column("event_timestamp").to_pylist()
