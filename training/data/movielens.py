@@ -7,11 +7,12 @@ What comes out:
 
 * ``items``: one row per movie in ``u.item``. ``item_id`` is the movie id as a string; ``text`` is
   ``"<Title>. Year: <year>. Genres: <g1>, <g2>."`` (the title without its ``(year)`` suffix, with
-  a trailing English article moved to the front, ``"Usual Suspects, The"`` ->
-  ``"The Usual Suspects"``, so a sentence encoder reads natural English); ``category`` is the
-  first genre; ``event_timestamp`` is the item's earliest rating (over all ratings, before any
-  ``min_rating`` filter: the movie was in the catalog from then on), or the dataset's first
-  rating time for movies nobody rated.
+  a trailing article moved to the front, in the title and in its aliases,
+  ``"Usual Suspects, The"`` -> ``"The Usual Suspects"``, ``"Tin Drum, The (Blechtrommel, Die)"``
+  -> ``"The Tin Drum (Die Blechtrommel)"``, so a sentence encoder reads natural language);
+  ``category`` is the first genre; ``event_timestamp`` is the item's earliest rating (over all
+  ratings, before any ``min_rating`` filter: the movie was in the catalog from then on), or the
+  dataset's first rating time for movies nobody rated.
 * ``interactions``: every rating as an engagement, ``weight`` = the rating (float32), sorted by
   ``(user_id, event_timestamp)`` with ties kept in file order.
 """
@@ -35,7 +36,14 @@ ENCODING: Final = "latin-1"
 
 # The last "(1995)" in a title is its year; a few titles carry more after it ("... (1995) (V)").
 _TITLE_YEAR = re.compile(r"^(?P<title>.*)\s*\((?P<year>\d{4})\)(?P<after>.*)$")
-_TRAILING_ARTICLE = re.compile(r"^(?P<rest>.+), (?P<article>The|A|An)$")
+# Titles file their article at the end, "Usual Suspects, The"; so do the foreign titles
+# ("Postino, Il") and the aliases in parentheses ("Tin Drum, The (Blechtrommel, Die)"). The
+# articles are those u.item uses; "Die xue shuang xiong" shows why only a trailing one moves.
+_ARTICLES: Final = (
+    "The|A|An|Il|La|Le|Les|L'|Lo|Gli|Das|Der|Die|Det|Den|El|Los|Las|O|Os|Un|Une|Uno|Una"
+)
+_TRAILING_ARTICLE = re.compile(rf"^(?P<rest>.+), (?P<article>{_ARTICLES})$")
+_PARENTHESES = re.compile(r"\(([^()]*)\)")
 _N_ITEM_FIXED_FIELDS: Final = 5  # id, title, release date, video release date, IMDb URL
 
 
@@ -180,10 +188,21 @@ def _title_and_year(raw_title: str, release_date: str) -> tuple[str, str | None]
         year = match.group("year")
     elif re.search(r"\d{4}$", release_date.strip()):
         year = release_date.strip()[-4:]
-    article = _TRAILING_ARTICLE.match(title)
-    if article:
-        title = f"{article.group('article')} {article.group('rest')}"
+    # The title proper is what precedes its first alias in parentheses.
+    head, paren, tail = title.partition(" (")
+    title = _front_article(head) + (paren + tail if paren else "")
+    title = _PARENTHESES.sub(lambda m: f"({_front_article(m.group(1))})", title)
     return title, year
+
+
+def _front_article(title: str) -> str:
+    """``"Usual Suspects, The"`` -> ``"The Usual Suspects"``; ``"Uomo, L'"`` -> ``"L'Uomo"``."""
+    article = _TRAILING_ARTICLE.match(title.strip())
+    if not article:
+        return title
+    word = article.group("article")
+    space = "" if word.endswith("'") else " "
+    return f"{word}{space}{article.group('rest')}"
 
 
 def _item_text(title: str, year: str | None, genres: list[str]) -> str:

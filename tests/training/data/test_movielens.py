@@ -10,7 +10,7 @@ import pyarrow as pa
 import pytest
 
 from training.data.contract import validate
-from training.data.movielens import load_movielens_100k
+from training.data.movielens import _title_and_year, load_movielens_100k
 
 GENRES = [
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -93,7 +93,7 @@ def test_item_text_category_and_latin1(ml_dir: Path) -> None:
     rows = {r["item_id"]: r for r in load_movielens_100k(ml_dir).items.to_pylist()}
     assert rows["1"]["text"] == "Toy Story. Year: 1995. Genres: Animation, Children's, Comedy."
     assert rows["1"]["category"] == "Animation"
-    assert rows["2"]["text"] == "Misérables, Les. Year: 1995. Genres: Drama, Musical."
+    assert rows["2"]["text"] == "Les Misérables. Year: 1995. Genres: Drama, Musical."
     assert rows["3"]["text"] == "The Usual Suspects. Year: 1995. Genres: Crime, Thriller."
     assert rows["4"]["text"].startswith("Land Before Time III: The Time of the Great Giving (V).")
     assert "Year: 1995" in rows["4"]["text"]
@@ -174,3 +174,19 @@ def test_malformed_files_are_one_line_on_the_command_line(tmp_path: Path) -> Non
     assert out.startswith("error: ") and "u.data:3: malformed rating row" in out, out
     code, out = gpl("data", "synth", "--run-dir", str(tmp_path), "--seed", "-1")
     assert code == 2 and "error: --seed: Input should be greater than or equal to 0" in out, out
+
+
+@pytest.mark.parametrize(
+    ("raw", "title"),
+    [
+        ("Tin Drum, The (Blechtrommel, Die) (1979)", "The Tin Drum (Die Blechtrommel)"),
+        ("Hate (Haine, La) (1995)", "Hate (La Haine)"),
+        ("Star Maker, The (Uomo delle stelle, L') (1995)", "The Star Maker (L'Uomo delle stelle)"),
+        ("Postino, Il (1994)", "Il Postino"),
+        ("Die xue shuang xiong (Killer, The) (1989)", "Die xue shuang xiong (The Killer)"),
+        ("Good, The Bad and The Ugly, The (1966)", "The Good, The Bad and The Ugly"),
+        ("Maybe, Maybe Not (Bewegte Mann, Der) (1994)", "Maybe, Maybe Not (Der Bewegte Mann)"),
+    ],
+)
+def test_trailing_articles_move_to_the_front_in_titles_and_aliases(raw: str, title: str) -> None:
+    assert _title_and_year(raw, "")[0] == title
