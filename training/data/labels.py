@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
@@ -22,6 +23,11 @@ def log_as_of(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, int]:
     whatever learns before a cutoff learns from engagements of the period after it, the very
     period an offline evaluation scores (on the synthetic catalog clicks come a median 8.6 days
     after their impression). A log without ``label_timestamp`` keeps its labels.
+
+    Global negatives are drawn in proportion to a request's clicks (the simulator draws
+    ``global_negatives_per_positive`` per click), so a request keeps the share of them that its
+    clicks known at ``cutoff`` account for, its first rows in log order: at the cutoff the
+    others had not been drawn yet, and their number would tell how many clicks were to come.
 
     Returns:
         The table and how many clicks were turned into negatives.
@@ -44,4 +50,41 @@ def log_as_of(requests: pa.Table, cutoff: Any) -> tuple[pa.Table, int]:
     for name, column in replaced.items():
         index = requests.schema.get_field_index(name)
         requests = requests.set_column(index, requests.schema.field(index), column)
+    if {"group", "request_id"} <= set(requests.column_names):
+        requests = _drop_unearned_global_negatives(requests, later)
     return requests, int(count)
+
+
+def _drop_unearned_global_negatives(requests: pa.Table, later: pa.ChunkedArray) -> pa.Table:
+    """Keep each request's first ``round(n_global * known / clicks)`` global negatives.
+
+    ``later`` marks the clicks known only after the cutoff (now relabelled); ``requests`` holds
+    the relabelled log, so its ``label`` column counts the known clicks.
+    """
+    codes = pc.dictionary_encode(requests.column("request_id")).combine_chunks().indices
+    request = np.asarray(codes.to_numpy(zero_copy_only=False), dtype=np.int64)
+    n = int(request.max()) + 1 if len(request) else 0
+    is_global = np.asarray(
+        pc.fill_null(pc.equal(requests.column("group"), "global_negative"), False), dtype=bool
+    )
+    known = np.asarray(pc.fill_null(pc.equal(requests.column("label"), 1), False), dtype=bool)
+    late = np.asarray(pc.fill_null(later, False), dtype=bool)
+    n_known = np.bincount(request, weights=known, minlength=n)
+    n_clicks = n_known + np.bincount(request, weights=late, minlength=n)
+    n_global = np.bincount(request, weights=is_global, minlength=n)
+    # A request without logged clicks keeps its global negatives: nothing says how they were
+    # drawn, and none of them depends on a click still to come.
+    share = np.divide(n_known, n_clicks, out=np.ones(n), where=n_clicks > 0)
+    keep_n = np.rint(n_global * share).astype(np.int64)
+    rows = np.flatnonzero(is_global)
+    # Rank of each global row within its request, in log order (a stable sort by request).
+    order = rows[np.argsort(request[rows], kind="stable")]
+    first = np.searchsorted(request[order], request[order], side="left")
+    rank = np.empty(len(rows), dtype=np.int64)
+    rank[np.searchsorted(rows, order)] = np.arange(len(order)) - first
+    dropped = rows[rank >= keep_n[request[rows]]]
+    if not len(dropped):
+        return requests
+    mask = np.ones(requests.num_rows, dtype=bool)
+    mask[dropped] = False
+    return requests.filter(pa.array(mask))
