@@ -1229,6 +1229,14 @@ def evaluate(
         str | None,
         typer.Option(help="Comma-separated objectives (default: every baseline and GPL/HAP)."),
     ] = None,
+    include_global_negatives: Annotated[
+        bool,
+        typer.Option(
+            help="Score and count the evaluation requests' global_negative rows too (random "
+            "catalog negatives that only training uses; by default left out, as serving never "
+            "sees them)."
+        ),
+    ] = False,
 ) -> None:
     """Train every objective on the earlier requests and evaluate on the later ones.
 
@@ -1236,14 +1244,17 @@ def evaluate(
     table (RUN_DIR/funnel/truth.parquet from `gpl data simulate`, or --truth).
 
     Writes RUN_DIR/evaluation/report.md, report.html (plots embedded), report.json: AUC, GAUC,
-    HR/Recall/NDCG@K over all and over unexposed candidates, diversity, long-tail recall, and
-    the routing curve (quality vs FLOPs as the expressive model's share M grows). Warns (and
-    says so in the report) when the anchor LM, the pseudo-labels' calibration or the SIDs'
-    collaborative block was fitted on data from after the cutoff.
+    HR/Recall/NDCG@K over all and over unexposed candidates, diversity, long-tail recall, each
+    method's difference to the exposed-only baseline with a paired request-bootstrap interval,
+    and the routing curve (quality vs FLOPs as the expressive model's share M grows). The
+    evaluation requests' global_negative rows are left out unless --include-global-negatives.
+    Warns (and says so in the report) when the anchor LM, the pseudo-labels' calibration or the
+    SIDs' collaborative block was fitted on data from after the cutoff.
     """
     import pyarrow.compute as pc
 
     from training.evaluation.leakage import upstream_leaks
+    from training.evaluation.ranking import without_global_negatives
     from training.features.store import open_store
     from training.io import read_table
     from training.preranker.config import OBJECTIVES, PrerankerConfig
@@ -1278,6 +1289,29 @@ def evaluate(
         warnings = upstream_leaks(run_dir, cutoff)
         for warning in warnings:
             typer.echo(f"warning: {warning}", err=True)
+        # Global negatives stay in training (HAP's easy group) but leave the evaluation before
+        # the join: scored, they would lift every metric with candidates serving never ranks.
+        # Dropped here because the scored tables evaluate_suite builds carry no group column.
+        all_rows = eval_requests.num_rows
+        recalled, n_global = without_global_negatives(eval_requests)
+        if not include_global_negatives:
+            eval_requests = recalled
+            if eval_requests.num_rows == 0:
+                raise UsageError(
+                    f"no recalled candidate at or after {cutoff}, only global negatives"
+                )
+        share = f"{n_global:,} of the {all_rows:,} evaluation rows ({n_global / all_rows:.1%})"
+        # The report's notes come from evaluate_suite, whose one channel for extra lines is its
+        # warnings (shown as "Warning: ..."): a reader comparing with older reports should mind.
+        candidates_note = (
+            f"global_negative rows included in every metric (--include-global-negatives): "
+            f"{share}, random catalog negatives that serving never scores"
+            if include_global_negatives
+            else f"global_negative rows left out of every metric: {share}, random catalog "
+            "negatives that only training uses (--include-global-negatives keeps them)"
+        )
+        if n_global:
+            _say(candidates_note)
         store = open_store(run_dir)
         result = evaluate_suite(
             join_features(store, train_requests, any(o in PSEUDO_OBJECTIVES for o in chosen)),
@@ -1290,7 +1324,7 @@ def evaluate(
             objectives=chosen,
             seeds=seeds,
             title=f"Pre-ranker evaluation ({run_dir.name}, cutoff {cutoff:%Y-%m-%d %H:%M})",
-            warnings=warnings,
+            warnings=[*warnings, candidates_note] if n_global else warnings,
         )
         _say(f"report -> {result.report.markdown} and {result.report.html}")
         keys = ["auc", "unexposed_recall@50", "longtail_recall@50", "ndcg@50"]

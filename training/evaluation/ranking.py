@@ -16,20 +16,27 @@ table (the data contract's ``truth``) says which candidates were truly relevant,
 * the same ranking metrics prefixed ``unexposed_`` after dropping ``stage == 'exposed'`` rows, so
   unexposed candidates are ranked among themselves;
 * diversity of every request's top-K list: ``ild@K`` (mean pairwise ``1 - cosine`` of the items'
-  content embeddings, averaged over lists with at least two items) and ``category_coverage@K``
-  (distinct known categories in the union of all top-K lists / distinct known categories among
-  all candidates);
+  content embeddings, averaged over lists with at least two items);
+* ``category_recall@K``: the share of the distinct known categories of a request's positives
+  that its top K shows, averaged over requests with a positive of known category
+  (``category_requests_evaluated``): whether the list reaches each of the user's true
+  interests, not only the dominant one;
 * counts: ``requests_evaluated``, ``rows``, ``positives``, ``longtail_requests_evaluated``,
   ``longtail_positives`` and ``truth_coverage``.
 
 Rows are ordered by (request, score descending, item_id ascending), so ties in score are broken
 deterministically by item id. Nothing loops over rows in Python; a million rows take seconds.
+
+The result is an :class:`Evaluation`, a plain metrics dict that also carries every metric's
+per-request parts (:class:`~training.evaluation.bootstrap.RequestValues`) for the report's
+paired request bootstrap. The evaluated candidates are whatever the scored table holds: pass the
+recalled candidates only (:func:`without_global_negatives`), as the pre-ranker sees them.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Final
 
@@ -40,7 +47,7 @@ import pyarrow.compute as pc
 
 from training.arrow import string_array
 from training.data.contract import STAGES, validate
-from training.evaluation.metrics import auc
+from training.evaluation.bootstrap import RequestValues
 
 #: Share of items, by training popularity, that form the head; the rest is the long tail.
 LONG_TAIL_HEAD_SHARE: Final = 0.2
@@ -48,6 +55,9 @@ SCORED_COLUMNS: Final[tuple[str, ...]] = ("request_id", "user_id", "item_id", "s
 """Columns a scored table must have."""
 
 UNEXPOSED_PREFIX: Final = "unexposed_"
+#: HAP's random negatives from the whole catalog (docs/data_contract.md): training negatives,
+#: never among the candidates the pre-ranker scores at serving.
+GLOBAL_NEGATIVE: Final = "global_negative"
 #: The metrics that compare scores across requests (all others are per request): a score only
 #: meaningful within its request (a cascade's order offset) must not be judged by them.
 POOLED_METRICS: Final = ("auc", UNEXPOSED_PREFIX + "auc")
@@ -58,10 +68,34 @@ _CHUNK_ROWS: Final = 1 << 16
 IntArray = npt.NDArray[np.int64]
 FloatArray = npt.NDArray[np.float64]
 BoolArray = npt.NDArray[np.bool_]
+Parts = dict[str, tuple[FloatArray, FloatArray]]
+"""Metric -> (numerator, denominator) per request list: the metric is sum(num) / sum(den)."""
 
 
 class EvaluationError(ValueError):
     """The scored or truth table cannot be evaluated; the message says why and what to fix."""
+
+
+class Evaluation(dict[str, float]):
+    """Metric name -> value, as :func:`evaluate_scores` returns it, plus per-request values.
+
+    To every caller it is the plain metrics dict. ``request_values`` holds each metric's
+    per-request parts for :func:`training.evaluation.bootstrap.paired_bootstrap`, which the
+    report runs. A value changed after evaluation (a cascade's pooled AUC taken from another
+    scoring) no longer matches its parts; the report notices and shows no interval for it.
+    Copies (``dict(m)``, ``{**m}``) are plain dicts without them.
+
+    Attributes:
+        request_values: The per-request parts, or None.
+    """
+
+    def __init__(
+        self,
+        metrics: Mapping[str, float] | None = None,
+        request_values: RequestValues | None = None,
+    ) -> None:
+        super().__init__(metrics or {})
+        self.request_values = request_values
 
 
 @dataclass
@@ -136,13 +170,36 @@ def long_tail_mask(
     return tail
 
 
+def without_global_negatives(requests: pa.Table) -> tuple[pa.Table, int]:
+    """The candidates a pre-ranker scores at serving: the rows that are not global negatives.
+
+    ``global_negative`` rows are random catalog items HAP adds as easy training negatives
+    (docs/data_contract.md); no retrieval stage recalled them, so the serving pre-ranker never
+    sees them. Mostly unrelated, unpopular items, they are easy to rank last, and left in an
+    evaluation they lift AUC (they are almost all negatives, below almost every positive) and
+    move the unexposed metrics, which they enter as ``retrieved`` rows.
+
+    Args:
+        requests: A request log (or any table of candidates) with the contract's ``group``
+            column; a table without one is returned whole.
+
+    Returns:
+        The rows kept, in their order, and how many global negatives were dropped.
+    """
+    if "group" not in requests.column_names:
+        return requests, 0
+    drop = pc.fill_null(pc.equal(requests.column("group"), GLOBAL_NEGATIVE), False)
+    n_drop = int(pc.sum(drop).as_py() or 0)
+    return (requests.filter(pc.invert(drop)), n_drop) if n_drop else (requests, 0)
+
+
 def evaluate_scores(
     scored: pa.Table,
     truth: pa.Table,
     items: ItemInfo,
     ks: Sequence[int] = (10, 50),
     head_share: float = LONG_TAIL_HEAD_SHARE,
-) -> dict[str, float]:
+) -> Evaluation:
     """Join scores to truth and compute ranking, unexposed, diversity and long-tail metrics.
 
     Truth is joined on (request_id, item_id) when it has a ``request_id`` column, else on
@@ -161,7 +218,8 @@ def evaluate_scores(
 
     Returns:
         Metric name -> value (see the module docstring); NaN where a metric is undefined, e.g.
-        ``unexposed_*`` when no unexposed row is positive.
+        ``unexposed_*`` when no unexposed row is positive. Its ``request_values`` hold the
+        per-request parts of every quality metric (counts and ``truth_coverage`` excluded).
 
     Raises:
         EvaluationError: missing columns, null ids, NaN or null scores, unknown stages, duplicate
@@ -172,7 +230,7 @@ def evaluate_scores(
     _check_scored(scored)
     label, matched = _join_truth(scored, truth)
 
-    req_code, _ = _sorted_codes(_string_column(scored, "request_id"))
+    req_code, req_dict = _sorted_codes(_string_column(scored, "request_id"))
     item_code, item_dict = _sorted_codes(_string_column(scored, "item_id"))
     _check_duplicates(req_code, item_code, scored)
     item_index = _item_index(item_dict, items)[item_code]
@@ -184,21 +242,39 @@ def evaluate_scores(
     item_s, exposed_s = item_index[order], exposed[order]
     longtail = items.long_tail(head_share)
 
+    n_requests = len(req_dict)
     everything = _Lists.build(req_s, score_s, label_s, item_s)
-    metrics = _ranking_metrics(everything, ks, longtail)
+    metrics, parts = _ranking_metrics(everything, ks, longtail)
+    per_request = everything.to_requests(parts, n_requests)
     keep = ~exposed_s
     unexposed = _Lists.build(req_s[keep], score_s[keep], label_s[keep], item_s[keep])
-    metrics.update(
-        {UNEXPOSED_PREFIX + k: v for k, v in _ranking_metrics(unexposed, ks, longtail).items()}
+    unexposed_metrics, unexposed_parts = _ranking_metrics(unexposed, ks, longtail)
+    metrics.update({UNEXPOSED_PREFIX + k: v for k, v in unexposed_metrics.items()})
+    per_request.update(
+        {
+            UNEXPOSED_PREFIX + k: v
+            for k, v in unexposed.to_requests(unexposed_parts, n_requests).items()
+        }
     )
     unit = _normalize(items.embeddings)
     cat_code, cat_known = _category_codes(items.categories)
+    diversity: Parts = {}
     for k in ks:
-        metrics[f"ild@{k}"] = _intra_list_distance(everything, k, unit)
+        metrics[f"ild@{k}"], diversity[f"ild@{k}"] = _intra_list_distance(everything, k, unit)
     for k in ks:
-        metrics[f"category_coverage@{k}"] = _category_coverage(everything, k, cat_code, cat_known)
+        key = f"category_recall@{k}"
+        metrics[key], diversity[key] = _category_recall(everything, k, cat_code, cat_known)
+    metrics["category_requests_evaluated"] = float(
+        (diversity[f"category_recall@{ks[0]}"][1] > 0).sum()
+    )
+    per_request.update(everything.to_requests(diversity, n_requests))
     metrics["truth_coverage"] = float(matched.mean())
-    return metrics
+    values = RequestValues(
+        request_ids=np.asarray(req_dict.to_pylist(), dtype=object),
+        numerator={k: num for k, (num, _) in per_request.items()},
+        denominator={k: den for k, (_, den) in per_request.items()},
+    )
+    return Evaluation(metrics, values)
 
 
 @dataclass(frozen=True)
@@ -206,6 +282,7 @@ class _Lists:
     """Candidates sorted by (request, score desc, item_id asc), with per-request offsets."""
 
     group: IntArray  # request index of each row, 0..n_groups-1, non-decreasing
+    request: IntArray  # the evaluation's request code of each list (lists may skip requests)
     starts: IntArray  # first row of each request
     sizes: IntArray  # rows per request
     rank: IntArray  # 0-based position within the request
@@ -220,7 +297,8 @@ class _Lists:
         sizes = np.diff(np.r_[starts, n]).astype(np.int64)
         group = np.repeat(np.arange(len(starts), dtype=np.int64), sizes)
         rank = np.arange(n, dtype=np.int64) - starts[group]
-        return cls(group, starts.astype(np.int64), sizes, rank, score, label, item)
+        request = req[starts].astype(np.int64)
+        return cls(group, request, starts.astype(np.int64), sizes, rank, score, label, item)
 
     @property
     def n_groups(self) -> int:
@@ -231,9 +309,24 @@ class _Lists:
         sums = np.bincount(self.group, weights=weights, minlength=self.n_groups)
         return np.asarray(sums, dtype=np.float64)
 
+    def to_requests(self, parts: Parts, n_requests: int) -> Parts:
+        """Per-list parts spread over all ``n_requests`` requests (0 for requests not listed)."""
+        out: Parts = {}
+        for key, (num, den) in parts.items():
+            full_num, full_den = np.zeros(n_requests), np.zeros(n_requests)
+            full_num[self.request], full_den[self.request] = num, den
+            out[key] = (full_num, full_den)
+        return out
 
-def _ranking_metrics(lists: _Lists, ks: list[int], longtail: BoolArray) -> dict[str, float]:
-    """AUC, GAUC, HR/Recall/NDCG@K, long-tail recall@K and counts over ``lists``."""
+
+def _ranking_metrics(
+    lists: _Lists, ks: list[int], longtail: BoolArray
+) -> tuple[dict[str, float], Parts]:
+    """AUC, GAUC, HR/Recall/NDCG@K, long-tail recall@K and counts over ``lists``.
+
+    Returns:
+        The metrics, and the per-list parts of every quality metric (not of the counts).
+    """
     label = lists.label
     positives = lists.per_group(label)
     evaluated = positives > 0
@@ -243,21 +336,28 @@ def _ranking_metrics(lists: _Lists, ks: list[int], longtail: BoolArray) -> dict[
     discount = 1.0 / np.log2(lists.rank + 2.0)
     ideal = np.r_[0.0, np.cumsum(1.0 / np.log2(np.arange(max(ks)) + 2.0))]
 
-    out: dict[str, float] = {
-        "auc": auc(label, lists.score) if len(label) else math.nan,
-        "gauc": _grouped_auc(lists),
-    }
+    out: dict[str, float] = {}
+    parts: Parts = {}
+    out["auc"], parts["auc"] = _pooled_auc(lists)
+    out["gauc"], parts["gauc"] = _grouped_auc(lists)
+    some_positive = np.maximum(positives, 1.0)  # the unevaluated lists' values are masked out
     for k in ks:
         top = lists.rank < k
-        hits = lists.per_group(label & top)[evaluated]
-        pos = positives[evaluated]
-        dcg = lists.per_group(np.where(label & top, discount, 0.0))[evaluated]
-        out[f"hr@{k}"] = _mean(hits > 0)
-        out[f"recall@{k}"] = _mean(hits / pos)
-        out[f"ndcg@{k}"] = _mean(dcg / ideal[np.minimum(pos, k).astype(np.int64)])
+        hits = lists.per_group(label & top)
+        dcg = lists.per_group(np.where(label & top, discount, 0.0))
+        ideal_dcg = np.where(evaluated, ideal[np.minimum(positives, k).astype(np.int64)], 1.0)
+        for key, values in (
+            (f"hr@{k}", (hits > 0).astype(np.float64)),
+            (f"recall@{k}", hits / some_positive),
+            (f"ndcg@{k}", dcg / ideal_dcg),
+        ):
+            out[key], parts[key] = _list_mean(values, evaluated)
     for k in ks:
-        hits = lists.per_group(longtail_label & (lists.rank < k))[longtail_evaluated]
-        out[f"longtail_recall@{k}"] = _mean(hits / longtail_positives[longtail_evaluated])
+        hits = lists.per_group(longtail_label & (lists.rank < k))
+        key = f"longtail_recall@{k}"
+        out[key], parts[key] = _list_mean(
+            hits / np.maximum(longtail_positives, 1.0), longtail_evaluated
+        )
     out["requests_evaluated"] = float(evaluated.sum())
     out["rows"] = float(len(label))
     out["positives"] = float(label.sum())
@@ -265,18 +365,60 @@ def _ranking_metrics(lists: _Lists, ks: list[int], longtail: BoolArray) -> dict[
     # can judge its noise.
     out["longtail_requests_evaluated"] = float(longtail_evaluated.sum())
     out["longtail_positives"] = float(longtail_label.sum())
-    return out
+    return out, parts
 
 
-def _grouped_auc(lists: _Lists) -> float:
+def _list_mean(
+    values: FloatArray, counted: BoolArray
+) -> tuple[float, tuple[FloatArray, FloatArray]]:
+    """Mean of ``values`` over the counted lists, and its parts (value or 0, counted or not)."""
+    den = counted.astype(np.float64)
+    return _mean(values[counted]), (np.where(counted, values, 0.0), den)
+
+
+def _pooled_auc(lists: _Lists) -> tuple[float, tuple[FloatArray, FloatArray]]:
+    """AUC over all rows pooled (ties count one half), and its first-order parts per list.
+
+    The AUC of a resample that weights list r by ``w_r`` is, to first order in ``w - 1``,
+    ``AUC + sum_r w_r psi_r`` with ``psi_r = S10_r / P + S01_r / N - AUC (P_r / P + N_r / N)``:
+    ``S10_r`` sums the share of all negatives below each of r's positives, ``S01_r`` the share
+    of all positives above each of r's negatives, and ``P_r``, ``N_r`` count r's positives and
+    negatives (``P``, ``N``: all of them). The psi sum to 0, so the parts
+    ``(AUC + G psi_r, 1)`` over the G lists give back the AUC and, resampled, that expansion
+    with the weights normalized to their mean.
+    """
+    label = lists.label
+    n_pos = float(label.sum())
+    n_neg = float(len(label)) - n_pos
+    g = lists.n_groups
+    if n_pos == 0 or n_neg == 0:
+        return math.nan, (np.zeros(g), np.zeros(g))
+    _, at = np.unique(lists.score, return_inverse=True)
+    pos_at = np.bincount(at, weights=label.astype(np.float64))
+    neg_at = np.bincount(at, weights=(~label).astype(np.float64))
+    neg_below = np.cumsum(neg_at) - neg_at
+    pos_above = n_pos - np.cumsum(pos_at)
+    share_below = ((neg_below + 0.5 * neg_at) / n_neg)[at]  # for a positive row
+    share_above = ((pos_above + 0.5 * pos_at) / n_pos)[at]  # for a negative row
+    value = float(share_below[label].sum() / n_pos)
+    s10 = lists.per_group(np.where(label, share_below, 0.0))
+    s01 = lists.per_group(np.where(label, 0.0, share_above))
+    pos = lists.per_group(label)
+    psi = s10 / n_pos + s01 / n_neg - value * (pos / n_pos + (lists.sizes - pos) / n_neg)
+    return value, (value + g * psi, np.ones(g))
+
+
+def _grouped_auc(lists: _Lists) -> tuple[float, tuple[FloatArray, FloatArray]]:
     """GAUC as :func:`training.evaluation.metrics.grouped_auc` computes it, without a loop.
 
     Within a request rows are sorted by descending score, so tied scores form contiguous runs;
-    each row gets the average ascending rank of its run (ties count one half).
+    each row gets the average ascending rank of its run (ties count one half). The parts are
+    ``(auc_r * size_r, size_r)`` over the lists with both classes.
     """
     n = len(lists.score)
+    g = lists.n_groups
     if n == 0:
-        return math.nan
+        return math.nan, (np.zeros(g), np.zeros(g))
     group, score, rank = lists.group, lists.score, lists.rank
     new_run = np.r_[True, (group[1:] != group[:-1]) | (score[1:] != score[:-1])]
     run_start = np.flatnonzero(new_run)
@@ -288,15 +430,18 @@ def _grouped_auc(lists: _Lists) -> float:
     pos = lists.per_group(lists.label)
     neg = lists.sizes - pos
     valid = (pos > 0) & (neg > 0)
-    if not valid.any():
-        return math.nan
     rank_sum = lists.per_group(np.where(lists.label, avg_rank, 0.0))
-    per_auc = (rank_sum[valid] - pos[valid] * (pos[valid] + 1) / 2) / (pos[valid] * neg[valid])
-    weights = lists.sizes[valid]
-    return float((per_auc * weights).sum() / weights.sum())
+    pairs = np.where(valid, pos * neg, 1.0)
+    per_auc = np.where(valid, (rank_sum - pos * (pos + 1) / 2) / pairs, 0.0)
+    weights = np.where(valid, lists.sizes, 0).astype(np.float64)
+    if not valid.any():
+        return math.nan, (np.zeros(g), weights)
+    return float((per_auc * weights).sum() / weights.sum()), (per_auc * weights, weights)
 
 
-def _intra_list_distance(lists: _Lists, k: int, unit: npt.NDArray[np.float32]) -> float:
+def _intra_list_distance(
+    lists: _Lists, k: int, unit: npt.NDArray[np.float32]
+) -> tuple[float, tuple[FloatArray, FloatArray]]:
     """Mean over lists with >= 2 items of the mean pairwise ``1 - cosine`` of the top-K items.
 
     Uses ``sum_{i<j} e_i.e_j = (|sum e|^2 - sum |e_i|^2) / 2``, with the per-list sums gathered
@@ -318,21 +463,31 @@ def _intra_list_distance(lists: _Lists, k: int, unit: npt.NDArray[np.float32]) -
         np.where(lists.rank < k, np.einsum("ij,ij->i", unit, unit)[lists.item], 0.0)
     )
     eligible = m >= 2
-    pairs = m[eligible] * (m[eligible] - 1) / 2.0
-    mean_cos = (sq_norm_sum[eligible] - self_sim[eligible]) / 2.0 / pairs
-    return _mean(1.0 - mean_cos)
+    pairs = np.where(eligible, m * (m - 1) / 2.0, 1.0)
+    mean_cos = (sq_norm_sum - self_sim) / 2.0 / pairs
+    return _list_mean(1.0 - mean_cos, eligible)
 
 
-def _category_coverage(lists: _Lists, k: int, cat_code: IntArray, cat_known: BoolArray) -> float:
-    """Distinct known categories in the union of top-K lists / among all candidates."""
-    candidates = np.unique(lists.item)
-    candidates = candidates[cat_known[candidates]]
-    denominator = len(np.unique(cat_code[candidates]))
-    if denominator == 0:
-        return math.nan
-    shown = np.unique(lists.item[lists.rank < k])
-    shown = shown[cat_known[shown]]
-    return len(np.unique(cat_code[shown])) / denominator
+def _category_recall(
+    lists: _Lists, k: int, cat_code: IntArray, cat_known: BoolArray
+) -> tuple[float, tuple[FloatArray, FloatArray]]:
+    """Share of the known categories of a list's positives that its top K shows, averaged.
+
+    Averaged over lists with at least one positive of known category. Unlike the coverage of
+    the union of all top-K lists (which any scorer saturates once requests x K exceeds the
+    catalog's categories), it is per request and asks for the user's own true interests.
+    """
+    n_cat = int(cat_code.max()) + 1 if len(cat_code) else 1
+    known = cat_known[lists.item]
+    key = lists.group * n_cat + cat_code[lists.item]
+    wanted = np.unique(key[lists.label & known])  # (list, category) pairs of the positives
+    shown = np.unique(key[(lists.rank < k) & known])
+    covered = np.isin(wanted, shown, assume_unique=True)
+    owner = wanted // n_cat
+    count = np.bincount(owner, minlength=lists.n_groups).astype(np.float64)
+    hits = np.bincount(owner[covered], minlength=lists.n_groups).astype(np.float64)
+    counted = count > 0
+    return _list_mean(hits / np.maximum(count, 1.0), counted)
 
 
 def _category_codes(categories: npt.NDArray[np.object_]) -> tuple[IntArray, BoolArray]:

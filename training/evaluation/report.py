@@ -5,10 +5,15 @@
 
 * ``report.md``: a markdown table, one row per method, cells ``mean ± std`` (sample standard
   deviation over seeds, ddof=1; 0 with a single seed) with the number of seeds per method, the
-  best mean of each quality column in bold, then the plots as relative image links;
-* ``report.html``: the same table and notes as one self-contained page, plots embedded as
+  best mean of each quality column in bold; then, when the dicts carry per-request values
+  (:class:`~training.evaluation.ranking.Evaluation`), a second table of each method's
+  difference to the baseline with its paired request-bootstrap interval
+  (:mod:`training.evaluation.bootstrap`); then the plots as relative image links;
+* ``report.html``: the same tables and notes as one self-contained page, plots embedded as
   base64 PNG, no external assets;
-* ``report.json``: the raw per-seed values plus mean, std and n per metric (NaN written as null);
+* ``report.json``: the raw per-seed values plus mean, std and n per metric (NaN written as
+  null), and the bootstrap's settings and intervals (every metric it covers, not only the
+  table's columns);
 * ``metrics.png``: a grouped bar chart of a few headline metrics with std error bars, and
   ``curves.png`` (when curves are given): quality against compute share, one line per curve.
 
@@ -31,6 +36,14 @@ from typing import Any, Final
 
 import numpy as np
 
+from training.evaluation.bootstrap import (
+    BootstrapResult,
+    BootstrapSettings,
+    Interval,
+    RequestValues,
+    paired_bootstrap,
+)
+from training.evaluation.ranking import Evaluation
 from training.io import atomic_path
 
 MARKDOWN_NAME: Final = "report.md"
@@ -51,11 +64,16 @@ COUNT_METRICS: Final = frozenset(
         "longtail_positives",
         "unexposed_longtail_requests_evaluated",
         "unexposed_longtail_positives",
+        "category_requests_evaluated",
     }
 )
 """Metrics that are sizes, not quality: never bolded, never plotted."""
 
 MAX_BAR_METRICS: Final = 6
+#: The comparison's reference when the caller names none and the results have it: the model
+#: trained on exposed rows only, what production pre-rankers usually do.
+DEFAULT_BASELINE: Final = "exposed"
+DEFAULT_BOOTSTRAP: Final = BootstrapSettings()
 
 _DEFAULT_PATTERNS: Final[tuple[str, ...]] = (
     "auc",
@@ -67,7 +85,7 @@ _DEFAULT_PATTERNS: Final[tuple[str, ...]] = (
     "unexposed_ndcg@{k}",
     "longtail_recall@{K}",
     "ild@{K}",
-    "category_coverage@{K}",
+    "category_recall@{K}",
 )
 """Default columns; ``{k}`` expands to every cut-off found, ``{K}`` to the largest."""
 
@@ -98,6 +116,8 @@ def write_report(
     curves: Mapping[str, Sequence[tuple[float, float]]] | None = None,
     curve_labels: tuple[str, str] = ("FLOPs share", "NDCG@50"),
     primary: list[str] | None = None,
+    baseline: str | None = None,
+    bootstrap: BootstrapSettings | None = DEFAULT_BOOTSTRAP,
 ) -> ReportPaths:
     """Write the markdown, HTML and JSON report and its plots into ``out_dir``.
 
@@ -111,15 +131,20 @@ def write_report(
             as one line each, sorted by x.
         curve_labels: Axis labels ``(x, y)`` for the curve plot.
         primary: Metric columns, in order; default: AUC, GAUC, recall/NDCG at every K, their
-            unexposed variants, then long-tail recall, ILD and category coverage at the largest
+            unexposed variants, then long-tail recall, ILD and category recall at the largest
             K, whichever are present.
+        baseline: The method every other is compared with in the bootstrap table; default
+            ``exposed`` when it has per-request values, else the first method that has them.
+        bootstrap: Resampling settings of the paired request bootstrap; None skips it. It runs
+            only over methods whose every seed is an
+            :class:`~training.evaluation.ranking.Evaluation` with per-request values.
 
     Returns:
         The paths written.
 
     Raises:
-        ValueError: when ``results`` is empty, a method has no seeds, or a ``primary`` metric
-            appears in no result.
+        ValueError: when ``results`` is empty, a method has no seeds, a ``primary`` metric
+            appears in no result, or ``baseline`` is not a method with per-request values.
     """
     if not results:
         raise ValueError("results is empty: nothing to report")
@@ -129,6 +154,9 @@ def write_report(
     summary = _summarize(results)
     columns = _columns(results, primary)
     notes = list(notes or [])
+    comparison = (
+        _paired_intervals(results, summary, baseline, bootstrap) if bootstrap is not None else None
+    )
     out_dir.mkdir(parents=True, exist_ok=True)
 
     pngs: dict[str, bytes] = {METRICS_PLOT_NAME: _bar_chart(summary, columns, title)}
@@ -143,8 +171,10 @@ def write_report(
 
     n_seeds = {name: len(seeds) for name, seeds in results.items()}
     paths = ReportPaths(out_dir / MARKDOWN_NAME, out_dir / HTML_NAME, out_dir / JSON_NAME, plots)
-    _write_text(paths.markdown, _markdown(title, notes, summary, columns, n_seeds, pngs))
-    _write_text(paths.html, _html(title, notes, summary, columns, n_seeds, pngs))
+    _write_text(
+        paths.markdown, _markdown(title, notes, summary, columns, n_seeds, pngs, comparison)
+    )
+    _write_text(paths.html, _html(title, notes, summary, columns, n_seeds, pngs, comparison))
     payload = {
         "title": title,
         "notes": notes,
@@ -166,6 +196,7 @@ def write_report(
             }
             for name, pts in (curves or {}).items()
         },
+        "bootstrap": _bootstrap_json(comparison),
     }
     _write_text(paths.json, json.dumps(payload, indent=2) + "\n")
     return paths
@@ -187,6 +218,132 @@ def _summarize(
             )
             out[name][key] = _Summary(values, mean, std, int(finite.size))
     return out
+
+
+def _paired_intervals(
+    results: Mapping[str, Sequence[Mapping[str, float]]],
+    summary: dict[str, dict[str, _Summary]],
+    baseline: str | None,
+    settings: BootstrapSettings,
+) -> BootstrapResult | None:
+    """The paired bootstrap over the methods with per-request values, or None without any.
+
+    Only intervals whose point estimate is the value in the table are kept: a metric replaced
+    after evaluation (routing@M's pooled AUCs, taken from the served probabilities) no longer
+    matches the per-request values it came with, and an interval for other scores would
+    mislead.
+    """
+    values: dict[str, list[RequestValues]] = {}
+    for name, seeds in results.items():
+        carried = [s.request_values for s in seeds if isinstance(s, Evaluation)]
+        if len(carried) == len(seeds) and all(rv is not None for rv in carried):
+            values[name] = [rv for rv in carried if rv is not None]
+    if baseline is not None and baseline not in values:
+        raise ValueError(
+            f"baseline {baseline!r} is not a method with per-request values (results of "
+            f"evaluate_scores); those are {list(values)}"
+        )
+    if not values:
+        return None
+    if baseline is None:
+        baseline = DEFAULT_BASELINE if DEFAULT_BASELINE in values else next(iter(values))
+    ids = values[baseline][0].request_ids
+    # Methods scored on other requests cannot be paired with the baseline: no interval.
+    values = {
+        name: seeds
+        for name, seeds in values.items()
+        if all(np.array_equal(rv.request_ids, ids) for rv in seeds)
+    }
+    result = paired_bootstrap(values, baseline, settings)
+
+    def shown(name: str, metric: str) -> bool:
+        estimate = result.estimates.get(name, {}).get(metric, math.nan)
+        table = summary[name][metric].mean if metric in summary[name] else math.nan
+        if math.isnan(estimate) or math.isnan(table):
+            return math.isnan(estimate) and math.isnan(table)
+        return math.isclose(estimate, table, rel_tol=1e-9, abs_tol=1e-9)
+
+    intervals = {
+        name: {m: iv for m, iv in metrics.items() if shown(baseline, m) and shown(name, m)}
+        for name, metrics in result.intervals.items()
+    }
+    return BootstrapResult(
+        result.baseline,
+        result.settings,
+        result.requests,
+        result.estimates,
+        intervals,
+        result.seconds,
+    )
+
+
+def _bootstrap_json(comparison: BootstrapResult | None) -> dict[str, Any] | None:
+    if comparison is None:
+        return None
+    return {
+        "baseline": comparison.baseline,
+        "resamples": comparison.settings.resamples,
+        "confidence": comparison.settings.confidence,
+        "seed": comparison.settings.seed,
+        "requests": comparison.requests,
+        "seconds": round(comparison.seconds, 3),
+        "methods": {
+            name: {
+                metric: {
+                    "difference": _json_float(iv.difference),
+                    "low": _json_float(iv.low),
+                    "high": _json_float(iv.high),
+                }
+                for metric, iv in metrics.items()
+            }
+            for name, metrics in comparison.intervals.items()
+        },
+    }
+
+
+def _interval_columns(comparison: BootstrapResult, columns: list[str]) -> list[str]:
+    return [
+        c
+        for c in columns
+        if c not in COUNT_METRICS and any(c in m for m in comparison.intervals.values())
+    ]
+
+
+def _format_interval(interval: Interval | None) -> str:
+    if interval is None or not math.isfinite(interval.difference):
+        return "—"
+    if not (math.isfinite(interval.low) and math.isfinite(interval.high)):
+        return f"{interval.difference:+.3f}"
+    return f"{interval.difference:+.3f} [{interval.low:+.3f}, {interval.high:+.3f}]"
+
+
+def _interval_rows(
+    comparison: BootstrapResult, methods: Sequence[str], columns: list[str]
+) -> list[tuple[str, list[str]]]:
+    """(method, cells) for every method but the baseline, in the table's order."""
+    return [
+        (name, [_format_interval(comparison.intervals.get(name, {}).get(c)) for c in columns])
+        for name in methods
+        if name != comparison.baseline
+    ]
+
+
+def _interval_heading(comparison: BootstrapResult) -> str:
+    return f"Request-level uncertainty: difference to {comparison.baseline}, paired bootstrap"
+
+
+def _interval_sentence(comparison: BootstrapResult) -> str:
+    cfg = comparison.settings
+    return (
+        f"Each cell is the method's mean minus {comparison.baseline}'s, then the "
+        f"{cfg.confidence:.0%} percentile interval of that difference over {cfg.resamples:,} "
+        f"resamples of the {comparison.requests:,} evaluation requests (with replacement, the "
+        f"same resample for both methods; seed {cfg.seed}). It covers which requests happened "
+        "to be evaluated, with the trained models held fixed: not the seed variance, the ± "
+        "above. Pooled AUCs resample their first-order expansion per request. —: no interval "
+        "(no per-request values, or a value not computed from them, as routing@M's pooled "
+        "AUCs are)."
+    )
 
 
 def _columns(
@@ -261,6 +418,7 @@ def _markdown(
     columns: list[str],
     n_seeds: dict[str, int],
     pngs: dict[str, bytes],
+    comparison: BootstrapResult | None = None,
 ) -> str:
     def esc(text: str) -> str:
         return text.replace("|", "\\|")
@@ -274,6 +432,13 @@ def _markdown(
         shown = [f"**{cell}**" if best else cell for cell, best in cells]
         lines.append(f"| {esc(name)} | {seeds} | " + " | ".join(shown) + " |")
     lines.append("")
+    if comparison is not None and (wanted := _interval_columns(comparison, columns)):
+        lines += [f"## {esc(_interval_heading(comparison))}", "", _interval_sentence(comparison)]
+        lines += ["", "| method | " + " | ".join(esc(c) for c in wanted) + " |"]
+        lines.append("| --- | " + " | ".join("---:" for _ in wanted) + " |")
+        for name, interval_cells in _interval_rows(comparison, list(summary), wanted):
+            lines.append(f"| {esc(name)} | " + " | ".join(interval_cells) + " |")
+        lines.append("")
     for name in pngs:
         lines += [f"![{Path(name).stem}]({name})", ""]
     return "\n".join(lines)
@@ -296,6 +461,7 @@ def _html(
     columns: list[str],
     n_seeds: dict[str, int],
     pngs: dict[str, bytes],
+    comparison: BootstrapResult | None = None,
 ) -> str:
     esc = html.escape
     parts = [
@@ -313,6 +479,15 @@ def _html(
         tds = "".join(f"<td><b>{esc(c)}</b></td>" if b else f"<td>{esc(c)}</td>" for c, b in cells)
         parts.append(f"<tr><td>{esc(name)}</td><td>{seeds}</td>{tds}</tr>")
     parts.append("</tbody></table>")
+    if comparison is not None and (wanted := _interval_columns(comparison, columns)):
+        parts.append(f"<h2>{esc(_interval_heading(comparison))}</h2>")
+        parts.append(f"<p>{esc(_interval_sentence(comparison))}</p>")
+        header = "".join(f"<th>{esc(c)}</th>" for c in ["method", *wanted])
+        parts.append(f"<table><thead><tr>{header}</tr></thead><tbody>")
+        for name, interval_cells in _interval_rows(comparison, list(summary), wanted):
+            tds = "".join(f"<td>{esc(c)}</td>" for c in interval_cells)
+            parts.append(f"<tr><td>{esc(name)}</td>{tds}</tr>")
+        parts.append("</tbody></table>")
     for name, data in pngs.items():
         encoded = base64.b64encode(data).decode("ascii")
         parts.append(f'<img alt="{esc(Path(name).stem)}" src="data:image/png;base64,{encoded}">')

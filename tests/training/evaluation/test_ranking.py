@@ -13,6 +13,7 @@ from training.evaluation.ranking import (
     ItemInfo,
     evaluate_scores,
     long_tail_mask,
+    without_global_negatives,
 )
 
 Row = tuple[str, str, str, str, float]  # request_id, user_id, item_id, stage, score
@@ -186,7 +187,7 @@ def test_longtail_recall_counts_only_long_tail_positives() -> None:
     assert m["unexposed_longtail_recall@2"] == 1.0
 
 
-def test_intra_list_distance_and_category_coverage_on_tiny_embeddings() -> None:
+def test_intra_list_distance_and_category_recall_on_tiny_embeddings() -> None:
     rows: list[Row] = [
         ("r1", "u1", "a", "exposed", 0.9),
         ("r1", "u1", "b", "exposed", 0.8),
@@ -202,13 +203,88 @@ def test_intra_list_distance_and_category_coverage_on_tiny_embeddings() -> None:
         embeddings=[[1, 0], [0, 1], [2, 0], [-1, 0], [0, 1]],
         categories=["x", "y", "x", "", "z"],
     )
-    m = evaluate_scores(scored_table(rows), truth_table([("u1", "a", 1)]), items, ks=(1, 2, 3, 4))
+    # u1's positives: a (x), b (y), d (unknown); u3's: c (x); u2 has none.
+    truth = truth_table([("u1", "a", 1), ("u1", "b", 1), ("u1", "d", 1), ("u3", "c", 1)])
+    m = evaluate_scores(scored_table(rows), truth, items, ks=(1, 2, 3, 4))
     assert math.isnan(m["ild@1"])
     assert m["ild@2"] == pytest.approx((1.0 + 0.0) / 2)  # r1: a, b orthogonal; r3: a, c equal
     assert m["ild@3"] == pytest.approx((2 / 3 + 0.0) / 2)
     assert m["ild@4"] == pytest.approx((7 / 6 + 0.0) / 2)  # r1 pair cosines 0, 1, -1, 0, 0, -1
-    assert m["category_coverage@1"] == pytest.approx(2 / 3)  # top-1: a, e, a -> x, z of x, y, z
-    assert m["category_coverage@2"] == 1.0
+    # r1 wants {x, y}: top-1 (a) shows x; r3 wants {x}: top-1 (a) shows x.
+    assert m["category_recall@1"] == pytest.approx((1 / 2 + 1.0) / 2)
+    assert m["category_recall@2"] == 1.0
+    assert m["category_requests_evaluated"] == 2  # r2 has no positive
+    assert "category_coverage@1" not in m
+
+
+def test_category_recall_tells_scorers_apart_where_pooled_coverage_could_not() -> None:
+    # The removed category_coverage@K pooled every request's top K: with more lists than
+    # categories it reached 1.0 for any scorer. Here both scorers' top-2 lists together show
+    # every category, yet only one reaches each user's own interests.
+    cats = {"a": "x", "b": "y", "c": "x", "d": "y"}
+    truth = truth_table([("u1", "a", 1), ("u1", "b", 1), ("u2", "c", 1), ("u2", "d", 1)])
+    items = item_info("abcd", categories=list(cats.values()))
+
+    def rows(order: dict[str, list[str]]) -> list[Row]:
+        out: list[Row] = []
+        for request, user in (("r1", "u1"), ("r2", "u2")):
+            for rank, item in enumerate(order[request]):
+                out.append((request, user, item, "retrieved", 1.0 - rank / 10))
+        return out
+
+    # Each request has the other's positives as candidates too (same categories).
+    focused = rows({"r1": ["a", "c", "b", "d"], "r2": ["d", "b", "c", "a"]})
+    diverse = rows({"r1": ["a", "b", "c", "d"], "r2": ["c", "d", "a", "b"]})
+    m_focused = evaluate_scores(scored_table(focused), truth, items, ks=(2,))
+    m_diverse = evaluate_scores(scored_table(diverse), truth, items, ks=(2,))
+    assert m_focused["category_recall@2"] == pytest.approx(0.5)
+    assert m_diverse["category_recall@2"] == 1.0
+
+
+def test_without_global_negatives_keeps_the_recalled_candidates() -> None:
+    requests = pa.table(
+        {
+            "request_id": ["r1", "r1", "r1", "r2", "r2"],
+            "user_id": ["u1", "u1", "u1", "u2", "u2"],
+            "item_id": ["a", "b", "e", "a", "d"],
+            "stage": ["exposed", "retrieved", "retrieved", "exposed", "retrieved"],
+            "group": [
+                "exposed_positive",
+                "prerank_negative",
+                "global_negative",
+                "exposed_negative",
+                "global_negative",
+            ],
+        }
+    )
+    kept, dropped = without_global_negatives(requests)
+    assert dropped == 2
+    assert kept.column("item_id").to_pylist() == ["a", "b", "a"]
+    assert without_global_negatives(kept) == (kept, 0)
+    no_group = requests.drop_columns(["group"])
+    assert without_global_negatives(no_group) == (no_group, 0)
+
+    # Easy random negatives scored low lift the pooled AUC and the unexposed metrics: the
+    # recalled candidates alone are what the pre-ranker faces at serving.
+    truth = truth_table([("u1", "b", 1), ("u2", "a", 1)])
+    score = {"a": 0.6, "b": 0.5, "e": 0.0, "d": 0.1}
+
+    def scored(table: pa.Table) -> pa.Table:
+        items = table.column("item_id").to_pylist()
+        return table.select(["request_id", "user_id", "item_id", "stage"]).append_column(
+            "score", pa.array([score[i] for i in items], pa.float64())
+        )
+
+    with_global = evaluate_scores(scored(requests), truth, item_info(), ks=(1,))
+    recalled = evaluate_scores(scored(kept), truth, item_info(), ks=(1,))
+    assert with_global["rows"] == 5 and recalled["rows"] == 3
+    # Positives b (r1, 0.5) and a (r2, 0.6) against r1's a (0.6): a loss and a tie, 0.5 of 2
+    # pairs; the random negatives e (0.0) and d (0.1) add 4 won pairs: 4.5 of 6.
+    assert with_global["auc"] == pytest.approx(4.5 / 6)
+    assert recalled["auc"] == pytest.approx(0.5 / 2)
+    assert with_global["unexposed_rows"] == 3 and recalled["unexposed_rows"] == 1
+    assert with_global["truth_coverage"] == pytest.approx(2 / 5)
+    assert recalled["truth_coverage"] == pytest.approx(2 / 3)
 
 
 def brute_force(rows: list[Row], positive: set[tuple[str, str]], k: int) -> dict[str, float]:
@@ -262,7 +338,8 @@ def test_vectorized_metrics_match_a_per_request_brute_force() -> None:
     scores = np.array([r[4] for r in rows])
     groups = np.array([r[0] for r in rows], dtype=object)
     assert m["gauc"] == pytest.approx(grouped_auc(groups, labels, scores))
-    assert math.isnan(m["category_coverage@5"])  # no known category at all
+    assert math.isnan(m["category_recall@5"])  # no known category at all
+    assert m["category_requests_evaluated"] == 0
 
 
 @pytest.mark.parametrize(
