@@ -9,7 +9,12 @@ open exactly the same store.
 from __future__ import annotations
 
 import json
+import re
+import sqlite3
+import struct
 import time
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -156,6 +161,9 @@ class MaterializeReport:
     """Views loaded incrementally whose table was rewritten since the last load without a row
     newer than it: a stage re-run over past data, which only a full load (``replace``) brings
     online."""
+    removed: dict[str, int] = field(default_factory=dict)
+    """Per view reloaded with ``replace``: entities taken out of the online store because its
+    table no longer has a row of theirs in the load's window."""
 
 
 def apply_definitions(store: FeatureStore, objects: list[Any] | None = None) -> list[str]:
@@ -188,12 +196,17 @@ def materialize(
         start: Lower bound for every view (a window load); default: incremental.
         views: Feature view names; default: every online view whose source table exists (a
             stage that has not run yet is reported in ``skipped``, not an error).
-        replace: Reload each view from ``start`` (default: the beginning), replacing what is
-            online. Needed after a stage re-ran over past data, whose rows keep their
-            timestamps: Feast's Redis writer keeps a stored row unless the new one is strictly
-            newer, so in Redis each view is emptied first and reads as missing while it
-            reloads; SQLite's writer overwrites rows in place (an entity no longer in the
-            table keeps its last row there).
+        replace: Reload each view from ``start`` (default: the beginning) up to ``end``,
+            replacing what is online: afterwards the view holds exactly the entities with a
+            row in that window, each with its latest row there (even where the store had a
+            newer one). Needed after a stage re-ran over past data, whose rows keep their
+            timestamps. Entities gone from the table lose the view's values first (in Redis
+            only the view's fields of their hash: other views keep theirs), counted in
+            ``removed``; then every row is written over what is online, without Feast's
+            Redis check that skips a row not strictly newer than the stored one. Nothing is
+            emptied, so an entity that stays in the table reads its old values, then its
+            new ones, never missing; readers may see some entities reloaded and others not
+            yet while it runs.
     """
     end = end or datetime.now(UTC)
     began = time.perf_counter()
@@ -235,11 +248,17 @@ def materialize(
             incremental.append(name)
             if sources[name].rewritten_since(last.get("source"), fv.most_recent_end_time):
                 report.rewritten.append(name)
-    if replace and _is_redis(store):
-        for name in full:  # one view at a time: each reads as missing only while it reloads
-            _clear_online(store, name)
-            store.materialize(start_date=start or EPOCH, end_date=end, feature_views=[name])
-    elif full:  # SQLite's writer replaces rows in place: nothing to clear
+    if replace:
+        # Before the load, not after: Feast registers the load's interval as it ends, and the
+        # service re-reads every item when it sees that; removing stale entities afterwards
+        # would leave them in its cache until the next load.
+        for name in full:
+            report.removed[name] = _remove_absent_entities(
+                store, store.get_feature_view(name), start or EPOCH, end
+            )
+        with _overwriting(store):
+            store.materialize(start_date=start or EPOCH, end_date=end, feature_views=full)
+    elif full:
         store.materialize(start_date=start or EPOCH, end_date=end, feature_views=full)
     if incremental:
         store.materialize_incremental(end_date=end, feature_views=incremental)
@@ -325,8 +344,179 @@ def _is_redis(store: FeatureStore) -> bool:
     return bool(getattr(store.config.online_store, "type", "") == "redis")
 
 
-def _clear_online(store: FeatureStore, name: str) -> None:
-    """Delete a view's online values in Redis."""
+@contextmanager
+def _overwriting(store: FeatureStore) -> Iterator[None]:
+    """Within the block, Feast writes every materialized row over what is online.
+
+    SQLite's writer always does (an upsert). Redis's skips a row unless its event timestamp is
+    strictly newer than the stored one, which keeps a rebuilt row (same timestamp, new values)
+    out; its ``skip_dedup`` option writes unconditionally. It is set on this store's config
+    object for the duration only, not in ``feature_store.yaml``: incremental loads and pushes
+    keep the check that stops an older row from replacing a newer one. Each entity's values
+    are then replaced by one HSET, so a reader sees the old row or the new one, never none
+    (what emptying the view first, the previous way, could not give). The materialized rows
+    hold one row per entity (the offline store's latest), so skipping the check cannot let
+    an older row of an entity win over a newer one of the same load.
+    """
+    online = store.config.online_store
+    if not _is_redis(store):
+        yield
+        return
+    before = online.skip_dedup
+    online.skip_dedup = True
+    try:
+        yield
+    finally:
+        online.skip_dedup = before
+
+
+def _keys_in_window(store: FeatureStore, fv: Any, start: datetime, end: datetime) -> set[bytes]:
+    """The serialized entity keys of ``fv``'s table rows in ``[start, end]``.
+
+    Serialized as Feast's materialization serializes them (each join key's values converted to
+    its entity's value type, then ``serialize_entity_key``), so they compare byte for byte with
+    the keys the online store holds, whatever the join keys' types. Both ends of the window are
+    inclusive, like Feast's Dask reader that the local engine materializes through
+    (``pull_all_from_table_or_query``): what is kept covers everything the load writes.
+    """
+    from feast.infra.key_encoding_utils import serialize_entity_key
+    from feast.protos.feast.types.EntityKey_pb2 import EntityKey as EntityKeyProto
+    from feast.type_map import python_values_to_proto_values
+
+    from training.features.offline_store import _read_source
+
+    source = fv.batch_source
+    types = {column.name: column.dtype.to_value_type() for column in fv.entity_columns}
+    join_keys = list(types)
+    # A field mapping renames source columns to join-key names; read the source's own names.
+    to_source = {dst: src for src, dst in (source.field_mapping or {}).items()}
+    columns = [to_source.get(key, key) for key in join_keys]
+    ts_column = source.timestamp_field
+    # The offline store's own read: same file, naive timestamps taken as UTC.
+    table = _read_source(store.config, source, list(dict.fromkeys([*columns, ts_column])))
+    ts = table.column(ts_column)
+    in_window = pc.and_(
+        pc.greater_equal(ts, pa.scalar(start, ts.type)),
+        pc.less_equal(ts, pa.scalar(end, ts.type)),
+    )
+    unique = table.filter(in_window).select(columns).group_by(columns).aggregate([])
+    values = [
+        python_values_to_proto_values(
+            unique.column(column).to_numpy(zero_copy_only=False), types[key]
+        )
+        for key, column in zip(join_keys, columns, strict=True)
+    ]
+    version = store.config.entity_key_serialization_version
+    return {
+        serialize_entity_key(
+            EntityKeyProto(join_keys=join_keys, entity_values=list(row)),
+            entity_key_serialization_version=version,
+        )
+        for row in zip(*values, strict=True)
+    }
+
+
+def _is_entity_key(blob: bytes, version: int) -> bool:
+    """Whether ``blob`` is exactly one serialized entity key.
+
+    A Redis key of another project whose name ends with this one's, its suffix cut, leaves
+    that project's extra bytes after the entity key: they fail to parse, or the parse does not
+    serialize back to ``blob``.
+    """
+    from feast.infra.key_encoding_utils import deserialize_entity_key, serialize_entity_key
+
+    try:
+        key = deserialize_entity_key(blob, entity_key_serialization_version=version)
+        return serialize_entity_key(key, entity_key_serialization_version=version) == blob
+    except (ValueError, struct.error):
+        return False
+
+
+def _remove_absent_entities(store: FeatureStore, fv: Any, start: datetime, end: datetime) -> int:
+    """Remove ``fv``'s online values of entities without a row in ``[start, end]``; count them.
+
+    Feast has no call that deletes some entities of a view (``delete_table``, ``update`` and
+    ``teardown`` drop a whole view, table or database), so this reads the stores' own layout,
+    with Feast's functions for its names and keys: in SQLite one table per view
+    (``<project>_<view>``, rows keyed by the serialized entity key), in Redis one hash per
+    entity (``serialized entity key + project``) holding every view's fields and a
+    ``_ts:<view>`` field per view.
+    """
+    if not fv.entity_columns:  # an entityless view: one dummy key, always written
+        return 0
+    keep = _keys_in_window(store, fv, start, end)
+    if _is_redis(store):
+        return _remove_absent_redis(store, fv, keep)
+    return _remove_absent_sqlite(store, fv, keep)
+
+
+def _remove_absent_sqlite(store: FeatureStore, fv: Any, keep: set[bytes]) -> int:
+    """Delete the rows of entities not in ``keep`` from the view's SQLite table."""
+    from feast.infra.online_stores.helpers import compute_table_id
+
+    config = store.config
+    path = Path(str(config.online_store.path))
+    if not path.is_absolute() and config.repo_path is not None:
+        path = Path(config.repo_path) / path
+    if not path.exists():
+        return 0
+    table = compute_table_id(
+        config.project, fv, config.registry.enable_online_feature_view_versioning
+    )
+    quoted = '"' + table.replace('"', '""') + '"'
+    # A connection of its own (Feast's is the provider's, private); the timeout rides out a
+    # reader holding its lock. One transaction: a reader sees all the stale rows or none.
+    with closing(sqlite3.connect(path, timeout=30)) as conn, conn:
+        exists = conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (table,)
+        ).fetchone()
+        if not exists:  # never loaded: nothing online to remove
+            return 0
+        blobs = [bytes(b) for (b,) in conn.execute(f"SELECT DISTINCT entity_key FROM {quoted}")]
+        # The table is this view's alone: every key not kept is a removed entity's.
+        stale = [(b,) for b in blobs if b not in keep]
+        conn.executemany(f"DELETE FROM {quoted} WHERE entity_key = ?", stale)
+    return len(stale)
+
+
+def _remove_absent_redis(store: FeatureStore, fv: Any, keep: set[bytes]) -> int:
+    """HDEL the view's fields from the hashes of entities not in ``keep``.
+
+    Only this view's fields go (an entity's hash holds every view keyed by it); Redis deletes a
+    hash left empty. A key is matched by its join keys and project, and then parsed: Feast's
+    own ``delete_table`` scans for ``*<project>``, which also matches the keys of a project
+    whose name ends with this one's.
+    """
+    from feast.infra.key_encoding_utils import serialize_entity_key_prefix
+    from feast.infra.online_stores.helpers import _mmh3, compute_versioned_name
     from feast.infra.online_stores.redis import RedisOnlineStore
 
-    RedisOnlineStore().delete_table(store.config, store.get_feature_view(name))
+    config = store.config
+    version = config.entity_key_serialization_version
+    # The client Feast's Redis store builds from the connection string (one parser for both).
+    client = RedisOnlineStore()._get_client(config.online_store)
+    name = compute_versioned_name(fv, config.registry.enable_online_feature_view_versioning)
+    fields = [_mmh3(f"{name}:{f.name}") for f in fv.features] + [f"_ts:{name}".encode()]
+    project = config.project.encode()
+    prefix = serialize_entity_key_prefix(list(fv.join_keys), version)
+    # The prefix holds binary lengths: escape any byte that a glob pattern would interpret.
+    pattern = re.sub(rb"([*?\[\]\\])", rb"\\\1", prefix) + b"*" + project
+    removed = 0
+    stale: list[bytes] = []
+
+    def flush() -> int:
+        with client.pipeline(transaction=False) as pipe:
+            for key in stale:
+                pipe.hdel(key, *fields)
+            deleted = pipe.execute()
+        stale.clear()
+        return sum(1 for n in deleted if n)  # only entities that had the view count
+
+    for key in client.scan_iter(match=pattern, count=5000):
+        entity = key[: -len(project)]
+        # Parsed only when not kept (the few removed, and any other project's keys).
+        if entity not in keep and _is_entity_key(entity, version):
+            stale.append(key)
+            if len(stale) >= 5000:
+                removed += flush()
+    return removed + (flush() if stale else 0)
