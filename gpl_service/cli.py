@@ -581,8 +581,8 @@ def features_materialize(
             help="Reload every view from the beginning, replacing what is online. Needed after "
             "a stage re-ran over past data (a new `gpl sids train`, rebuilt statistics): their "
             "rows keep their timestamps, which an incremental load never revisits and Redis "
-            "keeps unless a row is newer. In Redis each view is emptied first and reads as "
-            "missing while it reloads."
+            "keeps unless a row is newer. Entities gone from a table are removed from its view "
+            "first; every other entity stays readable (old value or new) throughout."
         ),
     ] = False,
 ) -> None:
@@ -610,6 +610,9 @@ def features_materialize(
         )
         if report.first_loads:
             _say(f"loaded in full (new to this online store): {', '.join(report.first_loads)}")
+        if any(report.removed.values()):
+            gone = ", ".join(f"{n} from {v}" for v, n in report.removed.items() if n)
+            _say(f"removed entities no longer in their tables: {gone}")
         if report.up_to_date:
             _say(
                 f"already loaded up to {report.end:%Y-%m-%d %H:%M} or later: "
