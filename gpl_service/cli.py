@@ -44,6 +44,7 @@ from typer._click.globals import get_current_context
 from typer.core import TyperGroup, TyperOption
 
 from training.data.contract import ContractError
+from training.evaluation.bootstrap import DEFAULT_RESAMPLES
 
 # "\b" alone on a line tells click not to re-wrap the next paragraph: the verb table.
 _HELP = (__doc__ or "").replace("right.\n\n", "right.\n\n\b\n", 1)
@@ -1240,6 +1241,18 @@ def evaluate(
             "sees them)."
         ),
     ] = False,
+    bootstrap_resamples: Annotated[
+        int,
+        typer.Option(
+            min=0,
+            help="Resamples of the evaluation requests for the paired bootstrap intervals "
+            "against the exposed-only model (0: no intervals; else at least 2).",
+        ),
+    ] = DEFAULT_RESAMPLES,
+    bootstrap_seed: Annotated[
+        int,
+        typer.Option(min=0, help="Seed of the bootstrap's resamples (same seed: same intervals)."),
+    ] = 0,
 ) -> None:
     """Train every objective on the earlier requests and evaluate on the later ones.
 
@@ -1248,16 +1261,17 @@ def evaluate(
 
     Writes RUN_DIR/evaluation/report.md, report.html (plots embedded), report.json: AUC, GAUC,
     HR/Recall/NDCG@K over all and over unexposed candidates, diversity, long-tail recall, each
-    method's difference to the exposed-only baseline with a paired request-bootstrap interval,
-    and the routing curve (quality vs FLOPs as the expressive model's share M grows). The
-    evaluation requests' global_negative rows are left out unless --include-global-negatives.
+    method's difference to the exposed-only baseline with a paired request-bootstrap interval
+    (--bootstrap-resamples, --bootstrap-seed), and the routing curve (quality vs FLOPs as the
+    expressive model's share M grows). The evaluation requests' global_negative rows are left
+    out unless --include-global-negatives.
     Warns (and says so in the report) when the anchor LM, the pseudo-labels' calibration or the
     SIDs' collaborative block was fitted on data from after the cutoff.
     """
     import pyarrow.compute as pc
 
+    from training.evaluation.bootstrap import BootstrapSettings
     from training.evaluation.leakage import upstream_leaks
-    from training.evaluation.ranking import without_global_negatives
     from training.features.store import open_store
     from training.io import read_table
     from training.preranker.config import OBJECTIVES, PrerankerConfig
@@ -1269,6 +1283,18 @@ def evaluate(
     )
 
     with _user_errors():
+        # BootstrapSettings refuses 1 too, with a ValueError that names its field, not the
+        # flag (and prints a traceback). Negative values never get here (min=0 above).
+        if bootstrap_resamples == 1:
+            raise UsageError(
+                "--bootstrap-resamples must be 0 (no intervals) or at least 2, got 1: one "
+                "resample has no spread"
+            )
+        bootstrap = (
+            BootstrapSettings(resamples=bootstrap_resamples, seed=bootstrap_seed)
+            if bootstrap_resamples
+            else None
+        )
         cfg = _load_config(PrerankerConfig, config)
         chosen: list[str] = (
             [o.strip() for o in objectives.split(",") if o.strip()]
@@ -1292,29 +1318,6 @@ def evaluate(
         warnings = upstream_leaks(run_dir, cutoff)
         for warning in warnings:
             typer.echo(f"warning: {warning}", err=True)
-        # Global negatives stay in training (HAP's easy group) but leave the evaluation before
-        # the join: scored, they would lift every metric with candidates serving never ranks.
-        # Dropped here because the scored tables evaluate_suite builds carry no group column.
-        all_rows = eval_requests.num_rows
-        recalled, n_global = without_global_negatives(eval_requests)
-        if not include_global_negatives:
-            eval_requests = recalled
-            if eval_requests.num_rows == 0:
-                raise UsageError(
-                    f"no recalled candidate at or after {cutoff}, only global negatives"
-                )
-        share = f"{n_global:,} of the {all_rows:,} evaluation rows ({n_global / all_rows:.1%})"
-        # The report's notes come from evaluate_suite, whose one channel for extra lines is its
-        # warnings (shown as "Warning: ..."): a reader comparing with older reports should mind.
-        candidates_note = (
-            f"global_negative rows included in every metric (--include-global-negatives): "
-            f"{share}, random catalog negatives that serving never scores"
-            if include_global_negatives
-            else f"global_negative rows left out of every metric: {share}, random catalog "
-            "negatives that only training uses (--include-global-negatives keeps them)"
-        )
-        if n_global:
-            _say(candidates_note)
         store = open_store(run_dir)
         result = evaluate_suite(
             join_features(store, train_requests, any(o in PSEUDO_OBJECTIVES for o in chosen)),
@@ -1327,8 +1330,19 @@ def evaluate(
             objectives=chosen,
             seeds=seeds,
             title=f"Pre-ranker evaluation ({run_dir.name}, cutoff {cutoff:%Y-%m-%d %H:%M})",
-            warnings=[*warnings, candidates_note] if n_global else warnings,
+            warnings=warnings,
+            include_global_negatives=include_global_negatives,
+            bootstrap=bootstrap,
         )
+        if result.global_negatives:
+            _say(
+                f"{result.global_negatives:,} global_negative rows of the evaluation requests "
+                + (
+                    "scored with the rest (--include-global-negatives)"
+                    if include_global_negatives
+                    else "left out (--include-global-negatives keeps them)"
+                )
+            )
         _say(f"report -> {result.report.markdown} and {result.report.html}")
         keys = ["auc", "unexposed_recall@50", "longtail_recall@50", "ndcg@50"]
         _say(f"{'method':<32}" + "".join(f"{k:>22}" for k in keys))

@@ -86,8 +86,8 @@ class BootstrapSettings:
     Attributes:
         resamples: Number of bootstrap resamples of the requests.
         confidence: Coverage of the percentile interval, in (0, 1).
-        seed: Seed of the numpy Generator drawing the resamples (same seed, same data: same
-            intervals).
+        seed: Seed of the numpy Generator drawing the resamples, non-negative (same seed,
+            same data: same intervals).
     """
 
     resamples: int = DEFAULT_RESAMPLES
@@ -99,6 +99,9 @@ class BootstrapSettings:
             raise ValueError(f"resamples must be at least 2, got {self.resamples}")
         if not 0.0 < self.confidence < 1.0:
             raise ValueError(f"confidence must be in (0, 1), got {self.confidence}")
+        # numpy refuses a negative seed only when the resamples are drawn: after the training.
+        if self.seed < 0:
+            raise ValueError(f"seed must be non-negative, got {self.seed}")
 
 
 @dataclass(frozen=True)

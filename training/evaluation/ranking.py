@@ -81,9 +81,11 @@ class Evaluation(dict[str, float]):
 
     To every caller it is the plain metrics dict. ``request_values`` holds each metric's
     per-request parts for :func:`training.evaluation.bootstrap.paired_bootstrap`, which the
-    report runs. A value changed after evaluation (a cascade's pooled AUC taken from another
-    scoring) no longer matches its parts; the report notices and shows no interval for it.
-    Copies (``dict(m)``, ``{**m}``) are plain dicts without them.
+    report runs. A value assigned after evaluation no longer matches its parts; the report
+    notices and shows no interval for it. To take metrics from another scoring of the same
+    requests (a cascade's pooled AUCs from its served probabilities), use
+    :meth:`with_metrics_from`, which moves their parts along. Copies (``dict(m)``, ``{**m}``)
+    are plain dicts without them.
 
     Attributes:
         request_values: The per-request parts, or None.
@@ -96,6 +98,49 @@ class Evaluation(dict[str, float]):
     ) -> None:
         super().__init__(metrics or {})
         self.request_values = request_values
+
+    def with_metrics_from(self, other: Evaluation, names: Sequence[str]) -> Evaluation:
+        """A copy whose ``names`` hold ``other``'s values and per-request parts.
+
+        The parts are what the report's bootstrap resamples: copying a value without them
+        would leave the copy without an interval (its parts would describe the replaced
+        value). A name whose parts ``other`` lacks loses its parts here too, so it gets no
+        interval rather than one for another value.
+
+        Args:
+            other: An evaluation of the same requests, e.g. of other scores of the same
+                candidates.
+            names: The metrics to take from ``other``; each must be one of its metrics.
+
+        Returns:
+            A new :class:`Evaluation`; ``self`` is left as it is. Without per-request values
+            of its own it has none either.
+
+        Raises:
+            ValueError: A name is not among ``other``'s metrics, or both carry per-request
+                values of different requests (the parts pair requests by position).
+        """
+        missing = [name for name in names if name not in other]
+        if missing:
+            raise ValueError(f"metrics {missing} are not in the other evaluation")
+        merged = Evaluation({**self, **{name: other[name] for name in names}})
+        mine, theirs = self.request_values, other.request_values
+        if mine is None:
+            return merged
+        if theirs is not None and not np.array_equal(mine.request_ids, theirs.request_ids):
+            raise ValueError(
+                "the evaluations cover different requests: per-request parts cannot be combined"
+            )
+        numerator, denominator = dict(mine.numerator), dict(mine.denominator)
+        for name in names:
+            if theirs is not None and name in theirs.numerator:
+                numerator[name] = theirs.numerator[name]
+                denominator[name] = theirs.denominator[name]
+            else:
+                numerator.pop(name, None)
+                denominator.pop(name, None)
+        merged.request_values = RequestValues(mine.request_ids, numerator, denominator)
+        return merged
 
 
 @dataclass

@@ -228,10 +228,10 @@ def _paired_intervals(
 ) -> BootstrapResult | None:
     """The paired bootstrap over the methods with per-request values, or None without any.
 
-    Only intervals whose point estimate is the value in the table are kept: a metric replaced
-    after evaluation (routing@M's pooled AUCs, taken from the served probabilities) no longer
-    matches the per-request values it came with, and an interval for other scores would
-    mislead.
+    Only intervals whose point estimate is the value in the table are kept: a metric assigned
+    after evaluation without its parts (not through
+    :meth:`~training.evaluation.ranking.Evaluation.with_metrics_from`) no longer matches the
+    per-request values it came with, and an interval for other scores would mislead.
     """
     values: dict[str, list[RequestValues]] = {}
     for name, seeds in results.items():
@@ -341,8 +341,7 @@ def _interval_sentence(comparison: BootstrapResult) -> str:
         f"same resample for both methods; seed {cfg.seed}). It covers which requests happened "
         "to be evaluated, with the trained models held fixed: not the seed variance, the ± "
         "above. Pooled AUCs resample their first-order expansion per request. —: no interval "
-        "(no per-request values, or a value not computed from them, as routing@M's pooled "
-        "AUCs are)."
+        "(no per-request values, or a value not computed from them)."
     )
 
 

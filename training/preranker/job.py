@@ -4,14 +4,16 @@
 ``RUN_DIR/preranker/``: ``light.safetensors``, ``expressive.safetensors``,
 ``preprocessing.json`` (fitted on training rows only), ``config.json`` and a manifest.
 ``gpl evaluate`` trains every objective (the baselines and GPL/HAP) on the same training
-requests for several seeds, scores the requests from the cutoff on, and writes a report
-(``RUN_DIR/evaluation/``) against the truth table. Truth is read only by evaluation.
+requests for several seeds, scores the recalled candidates of the requests from the cutoff on
+(their global negatives only on request), and writes a report (``RUN_DIR/evaluation/``)
+against the truth table. Truth is read only by evaluation.
 """
 
 from __future__ import annotations
 
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, NamedTuple
@@ -27,13 +29,17 @@ from tqdm.auto import tqdm
 
 from training.arrow import string_array
 from training.data.labels import log_as_of
+from training.evaluation.bootstrap import BootstrapSettings
 from training.evaluation.ranking import (
     LONG_TAIL_HEAD_SHARE,
     POOLED_METRICS,
+    Evaluation,
+    EvaluationError,
     ItemInfo,
     evaluate_scores,
+    without_global_negatives,
 )
-from training.evaluation.report import ReportPaths, write_report
+from training.evaluation.report import DEFAULT_BOOTSTRAP, ReportPaths, write_report
 from training.features.training_set import build_training_set
 from training.io import atomic_path, write_manifest
 from training.preranker.config import DEBIASED_OBJECTIVES, OBJECTIVES, PrerankerConfig
@@ -348,6 +354,43 @@ def scored_table(data: PrerankData, scores: npt.NDArray[np.float32]) -> pa.Table
     )
 
 
+def evaluate_cascade(
+    data: PrerankData,
+    light: npt.NDArray[np.float32],
+    expressive: npt.NDArray[np.float32],
+    routed: npt.NDArray[np.bool_],
+    truth: pa.Table,
+    items: ItemInfo,
+) -> Evaluation:
+    """The metrics of the cascade that re-scores the ``routed`` rows with the expressive model.
+
+    Per-request metrics come from the cascade's order (:func:`cascade_scores`). The pooled AUCs
+    compare rows across requests, so they come from the probabilities the cascade serves
+    (:func:`cascade_probabilities`): the order-carrying +1 offset would rank every request's
+    routed rows above every other request's rest (it lifted the cascade above both models).
+    Each metric keeps the per-request parts of the scoring it came from, so the report's
+    bootstrap gives the pooled AUCs intervals of the served values too.
+
+    Args:
+        data: The evaluated candidates, grouped by request.
+        light: The light model's logit for each row of ``data``.
+        expressive: The expressive model's logit for each row of ``data``.
+        routed: Rows the expressive model re-scores (:func:`routed_mask`).
+        truth: The contract's truth table.
+        items: Side information of every scored item.
+
+    Returns:
+        Every metric of :func:`evaluate_scores`, with its per-request parts.
+    """
+    ranked = evaluate_scores(
+        scored_table(data, cascade_scores(light, expressive, routed)), truth, items
+    )
+    served = evaluate_scores(
+        scored_table(data, cascade_probabilities(light, expressive, routed)), truth, items
+    )
+    return ranked.with_metrics_from(served, POOLED_METRICS)
+
+
 def reference_scores(data: PrerankData, items: ItemInfo) -> dict[str, npt.NDArray[np.float32]]:
     """Untrained scorers for the report, from inputs the models have too.
 
@@ -410,12 +453,23 @@ def item_info(
 
 @dataclass
 class SuiteResult:
-    """Per-method, per-seed metrics, routing curves and the written report."""
+    """Per-method, per-seed metrics, routing curves and the written report.
+
+    Attributes:
+        results: Method -> one metrics dict per seed (an
+            :class:`~training.evaluation.ranking.Evaluation` with per-request parts).
+        routing: One row per (seed, routing fraction): the cascade's metrics and FLOPs share.
+        report: The files written.
+        info: Run facts (``seconds``).
+        global_negatives: ``global_negative`` rows of the evaluation table: left out of every
+            metric, or scored with the rest when ``include_global_negatives`` was set.
+    """
 
     results: dict[str, list[dict[str, float]]]
     routing: list[dict[str, float]]
     report: ReportPaths
     info: dict[str, Any]
+    global_negatives: int = 0
 
 
 def evaluate_suite(
@@ -429,7 +483,10 @@ def evaluate_suite(
     objectives: list[str] | None = None,
     seeds: int = 3,
     title: str = "Pre-ranker evaluation",
-    warnings: list[str] | None = None,
+    warnings: Sequence[str] | None = None,
+    notes: Sequence[str] | None = None,
+    include_global_negatives: bool = False,
+    bootstrap: BootstrapSettings | None = DEFAULT_BOOTSTRAP,
 ) -> SuiteResult:
     """Train every objective for ``seeds`` seeds and evaluate light, expressive and cascade.
 
@@ -438,12 +495,52 @@ def evaluate_suite(
     and ``<objective> expressive-all`` (the expressive model on every candidate) for GPL + HAP,
     or for the last objective listed when ``gpl_hap`` is not among them. The routing curves
     sweep ``ROUTING_FRACTIONS`` and the configured ``hard_fraction``.
+
+    Args:
+        train_table: The training requests joined with their features (and pseudo-labels).
+        eval_table: The evaluation requests joined with their features.
+        truth: The contract's truth table.
+        semantics: Item semantics (SIDs and content embeddings).
+        items: The contract's items table (categories).
+        cfg: Model, training and routing settings.
+        out_dir: Where the report is written.
+        objectives: Objectives to train (default: every one), in the report's order.
+        seeds: Seeds per objective.
+        title: The report's title.
+        warnings: Lines the report's notes show as ``Warning: ...``: what may invalidate the
+            figures (e.g. an upstream stage fitted after the cutoff).
+        notes: Further lines the report's notes show as they are.
+        include_global_negatives: Score ``eval_table``'s ``global_negative`` rows too. By
+            default they are left out
+            (:func:`~training.evaluation.ranking.without_global_negatives`): random catalog
+            negatives that only training uses, which the serving pre-ranker never scores.
+            Either way the report's notes say how many there were, if any.
+        bootstrap: Settings of the report's paired request bootstrap; None: no intervals.
+
+    Returns:
+        The metrics, the routing rows, the report's paths and the global negatives' count.
+
+    Raises:
+        EvaluationError: ``eval_table`` holds global negatives only and they are left out, or
+            the scores cannot be evaluated against ``truth``.
     """
     began = time.perf_counter()
     # Listed twice, an objective would be trained twice per seed and its std faked.
     objectives = list(dict.fromkeys(objectives or OBJECTIVES))
     cascaded_objective = "gpl_hap" if "gpl_hap" in objectives else objectives[-1]
     fractions = sorted({*ROUTING_FRACTIONS, cfg.routing.hard_fraction})
+    # Global negatives stay in training (HAP's easy group) but leave the evaluation before
+    # encoding: scored, they would lift every metric with candidates serving never ranks.
+    all_rows = eval_table.num_rows
+    recalled, n_global = without_global_negatives(eval_table)
+    if not include_global_negatives:
+        if recalled.num_rows == 0 and n_global:
+            raise EvaluationError(
+                f"the {n_global:,} evaluation rows are all global_negative rows, which serving "
+                "never scores: no recalled candidate to evaluate (evaluate other requests, or "
+                "score them with include_global_negatives, --include-global-negatives)"
+            )
+        eval_table = recalled
     base = prepare(train_table, semantics, cfg)
     eval_data = encode(eval_table, base.items, base.prep, need_pseudo=False)
     info_items = item_info(base.items, items, train_table, eval_table)
@@ -468,18 +565,7 @@ def evaluate_suite(
             )
             for fraction in fractions:
                 routed = routed_mask(light, eval_data.offsets, fraction)
-                cascaded = cascade_scores(light, expressive, routed)
-                m = evaluate_scores(scored_table(eval_data, cascaded), truth, info_items)
-                # Pooled AUCs compare rows across requests: on the served probabilities, not
-                # on the order-carrying +1 offset, which ranks every request's routed rows
-                # above every other request's rest (it lifted the cascade above both models).
-                served = evaluate_scores(
-                    scored_table(eval_data, cascade_probabilities(light, expressive, routed)),
-                    truth,
-                    info_items,
-                )
-                for pooled in POOLED_METRICS:
-                    m[pooled] = served[pooled]
+                m = evaluate_cascade(eval_data, light, expressive, routed, truth, info_items)
                 fl = routing_flops(
                     int(routed.sum()),
                     eval_data.n_rows,
@@ -497,6 +583,8 @@ def evaluate_suite(
         f"Training requests: {base.train.n_requests + base.valid.n_requests} "
         f"({base.train.n_rows + base.valid.n_rows} rows); evaluation requests: "
         f"{eval_data.n_requests} ({eval_data.n_rows} rows); {seeds} seed(s).",
+        *_global_negatives_note(n_global, all_rows, include_global_negatives),
+        *(notes or []),
         "Methods are the light model unless marked: 'expressive-all' scores every candidate "
         "with the expressive model, 'routing@M' re-scores the top M share by light score.",
         "'reference:' rows are untrained scorers the models should beat: the candidate's "
@@ -529,9 +617,30 @@ def evaluate_suite(
                 f"Warning: only {coverage:.1%} of the candidates have a truth row; every metric "
                 "treats the rest as negatives, so they measure agreement with a sparse truth."
             )
-    report = write_report(results, out_dir, title, notes=notes, curves=curves)
+    report = write_report(results, out_dir, title, notes=notes, curves=curves, bootstrap=bootstrap)
     info = {"seconds": round(time.perf_counter() - began, 1)}
-    return SuiteResult(results, routing, report, info)
+    return SuiteResult(results, routing, report, info, n_global)
+
+
+def _global_negatives_note(n_global: int, all_rows: int, included: bool) -> list[str]:
+    """The report's note on the evaluation table's global negatives (none without any).
+
+    A plain note, not a warning: leaving them out is the rule, but a reader comparing with a
+    report written before 2026-12-05 (which scored them) needs the count.
+    """
+    if not n_global:
+        return []
+    share = f"{n_global:,} of the {all_rows:,} evaluation rows ({n_global / all_rows:.1%})"
+    # Worded for the command line, where the reports come from; the keyword has the same name.
+    if included:
+        return [
+            f"global_negative rows included in every metric (--include-global-negatives): "
+            f"{share}, random catalog negatives that serving never scores."
+        ]
+    return [
+        f"global_negative rows left out of every metric: {share}, random catalog negatives "
+        "that only training uses (--include-global-negatives keeps them)."
+    ]
 
 
 def _routing_curves(routing: list[dict[str, float]]) -> dict[str, list[tuple[float, float]]]:

@@ -204,5 +204,39 @@ def test_bad_inputs_raise() -> None:
         BootstrapSettings(resamples=1)
     with pytest.raises(ValueError, match="confidence"):
         BootstrapSettings(confidence=1.0)
+    with pytest.raises(ValueError, match="seed must be non-negative"):
+        BootstrapSettings(seed=-1)  # numpy would refuse it only when drawing, after training
     with pytest.raises(ValueError, match="shape"):
         RequestValues(np.array(["r1"], dtype=object), {"x": np.ones(2)}, {"x": np.ones(2)})
+
+
+def test_metrics_taken_from_another_evaluation_bring_their_parts() -> None:
+    # A cascade's pooled AUCs come from its served probabilities: with the values alone, their
+    # parts would still describe the cascade's order and the report would show no interval.
+    data = Data(n_requests=20, rows=8, seed=6)
+    ranked, served = data.evaluate(data.scores(1.0)), data.evaluate(data.scores(0.5))
+    before = dict(ranked)
+    merged = ranked.with_metrics_from(served, ["auc", "unexposed_auc"])
+    values = merged.request_values
+    assert values is not None
+    for name in ("auc", "unexposed_auc"):
+        assert merged[name] == served[name] != ranked[name]
+        assert same(values.value(name), served[name]), name
+    for name in ("gauc", "ndcg@5", "recall@3"):
+        assert merged[name] == ranked[name] and same(values.value(name), ranked[name]), name
+    assert dict(ranked) == before  # the original is left as it was
+    assert ranked.request_values is not None
+    assert same(ranked.request_values.value("auc"), ranked["auc"])
+
+    # Parts the other evaluation lacks are dropped, not kept for a value they do not describe.
+    bare = ranked.with_metrics_from(Evaluation(dict(served)), ["auc"])
+    assert bare["auc"] == served["auc"] and bare.request_values is not None
+    assert "auc" not in bare.request_values.numerator
+    assert "gauc" in bare.request_values.numerator
+    assert Evaluation(dict(ranked)).with_metrics_from(served, ["auc"]).request_values is None
+
+    with pytest.raises(ValueError, match="not in the other evaluation"):
+        ranked.with_metrics_from(served, ["nope"])
+    other = Data(n_requests=21, rows=8, seed=6)
+    with pytest.raises(ValueError, match="different requests"):
+        ranked.with_metrics_from(other.evaluate(other.scores(1.0)), ["auc"])

@@ -65,7 +65,8 @@ def run_dir(run: Run, tmp_path: Path) -> Path:  # noqa: F811  (the fixture above
     return root
 
 
-def evaluate(run_dir: Path, *args: str) -> tuple[str, dict[str, Any]]:
+def evaluate(run_dir: Path, *args: str) -> tuple[str, dict[str, Any], str]:
+    """(report.md, report.json, the command's output) of `gpl evaluate` of the exposed model."""
     code, out = gpl(
         "evaluate",
         "--run-dir",
@@ -80,37 +81,72 @@ def evaluate(run_dir: Path, *args: str) -> tuple[str, dict[str, Any]]:
     )
     assert code == 0, out
     report = run_dir / "evaluation"
-    return (report / "report.md").read_text(), json.loads((report / "report.json").read_text())
+    return (
+        (report / "report.md").read_text(),
+        json.loads((report / "report.json").read_text()),
+        out,
+    )
 
 
 def test_global_negatives_leave_the_evaluation_unless_asked(run_dir: Path) -> None:
     requests = read_table(run_dir / "funnel" / "requests.parquet", "requests")
     assert pc.sum(pc.equal(requests.column("group"), "global_negative")).as_py() > 0
 
-    md, payload = evaluate(run_dir)
-    note = re.search(r"global_negative rows left out of every metric: ([\d,]+) of the ([\d,]+)", md)
+    md, payload, out = evaluate(run_dir)
+    # A plain note of the report (it was a "Warning: ..." line, the one channel there was).
+    note = re.search(
+        r"^- global_negative rows left out of every metric: ([\d,]+) of the ([\d,]+)", md, re.M
+    )
     assert note, md
+    assert "Warning: global_negative" not in md
     dropped, total = (int(g.replace(",", "")) for g in note.groups())
     assert dropped == total // 4  # 4 of every request's 16 candidates
+    assert f"{dropped:,} global_negative rows of the evaluation requests left out" in out
     popularity = payload["methods"]["reference: popularity"]["seeds"][0]
     assert popularity["rows"] == total - dropped
     # Every other row of the evaluation requests is scored: the unexposed rows lose exactly the
     # global negatives (all of them stage retrieved).
     unexposed_without = popularity["unexposed_rows"]
-
-    md, payload = evaluate(run_dir, "--include-global-negatives")
-    assert (
-        f"global_negative rows included in every metric (--include-global-negatives): {dropped:,}"
-        in md
-    )
-    popularity = payload["methods"]["reference: popularity"]["seeds"][0]
-    assert popularity["rows"] == total
-    assert popularity["unexposed_rows"] == unexposed_without + dropped
-
     # The request bootstrap against the exposed-only model, in the report and its JSON.
     assert "## Request-level uncertainty: difference to exposed, paired bootstrap" in md
     boot = payload["bootstrap"]
-    assert boot["baseline"] == "exposed" and boot["resamples"] == 1000
+    assert (boot["baseline"], boot["resamples"], boot["seed"]) == ("exposed", 1000, 0)
     assert "recall@50" in boot["methods"]["reference: popularity"]
     assert "category_recall@50" in payload["columns"]
     assert "category_coverage@50" not in payload["columns"]
+
+    md, payload, out = evaluate(
+        run_dir,
+        "--include-global-negatives",
+        "--bootstrap-resamples",
+        "50",
+        "--bootstrap-seed",
+        "3",
+    )
+    assert (
+        f"- global_negative rows included in every metric (--include-global-negatives): "
+        f"{dropped:,}" in md
+    )
+    assert f"{dropped:,} global_negative rows of the evaluation requests scored" in out
+    popularity = payload["methods"]["reference: popularity"]["seeds"][0]
+    assert popularity["rows"] == total
+    assert popularity["unexposed_rows"] == unexposed_without + dropped
+    boot = payload["bootstrap"]
+    assert (boot["resamples"], boot["seed"]) == (50, 3)
+    assert "50 resamples of the" in md
+
+
+def test_bootstrap_flags_turn_it_off_and_refuse_what_cannot_resample(run_dir: Path) -> None:
+    md, payload, _ = evaluate(run_dir, "--bootstrap-resamples", "0")
+    assert payload["bootstrap"] is None
+    assert "Request-level uncertainty" not in md
+
+    base = ["evaluate", "--run-dir", str(run_dir), "--objectives", "exposed", "--seeds", "1"]
+    code, out = gpl(*base, "--bootstrap-resamples", "-5")
+    assert code == 2 and "Invalid value for '--bootstrap-resamples'" in out, out
+    code, out = gpl(*base, "--bootstrap-seed", "-1")
+    assert code == 2 and "Invalid value for '--bootstrap-seed'" in out, out
+    # One resample has no spread: refused before any training, naming the flag.
+    code, out = gpl(*base, "--bootstrap-resamples", "1")
+    assert code == 2 and "error: --bootstrap-resamples must be 0" in out, out
+    assert "Traceback" not in out and "report ->" not in out

@@ -110,7 +110,7 @@ def test_report_adds_paired_bootstrap_intervals_against_exposed(tmp_path: Path) 
     data = Data(n_requests=60, rows=8, seed=11)
     weak, strong = data.scores(0.2), data.scores(2.0)
     routed = data.evaluate(strong)
-    routed["auc"] = 0.5  # replaced after evaluation, as routing@M's pooled AUCs are
+    routed["auc"] = 0.5  # assigned after evaluation, without the parts it came from
     results: dict[str, list[Evaluation]] = {
         "reference: popularity": [data.evaluate(data.scores(0.0))],
         "exposed": [data.evaluate(weak), data.evaluate(data.scores(0.2))],

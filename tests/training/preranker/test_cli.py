@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -96,6 +97,16 @@ def test_train_without_truth_then_evaluate(run_dir: Path, run: Run) -> None:
     assert "±" in report
     assert "with a long-tail positive" in report
     assert (run_dir / "evaluation" / "report.html").exists()
+    # The cascade's pooled AUCs (from its served probabilities) get bootstrap intervals too:
+    # they carry the served scoring's per-request parts (they showed "—").
+    section = report[report.index("## Request-level uncertainty") :]
+    rows = {line.split(" | ")[0][2:]: line for line in section.splitlines() if line[:2] == "| "}
+    header = rows["method"].strip("| ").split(" | ")
+    routed = dict(zip(header, rows["gpl_hap routing@0.2"].strip("| ").split(" | "), strict=True))
+    for pooled in ("auc", "unexposed_auc"):
+        assert re.fullmatch(r"[+-]\d\.\d{3} \[[+-]\d\.\d{3}, [+-]\d\.\d{3}\]", routed[pooled]), (
+            routed
+        )
 
     code, out = gpl("evaluate", "--run-dir", str(run_dir), "--objectives", "exposed,nope")
     assert code == 2 and "unknown objectives" in out
