@@ -1034,14 +1034,23 @@ def pseudo_labels(
             "will evaluate on, or that period's clicks will shape the training labels.",
         ),
     ] = None,
+    relevance: Annotated[
+        str | None,
+        typer.Option(
+            help="How candidates are scored: 'anchor_cosine' (GPL's max cosine to the anchors; "
+            "the default) or 'lm_likelihood' (the anchor LM's own log-probability of the "
+            "candidate given the user's history; reads RUN_DIR/anchors/model).",
+        ),
+    ] = None,
 ) -> None:
     """Pseudo-label unexposed candidates from the users' interest anchors.
 
     Reads RUN_DIR/funnel/requests.parquet (streamed), RUN_DIR/sids/item_semantics.parquet,
-    RUN_DIR/anchors/user_interest_anchors.parquet and RUN_DIR/data/interactions.parquet; writes
-    RUN_DIR/pseudo_labels/. relevance = max cosine to the anchors; confidence = weighted
-    geometric mean of dispersion, history consistency and LM confidence; pseudo_label =
-    Platt-calibrated relevance. See docs/pseudo_labels.md.
+    RUN_DIR/anchors/user_interest_anchors.parquet and RUN_DIR/data/interactions.parquet (and
+    RUN_DIR/anchors/model with --relevance lm_likelihood); writes RUN_DIR/pseudo_labels/.
+    relevance = max cosine to the anchors (or the LM's log-probability of the candidate);
+    confidence = weighted geometric mean of dispersion, history consistency and LM confidence;
+    pseudo_label = Platt-calibrated relevance. See docs/pseudo_labels.md.
     """
     from training.io import read_table
     from training.pseudo_labels.calibration import CalibrationError
@@ -1058,6 +1067,7 @@ def pseudo_labels(
             config,
             include_global_negatives=include_global_negatives,
             calibrate_until=_as_utc(calibrate_until) if calibrate_until else None,
+            relevance=relevance,
         )
         requests_path = run_dir / "funnel" / "requests.parquet"
         if not requests_path.exists():
@@ -1067,6 +1077,14 @@ def pseudo_labels(
         if not anchors.exists():
             raise FileNotFoundError(f"{anchors}: run `gpl anchors generate` first")
         positives = read_table(run_dir / "data" / "interactions.parquet", "interactions")
+        lm = None
+        if cfg.relevance == "lm_likelihood":
+            from training.pseudo_labels.lm_relevance import LmRelevance
+
+            model_dir = run_dir / "anchors" / "model"
+            if not model_dir.exists():
+                raise FileNotFoundError(f"{model_dir}: run `gpl anchors train` first")
+            lm = LmRelevance.load(model_dir, item_semantics)
         try:
             result = generate_pseudo_labels(
                 requests_path,
@@ -1078,7 +1096,9 @@ def pseudo_labels(
                 sources={
                     "item_semantics": "sids/item_semantics.parquet",
                     "positives": "data/interactions.parquet",
+                    **({"anchor_model": "anchors/model"} if lm is not None else {}),
                 },
+                lm=lm,
             )
         except (CalibrationError, PseudoLabelInputError) as exc:
             raise UsageError(str(exc)) from exc

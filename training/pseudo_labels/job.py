@@ -45,7 +45,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -77,7 +77,13 @@ from training.pseudo_labels.lookup import (
 from training.pseudo_labels.relevance import max_cosine_rows, warm_up
 from training.vectors import as_unit
 
+if TYPE_CHECKING:  # the LM (torch, transformers) is imported only by jobs that score with it
+    from training.pseudo_labels.lm_relevance import LmRelevance
+
 logger = logging.getLogger(__name__)
+
+RelevanceSource = Literal["anchor_cosine", "lm_likelihood"]
+"""How a candidate's relevance is scored (``PseudoLabelConfig.relevance``)."""
 
 PSEUDO_LABELS_DIR = "pseudo_labels"
 OUTPUT_NAME = "pseudo_labels.parquet"
@@ -194,6 +200,14 @@ class PseudoLabelConfig(BaseModel):
         "period's clicks must not shape the labels of the rows trained on. None: every exposed "
         "row of the log, as a production job labelling yesterday's traffic would.",
     )
+    relevance: RelevanceSource = Field(
+        default="anchor_cosine",
+        description="'anchor_cosine' (GPL's): the max cosine between the candidate and the "
+        "user's anchors in the content space. 'lm_likelihood': the anchor LM's own "
+        "log-probability of the candidate's SID given the anchor set's history, teacher-forced "
+        "under the trie (needs the anchor model; Platt calibration only). It ranked the "
+        "simulators' unexposed truth far better (docs/pseudo_labels.md).",
+    )
     hard_threshold: float | None = Field(
         default=None,
         ge=0,
@@ -222,6 +236,13 @@ class PseudoLabelConfig(BaseModel):
         "on 2M rows, with no higher peak memory there.",
     )
     progress: bool = Field(default=True, description="Show a progress bar.")
+
+    @model_validator(mode="after")
+    def _likelihood_is_calibrated(self) -> PseudoLabelConfig:
+        if self.relevance == "lm_likelihood" and self.calibration != "platt":
+            # A log-probability is not on the click scale: only a fitted mapping puts it there.
+            raise ValueError("relevance 'lm_likelihood' needs calibration 'platt'")
+        return self
 
 
 class PseudoLabelInputError(ValueError):
@@ -654,15 +675,41 @@ def _spread(
     return out
 
 
+@dataclass
+class _LikelihoodScorer:
+    """``relevance: lm_likelihood``: the LM, every anchor set's prompt, the item rows it knows."""
+
+    lm: LmRelevance
+    prompts: list[list[int]]
+    #: Catalog (trie) row of each row of the job's item index; -1 for an item without a SID.
+    trie_rows: npt.NDArray[np.int64]
+
+    @classmethod
+    def of(
+        cls, lm: LmRelevance, bank: AnchorBank, items: ItemIndex, positives: pa.Table
+    ) -> _LikelihoodScorer:
+        catalog = pa.array(lm.catalog_ids.tolist(), pa.string())
+        rows = pc.index_in(items.item_ids.cast(pa.string()), value_set=catalog)
+        trie_rows = np.asarray(pc.fill_null(rows, -1).to_numpy(zero_copy_only=False), np.int64)
+        return cls(lm=lm, prompts=lm.prompts(bank.keys, positives), trie_rows=trie_rows)
+
+
 def _score(
     batch: pa.Table,
     items: ItemIndex,
     bank: AnchorBank,
     confidence_table: npt.NDArray[np.float32],
+    likelihood: _LikelihoodScorer | None = None,
 ) -> dict[str, Any]:
     """Relevance and confidence of every row of ``batch`` (status tells which rows are usable)."""
     set_idx = bank.sets_of(batch.column("user_id"), batch.column("event_timestamp"))
     item_idx = items.lookup(batch.column("item_id"))
+    trie_idx = None
+    if likelihood is not None:
+        # An item the LM has no SID for cannot be scored by it: no usable item, like a missing
+        # embedding (status no_item_embedding), never a made-up score.
+        trie_idx = np.where(item_idx >= 0, likelihood.trie_rows[np.maximum(item_idx, 0)], -1)
+        item_idx = np.where(trie_idx >= 0, item_idx, -1)
     has_set = set_idx >= 0
     ok = has_set & (item_idx >= 0)
     if not ok.any():
@@ -678,6 +725,13 @@ def _score(
         bank.mask,
         set_idx if every else set_idx[ok],
     )
+    if likelihood is not None and trie_idx is not None:
+        # The matched anchor (for the confidence's per-anchor factors) stays the closest one.
+        relevance = likelihood.lm.score(
+            likelihood.prompts,
+            set_idx if every else set_idx[ok],
+            trie_idx if every else trie_idx[ok],
+        )
     safe_sets = set_idx if every else np.where(ok, set_idx, 0)
     if not every:
         relevance = _spread(relevance, ok, np.nan)
@@ -775,6 +829,7 @@ def generate_pseudo_labels(
     out_dir: Path,
     *,
     sources: Mapping[str, str] | None = None,
+    lm: LmRelevance | None = None,
 ) -> PseudoLabelResult:
     """Pseudo-label every unexposed candidate; write parquet + manifest into ``out_dir``.
 
@@ -787,10 +842,19 @@ def generate_pseudo_labels(
         cfg: Job settings.
         out_dir: Output directory (``RUN_DIR/pseudo_labels``).
         sources: Files the tables passed in were read from, for the manifest's ``inputs``.
+        lm: The anchor LM (:meth:`LmRelevance.load`), needed by ``relevance: lm_likelihood``.
 
     Returns:
         The output path and the metrics written to the manifest.
+
+    Raises:
+        PseudoLabelInputError: when ``relevance: lm_likelihood`` is given no ``lm``.
     """
+    if cfg.relevance == "lm_likelihood" and lm is None:
+        raise PseudoLabelInputError(
+            "relevance 'lm_likelihood' scores candidates with the anchor LM: pass its model "
+            "directory (gpl pseudo-labels reads RUN_DIR/anchors/model)"
+        )
     began = time.perf_counter()
     targets = ["prerank_negative", "rank_negative"] + (
         ["global_negative"] if cfg.include_global_negatives else []
@@ -818,6 +882,11 @@ def generate_pseudo_labels(
             anchor_table, items, positives, cfg.history_items, read_embeddings, cfg.history_form
         )
         confidence_table = _confidence_table(bank, cfg)
+        likelihood = (
+            _LikelihoodScorer.of(lm, bank, items, positives)
+            if lm is not None and cfg.relevance == "lm_likelihood"
+            else None
+        )
         warm.result()
         for batch in exposed_batches:
             exposed = batch.filter(_member_mask(batch.column("stage"), _EXPOSED))
@@ -825,7 +894,7 @@ def generate_pseudo_labels(
                 exposed, later = log_as_of(exposed, until)
                 clicks_known_later += later
             if exposed.num_rows:
-                scored = _score(exposed, items, bank, confidence_table)
+                scored = _score(exposed, items, bank, confidence_table, likelihood)
                 exposed_rel.append(scored["relevance"][scored["ok"]])
                 exposed_lab.append(_exposed_labels(exposed)[scored["ok"]])
     rel = np.concatenate(exposed_rel) if exposed_rel else np.zeros(0, np.float32)
@@ -874,7 +943,7 @@ def generate_pseudo_labels(
             t = batch.filter(_member_mask(batch.column("group"), target_set))
             target_rows += t.num_rows
             t0 = time.perf_counter()
-            scored = _score(t, items, bank, confidence_table)
+            scored = _score(t, items, bank, confidence_table, likelihood)
             scoring_seconds += time.perf_counter() - t0
             relevance = scored["relevance"]
             if scaler is not None:
@@ -930,6 +999,8 @@ def generate_pseudo_labels(
             if scaler
             else {"method": "none"}
         ),
+        "relevance": cfg.relevance,
+        "relevance_model": None if likelihood is None else str(likelihood.lm.model_dir),
         "confidence_weights": cfg.weights.model_dump(),
         "history_form": cfg.history_form,
         "combination": cfg.combination,

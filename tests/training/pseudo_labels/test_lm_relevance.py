@@ -1,0 +1,143 @@
+"""``relevance: lm_likelihood``: candidates scored by the anchor LM as its beam search scores."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+import pytest
+import torch
+from pydantic import ValidationError
+
+from tests.factories import make_requests
+from tests.training.anchors.conftest import (
+    T0,
+    alternating_positives,
+    semantics_table,
+    tiny_config,
+    toy_codes,
+)
+from training.anchors.catalog import SidCatalog
+from training.anchors.generate import beam_search_fast
+from training.anchors.job import generate_anchors, train_anchor_model
+from training.anchors.sequences import anchor_requests, user_sequences
+from training.anchors.trie import SidTrie
+from training.anchors.vocab import SidVocabularyError
+from training.io import read_manifest
+from training.pseudo_labels.job import (
+    OUTPUT_SCHEMA,
+    PseudoLabelConfig,
+    PseudoLabelInputError,
+    generate_pseudo_labels,
+)
+from training.pseudo_labels.lm_relevance import LmRelevance
+
+N_ITEMS = 24
+CUTOFFS = [T0 + timedelta(days=1), T0 + timedelta(days=2)]
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    torch.set_num_threads(1)
+    codes, sizes = toy_codes(N_ITEMS)
+    semantics = semantics_table(codes)
+    positives = alternating_positives(30, N_ITEMS, 10)
+    cfg = tiny_config(epochs=1)
+    root = tmp_path_factory.mktemp("lm_relevance")
+    train_anchor_model(semantics, positives, sizes, cfg, root / "model")
+    anchors = generate_anchors(semantics, positives, CUTOFFS, root / "model", cfg, root).table
+    requests = make_requests(
+        n_requests=80, n_users=30, n_items=N_ITEMS, seed=5, days=2, start=CUTOFFS[0]
+    )
+    return root, semantics, positives, anchors, requests
+
+
+def test_relevance_is_the_beam_search_s_log_probability_of_the_candidate(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root, semantics, positives, anchors, requests = run
+    lm = LmRelevance.load(root / "model", semantics)
+    cfg = PseudoLabelConfig(progress=False, relevance="lm_likelihood")
+    result = generate_pseudo_labels(requests, semantics, anchors, positives, cfg, tmp_path, lm=lm)
+    out = pq.read_table(result.path)
+    assert out.schema.equals(OUTPUT_SCHEMA)
+    unexposed = requests.filter(
+        pc.is_in(requests["group"], pa.array(["prerank_negative", "rank_negative"]))
+    )
+    assert out.num_rows == unexposed.num_rows
+    ok = out.filter(pc.equal(out["status"], "ok")).to_pandas()
+    assert len(ok) > 100 and (ok["relevance"] <= 0).all()
+
+    # Expected: the generation's own sets (history strictly before each cutoff, as long as the
+    # model was trained on), every catalog item scored by a beam as wide as the catalog.
+    catalog = SidCatalog.from_table(semantics)
+    sets = anchor_requests(
+        user_sequences(positives, catalog.item_ids), CUTOFFS, lm.max_history, None
+    )
+    tokens = lm.vocab.item_tokens(catalog.codes)
+    prompts = [lm.vocab.encode(tokens[h]) for h in sets.histories]
+    trie = SidTrie(catalog.codes, lm.vocab.codebook_sizes)
+    beams = beam_search_fast(lm.model, prompts, trie, lm.vocab, N_ITEMS, N_ITEMS)
+    dense = np.full((len(prompts), N_ITEMS), np.nan)
+    for row in range(len(prompts)):
+        dense[row, beams.items[row]] = beams.log_probs[row]
+    index = {
+        (u, int(c)): k for k, (u, c) in enumerate(zip(sets.user_ids, sets.cutoffs, strict=True))
+    }
+    cutoffs = ok["anchor_cutoff"].astype("datetime64[us, UTC]").astype("int64")
+    position = {item: k for k, item in enumerate(catalog.item_ids.tolist())}
+    expected = [
+        dense[index[(u, int(c))], position[i]]
+        for u, c, i in zip(ok["user_id"], cutoffs, ok["item_id"], strict=True)
+    ]
+    np.testing.assert_allclose(ok["relevance"], expected, atol=1e-4)
+
+    # Calibrated on the exposed rows' clicks, with the LM named in the manifest.
+    manifest = read_manifest(tmp_path)
+    assert manifest["metrics"]["relevance"] == "lm_likelihood"
+    assert manifest["metrics"]["relevance_model"] == str(root / "model")
+    assert manifest["metrics"]["calibration"]["method"] == "platt"
+    assert ok["pseudo_label"].between(0, 1).all()
+
+
+def test_the_confidence_and_statuses_do_not_depend_on_the_relevance(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root, semantics, positives, anchors, requests = run
+    lm = LmRelevance.load(root / "model", semantics)
+    tables = {}
+    for relevance in ("anchor_cosine", "lm_likelihood"):
+        cfg = PseudoLabelConfig(progress=False, relevance=relevance)
+        result = generate_pseudo_labels(
+            requests, semantics, anchors, positives, cfg, tmp_path / relevance, lm=lm
+        )
+        tables[relevance] = pq.read_table(result.path)
+    cosine, likelihood = tables["anchor_cosine"], tables["lm_likelihood"]
+    for column in ("request_id", "item_id", "status", "anchor_cutoff", "confidence"):
+        assert cosine[column].equals(likelihood[column]), column
+    assert not cosine["relevance"].equals(likelihood["relevance"])
+
+
+def test_the_lm_is_required_and_only_platt_puts_it_on_the_click_scale(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, semantics, positives, anchors, requests = run
+    with pytest.raises(PseudoLabelInputError, match="pass its model directory"):
+        generate_pseudo_labels(
+            requests,
+            semantics,
+            anchors,
+            positives,
+            PseudoLabelConfig(progress=False, relevance="lm_likelihood"),
+            tmp_path,
+        )
+    with pytest.raises(ValidationError, match="needs calibration 'platt'"):
+        PseudoLabelConfig(relevance="lm_likelihood", calibration="none")
+
+
+def test_an_lm_trained_on_other_sids_is_refused(run) -> None:  # type: ignore[no-untyped-def]
+    root, semantics, *_ = run
+    other = semantics.set_column(
+        semantics.schema.get_field_index("sid"),
+        "sid",
+        pa.array([f"<x_{k}>" for k in range(semantics.num_rows)]),
+    )
+    with pytest.raises(SidVocabularyError, match=r"re-?trained"):
+        LmRelevance.load(root / "model", other)
