@@ -567,3 +567,25 @@ def test_stage_logs_reach_stderr_at_the_chosen_level(tmp_path: Path, sids_run: P
     assert "epoch 1: train loss" not in quiet.output
     code, out = gpl("--log-level", "chatty", *train)
     assert code == 2 and "chatty" in out
+
+
+def test_pseudo_labels_scored_by_the_anchor_lm_from_the_command_line(
+    tmp_path: Path, sids_run: Path
+) -> None:
+    """`--relevance lm_likelihood` reads RUN_DIR/anchors/model; without it, one clear line."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    code, out = gpl("pseudo-labels", "--run-dir", str(run), "--relevance", "lm_likelihood")
+    assert code == 2 and "gpl anchors generate" in out, out  # no anchors yet
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
+    _train_and_generate(run, anchors)
+    code, out = gpl("pseudo-labels", "--run-dir", str(run), "--relevance", "bogus")
+    assert code == 2 and "--relevance" in out and "lm_likelihood" in out, out
+    code, out = gpl("pseudo-labels", "--run-dir", str(run), "--relevance", "lm_likelihood")
+    assert code == 0, out
+    manifest = json.loads((run / "pseudo_labels" / "manifest.json").read_text())
+    assert manifest["metrics"]["relevance"] == "lm_likelihood"
+    assert manifest["inputs"]["anchor_model"] == "anchors/model"
+    labels = pq.read_table(run / "pseudo_labels" / "pseudo_labels.parquet")
+    ok = labels.filter(pc.equal(labels["status"], "ok"))
+    assert ok.num_rows > 0 and pc.max(ok["relevance"]).as_py() <= 0

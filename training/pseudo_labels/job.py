@@ -4,7 +4,10 @@ For each unexposed candidate (groups ``prerank_negative`` and ``rank_negative``,
 ``global_negative``) the user's anchor set valid at the request time (the latest one whose cutoff
 is ``<=`` the request time) gives:
 
-* ``relevance`` = max over anchors of cos(candidate content embedding, anchor embedding);
+* ``relevance`` = max over anchors of cos(candidate content embedding, anchor embedding), or
+  with ``relevance: lm_likelihood`` the anchor LM's log-probability of the candidate's SID given
+  the set's history (:mod:`training.pseudo_labels.lm_relevance`; an item without a SID then
+  counts as having no embedding);
 * three confidence factors and their combination (see :mod:`training.pseudo_labels.confidence`);
 * ``pseudo_label`` = relevance mapped to the click scale by Platt scaling fitted on exposed rows.
 
@@ -25,7 +28,8 @@ item_id                string                  unexposed candidate
 event_timestamp        timestamp[us, UTC]      the request's time (Feast joins on it)
 group                  string                  HAP group of the candidate
 anchor_cutoff          timestamp[us, UTC]      cutoff of the anchor set used (null: none)
-relevance              float32                 max cosine to the anchors
+relevance              float32                 max cosine to the anchors (or the LM's
+                                               log-probability of the candidate, <= 0)
 dispersion             float32                 semantic-dispersion factor of the anchor set
 history_consistency    float32                 historical consistency: the set's coverage of the
                                                user's history (or the matched anchor's, per
