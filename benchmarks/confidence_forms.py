@@ -25,7 +25,13 @@ import numpy.typing as npt
 import pyarrow.parquet as pq
 
 # Run as a script, this folder is on the path: the benchmark whose artifacts are read here.
-from pseudo_labels import load_dataset, parse_work_folders, print_by_folder, write_diagnostic
+from pseudo_labels import (
+    labelled_rows_with_truth,
+    load_dataset,
+    parse_work_folders,
+    print_by_folder,
+    write_diagnostic,
+)
 
 from training.data.dataset import LoadedDataset
 from training.evaluation.metrics import auc, upper_half
@@ -53,13 +59,7 @@ def lifts(work: Path, data: LoadedDataset, form: HistoryForm) -> dict[str, Any]:
         PseudoLabelConfig(progress=False, history_form=form),
         work / f"pseudo_labels_{form}",
     )
-    rows = pq.read_table(result.path).to_pandas()
-    rows = rows[rows["status"] == "ok"]
-    truth = pq.read_table(work / "truth.parquet").to_pandas()
-    truth = truth[["request_id", "item_id", "label"]].rename(columns={"label": "truth"})
-    rows = rows.merge(truth, on=["request_id", "item_id"], how="left", validate="one_to_one")
-    if rows["truth"].isna().any():
-        raise RuntimeError(f"{work}: the truth table misses some labelled rows")
+    rows = labelled_rows_with_truth(result.path, work)
     y = rows["truth"].to_numpy()
     relevance = rows["relevance"].to_numpy()
     everything = auc(y, relevance)

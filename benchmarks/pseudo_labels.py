@@ -110,6 +110,18 @@ def print_by_folder(
         print(f"{name:<{len(head)}}" + "".join(f"{format(v, cell):>{width}}" for v in values))
 
 
+def labelled_rows_with_truth(labels: Path, work: Path) -> pd.DataFrame:
+    """A pseudo-label output's ``ok`` rows with the simulator's truth of ``work`` (``truth``)."""
+    rows = pq.read_table(labels).to_pandas()
+    rows = rows[rows["status"] == "ok"].reset_index(drop=True)
+    truth = pq.read_table(work / "truth.parquet").to_pandas()
+    truth = truth[["request_id", "item_id", "label"]].rename(columns={"label": "truth"})
+    rows = rows.merge(truth, on=["request_id", "item_id"], how="left", validate="one_to_one")
+    if rows["truth"].isna().any():
+        raise RuntimeError(f"{work}: the truth table misses some labelled rows")
+    return rows
+
+
 def write_diagnostic(benchmark: str, results: dict[str, Any], out: Path) -> None:
     """Write a diagnostic's results over kept work folders (``--work``) as JSON to ``out``."""
     document = {

@@ -36,10 +36,10 @@ import pandas as pd
 import pyarrow.parquet as pq
 import torch
 from pseudo_labels import (
+    labelled_rows_with_truth,
     load_dataset,
     parse_work_folders,
     print_by_folder,
-    upper_half,
     write_diagnostic,
 )
 
@@ -48,7 +48,7 @@ from training.anchors.generate import beam_search_fast, search_in_batches
 from training.anchors.model import load_anchor_model
 from training.anchors.sequences import anchor_requests, cutoffs_of, user_sequences
 from training.anchors.trie import SidTrie
-from training.evaluation.metrics import auc
+from training.evaluation.metrics import auc, upper_half
 
 BATCH_SETS = 8
 """Sets decoded at once: ``8 x catalog`` beams."""
@@ -108,13 +108,7 @@ def catalog_log_probs(
 def figures(work: Path, dataset: str, ml100k: Path) -> dict[str, float]:
     """The AUCs of one work folder (see the module docstring)."""
     sets, catalog, log_probs = catalog_log_probs(work, dataset, ml100k)
-    rows = pq.read_table(work / "pseudo_labels" / "pseudo_labels.parquet").to_pandas()
-    rows = rows[rows["status"] == "ok"].reset_index(drop=True)
-    truth = pq.read_table(work / "truth.parquet").to_pandas()
-    truth = truth[["request_id", "item_id", "label"]].rename(columns={"label": "truth"})
-    rows = rows.merge(truth, on=["request_id", "item_id"], how="left", validate="one_to_one")
-    if rows["truth"].isna().any():
-        raise RuntimeError(f"{work}: the truth table misses some labelled rows")
+    rows = labelled_rows_with_truth(work / "pseudo_labels" / "pseudo_labels.parquet", work)
     cutoffs = pd.to_datetime(rows["anchor_cutoff"], utc=True).astype("datetime64[us, UTC]")
     micros = cutoffs.astype("int64").to_numpy()
     keys = zip(sets.user_ids, sets.cutoffs.tolist(), strict=True)

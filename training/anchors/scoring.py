@@ -55,9 +55,14 @@ def score_items(
     """
     if len(prompts) != len(items):
         raise ValueError(f"{len(prompts)} prompts but {len(items)} item lists")
-    out = [np.zeros(len(rows), dtype=np.float32) for rows in items]
     if not prompts:
-        return out
+        return []
+    lengths = [len(rows) for rows in items]
+    owner = np.repeat(np.arange(len(items)), lengths)
+    flat = np.concatenate([np.asarray(rows, dtype=np.int64) for rows in items])
+    # Checked before any decoding: a bad row would otherwise fail only after the prefill.
+    if len(flat) and (flat.min() < 0 or flat.max() >= trie.n_items):
+        raise ValueError(f"item rows outside the catalog's {trie.n_items} items")
     device = next(model.parameters()).device
     decoder, head = model.get_decoder(), _LevelHead(model, vocab, device)
     _, allowed = trie.tables(device)
@@ -76,10 +81,6 @@ def score_items(
     first = torch.log_softmax(head(hidden, 0).masked_fill(~allowed[0][0], float("-inf")), -1)
     next_pos = positions[:, -1] + 1
 
-    owner = np.repeat(np.arange(len(items)), [len(rows) for rows in items])
-    flat = np.concatenate([np.asarray(rows, dtype=np.int64) for rows in items])
-    if len(flat) and (flat.min() < 0 or flat.max() >= trie.n_items):
-        raise ValueError(f"item rows outside the catalog's {trie.n_items} items")
     scores = np.zeros(len(flat), dtype=np.float32)
     for start in range(0, len(flat), rows_per_step):
         user = torch.from_numpy(owner[start : start + rows_per_step]).to(device)
@@ -106,10 +107,5 @@ def score_items(
                 )
                 picked = torch.log_softmax(logits, -1).gather(1, item_codes[:, lvl : lvl + 1])
                 total = total + picked.squeeze(1)
-        scores[start : start + len(flat[start : start + rows_per_step])] = (
-            total.float().cpu().numpy()
-        )
-    bounds = np.cumsum([0, *[len(rows) for rows in items]])
-    for k in range(len(items)):
-        out[k] = scores[bounds[k] : bounds[k + 1]]
-    return out
+        scores[start : start + len(item)] = total.float().cpu().numpy()
+    return np.split(scores, np.cumsum(lengths)[:-1])
