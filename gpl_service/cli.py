@@ -1079,12 +1079,20 @@ def pseudo_labels(
         positives = read_table(run_dir / "data" / "interactions.parquet", "interactions")
         lm = None
         if cfg.relevance == "lm_likelihood":
+            from training.anchors.generate import EnsembleCombine
             from training.pseudo_labels.lm_relevance import LmRelevance
 
             model_dir = run_dir / "anchors" / "model"
             if not model_dir.exists():
                 raise FileNotFoundError(f"{model_dir}: run `gpl anchors train` first")
-            lm = LmRelevance.load(model_dir, item_semantics)
+            # An ensemble's members are combined by the rule its anchors were generated with.
+            generated = run_dir / "anchors" / "manifest.json"
+            combine: EnsembleCombine = "arithmetic"
+            if generated.exists():
+                generation = json.loads(generated.read_text()).get("config", {})
+                if generation.get("generation", {}).get("ensemble_combine") == "geometric":
+                    combine = "geometric"
+            lm = LmRelevance.load(model_dir, item_semantics, combine=combine)
         try:
             result = generate_pseudo_labels(
                 requests_path,

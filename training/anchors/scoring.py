@@ -16,13 +16,22 @@ independent of the catalog's size (a catalog-wide beam costs ``n_items x n_level
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import numpy as np
 import numpy.typing as npt
 import torch
+from torch import nn
 from transformers import DynamicCache, PreTrainedModel
 
-from training.anchors.generate import _cache_rows, _left_pad, _LevelHead
+from training.anchors.generate import (
+    EnsembleCombine,
+    _as_members,
+    _cache_rows,
+    _left_pad,
+    _LevelHead,
+    combine_log_probs,
+)
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
 
@@ -30,25 +39,40 @@ DEFAULT_ROWS_PER_STEP = 2048
 """Candidates decoded at once: each holds a copy of its history's KV cache."""
 
 
+@dataclass
+class _Scorer:
+    """One ensemble member's decoder, level heads and history cache while scoring."""
+
+    decoder: nn.Module
+    head: _LevelHead
+    cache: DynamicCache
+    model: PreTrainedModel
+
+
 @torch.no_grad()
 def score_items(
-    model: PreTrainedModel,
+    model: PreTrainedModel | Sequence[PreTrainedModel],
     vocab: SidVocab,
     trie: SidTrie,
     prompts: Sequence[Sequence[int]],
     items: Sequence[npt.NDArray[np.int64]],
     rows_per_step: int = DEFAULT_ROWS_PER_STEP,
+    combine: EnsembleCombine = "arithmetic",
 ) -> list[npt.NDArray[np.float32]]:
     """``log p(item | prompt)`` of each prompt's items under the trie-constrained LM.
 
     Args:
-        model: A Hugging Face causal LM over the SID vocabulary, in eval mode.
+        model: A Hugging Face causal LM over the SID vocabulary, in eval mode; or an ensemble's
+            members sharing one vocabulary, whose next-code distributions are combined at every
+            level by ``combine``, as the beam search combines them.
+        vocab: The SID vocabulary of ``model``.
+        trie: The catalog's valid SIDs (normalizes each level over the codes it allows).
         prompts: Token ids per history (:meth:`SidVocab.encode`).
         items: Per prompt, catalog rows of the items to score (any order, repeats allowed).
-        trie: The catalog's valid SIDs (normalizes each level over the codes it allows).
-        vocab: The SID vocabulary of ``model``.
         rows_per_step: Most candidates decoded in one forward pass (memory: each holds a copy
-            of its history's cache).
+            of its history's cache, per member).
+        combine: How an ensemble's distributions are combined
+            (:func:`training.anchors.generate.combine_log_probs`); unused with one model.
 
     Returns:
         Per prompt, the log-probabilities of its items, in the order given (float32, <= 0).
@@ -63,22 +87,40 @@ def score_items(
     # Checked before any decoding: a bad row would otherwise fail only after the prefill.
     if len(flat) and (flat.min() < 0 or flat.max() >= trie.n_items):
         raise ValueError(f"item rows outside the catalog's {trie.n_items} items")
-    device = next(model.parameters()).device
-    decoder, head = model.get_decoder(), _LevelHead(model, vocab, device)
+    models = _as_members(model)
+    device = next(models[0].parameters()).device
+    members = [
+        _Scorer(m.get_decoder(), _LevelHead(m, vocab, device), DynamicCache(config=m.config), m)
+        for m in models
+    ]
     _, allowed = trie.tables(device)
     prefixes = trie.item_prefixes(device)
-    level_ids = head.level_ids
+    level_ids = members[0].head.level_ids
     n_levels = trie.n_levels
     codes = torch.from_numpy(np.asarray(trie.codes, dtype=np.int64)).to(device)
 
     ids, mask = _left_pad(prompts, vocab.pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    cache = DynamicCache(config=model.config)
-    hidden = decoder(
-        input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache
-    ).last_hidden_state[:, -1]
+
+    def level_log_probs(hidden: list[torch.Tensor], level: int, node: torch.Tensor) -> torch.Tensor:
+        """The members' combined next-code log-probabilities over the codes ``node`` allows."""
+        forbidden = ~allowed[level][node]
+        return combine_log_probs(
+            [
+                torch.log_softmax(m.head(h, level).masked_fill(forbidden, -torch.inf), -1)
+                for m, h in zip(members, hidden, strict=True)
+            ],
+            combine,
+        )
+
+    last = [
+        m.decoder(
+            input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=m.cache
+        ).last_hidden_state[:, -1]
+        for m in members
+    ]
     # Level 0 is one distribution per prompt, shared by all its candidates.
-    first = torch.log_softmax(head(hidden, 0).masked_fill(~allowed[0][0], float("-inf")), -1)
+    first = level_log_probs(last, 0, torch.zeros(len(prompts), dtype=torch.long, device=device))
     next_pos = positions[:, -1] + 1
 
     scores = np.zeros(len(flat), dtype=np.float32)
@@ -94,18 +136,19 @@ def score_items(
             )
             step_mask = torch.cat([mask[user], mask.new_ones((len(user), n_levels - 1))], 1)
             step_pos = next_pos[user].unsqueeze(1) + torch.arange(n_levels - 1, device=device)
-            states = decoder(
-                input_ids=tokens,
-                attention_mask=step_mask,
-                position_ids=step_pos,
-                past_key_values=_cache_rows(cache, user, model),
-            ).last_hidden_state  # [R, L - 1, hidden]
+            states = [
+                m.decoder(
+                    input_ids=tokens,
+                    attention_mask=step_mask,
+                    position_ids=step_pos,
+                    past_key_values=_cache_rows(m.cache, user, m.model),
+                ).last_hidden_state  # [R, L - 1, hidden]
+                for m in members
+            ]
             for lvl in range(1, n_levels):
-                node = prefixes[lvl][item]
-                logits = head(states[:, lvl - 1], lvl).masked_fill(
-                    ~allowed[lvl][node], float("-inf")
-                )
-                picked = torch.log_softmax(logits, -1).gather(1, item_codes[:, lvl : lvl + 1])
+                picked = level_log_probs(
+                    [h[:, lvl - 1] for h in states], lvl, prefixes[lvl][item]
+                ).gather(1, item_codes[:, lvl : lvl + 1])
                 total = total + picked.squeeze(1)
         scores[start : start + len(item)] = total.float().cpu().numpy()
     return np.split(scores, np.cumsum(lengths)[:-1])

@@ -1005,6 +1005,7 @@ def generate_pseudo_labels(
         ),
         "relevance": cfg.relevance,
         "relevance_model": None if likelihood is None else str(likelihood.lm.model_dir),
+        "relevance_model_caveats": None if likelihood is None else list(likelihood.lm.caveats),
         "confidence_weights": cfg.weights.model_dump(),
         "history_form": cfg.history_form,
         "combination": cfg.combination,

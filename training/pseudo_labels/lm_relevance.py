@@ -25,11 +25,13 @@ import torch
 from transformers import PreTrainedModel
 
 from training.anchors.catalog import SidCatalog
-from training.anchors.model import check_trained_sids, load_anchor_model
+from training.anchors.generate import EnsembleCombine
+from training.anchors.model import check_trained_sids, ensemble_dirs, load_anchor_model
 from training.anchors.scoring import score_items
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocab
 from training.data.contract import TIMESTAMP
+from training.io import read_manifest
 from training.pseudo_labels.lookup import latest_before
 
 logger = logging.getLogger(__name__)
@@ -38,44 +40,112 @@ DEFAULT_MAX_HISTORY = 50
 """History items when the model's ``anchor_model.json`` does not record its training length."""
 
 
+def likelihood_caveats(model_dir: Path) -> list[str]:
+    """The anchor model's training settings that bend its probabilities as relevance.
+
+    The anchors' recipe serves a beam search, which only ranks one user's items; relevance
+    compares probabilities across items and users, and three of its defaults distort them
+    (docs/pseudo_labels.md, "Training the LM for it"): popular-item downsampling removes the
+    popular items' share from the targets, label smoothing spreads mass over every code, and
+    early stopping on held-out HR@10 stops long before the held-out loss stops falling.
+
+    Args:
+        model_dir: An anchor model directory (its ``manifest.json`` holds the training config).
+
+    Returns:
+        One sentence per such setting; empty when the manifest is missing (a model copied
+        without it) or the model was trained for likelihood.
+    """
+    try:
+        config = read_manifest(model_dir).get("config", {})
+    except (FileNotFoundError, ValueError):
+        return []
+    sequences, training = config.get("sequences", {}), config.get("training", {})
+    caveats = []
+    if sequences.get("downsample_threshold") is not None:
+        caveats.append(
+            f"trained with popular-item downsampling (threshold "
+            f"{sequences['downsample_threshold']}), which under-rates popular items; set "
+            "sequences.downsample_threshold: null"
+        )
+    if training.get("label_smoothing", 0.0) > 0:
+        caveats.append(
+            f"trained with label smoothing {training['label_smoothing']}, which flattens its "
+            "probabilities; set training.label_smoothing: 0"
+        )
+    if training.get("early_stopping_metric") == "hr@10":
+        caveats.append(
+            "stopped on held-out HR@10, usually long before the held-out loss; set "
+            "training.early_stopping_metric: loss"
+        )
+    return caveats
+
+
 @dataclass
 class LmRelevance:
     """The anchor LM, ready to score candidates of anchor sets.
 
     Attributes:
-        model: The LM (eval mode, on its device).
+        models: The LM, or an ensemble's members (eval mode, on their device).
         vocab: Its SID vocabulary.
         trie: The catalog's valid SIDs.
         catalog_ids: Item id of each catalog (trie) row.
         max_history: History items per prompt.
         model_dir: Where the model was loaded from (for the manifest).
+        combine: How an ensemble's next-code distributions are combined.
+        caveats: Its training settings that distort the likelihood (:func:`likelihood_caveats`),
+            logged as warnings at load and written to the pseudo-label manifest.
     """
 
-    model: PreTrainedModel
+    models: tuple[PreTrainedModel, ...]
     vocab: SidVocab
     trie: SidTrie
     catalog_ids: npt.NDArray[np.str_]
     max_history: int
     model_dir: Path
+    combine: EnsembleCombine = "arithmetic"
+    caveats: tuple[str, ...] = ()
 
     @classmethod
-    def load(cls, model_dir: Path, item_semantics: pa.Table, device: str = "cpu") -> LmRelevance:
-        """Load the anchor model trained on ``item_semantics``' SIDs.
+    def load(
+        cls,
+        model_dir: Path,
+        item_semantics: pa.Table,
+        device: str = "cpu",
+        combine: EnsembleCombine = "arithmetic",
+    ) -> LmRelevance:
+        """Load the anchor model trained on ``item_semantics``' SIDs, with every ensemble member.
+
+        Args:
+            model_dir: The anchor model directory (``RUN_DIR/anchors/model``).
+            item_semantics: The SID stage's table the model must have been trained on.
+            device: Torch device to score on.
+            combine: How an ensemble's next-code distributions are combined; use the rule the
+                anchors were generated with (``generation.ensemble_combine``).
 
         Raises:
             SidVocabularyError: when the SIDs are not the ones the model was trained on.
         """
-        loaded = load_anchor_model(model_dir, device=torch.device(device), dtype=torch.float32)
         catalog = SidCatalog.from_table(item_semantics)
-        loaded.vocab.check_codes(catalog.codes)
-        check_trained_sids(model_dir, catalog.item_ids.tolist(), catalog.sids.tolist())
+        members = []
+        for member_dir in ensemble_dirs(model_dir):
+            loaded = load_anchor_model(member_dir, device=torch.device(device), dtype=torch.float32)
+            loaded.vocab.check_codes(catalog.codes)
+            check_trained_sids(member_dir, catalog.item_ids.tolist(), catalog.sids.tolist())
+            members.append(loaded)
+        caveats = likelihood_caveats(model_dir)
+        for caveat in caveats:
+            logger.warning("relevance 'lm_likelihood' with %s: %s", model_dir, caveat)
+        first = members[0]
         return cls(
-            model=loaded.model.eval(),
-            vocab=loaded.vocab,
-            trie=SidTrie(catalog.codes, loaded.vocab.codebook_sizes),
+            models=tuple(m.model.eval() for m in members),
+            vocab=first.vocab,
+            trie=SidTrie(catalog.codes, first.vocab.codebook_sizes),
             catalog_ids=catalog.item_ids,
-            max_history=int(loaded.info.get("max_history", DEFAULT_MAX_HISTORY)),
+            max_history=int(first.info.get("max_history", DEFAULT_MAX_HISTORY)),
             model_dir=model_dir,
+            combine=combine,
+            caveats=tuple(caveats),
         )
 
     def prompts(self, sets: pa.Table, positives: pa.Table) -> list[list[int]]:
@@ -128,11 +198,12 @@ class LmRelevance:
             chunk = range(first, min(first + batch_sets, len(sets)))
             rows = [order[bounds[k] : bounds[k + 1]] for k in chunk]
             scores = score_items(
-                self.model,
+                list(self.models),
                 self.vocab,
                 self.trie,
                 [prompts[int(sets[k])] for k in chunk],
                 [item_ids[r] for r in rows],
+                combine=self.combine,
             )
             for r, s in zip(rows, scores, strict=True):
                 out[r] = s

@@ -58,6 +58,24 @@ def test_scores_equal_the_catalog_wide_beam(toy, rows_per_step: int) -> None:
     np.testing.assert_allclose(np.exp(everything[1]).sum(), 1.0, atol=1e-4)
 
 
+@pytest.mark.parametrize("combine", ["arithmetic", "geometric"])
+def test_an_ensemble_scores_as_its_beam_search_does(toy, combine: str) -> None:
+    model, vocab, trie, prompts, rng = toy
+    settings = ModelConfig(compact=CompactSettings.model_validate(TINY))
+    other = causal_lm(build_model(settings, [4, 5, 6, 3], seed=2)[0]).eval()
+    n = trie.n_items
+    beams = beam_search_fast([model, other], prompts, trie, vocab, n, n, combine=combine)
+    items = [rng.integers(n, size=k) for k in (5, 0, 17, 3, 40, 1)]
+    got = score_items([model, other], vocab, trie, prompts, items, rows_per_step=7, combine=combine)
+    alone = score_items(model, vocab, trie, prompts, items)
+    for row, (rows, scores) in enumerate(zip(items, got, strict=True)):
+        dense = np.full(n, np.nan)
+        dense[beams.items[row]] = beams.log_probs[row]
+        np.testing.assert_allclose(scores, dense[rows], atol=1e-4)
+    # The second member changes the scores: the combination is not member 0 alone.
+    assert max(np.abs(g - a).max() for g, a in zip(got, alone, strict=True) if len(g)) > 1e-3
+
+
 def test_scores_on_a_checkpoint_with_a_text_prefix(tmp_path) -> None:
     """The pretrained path: a text prefix before <bos>, ordinary tokens beside the SID ones."""
     rng = np.random.default_rng(3)

@@ -26,6 +26,7 @@ from training.anchors.job import generate_anchors, train_anchor_model
 from training.anchors.sequences import anchor_requests, user_sequences
 from training.anchors.trie import SidTrie
 from training.anchors.vocab import SidVocabularyError
+from training.data.contract import TIMESTAMP
 from training.io import read_manifest
 from training.pseudo_labels.job import (
     OUTPUT_SCHEMA,
@@ -33,7 +34,7 @@ from training.pseudo_labels.job import (
     PseudoLabelInputError,
     generate_pseudo_labels,
 )
-from training.pseudo_labels.lm_relevance import LmRelevance
+from training.pseudo_labels.lm_relevance import LmRelevance, likelihood_caveats
 
 N_ITEMS = 24
 CUTOFFS = [T0 + timedelta(days=1), T0 + timedelta(days=2)]
@@ -78,7 +79,7 @@ def test_relevance_is_the_beam_search_s_log_probability_of_the_candidate(run, tm
     tokens = lm.vocab.item_tokens(catalog.codes)
     prompts = [lm.vocab.encode(tokens[h]) for h in sets.histories]
     trie = SidTrie(catalog.codes, lm.vocab.codebook_sizes)
-    beams = beam_search_fast(lm.model, prompts, trie, lm.vocab, N_ITEMS, N_ITEMS)
+    beams = beam_search_fast(list(lm.models), prompts, trie, lm.vocab, N_ITEMS, N_ITEMS)
     dense = np.full((len(prompts), N_ITEMS), np.nan)
     for row in range(len(prompts)):
         dense[row, beams.items[row]] = beams.log_probs[row]
@@ -97,6 +98,8 @@ def test_relevance_is_the_beam_search_s_log_probability_of_the_candidate(run, tm
     manifest = read_manifest(tmp_path)
     assert manifest["metrics"]["relevance"] == "lm_likelihood"
     assert manifest["metrics"]["relevance_model"] == str(root / "model")
+    # The fixture's LM has the anchors' recipe: all three caveats, recorded for the reader.
+    assert len(manifest["metrics"]["relevance_model_caveats"]) == 3
     assert manifest["metrics"]["calibration"]["method"] == "platt"
     assert ok["pseudo_label"].between(0, 1).all()
 
@@ -141,3 +144,48 @@ def test_an_lm_trained_on_other_sids_is_refused(run) -> None:  # type: ignore[no
     )
     with pytest.raises(SidVocabularyError, match=r"re-?trained"):
         LmRelevance.load(root / "model", other)
+
+
+def test_training_settings_that_distort_the_likelihood_are_named(run, tmp_path, caplog) -> None:  # type: ignore[no-untyped-def]
+    root, semantics, positives, *_ = run
+    _, sizes = toy_codes(N_ITEMS)
+    caplog.set_level("WARNING", logger="training.pseudo_labels.lm_relevance")
+    lm = LmRelevance.load(root / "model", semantics)
+    assert [c.split(" ")[2] for c in lm.caveats] == ["popular-item", "label", "held-out"]
+    assert sum("downsampling" in r.getMessage() for r in caplog.records) == 1
+
+    # Trained for likelihood: no caveat. And a model copied without its manifest: none known.
+    cfg = tiny_config(epochs=1, label_smoothing=0.0, early_stopping_metric="loss")
+    cfg = cfg.model_copy(
+        update={"sequences": cfg.sequences.model_copy(update={"downsample_threshold": None})}
+    )
+    train_anchor_model(semantics, positives, sizes, cfg, tmp_path / "model")
+    assert LmRelevance.load(tmp_path / "model", semantics).caveats == ()
+    (root / "model" / "manifest.json").rename(tmp_path / "kept.json")
+    try:
+        assert likelihood_caveats(root / "model") == []
+    finally:
+        (tmp_path / "kept.json").rename(root / "model" / "manifest.json")
+
+
+def test_an_ensemble_is_scored_with_every_member(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    _, semantics, positives, *_ = run
+    _, sizes = toy_codes(N_ITEMS)
+    train_anchor_model(
+        semantics, positives, sizes, tiny_config(epochs=1, ensemble_size=2), tmp_path / "model"
+    )
+    mixture = LmRelevance.load(tmp_path / "model", semantics)
+    product = LmRelevance.load(tmp_path / "model", semantics, combine="geometric")
+    assert len(mixture.models) == 2
+    prompts = mixture.prompts(
+        pa.table({"user_id": ["u0", "u1"], "event_timestamp": pa.array(CUTOFFS, TIMESTAMP)}),
+        positives,
+    )
+    set_idx, items = np.array([0, 0, 1, 1, 1]), np.array([0, 3, 1, 2, 3])
+    got = mixture.score(prompts, set_idx, items)
+    trie = mixture.trie
+    beams = beam_search_fast(list(mixture.models), prompts, trie, mixture.vocab, N_ITEMS, N_ITEMS)
+    for row, (s, i) in enumerate(zip(set_idx, items, strict=True)):
+        where = np.flatnonzero(beams.items[s] == i)
+        np.testing.assert_allclose(got[row], beams.log_probs[s][where[0]], atol=1e-4)
+    assert not np.allclose(got, product.score(prompts, set_idx, items), atol=1e-4)
