@@ -49,6 +49,7 @@ import torch
 from preranker import ANCHORS as PRERANKER_ANCHORS
 
 from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
+from training.anchors.recipes import with_likelihood_recipe
 from training.anchors.sequences import cutoffs_of
 from training.data.dataset import LoadedDataset
 from training.data.movielens import load_movielens_100k
@@ -60,6 +61,7 @@ from training.features.store import StoreSettings, apply_definitions, open_store
 from training.features.training_set import build_training_set
 from training.preranker.job import split_at
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
+from training.pseudo_labels.lm_relevance import LmRelevance
 from training.sids.config import SidConfig
 from training.sids.job import read_codebook_sizes, train_sids
 
@@ -75,6 +77,9 @@ TEACHER_MATURITY_DAYS = (7, 14, 28)
 """Teachers trained only on rows (or negatives) older than this many days at the split, whose
 labels are more final."""
 ORACLE_TEACHER = "labels of the future (reference, not a baseline)"
+LM_RECIPES = ("anchors", "likelihood")
+"""Anchor-LM training (``--lm-recipe``): the anchors' settings, or ``gpl anchors train
+--for-likelihood``'s (:data:`training.anchors.recipes.LIKELIHOOD_RECIPE`)."""
 """The teacher trained with every click, also those known only after the split."""
 
 
@@ -228,32 +233,36 @@ def run_dataset(
 
     inter_ts = data.interactions.column("event_timestamp")
     positives_train = data.interactions.filter(pc.less(inter_ts, split_ts))
-    anchor_cfg = AnchorConfig.model_validate(
-        {
-            # The compact LM of benchmarks/preranker.py (pinned there): whole-window loss, 2
-            # layers of 128.
-            "model": PRERANKER_ANCHORS["model"],
-            "sequences": {
-                "max_history": 30,
-                "reverse_augmentation": args.reverse_augmentation,
-                "downsample_threshold": args.downsample or None,
-            },
-            "training": {
-                "epochs": args.lm_epochs,
-                "loss_on": "all",
-                "eval_users": 200,
-                "patience": 2,
-                "progress": False,
-            },
-            "generation": {"beam_width": args.beam_width, "num_anchors": args.num_anchors},
-            "prior": {
-                "train_weight": args.prior_train_weight,
-                # Unset, generation decodes with the LM alone, or for a model trained with the
-                # prior fused with its training weight (the product's rule).
-                **({} if args.prior_weight is None else {"weight": args.prior_weight}),
-            },
-        }
-    )
+    raw_anchor_cfg: dict[str, Any] = {
+        # The compact LM of benchmarks/preranker.py (pinned there): whole-window loss, 2
+        # layers of 128.
+        "model": PRERANKER_ANCHORS["model"],
+        "sequences": {
+            "max_history": 30,
+            "reverse_augmentation": args.reverse_augmentation,
+            "downsample_threshold": args.downsample or None,
+        },
+        "training": {
+            "epochs": args.lm_epochs,
+            "loss_on": "all",
+            "eval_users": 200,
+            "patience": 2,
+            "progress": False,
+            "ensemble_size": args.lm_ensemble,
+        },
+        "generation": {"beam_width": args.beam_width, "num_anchors": args.num_anchors},
+        "prior": {
+            "train_weight": args.prior_train_weight,
+            # Unset, generation decodes with the LM alone, or for a model trained with the
+            # prior fused with its training weight (the product's rule).
+            **({} if args.prior_weight is None else {"weight": args.prior_weight}),
+        },
+    }
+    if args.lm_recipe == "likelihood":
+        raw_anchor_cfg = with_likelihood_recipe(raw_anchor_cfg)
+        if args.quick:
+            raw_anchor_cfg["training"]["epochs"] = args.lm_epochs
+    anchor_cfg = AnchorConfig.model_validate(raw_anchor_cfg)
     t = time.perf_counter()
     train_anchor_model(
         item_semantics,
@@ -277,13 +286,21 @@ def run_dataset(
     tick("anchor generation", t)
 
     t = time.perf_counter()
+    lm = None
+    if args.relevance == "lm_likelihood":
+        lm = LmRelevance.load(
+            work / "anchors" / "model",
+            item_semantics,
+            combine=anchor_cfg.generation.ensemble_combine,
+        )
     result = generate_pseudo_labels(
         eval_requests,
         item_semantics,
         anchors,
         data.interactions,
-        PseudoLabelConfig(progress=False),
+        PseudoLabelConfig(progress=False, relevance=args.relevance),
         work / "pseudo_labels",
+        lm=lm,
     )
     tick("pseudo-labels", t)
     labels = pq.read_table(result.path).to_pandas()
@@ -480,6 +497,30 @@ def main() -> None:
         "product's default 1e-3); 0 turns it off",
     )
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--relevance",
+        choices=["anchor_cosine", "lm_likelihood"],
+        default="anchor_cosine",
+        help="the job's relevance (PseudoLabelConfig.relevance): GPL's max cosine to the anchors "
+        "(default), or the anchor LM's log-probability of the candidate",
+    )
+    parser.add_argument(
+        "--lm-recipe",
+        choices=LM_RECIPES,
+        default="anchors",
+        help="how the anchor LM is trained: 'anchors' (the anchors' recipe: --downsample, label "
+        "smoothing 0.1, early stopping on held-out HR@10 after --lm-epochs at most) or "
+        "'likelihood' (a calibrated next-item model for --relevance lm_likelihood: no "
+        "downsampling, no label smoothing, up to 60 epochs stopped on held-out loss, learning "
+        "rate 5e-3; docs/pseudo_labels.md)",
+    )
+    parser.add_argument(
+        "--lm-ensemble",
+        type=int,
+        default=1,
+        help="anchor LMs trained with other seeds (training.ensemble_size), combined at every "
+        "SID level by generation.ensemble_combine in the beam search and in lm_likelihood",
+    )
     parser.add_argument(
         "--prior-weight",
         type=lambda v: v if v == "auto" else float(v),

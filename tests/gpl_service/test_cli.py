@@ -578,7 +578,13 @@ def test_pseudo_labels_scored_by_the_anchor_lm_from_the_command_line(
     assert code == 2 and "gpl anchors generate" in out, out  # no anchors yet
     anchors = tmp_path / "anchors.yaml"
     anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
-    _train_and_generate(run, anchors)
+    # The likelihood recipe replaces the file's values for its keys; --epochs still wins.
+    _train_and_generate(run, anchors, "--for-likelihood", "--epochs", "2")
+    trained = json.loads((run / "anchors" / "model" / "manifest.json").read_text())["config"]
+    assert trained["sequences"]["downsample_threshold"] is None
+    assert trained["training"]["label_smoothing"] == 0.0
+    assert trained["training"]["early_stopping_metric"] == "loss"
+    assert trained["training"]["epochs"] == 2
     code, out = gpl("pseudo-labels", "--run-dir", str(run), "--relevance", "bogus")
     assert code == 2 and "--relevance" in out and "lm_likelihood" in out, out
     code, out = gpl("pseudo-labels", "--run-dir", str(run), "--relevance", "lm_likelihood")
@@ -586,6 +592,7 @@ def test_pseudo_labels_scored_by_the_anchor_lm_from_the_command_line(
     manifest = json.loads((run / "pseudo_labels" / "manifest.json").read_text())
     assert manifest["metrics"]["relevance"] == "lm_likelihood"
     assert manifest["inputs"]["anchor_model"] == "anchors/model"
+    assert manifest["metrics"]["relevance_model_caveats"] == []
     labels = pq.read_table(run / "pseudo_labels" / "pseudo_labels.parquet")
     ok = labels.filter(pc.equal(labels["status"], "ok"))
     assert ok.num_rows > 0 and pc.max(ok["relevance"]).as_py() <= 0

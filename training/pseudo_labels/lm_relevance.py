@@ -43,11 +43,9 @@ DEFAULT_MAX_HISTORY = 50
 def likelihood_caveats(model_dir: Path) -> list[str]:
     """The anchor model's training settings that bend its probabilities as relevance.
 
-    The anchors' recipe serves a beam search, which only ranks one user's items; relevance
-    compares probabilities across items and users, and three of its defaults distort them
-    (docs/pseudo_labels.md, "Training the LM for it"): popular-item downsampling removes the
-    popular items' share from the targets, label smoothing spreads mass over every code, and
-    early stopping on held-out HR@10 stops long before the held-out loss stops falling.
+    The anchors' defaults serve a beam search, which only ranks one user's items; relevance
+    compares probabilities across items and users, and three of those defaults distort them
+    (:mod:`training.anchors.recipes`; `gpl anchors train --for-likelihood` turns them off).
 
     Args:
         model_dir: An anchor model directory (its ``manifest.json`` holds the training config).
@@ -65,8 +63,8 @@ def likelihood_caveats(model_dir: Path) -> list[str]:
     if sequences.get("downsample_threshold") is not None:
         caveats.append(
             f"trained with popular-item downsampling (threshold "
-            f"{sequences['downsample_threshold']}), which under-rates popular items; set "
-            "sequences.downsample_threshold: null"
+            f"{sequences['downsample_threshold']}), which under-rates popular items; train with "
+            "`gpl anchors train --for-likelihood` (sequences.downsample_threshold: null)"
         )
     if training.get("label_smoothing", 0.0) > 0:
         caveats.append(
