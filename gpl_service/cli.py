@@ -1053,7 +1053,8 @@ def pseudo_labels(
         typer.Option(
             help="How candidates are scored: 'anchor_cosine' (GPL's max cosine to the anchors; "
             "the default) or 'lm_likelihood' (the anchor LM's own log-probability of the "
-            "candidate given the user's history; reads RUN_DIR/anchors/model).",
+            "candidate given the user's history; reads RUN_DIR/anchors/model, best trained "
+            "with `gpl anchors train --for-likelihood`).",
         ),
     ] = None,
 ) -> None:

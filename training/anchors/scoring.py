@@ -10,7 +10,9 @@ the same log-probability (tested against a beam as wide as the catalog).
 Cost: one prefill per history, then ``n_levels - 1`` teacher-forced tokens per candidate,
 attending to a copy of its history's cache; the level-0 distribution is shared by all of a
 history's candidates. So scoring ``K`` candidates costs ``K x (n_levels - 1)`` decoded tokens,
-independent of the catalog's size (a catalog-wide beam costs ``n_items x n_levels``).
+independent of the catalog's size (a catalog-wide beam costs ``n_items x n_levels``). An
+ensemble costs that once per member: each keeps its own cache, and their next-code
+distributions are combined at every level, as the beam search combines them.
 """
 
 from __future__ import annotations

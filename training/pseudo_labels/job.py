@@ -209,8 +209,9 @@ class PseudoLabelConfig(BaseModel):
         description="'anchor_cosine' (GPL's): the max cosine between the candidate and the "
         "user's anchors in the content space. 'lm_likelihood': the anchor LM's own "
         "log-probability of the candidate's SID given the anchor set's history, teacher-forced "
-        "under the trie (needs the anchor model; Platt calibration only). It ranked the "
-        "simulators' unexposed truth far better (docs/pseudo_labels.md).",
+        "under the trie (needs the anchor model, best trained with `gpl anchors train "
+        "--for-likelihood`; Platt calibration only). It ranked the simulators' unexposed truth "
+        "far better (docs/pseudo_labels.md).",
     )
     hard_threshold: float | None = Field(
         default=None,
