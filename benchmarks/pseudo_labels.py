@@ -127,6 +127,19 @@ def labelled_rows_with_truth(labels: Path, work: Path) -> pd.DataFrame:
     return rows
 
 
+def report_row_aucs(benchmark: str, results: dict[str, dict[str, float]], out: Path) -> None:
+    """Print per-folder AUCs on the job's labelled unexposed rows, then :func:`write_diagnostic`."""
+    names = list(next(iter(results.values())))
+    print_by_folder(
+        "AUC against the truth on the job's labelled unexposed rows",
+        f"{'score':<50}",
+        {name: [r[name] for r in results.values()] for name in names},
+        list(results),
+        ".4f",
+    )
+    write_diagnostic(benchmark, results, out)
+
+
 def write_diagnostic(benchmark: str, results: dict[str, Any], out: Path) -> None:
     """Write a diagnostic's results over kept work folders (``--work``) as JSON to ``out``."""
     document = {

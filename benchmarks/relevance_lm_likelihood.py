@@ -39,8 +39,7 @@ from pseudo_labels import (
     labelled_rows_with_truth,
     load_dataset,
     parse_work_folders,
-    print_by_folder,
-    write_diagnostic,
+    report_row_aucs,
 )
 
 from training.anchors.catalog import SidCatalog
@@ -140,15 +139,7 @@ def main() -> None:
     for work in args.work:
         dataset = "ml-100k" if work.name == "ml-100k" else "synthetic"
         results[str(work)] = figures(work, dataset, args.ml100k)
-    names = list(next(iter(results.values())))
-    print_by_folder(
-        "AUC against the truth on the job's labelled unexposed rows",
-        f"{'score':<50}",
-        {name: [r[name] for r in results.values()] for name in names},
-        list(results),
-        ".4f",
-    )
-    write_diagnostic("relevance_lm_likelihood", results, args.out)
+    report_row_aucs("relevance_lm_likelihood", results, args.out)
 
 
 if __name__ == "__main__":

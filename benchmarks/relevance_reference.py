@@ -32,8 +32,7 @@ from pseudo_labels import (
     labelled_rows_with_truth,
     load_dataset,
     parse_work_folders,
-    print_by_folder,
-    write_diagnostic,
+    report_row_aucs,
 )
 
 from training.evaluation.metrics import auc
@@ -86,15 +85,7 @@ def figures(work: Path, ml100k: Path) -> dict[str, float]:
 def main() -> None:
     args = parse_work_folders(__doc__ or "", "relevance_reference.json")
     results = {str(work): figures(work, args.ml100k) for work in args.work}
-    names = list(next(iter(results.values())))
-    print_by_folder(
-        "AUC against the truth on the job's labelled unexposed rows",
-        f"{'score':<50}",
-        {name: [r[name] for r in results.values()] for name in names},
-        list(results),
-        ".4f",
-    )
-    write_diagnostic("relevance_reference", results, args.out)
+    report_row_aucs("relevance_reference", results, args.out)
 
 
 if __name__ == "__main__":
