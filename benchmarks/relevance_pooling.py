@@ -25,6 +25,7 @@ import numpy as np
 import numpy.typing as npt
 import pandas as pd
 import pyarrow.parquet as pq
+from pseudo_labels import labelled_rows_with_truth
 
 from training.evaluation.metrics import auc
 
@@ -50,13 +51,7 @@ def per_anchor_cosines(work: Path) -> tuple[pd.DataFrame, Matrix, Matrix, Matrix
         (rows x most anchors; NaN / -inf past a set's own anchors), and each row's cosine to
         its set's normalized centroid.
     """
-    rows = pq.read_table(work / "pseudo_labels" / "pseudo_labels.parquet").to_pandas()
-    rows = rows[rows["status"] == "ok"].reset_index(drop=True)
-    truth = pq.read_table(work / "truth.parquet").to_pandas()
-    truth = truth[["request_id", "item_id", "label"]].rename(columns={"label": "truth"})
-    rows = rows.merge(truth, on=["request_id", "item_id"], how="left", validate="one_to_one")
-    if rows["truth"].isna().any():
-        raise RuntimeError(f"{work}: the truth table misses some labelled rows")
+    rows = labelled_rows_with_truth(work / "pseudo_labels" / "pseudo_labels.parquet", work)
     semantics = pq.read_table(work / "sids" / "item_semantics.parquet")
     vectors = np.stack(semantics.column("content_embedding").to_numpy(zero_copy_only=False))
     position = {item: k for k, item in enumerate(semantics.column("item_id").to_pylist())}

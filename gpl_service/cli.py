@@ -1067,7 +1067,7 @@ def pseudo_labels(
     confidence = weighted geometric mean of dispersion, history consistency and LM confidence;
     pseudo_label = Platt-calibrated relevance. See docs/pseudo_labels.md.
     """
-    from training.io import read_table
+    from training.io import read_manifest, read_table
     from training.pseudo_labels.calibration import CalibrationError
     from training.pseudo_labels.job import (
         PSEUDO_LABELS_DIR,
@@ -1101,12 +1101,10 @@ def pseudo_labels(
             if not model_dir.exists():
                 raise FileNotFoundError(f"{model_dir}: run `gpl anchors train` first")
             # An ensemble's members are combined by the rule its anchors were generated with.
-            generated = run_dir / "anchors" / "manifest.json"
+            generation = read_manifest(run_dir / "anchors").get("config", {}).get("generation")
             combine: EnsembleCombine = "arithmetic"
-            if generated.exists():
-                generation = json.loads(generated.read_text()).get("config", {})
-                if generation.get("generation", {}).get("ensemble_combine") == "geometric":
-                    combine = "geometric"
+            if (generation or {}).get("ensemble_combine") == "geometric":
+                combine = "geometric"
             lm = LmRelevance.load(model_dir, item_semantics, combine=combine)
         try:
             result = generate_pseudo_labels(
