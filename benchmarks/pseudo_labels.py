@@ -311,7 +311,11 @@ def run_dataset(
         item_semantics,
         anchors,
         data.interactions,
-        PseudoLabelConfig(progress=False, relevance=args.relevance),
+        PseudoLabelConfig(
+            progress=False,
+            relevance=args.relevance,
+            history_density_weight=args.history_density_weight,
+        ),
         work / "pseudo_labels",
         lm=lm,
     )
@@ -443,6 +447,7 @@ def run_dataset(
         "auc_history_similarity": auc(y, ok["history_similarity"]),
         "ece_pseudo_label": curve.expected_calibration_error,
         "calibration": result.metrics["calibration"],
+        "history_density": result.metrics["history_density"],
         "anchor_prior_weight": anchor_run.metrics["prior_weight"],
         "anchor_prior_train_weight": args.prior_train_weight,
         "timings_s": timings,
@@ -516,6 +521,14 @@ def main() -> None:
         default="anchor_cosine",
         help="the job's relevance (PseudoLabelConfig.relevance): GPL's max cosine to the anchors "
         "(default), or the anchor LM's log-probability of the candidate",
+    )
+    parser.add_argument(
+        "--history-density-weight",
+        type=lambda v: v if v == "fitted" else float(v),
+        default=None,
+        help="the job's history_density_weight: the weight of the user's history density in the "
+        "relevance, a number or 'fitted' (on the exposed clicks); default unset, the product's: "
+        "'fitted' with --relevance lm_likelihood, 0 with anchor_cosine",
     )
     parser.add_argument(
         "--lm-recipe",
@@ -614,6 +627,13 @@ def main() -> None:
             f"{name}: relevance AUC on the exposed clicks it is calibrated on "
             f"{r['calibration'].get('relevance_auc')} (no truth needed)"
         )
+        if r["history_density"]:
+            d = r["history_density"]
+            print(
+                f"{name}: history density weight {d['weight']:.3f} "
+                f"({'fitted' if d['fitted'] else 'given'}); on the exposed clicks the relevance "
+                f"alone {d['base_relevance_auc']}, the density alone {d['density_auc']}"
+            )
         halves = ", ".join(f"{f} {r[f'auc_top_half_by_{f}']:.4f}" for f in FACTORS)
         print(f"{name}: top half by each factor alone: {halves}")
         teachers = ", ".join(

@@ -1057,13 +1057,23 @@ def pseudo_labels(
             "with `gpl anchors train --for-likelihood`).",
         ),
     ] = None,
+    history_density_weight: Annotated[
+        str | None,
+        typer.Option(
+            help="Weight of the user's history density (a kernel density of their positives at "
+            "the candidate, in the content space) added to the relevance: a number, or "
+            "'fitted' on the exposed clicks. Default: 'fitted' with --relevance lm_likelihood, "
+            "0 (off) with anchor_cosine.",
+        ),
+    ] = None,
 ) -> None:
     """Pseudo-label unexposed candidates from the users' interest anchors.
 
     Reads RUN_DIR/funnel/requests.parquet (streamed), RUN_DIR/sids/item_semantics.parquet,
     RUN_DIR/anchors/user_interest_anchors.parquet and RUN_DIR/data/interactions.parquet (and
     RUN_DIR/anchors/model with --relevance lm_likelihood); writes RUN_DIR/pseudo_labels/.
-    relevance = max cosine to the anchors (or the LM's log-probability of the candidate);
+    relevance = max cosine to the anchors (or the LM's log-probability of the candidate plus
+    the weighted history density);
     confidence = weighted geometric mean of dispersion, history consistency and LM confidence;
     pseudo_label = Platt-calibrated relevance. See docs/pseudo_labels.md.
     """
@@ -1083,6 +1093,7 @@ def pseudo_labels(
             include_global_negatives=include_global_negatives,
             calibrate_until=_as_utc(calibrate_until) if calibrate_until else None,
             relevance=relevance,
+            history_density_weight=history_density_weight,
         )
         requests_path = run_dir / "funnel" / "requests.parquet"
         if not requests_path.exists():
@@ -1136,6 +1147,14 @@ def pseudo_labels(
                 f"  calibrated on {calibration['exposed_rows']} exposed rows "
                 f"({calibration['clicks']} clicks); relevance AUC on them "
                 f"{calibration['relevance_auc']} (compare settings by it)"
+            )
+        density = m["history_density"]
+        if density is not None:
+            _say(
+                f"  history density weight {density['weight']:.3f} "
+                f"({'fitted on the exposed clicks' if density['fitted'] else 'given'}); their "
+                f"AUC: relevance alone {density['base_relevance_auc']}, density alone "
+                f"{density['density_auc']}"
             )
 
 

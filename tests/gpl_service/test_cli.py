@@ -593,6 +593,16 @@ def test_pseudo_labels_scored_by_the_anchor_lm_from_the_command_line(
     assert manifest["metrics"]["relevance"] == "lm_likelihood"
     assert manifest["inputs"]["anchor_model"] == "anchors/model"
     assert manifest["metrics"]["relevance_model_caveats"] == []
+    # By default the LM's relevance adds the history density, its weight fitted and reported.
+    assert manifest["metrics"]["history_density"]["fitted"], manifest["metrics"]
+    assert "history density weight" in out and "fitted on the exposed clicks" in out, out
+    code, out = gpl(
+        "pseudo-labels", "--run-dir", str(run), "--relevance", "lm_likelihood",
+        "--history-density-weight", "0",
+    )  # fmt: skip
+    assert code == 0 and "history density" not in out, out
     labels = pq.read_table(run / "pseudo_labels" / "pseudo_labels.parquet")
     ok = labels.filter(pc.equal(labels["status"], "ok"))
-    assert ok.num_rows > 0 and pc.max(ok["relevance"]).as_py() <= 0
+    assert ok.num_rows > 0 and pc.max(ok["relevance"]).as_py() <= 0  # a log-probability alone
+    code, out = gpl("pseudo-labels", "--run-dir", str(run), "--history-density-weight", "lots")
+    assert code == 2 and "history_density_weight" in out, out

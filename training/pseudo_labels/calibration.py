@@ -32,26 +32,36 @@ class PlattScaler:
         return (1.0 / (1.0 + np.exp(-z))).astype(np.float32)
 
 
-def fit_platt(
-    relevance: npt.NDArray[np.float32],
+def fit_logistic(
+    features: npt.NDArray[np.floating],
     labels: npt.NDArray[np.int8],
     *,
     l2: float = 1e-3,
     min_per_class: int = 5,
     iterations: int = 50,
-) -> PlattScaler:
-    """Fit Platt scaling by Newton's method (tiny L2 penalty keeps separable data finite).
+) -> npt.NDArray[np.float64]:
+    """Logistic regression by Newton's method (a tiny L2 penalty keeps separable data finite).
 
-    The mapping is kept non-decreasing: a negative fitted slope is replaced by 0 (every value
-    mapped to the click base rate) and the result marked ``clamped``.
+    Args:
+        features: ``(n,)`` or ``(n, k)`` features of the exposed rows.
+        labels: Their clicks (0/1).
+        l2: The penalty on every coefficient.
+        min_per_class: Fewest clicked and unclicked rows the fit accepts.
+        iterations: Most Newton steps.
+
+    Returns:
+        ``k + 1`` coefficients: one per feature, then the intercept.
 
     Raises:
         CalibrationError: when fewer than ``min_per_class`` positives or negatives are given, when
-            a relevance value is not finite, or when the fit does not converge to finite values.
+            a feature value is not finite, or when the fit does not converge to finite values.
     """
-    if not np.isfinite(relevance).all():
+    x = features.astype(np.float64)
+    if x.ndim == 1:
+        x = x[:, None]
+    if not np.isfinite(x).all():
         raise CalibrationError(
-            f"Platt scaling got {int((~np.isfinite(relevance)).sum())} non-finite relevance "
+            f"Platt scaling got {int((~np.isfinite(x)).sum())} non-finite relevance "
             "values; every exposed row it is fitted on must have a finite relevance"
         )
     y = labels.astype(np.float64)
@@ -62,23 +72,46 @@ def fit_platt(
             f"Platt scaling needs at least {min_per_class} clicked and {min_per_class} unclicked "
             f"exposed rows with anchors; got {positives} and {negatives}. Use calibration='none'."
         )
-    x = np.stack([relevance.astype(np.float64), np.ones(len(y))], axis=1)
+    x = np.concatenate([x, np.ones((len(y), 1))], axis=1)
     # Start from the base rate so the first Newton step is well conditioned.
-    w = np.array([0.0, np.log(positives / negatives)])
+    w = np.zeros(x.shape[1])
+    w[-1] = np.log(positives / negatives)
     for _ in range(iterations):
         p = 1.0 / (1.0 + np.exp(-(x @ w)))
         grad = x.T @ (p - y) + l2 * w
-        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(2)
+        hess = (x * (p * (1 - p))[:, None]).T @ x + l2 * np.eye(x.shape[1])
         step = np.linalg.solve(hess, grad)
         w -= step
         if np.abs(step).max() < 1e-8:
             break
     if not np.isfinite(w).all():
-        raise CalibrationError(f"Platt scaling diverged (a, b = {w[0]}, {w[1]})")
+        raise CalibrationError(f"the logistic fit diverged (coefficients {w.tolist()})")
+    return w
+
+
+def fit_platt(
+    relevance: npt.NDArray[np.float32],
+    labels: npt.NDArray[np.int8],
+    *,
+    l2: float = 1e-3,
+    min_per_class: int = 5,
+    iterations: int = 50,
+) -> PlattScaler:
+    """Fit Platt scaling: :func:`fit_logistic` on the one relevance feature.
+
+    The mapping is kept non-decreasing: a negative fitted slope is replaced by 0 (every value
+    mapped to the click base rate) and the result marked ``clamped``.
+
+    Raises:
+        CalibrationError: as :func:`fit_logistic`.
+    """
+    w = fit_logistic(relevance, labels, l2=l2, min_per_class=min_per_class, iterations=iterations)
     if w[0] < 0:
         # Clicks fall as relevance rises on the exposed rows: a negative slope would turn every
         # pseudo-label upside down (the closest candidates labelled least likely). Relevance is
         # GPL's claim of interest, so the mapping is kept non-decreasing: slope 0, every label
         # the click base rate, and the caller is told.
-        return PlattScaler(a=0.0, b=float(np.log(positives / negatives)), clamped=True)
+        positives = int(labels.sum())
+        base_rate = np.log(positives / (len(labels) - positives))
+        return PlattScaler(a=0.0, b=float(base_rate), clamped=True)
     return PlattScaler(a=float(w[0]), b=float(w[1]))

@@ -59,7 +59,8 @@ def run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-de
 def test_relevance_is_the_beam_search_s_log_probability_of_the_candidate(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     root, semantics, positives, anchors, requests = run
     lm = LmRelevance.load(root / "model", semantics)
-    cfg = PseudoLabelConfig(progress=False, relevance="lm_likelihood")
+    # Without the history density, the relevance is the LM's log-probability alone.
+    cfg = PseudoLabelConfig(progress=False, relevance="lm_likelihood", history_density_weight=0)
     result = generate_pseudo_labels(requests, semantics, anchors, positives, cfg, tmp_path, lm=lm)
     out = pq.read_table(result.path)
     assert out.schema.equals(OUTPUT_SCHEMA)
@@ -189,3 +190,50 @@ def test_an_ensemble_is_scored_with_every_member(run, tmp_path) -> None:  # type
         where = np.flatnonzero(beams.items[s] == i)
         np.testing.assert_allclose(got[row], beams.log_probs[s][where[0]], atol=1e-4)
     assert not np.allclose(got, product.score(prompts, set_idx, items), atol=1e-4)
+
+
+def test_by_default_the_lm_s_relevance_adds_the_fitted_history_density(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
+    root, semantics, positives, anchors, requests = run
+    lm = LmRelevance.load(root / "model", semantics)
+    outputs, manifests = {}, {}
+    for name, weight in (("default", None), ("off", 0.0), ("fixed", 2.0)):
+        cfg = PseudoLabelConfig(
+            progress=False, relevance="lm_likelihood", history_density_weight=weight
+        )
+        assert cfg.density_weight == {"default": "fitted", "off": 0.0, "fixed": 2.0}[name]
+        result = generate_pseudo_labels(
+            requests, semantics, anchors, positives, cfg, tmp_path / name, lm=lm
+        )
+        outputs[name] = pq.read_table(result.path).to_pandas()
+        manifests[name] = read_manifest(tmp_path / name)["metrics"]
+    assert manifests["off"]["history_density"] is None
+    fitted, fixed = manifests["default"]["history_density"], manifests["fixed"]["history_density"]
+    assert fitted["fitted"] and not fixed["fitted"] and fixed["weight"] == 2.0
+    assert fitted["temperature"] == 0.1 and 0 <= fitted["density_auc"] <= 1
+
+    # Expected density: each row's item against the latest 50 positives before its anchor set's
+    # cutoff (the LM's prompt), log-mean-exp of the cosines over 0.1.
+    vectors = np.stack(semantics["content_embedding"].to_numpy(zero_copy_only=False))
+    vectors = vectors / np.linalg.norm(vectors, axis=1, keepdims=True)
+    row_of = {item: k for k, item in enumerate(semantics["item_id"].to_pylist())}
+    log = positives.to_pandas().sort_values("event_timestamp", kind="stable")
+    off = outputs["off"]
+    ok = (off["status"] == "ok").to_numpy()
+    density = []
+    for user, cutoff, item in zip(
+        off["user_id"][ok], off["anchor_cutoff"][ok], off["item_id"][ok], strict=True
+    ):
+        seen = log[(log["user_id"] == user) & (log["event_timestamp"] < cutoff)]["item_id"]
+        history = vectors[[row_of[i] for i in seen.to_list()[-50:]]]
+        z = history @ vectors[row_of[item]] / 0.1
+        density.append(z.max() + np.log(np.mean(np.exp(z - z.max()))))
+    for name in ("default", "fixed"):
+        weight = manifests[name]["history_density"]["weight"]
+        np.testing.assert_allclose(
+            outputs[name]["relevance"][ok],
+            off["relevance"][ok] + weight * np.array(density),
+            rtol=1e-4,
+            atol=1e-3,
+        )
+    for column in ("request_id", "item_id", "status", "confidence"):
+        assert outputs["default"][column].equals(off[column]), column
