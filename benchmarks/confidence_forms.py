@@ -12,6 +12,11 @@ broken at random with seed 0, as the benchmark does with its own seed).
     .venv/bin/python benchmarks/pseudo_labels.py --lm-epochs 10 --sid-epochs 20 --seed S --work DIR
     .venv/bin/python benchmarks/confidence_forms.py DIR/ml-100k DIR/synthetic ... --out FILE
 
+With ``--as-run`` it re-runs nothing: it reads the pseudo-labels the benchmark itself wrote
+(``DIR/pseudo_labels``, with whatever relevance and form it ran: ``--relevance lm_likelihood``
+needs the anchor LM, which this script does not load) and reports the same confidences on them,
+under the form the manifest names.
+
 Writes ``benchmarks/results/confidence_forms.json`` by default.
 """
 
@@ -35,6 +40,7 @@ from pseudo_labels import (
 
 from training.data.dataset import LoadedDataset
 from training.evaluation.metrics import auc, upper_half
+from training.io import read_manifest
 from training.pseudo_labels.confidence import HistoryForm, combine
 from training.pseudo_labels.job import PseudoLabelConfig, generate_pseudo_labels
 
@@ -59,7 +65,12 @@ def lifts(work: Path, data: LoadedDataset, form: HistoryForm) -> dict[str, Any]:
         PseudoLabelConfig(progress=False, history_form=form),
         work / f"pseudo_labels_{form}",
     )
-    rows = labelled_rows_with_truth(result.path, work)
+    return lifts_of(result.path, work)
+
+
+def lifts_of(labels: Path, work: Path) -> dict[str, Any]:
+    """:func:`lifts` on pseudo-labels already written (``labels``, a pseudo_labels.parquet)."""
+    rows = labelled_rows_with_truth(labels, work)
     y = rows["truth"].to_numpy()
     relevance = rows["relevance"].to_numpy()
     everything = auc(y, relevance)
@@ -78,17 +89,31 @@ def lifts(work: Path, data: LoadedDataset, form: HistoryForm) -> dict[str, Any]:
 
 
 def main() -> None:
-    args = parse_work_folders(__doc__ or "", "confidence_forms.json")
+    args = parse_work_folders(
+        __doc__ or "",
+        "confidence_forms.json",
+        lambda parser: parser.add_argument(
+            "--as-run",
+            action="store_true",
+            help="read the benchmark's own DIR/pseudo_labels instead of re-running the job",
+        ),
+    )
     results: dict[str, dict[str, Any]] = {}
     for work in args.work:
+        if args.as_run:
+            labels = work / "pseudo_labels"
+            form = read_manifest(labels)["config"]["history_form"]
+            results[str(work)] = {form: lifts_of(labels / "pseudo_labels.parquet", work)}
+            continue
         data = load_dataset(work.name, args.ml100k)
         results[str(work)] = {form: lifts(work, data, form) for form in FORMS}
+    forms = [form for form in FORMS if all(form in r for r in results.values())]
     print_by_folder(
         "Top-confidence half's AUC minus all rows' AUC (relevance against the truth)",
         f"{'form / confidence':<40}",
         {
             f"{form} / {name}": [r[form][name]["top_minus_all"] for r in results.values()]
-            for form in FORMS
+            for form in forms
             for name in WEIGHTS
         },
         list(results),

@@ -32,6 +32,7 @@ import os
 import platform
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -88,14 +89,23 @@ def load_dataset(name: str, ml100k: Path) -> LoadedDataset:
     return load_movielens_100k(ml100k) if name == "ml-100k" else generate_synthetic(SynthConfig())
 
 
-def parse_work_folders(description: str, out_name: str) -> argparse.Namespace:
-    """Arguments of a diagnostic over kept work folders: the folders, ``--ml100k``, ``--out``."""
+def parse_work_folders(
+    description: str,
+    out_name: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """Arguments of a diagnostic over kept work folders: the folders, ``--ml100k``, ``--out``.
+
+    ``extra`` adds the diagnostic's own options to the parser.
+    """
     parser = argparse.ArgumentParser(
         description=description, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("work", type=Path, nargs="+", help="<work>/<dataset> directories")
     parser.add_argument("--ml100k", type=Path, default=SHARED / "ml-100k")
     parser.add_argument("--out", type=Path, default=RESULTS / out_name)
+    if extra is not None:
+        extra(parser)
     return parser.parse_args()
 
 

@@ -7,7 +7,8 @@ log-probability ``log p(SID of the candidate | the set's history)`` under the tr
 model, exactly as the beam search scores an anchor (each level's log-softmax over the codes the
 catalog allows after the prefix). It is computed for the whole catalog at once, by the job's own
 beam search with a beam as wide as the catalog (nothing is pruned, so every item's score is
-exact), for every anchor set the pseudo-label job matched, and read off at each labelled
+exact; an ensemble's members combined by the anchors' ``generation.ensemble_combine``), for
+every anchor set the pseudo-label job matched, and read off at each labelled
 unexposed row. It reads the artifacts that ``benchmarks/pseudo_labels.py --work DIR`` keeps:
 
     .venv/bin/python benchmarks/pseudo_labels.py --lm-epochs 10 --sid-epochs 20 --work DIR
@@ -44,7 +45,7 @@ from pseudo_labels import (
 
 from training.anchors.catalog import SidCatalog
 from training.anchors.generate import beam_search_fast, search_in_batches
-from training.anchors.model import load_anchor_model
+from training.anchors.model import ensemble_dirs, load_anchor_model
 from training.anchors.sequences import anchor_requests, cutoffs_of, user_sequences
 from training.anchors.trie import SidTrie
 from training.evaluation.metrics import auc, upper_half
@@ -79,17 +80,28 @@ def catalog_log_probs(
     )
     if cache.exists():
         return sets, catalog, np.load(cache)["log_probs"]
-    loaded = load_anchor_model(
-        work / "anchors" / "model", device=torch.device("cpu"), dtype=torch.float32
-    )
-    vocab, n_items = loaded.vocab, len(catalog.item_ids)
+    # Every ensemble member, combined as the anchors were generated (and as the job scores).
+    members = [
+        load_anchor_model(d, device=torch.device("cpu"), dtype=torch.float32)
+        for d in ensemble_dirs(work / "anchors" / "model")
+    ]
+    models = [m.model for m in members]
+    vocab, n_items = members[0].vocab, len(catalog.item_ids)
     trie = SidTrie(catalog.codes, vocab.codebook_sizes)
     tokens = vocab.item_tokens(catalog.codes)
     prompts = [vocab.encode(tokens[h]) for h in sets.histories]
     began = time.perf_counter()
     with torch.inference_mode():
         out = search_in_batches(
-            lambda batch: beam_search_fast(loaded.model, batch, trie, vocab, n_items, n_items),
+            lambda batch: beam_search_fast(
+                models,
+                batch,
+                trie,
+                vocab,
+                n_items,
+                n_items,
+                combine=generation.get("ensemble_combine", "arithmetic"),
+            ),
             prompts,
             BATCH_SETS,
         )

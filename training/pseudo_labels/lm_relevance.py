@@ -63,18 +63,18 @@ def likelihood_caveats(model_dir: Path) -> list[str]:
     if sequences.get("downsample_threshold") is not None:
         caveats.append(
             f"trained with popular-item downsampling (threshold "
-            f"{sequences['downsample_threshold']}), which under-rates popular items; train with "
-            "`gpl anchors train --for-likelihood` (sequences.downsample_threshold: null)"
+            f"{sequences['downsample_threshold']}), which under-rates popular items; "
+            "`gpl anchors train --for-likelihood` sets sequences.downsample_threshold: null"
         )
     if training.get("label_smoothing", 0.0) > 0:
         caveats.append(
             f"trained with label smoothing {training['label_smoothing']}, which flattens its "
-            "probabilities; set training.label_smoothing: 0"
+            "probabilities; `gpl anchors train --for-likelihood` sets training.label_smoothing: 0"
         )
     if training.get("early_stopping_metric") == "hr@10":
         caveats.append(
-            "stopped on held-out HR@10, usually long before the held-out loss; set "
-            "training.early_stopping_metric: loss"
+            "stopped on held-out HR@10, usually long before the held-out loss; `gpl anchors "
+            "train --for-likelihood` sets training.early_stopping_metric: loss"
         )
     return caveats
 
