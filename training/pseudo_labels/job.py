@@ -156,9 +156,10 @@ class ConfidenceWeights(BaseModel):
     that put the pseudo-labels agreeing best with the truth in the top half on both simulators,
     on every seed measured (top-half AUC over all rows: MovieLens +0.030 to +0.062, synthetic
     +0.021 to +0.033); semantic dispersion does as well on MovieLens but not on the synthetic
-    catalog, and the LM factor moves it the wrong way (docs/pseudo_labels.md). All three factors
-    are still computed and written for every row; set the weights to 1 each for the paper's
-    equal combination.
+    catalog, and the LM factor moves it the wrong way (docs/pseudo_labels.md). These are the
+    defaults of the paper's cosine relevance; ``relevance: lm_likelihood`` defaults to
+    :data:`LIKELIHOOD_CONFIDENCE_WEIGHTS` instead. All three factors are still computed and
+    written for every row; set the weights to 1 each for the paper's equal combination.
     """
 
     # An infinite weight would pass ``ge=0`` and turn every confidence into NaN.
@@ -187,6 +188,11 @@ class ConfidenceWeights(BaseModel):
         return self
 
 
+LIKELIHOOD_CONFIDENCE_WEIGHTS = ConfidenceWeights(dispersion=1.0, history=0.0, lm=0.0)
+"""The confidence's default with ``relevance: lm_likelihood``: semantic dispersion alone, the one
+factor that lifted the top half on every run of both simulators there (docs/pseudo_labels.md)."""
+
+
 class PseudoLabelConfig(BaseModel):
     """Settings of the pseudo-label job."""
 
@@ -196,7 +202,13 @@ class PseudoLabelConfig(BaseModel):
         default=False,
         description="Also pseudo-label global random negatives (never in the funnel).",
     )
-    weights: ConfidenceWeights = Field(default_factory=ConfidenceWeights)
+    weights: ConfidenceWeights | None = Field(
+        default=None,
+        description="Weights of the three confidence factors. None (default): historical "
+        "consistency (coverage) alone with relevance 'anchor_cosine', semantic dispersion alone "
+        "with 'lm_likelihood' (measured for each, docs/pseudo_labels.md); the manifest records "
+        "the weights used.",
+    )
     combination: Literal["geometric", "arithmetic"] = Field(
         default="geometric", description="How the three factors combine into one confidence."
     )
@@ -236,8 +248,8 @@ class PseudoLabelConfig(BaseModel):
         default=0.1,
         gt=0,
         description="The history density's kernel temperature tau: small follows the nearest "
-        "history item, large the mean cosine (0.05-0.2 scored within 0.005 of each other "
-        "with a fitted weight, docs/pseudo_labels.md).",
+        "history item, large the mean cosine (0.05-0.2 scored within 0.010 of each other "
+        "on both simulators at their best weights; BENCHMARKS.md).",
     )
     hard_threshold: float | None = Field(
         default=None,
@@ -281,6 +293,17 @@ class PseudoLabelConfig(BaseModel):
         if isinstance(self.history_density_weight, float) and self.history_density_weight < 0:
             raise ValueError("history_density_weight must be >= 0 or 'fitted'")
         return self
+
+    @property
+    def confidence_weights(self) -> ConfidenceWeights:
+        """``weights`` with its default resolved for the relevance."""
+        if self.weights is not None:
+            return self.weights
+        if self.relevance == "lm_likelihood":
+            # The LM's relevance does not read the anchors, so how well they cover the history
+            # no longer says how far it can be trusted; how focused they are still does.
+            return LIKELIHOOD_CONFIDENCE_WEIGHTS
+        return ConfidenceWeights()
 
     @property
     def density_weight(self) -> float | Literal["fitted"]:
@@ -709,7 +732,7 @@ def _confidence_table(bank: AnchorBank, cfg: PseudoLabelConfig) -> npt.NDArray[n
     The factors depend only on the set and the matched anchor, so they are combined once per
     slot here instead of once per candidate row (the same values, bit for bit).
     """
-    w = cfg.weights
+    w = cfg.confidence_weights
     dispersion = np.broadcast_to(bank.dispersion[:, None], bank.history.shape)
     return combine(
         [dispersion, bank.history, bank.lm], [w.dispersion, w.history, w.lm], cfg.combination
@@ -1117,7 +1140,7 @@ def generate_pseudo_labels(
                 "density_auc": _rounded_auc(lab, density),
             }
         ),
-        "confidence_weights": cfg.weights.model_dump(),
+        "confidence_weights": cfg.confidence_weights.model_dump(),
         "history_form": cfg.history_form,
         "combination": cfg.combination,
         "seconds": round(seconds, 3),

@@ -30,6 +30,7 @@ from training.data.contract import TIMESTAMP
 from training.io import read_manifest
 from training.pseudo_labels.job import (
     OUTPUT_SCHEMA,
+    ConfidenceWeights,
     PseudoLabelConfig,
     PseudoLabelInputError,
     generate_pseudo_labels,
@@ -108,17 +109,29 @@ def test_relevance_is_the_beam_search_s_log_probability_of_the_candidate(run, tm
 def test_the_confidence_and_statuses_do_not_depend_on_the_relevance(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
     root, semantics, positives, anchors, requests = run
     lm = LmRelevance.load(root / "model", semantics)
-    tables = {}
+    tables, weights = {}, {}
     for relevance in ("anchor_cosine", "lm_likelihood"):
-        cfg = PseudoLabelConfig(progress=False, relevance=relevance)
-        result = generate_pseudo_labels(
-            requests, semantics, anchors, positives, cfg, tmp_path / relevance, lm=lm
-        )
-        tables[relevance] = pq.read_table(result.path)
-    cosine, likelihood = tables["anchor_cosine"], tables["lm_likelihood"]
+        for default in (True, False):
+            cfg = PseudoLabelConfig(
+                progress=False,
+                relevance=relevance,
+                weights=None if default else ConfidenceWeights(dispersion=1, history=0, lm=0),
+            )
+            out = tmp_path / f"{relevance}_{default}"
+            result = generate_pseudo_labels(
+                requests, semantics, anchors, positives, cfg, out, lm=lm
+            )
+            tables[relevance, default] = pq.read_table(result.path)
+            weights[relevance, default] = read_manifest(out)["metrics"]["confidence_weights"]
+    # Same weights, same confidence: the factors are the anchors', whatever scores relevance.
+    cosine, likelihood = tables["anchor_cosine", False], tables["lm_likelihood", False]
     for column in ("request_id", "item_id", "status", "anchor_cutoff", "confidence"):
         assert cosine[column].equals(likelihood[column]), column
     assert not cosine["relevance"].equals(likelihood["relevance"])
+    # By default the LM's relevance is trusted by the anchors' dispersion alone (measured).
+    assert weights["lm_likelihood", True] == {"dispersion": 1.0, "history": 0.0, "lm": 0.0}
+    assert weights["anchor_cosine", True] == {"dispersion": 0.0, "history": 1.0, "lm": 0.0}
+    assert tables["lm_likelihood", True]["confidence"].equals(likelihood["confidence"])
 
 
 def test_the_lm_is_required_and_only_platt_puts_it_on_the_click_scale(run, tmp_path) -> None:  # type: ignore[no-untyped-def]
