@@ -3,6 +3,8 @@
 Pseudo-labels must live on the same scale as real labels, or the fused loss would weigh them
 arbitrarily. A one-feature logistic regression ``P(click | r) = sigmoid(a r + b)`` fitted on the
 exposed rows (whose relevance is computed exactly like the unexposed rows') gives that scale.
+:func:`fit_logistic` is the fit itself, for any number of features: the history density's weight
+(:mod:`training.pseudo_labels.history_density`) is fitted by it with two.
 """
 
 from __future__ import annotations

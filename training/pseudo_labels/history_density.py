@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 import numpy.typing as npt
 
-from training.pseudo_labels.calibration import CalibrationError, fit_logistic
+from training.pseudo_labels.calibration import fit_logistic
 
 EMPTY_HISTORY_DENSITY = 0.0
 """``d`` of a set without history: the value of a history orthogonal to the candidate."""
@@ -98,7 +98,8 @@ def fit_density_weight(
     coefficient is not positive, leaves the relevance as the LM alone (``clamped``).
 
     Raises:
-        CalibrationError: as :func:`training.pseudo_labels.calibration.fit_logistic`.
+        training.pseudo_labels.calibration.CalibrationError: as
+            :func:`training.pseudo_labels.calibration.fit_logistic`.
     """
     coef = fit_logistic(np.stack([base, density], axis=1), labels, l2=l2)
     a, b = float(coef[0]), float(coef[1])
@@ -109,7 +110,6 @@ def fit_density_weight(
 
 __all__ = [
     "EMPTY_HISTORY_DENSITY",
-    "CalibrationError",
     "DensityWeight",
     "fit_density_weight",
     "history_log_density",
