@@ -101,6 +101,13 @@ def main() -> None:
         help="fuse a collaborative block (co-engagement before the cutoff) into the item space "
         "with this weight (`gpl sids train --collaborative-weight`); 0: content only",
     )
+    p.add_argument(
+        "--relevance",
+        choices=["anchor_cosine", "lm_likelihood"],
+        default="anchor_cosine",
+        help="the pseudo-labels' relevance (`gpl pseudo-labels --relevance`); lm_likelihood also "
+        "trains the anchor LM with `gpl anchors train --for-likelihood`",
+    )
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "preranker.json")
     args = p.parse_args()
     run = args.run_dir
@@ -129,9 +136,19 @@ def main() -> None:
             else []
         )
         gpl("sids", "train", *r, *collaborative)
-        gpl("anchors", "train", *r, "--config", str(configs / "anchors.yaml"), "--until", cutoff)
+        likelihood = args.relevance == "lm_likelihood"
+        gpl(
+            "anchors",
+            "train",
+            *r,
+            "--config",
+            str(configs / "anchors.yaml"),
+            "--until",
+            cutoff,
+            *(["--for-likelihood"] if likelihood else []),
+        )
         gpl("anchors", "generate", *r, "--config", str(configs / "anchors.yaml"))
-        gpl("pseudo-labels", *r, "--calibrate-until", cutoff)
+        gpl("pseudo-labels", *r, "--calibrate-until", cutoff, "--relevance", args.relevance)
         gpl("features", "build", *r)
         gpl("features", "apply", *r)
     cutoff = cutoff_of(run, 0.8)
@@ -167,6 +184,7 @@ def main() -> None:
         "preranker": preranker,
         "anchors": ANCHORS,
         "collaborative_weight": args.collaborative_weight,
+        "relevance": args.relevance,
         "cutoff": cutoff,
         "seeds": args.seeds,
         "results": rows,
