@@ -285,7 +285,7 @@ class PseudoLabelConfig(BaseModel):
         if self.relevance == "lm_likelihood" and self.calibration != "platt":
             # A log-probability is not on the click scale: only a fitted mapping puts it there.
             raise ValueError("relevance 'lm_likelihood' needs calibration 'platt'")
-        if self.density_weight not in (0, 0.0) and self.calibration != "platt":
+        if self.density_weight != 0 and self.calibration != "platt":
             # The density is a log-density, not a click probability either.
             raise ValueError(
                 "history_density_weight needs calibration 'platt' (set it to 0 without)"
@@ -335,8 +335,9 @@ class AnchorBank:
     dispersion: npt.NDArray[np.float32]
     history: npt.NDArray[np.float32]
     lm: npt.NDArray[np.float32]
-    history_rows: npt.NDArray[np.int32]
-    """``(S, history_items)`` each set's history: rows of the catalog's embeddings, -1 padded."""
+    history_rows: npt.NDArray[np.int32] | None
+    """``(S, history_items)`` each set's history: rows of the catalog's embeddings, -1 padded.
+    Kept only for the history density (``keep_history_rows``); None otherwise."""
     empty: npt.NDArray[np.bool_]
     """Sets that hold no anchor (every beam of that cutoff was invalid). They stay in the lookup,
     so a request whose latest set is empty is not matched to an older one, and its rows get
@@ -427,6 +428,7 @@ def load_anchor_bank(
     history_items: int,
     read_embeddings: Callable[[], pa.ChunkedArray] | None = None,
     history_form: HistoryForm = "coverage",
+    keep_history_rows: bool = False,
 ) -> AnchorBank:
     """Load every anchor set once and precompute its confidence factors.
 
@@ -443,6 +445,9 @@ def load_anchor_bank(
         history_items: How many of the latest positives before a cutoff to compare against.
         read_embeddings: Reads ``anchor_embeddings`` when ``anchors`` was read without them
             and they turn out to be needed.
+        keep_history_rows: Keep each set's history items (``AnchorBank.history_rows``, 4 bytes
+            per item and set) for the history density; without it they are dropped once the
+            historical-consistency factor is computed.
         history_form: The historical-consistency factor's form (:data:`HistoryForm`).
     """
     needed = ["user_id", "event_timestamp", "anchor_log_probs", "num_anchors"]
@@ -542,7 +547,7 @@ def load_anchor_bank(
         dispersion=dispersion_factors(vectors, mask, logp),
         history=hist,
         lm=lm_factor(logp, mask),
-        history_rows=history.astype(np.int32),
+        history_rows=history.astype(np.int32) if keep_history_rows else None,
         empty=counts == 0,
     )
 
@@ -812,6 +817,7 @@ def _score(
         )
     density = None
     if density_temperature is not None:
+        assert bank.history_rows is not None, "load_anchor_bank(keep_history_rows=True)"
         density = history_log_density(
             items.embeddings,
             item_idx if every else item_idx[ok],
@@ -982,7 +988,13 @@ def generate_pseudo_labels(
         items = ItemIndex.from_item_semantics(item_semantics)
         anchor_table, read_embeddings = _read_anchors(anchors)
         bank = load_anchor_bank(
-            anchor_table, items, positives, cfg.history_items, read_embeddings, cfg.history_form
+            anchor_table,
+            items,
+            positives,
+            cfg.history_items,
+            read_embeddings,
+            cfg.history_form,
+            keep_history_rows=temperature is not None,
         )
         confidence_table = _confidence_table(bank, cfg)
         likelihood = (
@@ -1129,7 +1141,7 @@ def generate_pseudo_labels(
         "relevance_model_caveats": None if likelihood is None else list(likelihood.lm.caveats),
         "history_density": (
             None
-            if weight is None or density is None
+            if weight is None or density is None  # set together; both named for the type checker
             else {
                 "weight": round(weight.weight, 6),
                 "fitted": weight.fitted,
