@@ -44,6 +44,7 @@ import scipy.sparse as sp
 import torch
 
 from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
+from training.anchors.prior import CooccurrencePrior
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "amazon-scientific"
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -239,11 +240,47 @@ def cooc_recs(
 
 
 def cooc_lists(
-    histories: list[list[int]], n_items: int, tuned: dict[str, Any], k: int
+    histories: list[list[int]],
+    n_items: int,
+    tuned: dict[str, Any],
+    k: int,
+    exclude_history: bool = False,
 ) -> list[list[int]]:
     """Top-``k`` co-occurrence lists with the settings ``cooc_baseline`` tuned."""
     matrix = cooc_matrix(histories, n_items, tuned["window"], tuned["symmetric"])
-    return cooc_recs(histories, matrix, tuned["decay"], k, popular(histories, 2 * k))
+    return cooc_recs(
+        histories, matrix, tuned["decay"], k, popular(histories, 2 * k), exclude_history
+    )
+
+
+def prior_alone_lists(
+    model_dir: Path,
+    cfg: AnchorConfig,
+    histories: list[list[int]],
+    index: dict[int, str],
+    exclude_history: bool,
+    k: int = 10,
+) -> list[list[int]]:
+    """Top-``k`` items of the prior saved with the model, ``p(i | h)`` itself (no LM).
+
+    The prior is counted on every training sequence, as co-occurrence is, so the two compare
+    like for like; with ``exclude_history`` the user's own items are left out.
+    """
+    prior = CooccurrencePrior.load(model_dir)
+    assert prior is not None, "the benchmark's model is saved with its prior"
+    row_of = {item: row for row, item in enumerate(prior.item_ids.tolist())}
+    catalog_index = {asin: i for i, asin in index.items()}
+    rows = [np.array([row_of[index[i]] for i in h], dtype=np.int64) for h in histories]
+    out: list[list[int]] = []
+    for start in range(0, len(rows), 1024):
+        part = rows[start : start + 1024]
+        dense = prior.probabilities(part, cfg.prior)
+        for r, h in enumerate(part):
+            if exclude_history:
+                dense[r, h] = -1.0
+        top = np.argsort(-dense, axis=1, kind="stable")[:, :k]
+        out.extend([[catalog_index[prior.item_ids[j]] for j in row] for row in top.tolist()])
+    return out
 
 
 def cooc_baseline(
@@ -591,6 +628,22 @@ def main() -> None:
         "--prior-smoothing", type=float, default=None, help="prior.smoothing (default: product's)"
     )
     p.add_argument(
+        "--prior-content-weight",
+        type=float,
+        default=0.0,
+        help="prior.content_weight: the prior times the history's content kernel density to "
+        "this power (0: co-occurrence alone)",
+    )
+    p.add_argument("--prior-content-temperature", type=float, default=None)
+    p.add_argument("--prior-content-neighbors", type=int, default=None)
+    p.add_argument(
+        "--exclude-history",
+        action="store_true",
+        help="generation.exclude_history: no anchor is an item of the user's own history; the "
+        "paired comparisons are then against co-occurrence with the user's own items left out "
+        "too, and the prior alone is also scored",
+    )
+    p.add_argument(
         "--dump-lists",
         type=int,
         default=None,
@@ -699,6 +752,7 @@ def main() -> None:
                 "num_anchors": args.beam_width,
                 "batch_size": 64,
                 "device": args.device,
+                "exclude_history": args.exclude_history,
             },
             # 'auto' at training: the weight is chosen on the held-out users (every weight of
             # the grid is then also decoded on the test users, below, with explicit weights).
@@ -707,6 +761,17 @@ def main() -> None:
                 "train_weight": args.prior_train_weight,
                 **({} if args.prior_grid is None else {"weight_grid": args.prior_grid}),
                 **({} if args.prior_smoothing is None else {"smoothing": args.prior_smoothing}),
+                "content_weight": args.prior_content_weight,
+                **(
+                    {}
+                    if args.prior_content_temperature is None
+                    else {"content_temperature": args.prior_content_temperature}
+                ),
+                **(
+                    {}
+                    if args.prior_content_neighbors is None
+                    else {"content_neighbors": args.prior_content_neighbors}
+                ),
             },
         }
     )
@@ -733,7 +798,15 @@ def main() -> None:
     )
     chosen = trained.metrics["prior_weight_chosen"]
     cooc = cooc_baseline(test, n_items, 10)
-    cooc_top = cooc_lists(histories, n_items, cooc, 10)
+    # With --exclude-history every list leaves the user's own items out: so does the baseline
+    # every paired comparison is against (tuned with them left out).
+    compared = (
+        cooc_baseline(test, n_items, 10, exclude_history=True) if args.exclude_history else cooc
+    )
+    cooc_top = cooc_lists(histories, n_items, compared, 10, exclude_history=args.exclude_history)
+    prior_alone = prior_alone_lists(
+        args.work_dir / "model", cfg, histories, index, args.exclude_history
+    )
     per_weight: dict[str, Any] = {}
     for weight in sorted({0.0, *cfg.prior.weight_grid, cfg.prior.train_weight}):
         if weight == 0.0:
@@ -781,6 +854,13 @@ def main() -> None:
             "prior_tuning_on_held_out_users": trained.metrics["prior_tuning"],
         },
         "anchors_per_prior_weight": per_weight,
+        # The fitted prior's own ranking (no LM): what the LM adds on top of it, when fused.
+        "prior_alone": {
+            **metrics(prior_alone, targets),
+            "vs_cooccurrence": paired_comparison(prior_alone, cooc_top, targets),
+            "content_weight": cfg.prior.content_weight,
+        },
+        "paired_baseline": "cooccurrence_unseen" if args.exclude_history else "cooccurrence",
         # The same three with the user's own history items left out of every list (none of
         # them is the target for 99.4% of users).
         # Does the LM know something co-occurrence does not? Reciprocal-rank fusion of the
@@ -833,12 +913,17 @@ def main() -> None:
 
     print(f"\nAmazon Scientific, {len(test)} users, {n_items} items, next-item (test split)")
     print(f"{'method':<30}{'HR@5':>9}{'NDCG@5':>9}{'HR@10':>9}{'NDCG@10':>9}")
-    rows = {k: v for k, v in results.items() if k != "anchors_per_prior_weight"}
+    rows = {k: v for k, v in results.items() if isinstance(v, dict) and "hr@5" in v}
     rows.update({f"  prior weight {w}": r for w, r in per_weight.items()})
     for name, r in rows.items():
         print(
             f"{name:<30}{r['hr@5']:>9.4f}{r['ndcg@5']:>9.4f}{r['hr@10']:>9.4f}{r['ndcg@10']:>9.4f}"
         )
+    print(f"\npaired against {results['paired_baseline']} (HR@10 difference, 95% CI):")
+    paired = {f"prior weight {w}": r["vs_cooccurrence"] for w, r in per_weight.items()}
+    paired["prior alone"] = results["prior_alone"]["vs_cooccurrence"]
+    for name, c in paired.items():
+        print(f"  {name:<28}{c['hr@10_diff']:+.4f} {c['hr@10_diff_ci95']}")
     print(f"\nco-occurrence prior weight chosen on the held-out users: {chosen}")
     print(f"wrote {args.out}")
 

@@ -826,6 +826,16 @@ def anchors_train(
             min=0.0,
         ),
     ] = None,
+    prior_content_weight: Annotated[
+        float | None,
+        typer.Option(
+            help="Multiply the co-occurrence prior by the history's content kernel density to "
+            "this power (prior.content_weight; 0, the default: off), fixed in the saved prior. "
+            "With --prior-train-weight 1 and generation.exclude_history, on Amazon Scientific "
+            "(docs/anchors.md, 'The content factor').",
+            min=0.0,
+        ),
+    ] = None,
     for_likelihood: Annotated[
         bool,
         typer.Option(
@@ -860,6 +870,7 @@ def anchors_train(
         _set(raw, "training", "epochs", epochs)
         _set(raw, "training", "ensemble_size", ensemble_size)
         _set(raw, "prior", "train_weight", prior_train_weight)
+        _set(raw, "prior", "content_weight", prior_content_weight)
         cfg = AnchorConfig.model_validate(raw)
         item_semantics = read_table(run_dir / "sids" / "item_semantics.parquet")
         sizes = read_codebook_sizes(run_dir / "sids", item_semantics)
@@ -909,6 +920,15 @@ def anchors_generate(
             "(generation.incremental); --full (the default) decodes every set.",
         ),
     ] = None,
+    exclude_history: Annotated[
+        bool | None,
+        typer.Option(
+            "--exclude-history/--include-history",
+            help="Never make an item of the user's own history one of its anchors "
+            "(generation.exclude_history; default: included, as the pseudo-label figures were "
+            "measured).",
+        ),
+    ] = None,
     shard: Annotated[
         str | None,
         typer.Option(
@@ -944,6 +964,7 @@ def anchors_generate(
         _set(raw, "generation", "implementation", implementation)
         _set(raw, "prior", "weight", prior_weight)
         _set(raw, "generation", "incremental", incremental)
+        _set(raw, "generation", "exclude_history", exclude_history)
         if devices is not None:
             names = [d.strip() for d in devices.split(",") if d.strip()]
             _set(raw, "generation", "devices", "all" if names == ["all"] else names)

@@ -430,6 +430,29 @@ def test_prior_fused_into_training_from_the_command_line(tmp_path: Path, sids_ru
     assert code == 2 and "Traceback" not in out, out
 
 
+def test_content_prior_and_history_exclusion_from_the_command_line(
+    tmp_path: Path, sids_run: Path
+) -> None:
+    """`--prior-content-weight` lands in the saved prior; `--exclude-history` in the anchors."""
+    run = shutil.copytree(sids_run, tmp_path / "run")
+    anchors = tmp_path / "anchors.yaml"
+    anchors.write_text(TINY_ANCHORS + TINY_TRAINING)
+    _train_and_generate(run, anchors, "--prior-train-weight", "1", "--prior-content-weight", "0.5")
+    info = json.loads((run / "anchors" / "model" / "cooccurrence_prior.json").read_text())
+    assert info["content_weight"] == 0.5 and info["content_neighbors"] == 50
+    code, out = gpl(
+        "anchors", "generate", "--run-dir", str(run), "--config", str(anchors), "--exclude-history",
+    )  # fmt: skip
+    assert code == 0, out
+    manifest = json.loads((run / "anchors" / "manifest.json").read_text())
+    assert manifest["config"]["generation"]["exclude_history"] is True
+    code, out = gpl(
+        "anchors", "train", "--run-dir", str(run), "--config", str(anchors),
+        "--prior-content-weight", "-1",
+    )  # fmt: skip
+    assert code == 2 and "Traceback" not in out, out
+
+
 def test_collaborative_block_from_the_command_line(tmp_path: Path, sids_run: Path) -> None:
     """`--collaborative-weight` / `--collaborative-until` merge with the config file's section."""
     run = shutil.copytree(sids_run, tmp_path / "run")

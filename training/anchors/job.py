@@ -22,6 +22,7 @@ from typing import Any, Final
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -34,6 +35,7 @@ from training.anchors.generate import (
     BeamOutput,
     GenerateConfig,
     beam_search_fast,
+    history_items,
     make_search,
     resolve_device,
     resolve_dtype,
@@ -200,7 +202,7 @@ def train_anchor_model(
         # Counted without the held-out items, as the evaluation must not see them; each
         # training row leaves out its own sequence's later items (TrainingPrior).
         fusion = TrainingPrior(
-            CooccurrencePrior.fit(prior_seqs, catalog.item_ids, cfg.prior),
+            CooccurrencePrior.fit(prior_seqs, catalog.item_ids, cfg.prior, catalog.embeddings),
             cfg.prior,
             cfg.prior.train_weight,
         )
@@ -234,6 +236,7 @@ def train_anchor_model(
             on_best=partial(_save_best, vocab=vocab, out_dir=path),
             label=f"member {k + 1}/{tc.ensemble_size} " if tc.ensemble_size > 1 else "",
             fusion=fusion,
+            exclude_history=cfg.generation.exclude_history,
         )
         if history is None:
             history = member_history
@@ -358,6 +361,9 @@ def _held_out_eval(
         def prior_of(rows: np.ndarray) -> SparsePriorRows:
             return prior.sparse_probabilities([histories[i] for i in rows], cfg.prior)
 
+    exclude_of = None
+    if cfg.generation.exclude_history:
+        exclude_of = partial(_history_items_of, eval_set.histories, trie.n_items)
     results = []
     for weight in weights:
         out = search_in_batches(
@@ -374,9 +380,17 @@ def _held_out_eval(
             prompts,
             tc.eval_batch_size,
             prior_of=prior_of if weight > 0 else None,
+            exclude_of=exclude_of,
         )
         results.append(hit_rate_ndcg(out.items, eval_set.targets))
     return results
+
+
+def _history_items_of(
+    histories: Sequence[np.ndarray], n_items: int, rows: np.ndarray
+) -> sp.csr_matrix:
+    """:func:`history_items` of ``histories[rows]``: one search batch's excluded items."""
+    return history_items([histories[i] for i in rows], n_items)
 
 
 def _fit_prior(
@@ -411,7 +425,7 @@ def _fit_prior(
     weight: float | None = pc.train_weight if pc.train_weight > 0 else None
     if pc.weight == "auto" and len(eval_set.targets):
         if held_out is None:
-            held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc)
+            held_out = CooccurrencePrior.fit(prior_seqs, catalog.item_ids, pc, catalog.embeddings)
         scores = _held_out_eval(member_paths, catalog, trie, eval_set, cfg, held_out, grid)
         tuning = [
             {"weight": w, "eval_hr@10": round(hr, 5), "eval_ndcg@10": round(ndcg, 5)}
@@ -432,7 +446,7 @@ def _fit_prior(
             "prior.weight a number to decode with another",
             pc.train_weight,
         )
-    prior = CooccurrencePrior.fit(seqs.sequences(), catalog.item_ids, pc)
+    prior = CooccurrencePrior.fit(seqs.sequences(), catalog.item_ids, pc, catalog.embeddings)
     prior.weight, prior.tuning, prior.train_weight = weight, tuning, pc.train_weight
     prior.save(member_paths[0])
     return prior
@@ -533,6 +547,7 @@ _SHAPING_GENERATION_SETTINGS: Final = {
     "num_anchors",
     "implementation",
     "ensemble_combine",
+    "exclude_history",
 }
 
 #: Rows per record batch of the anchors table. Arrow's list and string arrays address their
@@ -762,6 +777,9 @@ def generate_anchors(
                         prior_of=None
                         if fused is None
                         else partial(fused.rows_for, c.histories, cfg.prior),
+                        exclude_of=partial(_history_items_of, c.histories, trie.n_items)
+                        if gc.exclude_history
+                        else None,
                     )
                     for c in chunks
                 )

@@ -37,6 +37,7 @@ from training.anchors.generate import (
     BeamOutput,
     GenerateConfig,
     SearchFn,
+    history_items,
     make_search,
     resolve_dtype,
     search_in_batches,
@@ -113,10 +114,16 @@ def _decode(prompts: list[list[int]], histories: list[npt.NDArray[np.int64]] | N
     """One task in a worker: its prompts in batches (already sorted by length)."""
     assert _WORKER is not None, "worker not started"
     spec = _WORKER.spec
-    prior_of = None
-    if spec.prior is not None and histories is not None:  # sent only when the prior is fused
+    prior_of, exclude_of = None, None
+    # Histories are sent only when the prior is fused or the users' own items are excluded.
+    if spec.prior is not None and spec.prior_weight > 0 and histories is not None:
         prior_of = partial(spec.prior.rows_for, histories, spec.prior_config)
-    return search_in_batches(_WORKER.search, prompts, _WORKER.batch_size, prior_of=prior_of)
+    if spec.generation.exclude_history and histories is not None:
+        n_items = len(spec.codes)
+        exclude_of = lambda rows: history_items([histories[i] for i in rows], n_items)  # noqa: E731
+    return search_in_batches(
+        _WORKER.search, prompts, _WORKER.batch_size, prior_of=prior_of, exclude_of=exclude_of
+    )
 
 
 class DevicePool:
@@ -169,14 +176,16 @@ class DevicePool:
         """Queue one chunk's tasks: its prompts sorted by length, cut at whole batches."""
         order = np.argsort([len(p) for p in prompts], kind="stable")
         size = self.batch_size * BATCHES_PER_TASK
-        with_prior = self.spec.prior is not None and self.spec.prior_weight > 0
+        with_histories = (
+            self.spec.prior is not None and self.spec.prior_weight > 0
+        ) or self.spec.generation.exclude_history
         tasks = []
         for start in range(0, len(order), size):
             rows = order[start : start + size]
             future = self._pool.submit(
                 _decode,
                 [prompts[i] for i in rows],
-                [histories[i] for i in rows] if with_prior else None,
+                [histories[i] for i in rows] if with_histories else None,
             )
             if progress is not None:
                 future.add_done_callback(partial(_report, progress, len(rows)))

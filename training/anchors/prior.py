@@ -50,7 +50,7 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Final, Literal
 
@@ -130,6 +130,29 @@ class PriorConfig(BaseModel):
         description="Share of the prior given to add-one popularity, so that every item keeps "
         "mass and the fusion never rules an item out.",
     )
+    content_weight: float = Field(
+        default=0.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="Exponent beta of the content factor: the prior becomes p(i | h) * "
+        "K_h(i) ** beta, renormalized, with K_h the kernel density of the history's content "
+        "embeddings at item i (content_temperature, content_neighbors). 0 (default): "
+        "co-occurrence alone. Fixed when the prior is fitted (like window); on Amazon "
+        "Scientific 0.4 lifted next-item HR@10 of the prior alone by 8% (docs/anchors.md).",
+    )
+    content_temperature: float = Field(
+        default=0.1,
+        gt=0,
+        allow_inf_nan=False,
+        description="Temperature tau of the content kernel exp((cos - 1) / tau).",
+    )
+    content_neighbors: int = Field(
+        default=50,
+        ge=1,
+        description="Nearest items (by content cosine) each history item spreads its kernel "
+        "over; beyond them the kernel is taken at its floor (the k-th neighbor's value), which "
+        "keeps the prior's rows sparse.",
+    )
 
     @field_validator("weight")
     @classmethod
@@ -197,6 +220,44 @@ def pair_matrix(
     return sp.csr_matrix((v, (r, c)), shape=(n_items, n_items), dtype=np.float32)
 
 
+def content_neighbors(
+    embeddings: npt.NDArray[np.floating], k: int, block: int = 2048
+) -> tuple[npt.NDArray[np.int32], npt.NDArray[np.float32]]:
+    """Each item's ``k`` nearest other items by cosine of their content embeddings.
+
+    Exact search in blocks of ``block`` rows (``O(n_items^2 * dim)``: well under a second for
+    10,000 items, about a minute on a CPU for 100,000; an approximate index would be needed far
+    beyond). Items with a zero embedding have no neighbors.
+
+    Returns:
+        ``(items, cos)``, both ``[n_items, min(k, n_items - 1)]``, nearest first; ``-1`` and
+        ``-inf`` where an item has fewer neighbors.
+    """
+    emb = np.asarray(embeddings, dtype=np.float32)
+    n = len(emb)
+    k = max(0, min(k, n - 1))
+    norms = np.linalg.norm(emb, axis=1, keepdims=True)
+    unit = np.divide(emb, norms, out=np.zeros_like(emb), where=norms > 0)
+    items = np.full((n, k), -1, dtype=np.int32)
+    cos = np.full((n, k), -np.inf, dtype=np.float32)
+    if k == 0:
+        return items, cos
+    valid = norms.ravel() > 0
+    for start in range(0, n, block):
+        sims = unit[start : start + block] @ unit.T
+        rows = np.arange(sims.shape[0])
+        sims[rows, start + rows] = -np.inf  # never one's own neighbor
+        sims[:, ~valid] = -np.inf
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        top_sims = np.take_along_axis(sims, top, 1)
+        order = np.argsort(-top_sims, axis=1, kind="stable")
+        items[start : start + len(rows)] = np.take_along_axis(top, order, 1)
+        cos[start : start + len(rows)] = np.take_along_axis(top_sims, order, 1)
+    bad = ~np.isfinite(cos) | ~valid[:, None]
+    items[bad], cos[bad] = -1, -np.inf
+    return items, cos
+
+
 @dataclass
 class SparsePriorRows:
     """``p(i | h)`` for a batch of histories, kept sparse.
@@ -253,6 +314,11 @@ class CooccurrencePrior:
         tuning: Held-out NDCG@10 / HR@10 per weight tried, for the record.
         train_weight: The weight the model was trained with the prior fused (0: trained
             alone).
+        neighbors: ``[n_items, k]`` each item's nearest items by content (``-1``: none), for
+            the content factor (None: no content factor).
+        neighbor_cos: Their cosines (``-inf`` where ``-1``).
+        content_weight: The content factor's exponent ``beta`` (0: off).
+        content_temperature: The content kernel's temperature ``tau``.
     """
 
     item_ids: npt.NDArray[np.str_]
@@ -263,6 +329,13 @@ class CooccurrencePrior:
     weight: float | None = None
     tuning: list[dict[str, float]] | None = None
     train_weight: float = 0.0
+    neighbors: npt.NDArray[np.int32] | None = None
+    neighbor_cos: npt.NDArray[np.float32] | None = None
+    content_weight: float = 0.0
+    content_temperature: float = 0.1
+    _kernel_cache: tuple[sp.csr_matrix, npt.NDArray[np.float64]] | None = field(
+        default=None, init=False, repr=False, compare=False
+    )
 
     @property
     def n_items(self) -> int:
@@ -271,10 +344,34 @@ class CooccurrencePrior:
 
     @classmethod
     def fit(
-        cls, sequences: Sequence[IntArray], item_ids: npt.NDArray[np.str_], cfg: PriorConfig
+        cls,
+        sequences: Sequence[IntArray],
+        item_ids: npt.NDArray[np.str_],
+        cfg: PriorConfig,
+        embeddings: npt.NDArray[np.floating] | None = None,
     ) -> CooccurrencePrior:
-        """Count pairs and occurrences in ``sequences`` (rows of ``item_ids``, oldest first)."""
+        """Count pairs and occurrences in ``sequences`` (rows of ``item_ids``, oldest first).
+
+        Args:
+            sequences: Catalog rows per user, oldest first.
+            item_ids: The catalog's item ids.
+            cfg: Window, direction and the content factor's settings.
+            embeddings: The items' content embeddings (rows of ``item_ids``); needed when
+                ``cfg.content_weight`` is positive, for the items' nearest neighbors.
+
+        Raises:
+            AnchorInputError: when the content factor is asked for without embeddings.
+        """
         n_items = len(item_ids)
+        neighbors, neighbor_cos = None, None
+        if cfg.content_weight > 0:
+            if embeddings is None or len(embeddings) != n_items:
+                raise AnchorInputError(
+                    "prior.content_weight > 0 needs the items' content embeddings, one per "
+                    f"catalog row ({n_items}); got "
+                    f"{'none' if embeddings is None else len(embeddings)}"
+                )
+            neighbors, neighbor_cos = content_neighbors(embeddings, cfg.content_neighbors)
         counts = np.zeros(n_items, dtype=np.float64)
         if sequences:
             flat = np.concatenate([np.asarray(s, dtype=np.int64) for s in sequences])
@@ -285,6 +382,10 @@ class CooccurrencePrior:
             counts=counts,
             window=cfg.window,
             symmetric=cfg.symmetric,
+            neighbors=neighbors,
+            neighbor_cos=neighbor_cos,
+            content_weight=cfg.content_weight if neighbors is not None else 0.0,
+            content_temperature=cfg.content_temperature,
         )
 
     def align(self, item_ids: npt.NDArray[np.str_]) -> CooccurrencePrior:
@@ -309,6 +410,17 @@ class CooccurrencePrior:
         counts = np.zeros(len(ids), dtype=np.float64)
         known = new_row >= 0
         counts[new_row[known]] = self.counts[known]
+        neighbors, neighbor_cos = None, None
+        if self.neighbors is not None and self.neighbor_cos is not None:
+            # Items new to the catalog have no neighbor list (the kernel's floor alone); lists
+            # keep the neighbors still in the catalog, at their new rows.
+            k = self.neighbors.shape[1]
+            neighbors = np.full((len(ids), k), -1, dtype=np.int32)
+            neighbor_cos = np.full((len(ids), k), -np.inf, dtype=np.float32)
+            mapped = np.where(self.neighbors >= 0, new_row[np.maximum(self.neighbors, 0)], -1)
+            cos = np.where(mapped >= 0, self.neighbor_cos, -np.inf).astype(np.float32)
+            neighbors[new_row[known]] = mapped[known]
+            neighbor_cos[new_row[known]] = cos[known]
         return CooccurrencePrior(
             item_ids=ids,
             matrix=matrix,
@@ -318,6 +430,10 @@ class CooccurrencePrior:
             weight=self.weight,
             tuning=self.tuning,
             train_weight=self.train_weight,
+            neighbors=neighbors,
+            neighbor_cos=neighbor_cos,
+            content_weight=self.content_weight,
+            content_temperature=self.content_temperature,
         )
 
     def probabilities(
@@ -366,7 +482,9 @@ class CooccurrencePrior:
                 "fitted on another catalog"
             )
         weights = sp.csr_matrix((vals, (rows, cols)), shape=(n, self.n_items))
-        return self._sparse_rows((weights @ self.matrix).tocsr(), cfg.smoothing)
+        return self._with_content(
+            self._sparse_rows((weights @ self.matrix).tocsr(), cfg.smoothing), weights
+        )
 
     def training_probabilities(
         self,
@@ -456,7 +574,82 @@ class CooccurrencePrior:
         np.maximum(scores.data, 0.0, out=scores.data)
         scores.eliminate_zeros()
         own = sp.csr_matrix((np.ones(len(late)), (late_row, items[late])), shape=(n, self.n_items))
-        return self._rows(scores, cfg.smoothing, own)
+        return self._with_content(self._rows(scores, cfg.smoothing, own), weights)
+
+    def _kernel(self) -> tuple[sp.csr_matrix, npt.NDArray[np.float64]]:
+        """``k(j, i) = exp((cos(j, i) - 1) / tau)`` over each item's neighbors, and its floor.
+
+        Returns:
+            ``[n_items, n_items]`` sparse kernel (row ``j``: its neighbors), and per item the
+            kernel at its farthest listed neighbor (0 for an item without neighbors).
+        """
+        if self._kernel_cache is not None:
+            return self._kernel_cache
+        assert self.neighbors is not None and self.neighbor_cos is not None
+        tau = self.content_temperature
+        listed = self.neighbors >= 0
+        rows = np.repeat(np.arange(self.n_items), listed.sum(1))
+        values = np.exp((self.neighbor_cos[listed].astype(np.float64) - 1.0) / tau)
+        kernel = sp.csr_matrix(
+            (values, (rows, self.neighbors[listed])), shape=(self.n_items, self.n_items)
+        )
+        farthest = np.where(listed.any(1), self.neighbor_cos.min(axis=1, initial=np.inf), -np.inf)
+        floor = np.where(np.isfinite(farthest), np.exp((farthest - 1.0) / tau), 0.0)
+        self._kernel_cache = (kernel, floor)
+        return kernel, floor
+
+    def _with_content(self, rows: SparsePriorRows, history: sp.csr_matrix) -> SparsePriorRows:
+        """``rows`` times the content factor ``g(i) = (K_h(i) / floor_h) ** beta``, renormalized.
+
+        ``K_h(i)`` is the mean over the history's distinct items ``j`` of ``exp((cos(j, i) - 1)
+        / tau)``, counted over ``j``'s listed neighbors only; ``floor_h``, the same mean taken at
+        each ``j``'s farthest listed neighbor, stands for every item beyond the lists (an upper
+        bound of their kernel), so ``g`` is 1 there and the rows stay sparse. With a row's prior
+        written ``smooth * background + shares``, the product adds
+        ``(g - 1) * (smooth * background + shares)`` on the few items where ``g > 1`` and
+        divides by the row's new total.
+
+        Args:
+            rows: Prior rows summing to 1.
+            history: ``[n, n_items]``, positive at each row's history items.
+        """
+        beta = self.content_weight
+        if beta <= 0 or self.neighbors is None:
+            return rows
+        kernel, floor = self._kernel()
+        n = rows.shape[0]
+        seen = history.tocsr().copy()
+        seen.sum_duplicates()
+        seen.data = np.ones_like(seen.data, dtype=np.float64)
+        size = np.asarray(seen.sum(axis=1)).ravel()
+        seen = sp.diags(1.0 / np.maximum(size, 1.0)) @ seen
+        density = (seen @ kernel).tocsr()
+        low = seen @ floor  # [n]
+        row_of = np.repeat(np.arange(n), np.diff(density.indptr))
+        base_floor = low[row_of]
+        ratio = np.divide(
+            density.data, base_floor, out=np.ones_like(density.data), where=base_floor > 0
+        )
+        gain = np.maximum(ratio, 1.0) ** beta - 1.0
+        boost = sp.csr_matrix((gain, density.indices, density.indptr), shape=density.shape)
+        boost.eliminate_zeros()
+        owner = np.repeat(np.arange(n), np.diff(boost.indptr))
+        smooth = rows.smooth.astype(np.float64)
+        background = rows.background.astype(np.float64)
+        delta = sp.csr_matrix(
+            (boost.data * smooth[owner] * background[boost.indices], boost.indices, boost.indptr),
+            shape=boost.shape,
+        ) + boost.multiply(rows.shares.astype(np.float64))
+        delta = sp.csr_matrix(delta)
+        total = 1.0 + np.asarray(delta.sum(axis=1)).ravel()
+        shares = sp.diags(1.0 / total) @ (rows.shares.astype(np.float64) + delta)
+        shares = sp.csr_matrix(shares)
+        shares.sum_duplicates()
+        return SparsePriorRows(
+            shares=shares.astype(np.float32),
+            smooth=(smooth / total).astype(np.float32),
+            background=rows.background,
+        )
 
     def _sparse_rows(self, scores: sp.csr_matrix, smoothing: float) -> SparsePriorRows:
         """Prior rows from sparse co-occurrence ``scores`` (``[n, n_items]``, non-negative)."""
@@ -508,14 +701,18 @@ class CooccurrencePrior:
         """Write :data:`PRIOR_FILE` and :data:`PRIOR_INFO` into ``directory``."""
         directory.mkdir(parents=True, exist_ok=True)
         m = self.matrix.tocsr()
-        np.savez_compressed(
-            directory / PRIOR_FILE,
-            indptr=m.indptr,
-            indices=m.indices,
-            data=m.data,
-            counts=self.counts,
-            item_ids=self.item_ids,
-        )
+        content: dict[str, npt.NDArray[np.generic]] = {}
+        if self.neighbors is not None and self.neighbor_cos is not None:
+            content = {"neighbors": self.neighbors, "neighbor_cos": self.neighbor_cos}
+        arrays: dict[str, npt.NDArray[np.generic]] = {
+            "indptr": m.indptr,
+            "indices": m.indices,
+            "data": m.data,
+            "counts": self.counts,
+            "item_ids": self.item_ids,
+            **content,
+        }
+        np.savez_compressed(directory / PRIOR_FILE, **arrays)  # type: ignore[arg-type]
         info = {
             "n_items": self.n_items,
             "window": self.window,
@@ -524,6 +721,9 @@ class CooccurrencePrior:
             "weight": self.weight,
             "tuning": self.tuning,
             "train_weight": self.train_weight,
+            "content_weight": self.content_weight,
+            "content_temperature": self.content_temperature,
+            "content_neighbors": None if self.neighbors is None else int(self.neighbors.shape[1]),
         }
         (directory / PRIOR_INFO).write_text(json.dumps(info, indent=2) + "\n")
 
@@ -539,6 +739,8 @@ class CooccurrencePrior:
             matrix = sp.csr_matrix((z["data"], z["indices"], z["indptr"]), shape=(n, n))
             counts = z["counts"]
             item_ids = z["item_ids"]
+            neighbors = z["neighbors"] if "neighbors" in z.files else None
+            neighbor_cos = z["neighbor_cos"] if "neighbor_cos" in z.files else None
         return cls(
             item_ids=item_ids,
             matrix=matrix,
@@ -548,4 +750,8 @@ class CooccurrencePrior:
             weight=None if info.get("weight") is None else float(info["weight"]),
             tuning=info.get("tuning"),
             train_weight=float(info.get("train_weight", 0.0)),
+            neighbors=neighbors,
+            neighbor_cos=neighbor_cos,
+            content_weight=float(info.get("content_weight", 0.0)) if neighbors is not None else 0.0,
+            content_temperature=float(info.get("content_temperature", 0.1)),
         )

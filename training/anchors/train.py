@@ -44,6 +44,7 @@ from training.anchors.generate import (
     LevelLogMass,
     PriorRows,
     beam_search_fast,
+    history_items,
     prior_log_masses,
     resolve_device,
     search_in_batches,
@@ -444,12 +445,14 @@ def evaluate(
     cfg: TrainConfig,
     device: torch.device,
     fusion: TrainingPrior | None = None,
+    exclude_history: bool = False,
 ) -> tuple[float, float, float]:
     """Held-out next items: mean NLL (nats per item), HR@10 and NDCG@10 of constrained search.
 
     With ``fusion``, both under the fused prior, as generation will decode (its rows from
     ``prior.sparse_probabilities``: the held-out items were never counted, nothing to leave
-    out).
+    out). With ``exclude_history`` the search leaves each user's own items out, as generation
+    does with ``generation.exclude_history``.
     """
     model.eval()
     lm = causal_lm(model)
@@ -478,12 +481,25 @@ def evaluate(
         prompts = [vocab.encode(item_tokens[h]) for h in eval_set.histories]
         weight = 0.0 if fusion is None else fusion.weight
         out = search_in_batches(
-            lambda p, prior=None: beam_search_fast(
-                lm, p, trie, vocab, cfg.eval_beam_width, EVAL_K, prior=prior, prior_weight=weight
+            lambda p, prior=None, exclude=None: beam_search_fast(
+                lm,
+                p,
+                trie,
+                vocab,
+                cfg.eval_beam_width,
+                EVAL_K,
+                prior=prior,
+                prior_weight=weight,
+                exclude=exclude,
             ),
             prompts,
             cfg.eval_batch_size,
             prior_of=prior_of if fusion is not None else None,
+            exclude_of=(
+                lambda rows: history_items([eval_set.histories[i] for i in rows], trie.n_items)
+            )
+            if exclude_history
+            else None,
         )
     hr, ndcg = hit_rate_ndcg(out.items, eval_set.targets)
     return nll / len(seqs), hr, ndcg
@@ -510,6 +526,7 @@ def train_loop(
     on_best: Callable[[nn.Module, EpochMetrics], None] | None = None,
     label: str = "",
     fusion: TrainingPrior | None = None,
+    exclude_history: bool = False,
 ) -> TrainHistory:
     """Train ``model`` in place on ``train``; keep (restore) the best epoch.
 
@@ -525,6 +542,8 @@ def train_loop(
         label: Put before the progress bar's text (e.g. which ensemble member this is).
         fusion: A co-occurrence prior fused into the loss and the evaluation (None: the LM
             alone).
+        exclude_history: Evaluate lists without the users' own items (as generation will
+            decode with ``generation.exclude_history``).
     """
     if len(train) == 0:
         raise AnchorInputError("no training examples: users need at least 2 positives")
@@ -602,7 +621,16 @@ def train_loop(
             if use_eval:
                 assert eval_set is not None
                 nll, hr, ndcg = evaluate(
-                    model, vocab, trie, item_tokens, item_codes, eval_set, cfg, device, fusion
+                    model,
+                    vocab,
+                    trie,
+                    item_tokens,
+                    item_codes,
+                    eval_set,
+                    cfg,
+                    device,
+                    fusion,
+                    exclude_history,
                 )
                 metrics.eval_loss, metrics.hr_at_10, metrics.ndcg_at_10 = nll, hr, ndcg
             key = _score(metrics, cfg) if use_eval else (float(epoch), 0.0)

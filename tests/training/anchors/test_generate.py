@@ -4,6 +4,7 @@ import logging
 
 import numpy as np
 import pytest
+import scipy.sparse as sp
 import torch
 
 from tests.training.anchors.conftest import TINY
@@ -12,6 +13,7 @@ from training.anchors.generate import (
     BeamOutput,
     beam_search_fast,
     beam_search_reference,
+    history_items,
     prior_log_masses,
     search_in_batches,
 )
@@ -536,7 +538,18 @@ def _training_rows(n_rows: int, n_items: int, seed: int = 0) -> SparsePriorRows:
     return prior.training_probabilities(items, start, positions, start, start + 8, cfg)
 
 
-@pytest.mark.parametrize("kind", ["generation", "training"])
+def _content_rows(n_users: int, n_items: int, seed: int = 0) -> SparsePriorRows:
+    """Rows of a prior with the content factor: entries on the histories' content neighbors."""
+    rng = np.random.default_rng(seed)
+    seqs = [rng.integers(n_items, size=rng.integers(2, 6)) for _ in range(3 * n_items)]
+    cfg = PriorConfig(window=2, content_weight=0.8, content_neighbors=5)
+    emb = rng.standard_normal((n_items, 4))
+    prior = CooccurrencePrior.fit(seqs, np.array([f"i{i}" for i in range(n_items)]), cfg, emb)
+    histories = [rng.integers(n_items, size=k) for k in rng.integers(1, 4, size=n_users)]
+    return prior.sparse_probabilities(histories, cfg)
+
+
+@pytest.mark.parametrize("kind", ["generation", "training", "content"])
 def test_sparse_prior_masses_equal_the_dense_table(toy, kind) -> None:
     # Every level's log mass of every child prefix, for every user, looked up from the
     # background's per-prefix mass and the sorted sparse entries, equals the dense table's;
@@ -545,6 +558,9 @@ def test_sparse_prior_masses_equal_the_dense_table(toy, kind) -> None:
     if kind == "generation":
         rows = _cooccurrence_rows(len(prompts), trie.n_items)
         assert rows.smooth[0] == 1.0  # the empty history
+    elif kind == "content":
+        rows = _content_rows(len(prompts), trie.n_items)
+        assert (rows.smooth < PriorConfig().smoothing).all()  # the factor took mass
     else:
         rows = _training_rows(len(prompts), trie.n_items)
         assert (rows.shares.data < 0).any()
@@ -590,3 +606,114 @@ def test_a_cuda_device_that_is_not_visible_is_one_clear_error() -> None:
     with pytest.raises(AnchorInputError, match=f"{visible} CUDA devices are visible"):
         resolve_device(f"cuda:{visible}")
     assert resolve_device("cpu") == torch.device("cpu")
+
+
+# Excluding the user's own items (generation.exclude_history).
+
+
+def _exclusions(found: BeamOutput, n_items: int, seed: int = 0) -> sp.csr_matrix:
+    """Per prompt, its first three anchors found without exclusion plus two random items."""
+    rng = np.random.default_rng(seed)
+    rows = [
+        [*found.items[u, :3].tolist(), *rng.integers(n_items, size=2).tolist()]
+        for u in range(len(found.items))
+    ]
+    return history_items(rows, n_items)
+
+
+@pytest.mark.parametrize(("beams", "anchors"), [(20, 10), (5, 3)])
+@pytest.mark.parametrize("fused", [False, True])
+def test_excluded_items_never_come_back_and_fast_equals_reference(
+    toy, beams: int, anchors: int, fused: bool
+) -> None:
+    model, vocab, trie, prompts = toy
+    prior = _random_prior(len(prompts), trie.n_items) if fused else None
+    weight = 0.7 if fused else 0.0
+    free = beam_search_fast(
+        model, prompts, trie, vocab, beams, anchors, prior=prior, prior_weight=weight
+    )
+    exclude = _exclusions(free, trie.n_items)
+    fast = beam_search_fast(
+        model,
+        prompts,
+        trie,
+        vocab,
+        beams,
+        anchors,
+        prior=prior,
+        prior_weight=weight,
+        exclude=exclude,
+    )
+    ref = beam_search_reference(
+        model,
+        prompts,
+        trie,
+        vocab,
+        beams,
+        anchors,
+        prior=prior,
+        prior_weight=weight,
+        exclude=exclude,
+    )
+    assert (fast.items == ref.items).all()
+    np.testing.assert_allclose(fast.log_probs, ref.log_probs, atol=1e-4)
+    for u, row in enumerate(fast.items):
+        banned = set(exclude[u].indices.tolist())
+        assert banned.isdisjoint(row.tolist())
+    assert np.isfinite(fast.log_probs).all()
+    assert not (fast.items == free.items).all()  # the exclusion changed the search
+
+
+def test_excluding_nothing_changes_nothing(toy) -> None:
+    model, vocab, trie, prompts = toy
+    free = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    empty = history_items([[] for _ in prompts], trie.n_items)
+    same = beam_search_fast(model, prompts, trie, vocab, 8, 5, exclude=empty)
+    assert (same.items == free.items).all()
+    np.testing.assert_array_equal(same.log_probs, free.log_probs)
+
+
+@pytest.mark.parametrize("shortcuts", [True, False])
+def test_a_subtree_whose_every_item_is_excluded_is_pruned_at_its_root(toy, shortcuts) -> None:
+    """Every item under the first level's best codes is excluded: those codes are cut at level
+    0 (no beam walks into a dead end), in both paths alike."""
+    model, vocab, trie, prompts = toy
+    free = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    first = trie.item_prefixes(torch.device("cpu"))[1].numpy()  # each item's level-1 prefix
+    rows = []
+    for u in range(len(prompts)):
+        top = set(first[free.items[u, :2]].tolist())
+        rows.append(np.flatnonzero(np.isin(first, list(top))).tolist())
+    exclude = history_items(rows, trie.n_items)
+    out = beam_search_fast(model, prompts, trie, vocab, 8, 5, shortcuts=shortcuts, exclude=exclude)
+    ref = beam_search_reference(model, prompts, trie, vocab, 8, 5, exclude=exclude)
+    assert (out.items == ref.items).all()
+    np.testing.assert_allclose(out.log_probs, ref.log_probs, atol=1e-4)
+    assert (out.items >= 0).all() and np.isfinite(out.log_probs).all()
+    for u, row in enumerate(out.items):
+        assert set(row.tolist()).isdisjoint(rows[u])
+
+
+def test_a_user_with_every_item_excluded_gets_no_anchors(toy) -> None:
+    model, vocab, trie, prompts = toy
+    rows = [list(range(trie.n_items)), *[[] for _ in prompts[1:]]]
+    out = beam_search_fast(
+        model, prompts, trie, vocab, 8, 5, exclude=history_items(rows, trie.n_items)
+    )
+    assert (out.items[0] == -1).all() and np.isneginf(out.log_probs[0]).all()
+    free = beam_search_fast(model, prompts[1:], trie, vocab, 8, 5)
+    assert (out.items[1:] == free.items).all()
+
+
+def test_exclusion_is_passed_per_batch(toy) -> None:
+    model, vocab, trie, prompts = toy
+    free = beam_search_fast(model, prompts, trie, vocab, 8, 5)
+    exclude = _exclusions(free, trie.n_items, seed=2)
+    whole = beam_search_fast(model, prompts, trie, vocab, 8, 5, exclude=exclude)
+    batched = search_in_batches(
+        lambda p, exclude=None: beam_search_fast(model, p, trie, vocab, 8, 5, exclude=exclude),
+        prompts,
+        3,
+        exclude_of=lambda rows: exclude[rows],
+    )
+    assert (batched.items == whole.items).all()

@@ -41,6 +41,30 @@ def test_two_workers_write_the_table_one_process_writes(tmp_path, toy_data, trai
     assert two.metrics["anchor_sets"] == one.metrics["anchor_sets"]
 
 
+def test_two_workers_leave_the_users_own_items_out_as_one_process_does(
+    tmp_path, toy_data, trained_compact
+):
+    """No prior fused, so the histories travel to the workers for the exclusion alone."""
+    semantics, positives, _ = toy_data
+    cutoffs = day_cutoffs(positives.column("event_timestamp"))
+    cfg = tiny_config()
+    cfg.generation.device = "cpu"
+    cfg.generation.batch_size = 4
+    cfg.generation.exclude_history = True
+    model = trained_compact.model_dir
+    one = generate_anchors(semantics, positives, cutoffs, model, cfg, tmp_path / "one")
+    cfg.generation.devices = ["cpu", "cpu"]
+    two = generate_anchors(semantics, positives, cutoffs, model, cfg, tmp_path / "two")
+    assert_same_anchors(one.table, two.table)
+    cfg.generation.devices = None
+    cfg.generation.exclude_history = False
+    plain = generate_anchors(semantics, positives, cutoffs, model, cfg, tmp_path / "plain")
+    assert (
+        plain.table.column("anchor_item_ids").to_pylist()
+        != two.table.column("anchor_item_ids").to_pylist()
+    )
+
+
 def test_devices_are_checked() -> None:
     for bad in ([], ["auto"], ["tpu:0"], "some"):
         with pytest.raises(ValidationError):

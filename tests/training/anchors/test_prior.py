@@ -180,3 +180,149 @@ def test_weights_must_be_finite(values) -> None:
     JSON); NaN silently decoded with the LM alone."""
     with pytest.raises(ValidationError):
         PriorConfig.model_validate(values)
+
+
+# The content factor: the prior times the history's content kernel density.
+
+
+def _embeddings(n: int, dim: int = 6, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal((n, dim)).astype(np.float32)
+
+
+def _content_reference(prior, plain, histories, emb, cfg) -> np.ndarray:
+    """The factor computed densely from the documented formula, applied to ``plain`` rows."""
+    unit = emb / np.linalg.norm(emb, axis=1, keepdims=True)
+    cos = unit @ unit.T
+    out = np.zeros_like(plain, dtype=np.float64)
+    for row, h in enumerate(histories):
+        seen = np.unique(np.asarray(h)[-cfg.history :])
+        density, floor = np.zeros(len(emb)), 0.0
+        for j in seen:
+            near = prior.neighbors[j]
+            density[near] += np.exp((cos[j, near] - 1) / cfg.content_temperature) / len(seen)
+            floor += np.exp((cos[j, near].min() - 1) / cfg.content_temperature) / len(seen)
+        gain = np.maximum(density / floor, 1.0) ** cfg.content_weight if len(seen) else 1.0
+        out[row] = plain[row] * gain / np.sum(plain[row] * gain)
+    return out
+
+
+def test_content_neighbors_are_the_nearest_other_items() -> None:
+    from training.anchors.prior import content_neighbors
+
+    emb = _embeddings(15)
+    emb[4] = 0.0  # an item without content: no neighbors, and nobody's neighbor
+    items, cos = content_neighbors(emb, 5, block=4)  # several blocks
+    unit = emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    full = unit @ unit.T
+    for i in range(15):
+        if i == 4:
+            assert (items[i] == -1).all() and np.isneginf(cos[i]).all()
+            continue
+        others = [j for j in np.argsort(-full[i]) if j not in (i, 4)][:5]
+        assert items[i].tolist() == others
+        np.testing.assert_allclose(cos[i], full[i, others], rtol=1e-5)
+    assert 4 not in items
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 1.0])
+def test_content_factor_follows_the_documented_formula(smoothing) -> None:
+    seqs, n = _sequences(4, n_items=20)
+    ids = np.array([f"i{i}" for i in range(n)])
+    emb = _embeddings(n)
+    cfg = PriorConfig(
+        content_weight=0.7, content_temperature=0.2, content_neighbors=4, smoothing=smoothing
+    )
+    prior = CooccurrencePrior.fit(seqs, ids, cfg, emb)
+    plain = CooccurrencePrior.fit(seqs, ids, PriorConfig(smoothing=smoothing))
+    histories = [np.array([1, 2, 3]), np.array([4]), np.array([5, 5, 6, 7]), np.array([], int)]
+    got = prior.probabilities(histories, cfg)
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
+    expected = _content_reference(prior, plain.probabilities(histories, cfg), histories, emb, cfg)
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-8)
+    # It moved mass (toward the histories' content neighbors), and an empty history is as before.
+    assert not np.allclose(got[:3], plain.probabilities(histories[:3], cfg), atol=1e-4)
+    np.testing.assert_allclose(got[3], plain.probabilities(histories[3:], cfg)[0], rtol=1e-6)
+
+
+def test_content_weight_zero_is_co_occurrence_alone() -> None:
+    seqs, n = _sequences(4, n_items=20)
+    ids = np.array([f"i{i}" for i in range(n)])
+    off = CooccurrencePrior.fit(seqs, ids, PriorConfig(), _embeddings(n))
+    assert off.neighbors is None and off.content_weight == 0.0
+    history = [np.array([1, 2, 3])]
+    np.testing.assert_array_equal(
+        off.probabilities(history, PriorConfig()),
+        CooccurrencePrior.fit(seqs, ids, PriorConfig()).probabilities(history, PriorConfig()),
+    )
+
+
+def test_content_factor_needs_the_items_embeddings() -> None:
+    seqs, n = _sequences(4)
+    ids = np.array([f"i{i}" for i in range(n)])
+    with pytest.raises(AnchorInputError, match="content embeddings"):
+        CooccurrencePrior.fit(seqs, ids, PriorConfig(content_weight=0.5))
+    with pytest.raises(AnchorInputError, match="one per catalog row"):
+        CooccurrencePrior.fit(seqs, ids, PriorConfig(content_weight=0.5), _embeddings(n - 1))
+
+
+def test_content_settings_are_validated() -> None:
+    for bad in (
+        {"content_weight": -0.1},
+        {"content_weight": float("inf")},
+        {"content_temperature": 0.0},
+        {"content_neighbors": 0},
+    ):
+        with pytest.raises(ValidationError):
+            PriorConfig.model_validate(bad)
+
+
+def test_training_rows_with_the_content_factor_leave_out_the_rows_own_later_items() -> None:
+    # The identity of the test above holds with the factor: it reads the history only.
+    counted, n = _sequences(5, n_items=10, n_users=10)
+    ids = np.array([f"i{i}" for i in range(n)])
+    emb = _embeddings(n, seed=3)
+    cfg = PriorConfig(window=2, decay=0.7, history=4, content_weight=0.5, content_neighbors=3)
+    prior = CooccurrencePrior.fit(counted, ids, cfg, emb)
+    items = np.concatenate(counted)
+    offsets = np.concatenate([[0], np.cumsum([len(s) for s in counted])])
+    u_of, positions = [], []
+    for u, s in enumerate(counted):
+        for t in range(len(s)):
+            u_of.append(u)
+            positions.append(offsets[u] + t)
+    starts = offsets[np.array(u_of)]
+    got = prior.training_probabilities(
+        items, starts, np.array(positions), starts, offsets[np.array(u_of) + 1], cfg
+    ).dense()
+    np.testing.assert_allclose(got.sum(axis=1), 1.0, rtol=1e-5)
+    for row, (u, p) in enumerate(zip(u_of, positions, strict=True)):
+        t = p - offsets[u]
+        others = [s for v, s in enumerate(counted) if v != u] + [counted[u][:t]]
+        expected = CooccurrencePrior.fit(others, ids, cfg, emb).probabilities(
+            [items[starts[row] : p]], cfg
+        )
+        np.testing.assert_allclose(got[row], expected[0], rtol=2e-5, atol=1e-7)
+
+
+def test_the_content_factor_survives_save_load_and_align(tmp_path) -> None:
+    seqs, n = _sequences(6, n_items=14)
+    ids = np.array([f"i{i}" for i in range(n)])
+    cfg = PriorConfig(content_weight=0.6, content_temperature=0.3, content_neighbors=4)
+    prior = CooccurrencePrior.fit(seqs, ids, cfg, _embeddings(n))
+    prior.save(tmp_path)
+    back = CooccurrencePrior.load(tmp_path)
+    assert back is not None and back.content_weight == 0.6 and back.content_temperature == 0.3
+    np.testing.assert_array_equal(back.neighbors, prior.neighbors)
+    history = [np.array([2, 7, 9])]
+    # The saved settings rule: the generation config's content fields are not read.
+    np.testing.assert_allclose(
+        back.probabilities(history, PriorConfig()), prior.probabilities(history, cfg), rtol=1e-6
+    )
+    # A reordered catalog: the same distribution over the same items.
+    later = ids[::-1].copy()
+    aligned = prior.align(later)
+    row_of = {item: r for r, item in enumerate(later.tolist())}
+    moved = [np.array([row_of[ids[i]] for i in history[0]])]
+    p_new = aligned.probabilities(moved, cfg)[0]
+    p_old = prior.probabilities(history, cfg)[0]
+    np.testing.assert_allclose(p_new[[row_of[i] for i in ids]], p_old, rtol=1e-5)
