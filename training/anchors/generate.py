@@ -509,6 +509,39 @@ class ExcludedItems:
         return keys[at] == query
 
 
+def prior_without(prior: PriorRows, exclude: sp.csr_matrix) -> PriorRows:
+    """``prior`` with no mass on each row's excluded items (not renormalized).
+
+    With the user's own items pruned from the trie, their prior mass would still count in the
+    masses of the prefixes above them: a history's items co-occur with each other, so those
+    prefixes looked heavy and drew beams into subtrees whose best items were cut (on Amazon
+    Scientific an untrained, uniform LM fused with the prior found HR@10 0.1372 with beam 20
+    against the prior's own exact ranking, 0.1418). Zeroed here, every prefix's mass is that of
+    the items still allowed; the softmax over the allowed codes renormalizes.
+    """
+    ex = sp.csr_matrix(exclude, dtype=np.float64)
+    ex.sum_duplicates()
+    ex.data = np.ones_like(ex.data)
+    if isinstance(prior, SparsePriorRows):
+        owner = np.repeat(np.arange(ex.shape[0]), np.diff(ex.indptr))
+        background = prior.background.astype(np.float64)
+        smooth = prior.smooth.astype(np.float64)
+        shares = prior.shares.astype(np.float64)
+        cut = sp.csr_matrix(
+            (smooth[owner] * background[ex.indices], ex.indices, ex.indptr), shape=ex.shape
+        )
+        cut = cut + shares.multiply(ex)
+        entries = sp.csr_matrix(shares - cut)
+        entries.sum_duplicates()
+        return SparsePriorRows(
+            shares=entries.astype(np.float32), smooth=prior.smooth, background=prior.background
+        )
+    keep = 1.0 - ex.toarray()
+    if isinstance(prior, torch.Tensor):
+        return prior * torch.as_tensor(keep, dtype=prior.dtype, device=prior.device)
+    return (np.asarray(prior) * keep).astype(np.float32)
+
+
 def history_items(histories: Sequence[npt.ArrayLike], n_items: int) -> sp.csr_matrix:
     """``[len(histories), n_items]`` indicator of each history's items (for ``exclude=``)."""
     lengths = [len(np.asarray(h)) for h in histories]
@@ -778,6 +811,8 @@ def beam_search_fast(
     ]
     level_ids = members[0].head.level_ids
     fuse = prior is not None and prior_weight > 0
+    if fuse and prior is not None and exclude is not None:
+        prior = prior_without(prior, exclude)
     log_masses = prior_log_masses(trie, prior, device) if fuse and prior is not None else []
     users = torch.arange(n_users, device=device)
     excluded = None if exclude is None else ExcludedItems(exclude, trie, device)
@@ -1007,6 +1042,8 @@ def beam_search_reference(
     )
     processors = LogitsProcessorList()
     if prior is not None and prior_weight > 0:
+        if exclude is not None:
+            prior = prior_without(prior, exclude)
         processors.append(
             _PriorLogits(
                 trie, vocab, prior_log_masses(trie, prior, device), prompt_len, prior_weight, device

@@ -15,6 +15,7 @@ from training.anchors.generate import (
     beam_search_reference,
     history_items,
     prior_log_masses,
+    prior_without,
     search_in_batches,
 )
 from training.anchors.model import CompactSettings, ModelConfig, build_model, causal_lm
@@ -717,3 +718,30 @@ def test_exclusion_is_passed_per_batch(toy) -> None:
         exclude_of=lambda rows: exclude[rows],
     )
     assert (batched.items == whole.items).all()
+
+
+@pytest.mark.parametrize("kind", ["generation", "content"])
+def test_excluded_items_take_their_prior_mass_out_of_every_prefix(toy, kind) -> None:
+    """Own items co-occur with each other: left in, their mass made the prefixes above them
+    look heavy after the items themselves were pruned."""
+    _, _, trie, prompts = toy
+    make = _cooccurrence_rows if kind == "generation" else _content_rows
+    rows = make(len(prompts), trie.n_items, seed=5)
+    rng = np.random.default_rng(1)
+    exclude = history_items(
+        [rng.integers(trie.n_items, size=4).tolist() for _ in prompts], trie.n_items
+    )
+    kept = prior_without(rows, exclude)
+    expected = rows.dense() * (1.0 - exclude.toarray())
+    np.testing.assert_allclose(kept.dense(), expected, atol=1e-7)
+    np.testing.assert_allclose(prior_without(rows.dense(), exclude), expected, atol=1e-7)
+    device = torch.device("cpu")
+    sparse = prior_log_masses(trie, kept, device)
+    dense = prior_log_masses(trie, expected, device)
+    for level in range(trie.n_levels):
+        users = torch.arange(len(prompts)).unsqueeze(1)
+        kids = torch.arange(trie.n_children(level)).unsqueeze(0).expand(len(prompts), -1)
+        a, b = sparse[level].at(users, kids).numpy(), dense[level].at(users, kids).numpy()
+        live = b > -30  # prefixes whose every item is excluded: both are ~0 mass
+        np.testing.assert_allclose(a[live], b[live], rtol=1e-4, atol=1e-5)
+        assert (a[~live] < -10).all()
