@@ -273,9 +273,14 @@ def run_dataset(
             "progress": False,
             "ensemble_size": args.lm_ensemble,
         },
-        "generation": {"beam_width": args.beam_width, "num_anchors": args.num_anchors},
+        "generation": {
+            "beam_width": args.beam_width,
+            "num_anchors": args.num_anchors,
+            "exclude_history": args.exclude_history,
+        },
         "prior": {
             "train_weight": args.prior_train_weight,
+            "content_weight": args.prior_content_weight,
             # Unset, generation decodes with the LM alone, or for a model trained with the
             # prior fused with its training weight (the product's rule).
             **({} if args.prior_weight is None else {"weight": args.prior_weight}),
@@ -460,6 +465,8 @@ def run_dataset(
         "history_density": result.metrics["history_density"],
         "anchor_prior_weight": anchor_run.metrics["prior_weight"],
         "anchor_prior_train_weight": args.prior_train_weight,
+        "anchor_prior_content_weight": args.prior_content_weight,
+        "anchor_exclude_history": args.exclude_history,
         "timings_s": timings,
     }
     figures["gpl_minus_distillation"] = (
@@ -571,6 +578,18 @@ def main() -> None:
         default=0.0,
         help="fuse the co-occurrence prior into the anchor LM's training loss with this weight "
         "(prior.train_weight; default 0: off)",
+    )
+    parser.add_argument(
+        "--prior-content-weight",
+        type=float,
+        default=0.0,
+        help="the anchors' prior times the history's content density to this power "
+        "(prior.content_weight; default 0: off)",
+    )
+    parser.add_argument(
+        "--exclude-history",
+        action="store_true",
+        help="anchors never repeat an item of the user's history (generation.exclude_history)",
     )
     parser.add_argument(
         "--collaborative-weight",
