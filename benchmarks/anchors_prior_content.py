@@ -38,6 +38,7 @@ from anchors_quality import (
     load,
     metrics,
     paired_comparison,
+    prior_top_k,
 )
 
 from training.anchors.prior import CooccurrencePrior, PriorConfig
@@ -57,14 +58,7 @@ def prior_lists(
     """Top-``k`` items of the product's prior fitted on ``histories``, own items left out."""
     rows = [np.asarray(h, dtype=np.int64) for h in histories]
     prior = CooccurrencePrior.fit(rows, item_ids, cfg, embeddings)
-    out: list[list[int]] = []
-    for start in range(0, len(rows), 2048):
-        part = rows[start : start + 2048]
-        dense = prior.probabilities(part, cfg)
-        for r, h in enumerate(part):
-            dense[r, h] = -1.0
-        out.extend(np.argsort(-dense, axis=1, kind="stable")[:, :k].tolist())
-    return out
+    return prior_top_k(prior, rows, cfg, exclude_history=True, k=k)
 
 
 def main() -> None:

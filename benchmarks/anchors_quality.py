@@ -39,12 +39,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import pyarrow as pa
 import scipy.sparse as sp
 import torch
 
 from training.anchors.job import AnchorConfig, generate_anchors, train_anchor_model
-from training.anchors.prior import CooccurrencePrior
+from training.anchors.prior import CooccurrencePrior, PriorConfig
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "datasets" / "amazon-scientific"
 T0 = datetime(2024, 1, 1, tzinfo=UTC)
@@ -271,15 +272,26 @@ def prior_alone_lists(
     row_of = {item: row for row, item in enumerate(prior.item_ids.tolist())}
     catalog_index = {asin: i for i, asin in index.items()}
     rows = [np.array([row_of[index[i]] for i in h], dtype=np.int64) for h in histories]
+    top = prior_top_k(prior, rows, cfg.prior, exclude_history, k)
+    return [[catalog_index[prior.item_ids[j]] for j in row] for row in top]
+
+
+def prior_top_k(
+    prior: CooccurrencePrior,
+    rows: list[npt.NDArray[np.int64]],
+    cfg: PriorConfig,
+    exclude_history: bool,
+    k: int = 10,
+) -> list[list[int]]:
+    """Each history's top-``k`` prior rows, ``p(i | h)`` ranked exactly (dense, in blocks)."""
     out: list[list[int]] = []
     for start in range(0, len(rows), 1024):
         part = rows[start : start + 1024]
-        dense = prior.probabilities(part, cfg.prior)
-        for r, h in enumerate(part):
-            if exclude_history:
+        dense = prior.probabilities(part, cfg)
+        if exclude_history:
+            for r, h in enumerate(part):
                 dense[r, h] = -1.0
-        top = np.argsort(-dense, axis=1, kind="stable")[:, :k]
-        out.extend([[catalog_index[prior.item_ids[j]] for j in row] for row in top.tolist()])
+        out.extend(np.argsort(-dense, axis=1, kind="stable")[:, :k].tolist())
     return out
 
 

@@ -477,21 +477,15 @@ class ExcludedItems:
         items.sum_duplicates()
         users = np.repeat(np.arange(items.shape[0], dtype=np.int64), np.diff(items.indptr))
         rows = items.indices.astype(np.int64)
-        prefixes = [
-            p.cpu().numpy().astype(np.int64) for p in trie.item_prefixes(torch.device("cpu"))
-        ]
         self.keys: list[torch.Tensor] = []
         self.widths: list[int] = []
         for level in range(trie.n_levels):
             width = trie.n_children(level)
-            # The child prefix each item sits under at this level (the item itself at the last).
-            kid = rows if level == trie.n_levels - 1 else prefixes[level + 1][rows]
-            all_kids = (
-                np.arange(trie.n_items) if level == trie.n_levels - 1 else prefixes[level + 1]
+            # A (prompt, child prefix) pair is cut when every item under the prefix is excluded.
+            keys, count = np.unique(
+                users * width + trie.item_children(level)[rows], return_counts=True
             )
-            size = np.bincount(all_kids, minlength=width)
-            keys, count = np.unique(users * width + kid, return_counts=True)
-            dead = keys[count >= size[keys % width]]
+            dead = keys[count >= trie.items_under(level)[keys % width]]
             self.keys.append(torch.as_tensor(dead, device=device))
             self.widths.append(width)
 
@@ -993,37 +987,27 @@ def beam_search_reference(
         for code, tok in enumerate(level_ids.tolist())
     }
     allowed_cache: dict[tuple[int, ...], list[int]] = {}
-    # Per prompt, the code prefixes whose every item is excluded (the excluded items' own
-    # paths among them): left out of the allowed tokens, as the fast path prunes its trie.
-    pruned: list[set[tuple[int, ...]]] | None = None
-    if exclude is not None:
-        csr = sp.csr_matrix(exclude)
-        under: dict[tuple[int, ...], int] = {}
-        for row in trie.codes.tolist():
-            for depth in range(1, trie.n_levels + 1):
-                under[tuple(row[:depth])] = under.get(tuple(row[:depth]), 0) + 1
-        pruned = []
-        for r in range(len(prompts)):
-            count: dict[tuple[int, ...], int] = {}
-            for item in set(csr.indices[csr.indptr[r] : csr.indptr[r + 1]].tolist()):
-                row = trie.codes[item].tolist()
-                for depth in range(1, trie.n_levels + 1):
-                    count[tuple(row[:depth])] = count.get(tuple(row[:depth]), 0) + 1
-            pruned.append({p for p, c in count.items() if c >= under[p]})
+    # The same per-prompt pruning as the fast path: a code is left out of the allowed tokens
+    # when the child prefix it leads to is cut for that prompt.
+    cpu = torch.device("cpu")
+    excluded = None if exclude is None else ExcludedItems(exclude, trie, cpu)
+    child_cpu = trie.tables(cpu)[0]
 
     def allowed_tokens(batch_id: int, sequence: torch.Tensor) -> list[int]:
         prefix = tuple(token_code[int(t)][1] for t in sequence[prompt_len:].tolist())
         if prefix not in allowed_cache:
             codes = trie.allowed_codes(prefix)
             allowed_cache[prefix] = [int(vocab.level_token_ids[len(prefix)][c]) for c in codes]
-        if pruned is None or not pruned[batch_id]:
+        if excluded is None:
             return allowed_cache[prefix]
-        level_ids = vocab.level_token_ids[len(prefix)]
-        return [
-            int(level_ids[c])
-            for c in trie.allowed_codes(prefix)
-            if (*prefix, c) not in pruned[batch_id]
-        ]
+        level, node = len(prefix), 0
+        for lvl, code in enumerate(prefix):
+            node = int(child_cpu[lvl][node, code])
+        codes = trie.allowed_codes(prefix)
+        kids = child_cpu[level][node, codes].long()
+        cut = excluded.pruned(level, torch.tensor(batch_id), kids).tolist()
+        level_ids = vocab.level_token_ids[level]
+        return [int(level_ids[c]) for c, dead in zip(codes, cut, strict=True) if not dead]
 
     # A fresh config: a checkpoint's own generation_config (sampling, repetition penalty) must
     # not leak into the search. Passing one is not enough: generate() fills every field left
@@ -1166,6 +1150,15 @@ PriorFn = Callable[[npt.NDArray[np.int64]], PriorRows]
 """The prior rows of the prompts at these indices (of the full prompt list)."""
 ExcludeFn = Callable[[npt.NDArray[np.int64]], sp.csr_matrix]
 """The excluded items of the prompts at these indices (:func:`history_items` of their users)."""
+
+
+def exclusions_of(histories: Sequence[npt.ArrayLike], n_items: int) -> ExcludeFn:
+    """The :data:`ExcludeFn` of ``histories``: a batch's :func:`history_items`."""
+
+    def of(rows: npt.NDArray[np.int64]) -> sp.csr_matrix:
+        return history_items([histories[i] for i in rows], n_items)
+
+    return of
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

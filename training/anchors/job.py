@@ -22,7 +22,6 @@ from typing import Any, Final
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
-import scipy.sparse as sp
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
@@ -35,7 +34,7 @@ from training.anchors.generate import (
     BeamOutput,
     GenerateConfig,
     beam_search_fast,
-    history_items,
+    exclusions_of,
     make_search,
     resolve_device,
     resolve_dtype,
@@ -363,7 +362,7 @@ def _held_out_eval(
 
     exclude_of = None
     if cfg.generation.exclude_history:
-        exclude_of = partial(_history_items_of, eval_set.histories, trie.n_items)
+        exclude_of = exclusions_of(eval_set.histories, trie.n_items)
     results = []
     for weight in weights:
         out = search_in_batches(
@@ -384,13 +383,6 @@ def _held_out_eval(
         )
         results.append(hit_rate_ndcg(out.items, eval_set.targets))
     return results
-
-
-def _history_items_of(
-    histories: Sequence[np.ndarray], n_items: int, rows: np.ndarray
-) -> sp.csr_matrix:
-    """:func:`history_items` of ``histories[rows]``: one search batch's excluded items."""
-    return history_items([histories[i] for i in rows], n_items)
 
 
 def _fit_prior(
@@ -777,7 +769,7 @@ def generate_anchors(
                         prior_of=None
                         if fused is None
                         else partial(fused.rows_for, c.histories, cfg.prior),
-                        exclude_of=partial(_history_items_of, c.histories, trie.n_items)
+                        exclude_of=exclusions_of(c.histories, trie.n_items)
                         if gc.exclude_history
                         else None,
                     )

@@ -37,7 +37,7 @@ from training.anchors.generate import (
     BeamOutput,
     GenerateConfig,
     SearchFn,
-    history_items,
+    exclusions_of,
     make_search,
     resolve_dtype,
     search_in_batches,
@@ -119,8 +119,7 @@ def _decode(prompts: list[list[int]], histories: list[npt.NDArray[np.int64]] | N
     if spec.prior is not None and spec.prior_weight > 0 and histories is not None:
         prior_of = partial(spec.prior.rows_for, histories, spec.prior_config)
     if spec.generation.exclude_history and histories is not None:
-        n_items = len(spec.codes)
-        exclude_of = lambda rows: history_items([histories[i] for i in rows], n_items)  # noqa: E731
+        exclude_of = exclusions_of(histories, len(spec.codes))
     return search_in_batches(
         _WORKER.search, prompts, _WORKER.batch_size, prior_of=prior_of, exclude_of=exclude_of
     )

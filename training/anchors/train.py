@@ -44,7 +44,7 @@ from training.anchors.generate import (
     LevelLogMass,
     PriorRows,
     beam_search_fast,
-    history_items,
+    exclusions_of,
     prior_log_masses,
     resolve_device,
     search_in_batches,
@@ -495,11 +495,7 @@ def evaluate(
             prompts,
             cfg.eval_batch_size,
             prior_of=prior_of if fusion is not None else None,
-            exclude_of=(
-                lambda rows: history_items([eval_set.histories[i] for i in rows], trie.n_items)
-            )
-            if exclude_history
-            else None,
+            exclude_of=exclusions_of(eval_set.histories, trie.n_items) if exclude_history else None,
         )
     hr, ndcg = hit_rate_ndcg(out.items, eval_set.targets)
     return nll / len(seqs), hr, ndcg

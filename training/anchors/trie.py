@@ -79,6 +79,7 @@ class SidTrie:
         self._item_by_codes = {tuple(row): i for i, row in enumerate(codes.tolist())}
         self._device_tables: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
         self._device_prefixes: dict[str, list[torch.Tensor]] = {}
+        self._items_under: dict[int, npt.NDArray[np.int64]] = {}
 
     @property
     def n_levels(self) -> int:
@@ -133,6 +134,20 @@ class SidTrie:
                 torch.from_numpy(p).to(device) for p in [depth0, *self._item_prefix]
             ]
         return self._device_prefixes[key]
+
+    def item_children(self, level: int) -> npt.NDArray[np.int64]:
+        """Each item's child prefix id at ``level``: ``child[level]``'s ids (items at the last)."""
+        if level == self.n_levels - 1:
+            return np.arange(self.n_items, dtype=np.int64)
+        return self._item_prefix[level]
+
+    def items_under(self, level: int) -> npt.NDArray[np.int64]:
+        """How many items lie under each child prefix of ``level`` (cached)."""
+        if level not in self._items_under:
+            self._items_under[level] = np.bincount(
+                self.item_children(level), minlength=self.n_children(level)
+            )
+        return self._items_under[level]
 
     def n_children(self, level: int) -> int:
         """Prefixes of depth ``level + 1`` (items at the last level): ``child[level]``'s ids."""
